@@ -1,0 +1,40 @@
+# Two entry points that work on a fresh machine with only Python 3.10+:
+#   make demo   the seed's symptom and its fix on embedded data (CPU, < 2 minutes)
+#   make test   the whole test suite: core + PyTorch, then Keras on each backend in its own process
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.evalgap-installed
+EXTRAS := torch,keras,tensorflow,jax,demo,dev
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+
+.PHONY: demo test test-core test-keras bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a CPU build is on this machine; an unpinned torch pulls a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/evalgap demo
+
+test: $(STAMP)
+	$(MAKE) --no-print-directory test-core
+	@if ls tests/keras/test_*.py >/dev/null 2>&1; then $(MAKE) --no-print-directory test-keras; fi
+
+test-core: $(STAMP)
+	$(PYTEST) tests --ignore=tests/keras
+
+test-keras: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PYTEST) tests/keras
+	KERAS_BACKEND=jax $(PYTEST) tests/keras
+	KERAS_BACKEND=torch $(PYTEST) tests/keras
+
+bench: $(STAMP)
+	$(PY) bench/recalibrate_torch.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

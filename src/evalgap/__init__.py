@@ -1,0 +1,23 @@
+"""evalgap: explain and close the gap between training-mode and evaluation-mode results.
+
+Public API: :mod:`evalgap.torch`, :mod:`evalgap.keras` (imported on demand, each needs its
+framework), :mod:`evalgap.stats`, :class:`Recalibration` and the errors below.
+"""
+
+from __future__ import annotations
+
+from .errors import DataError, DistributedError, EvalgapError, ModelError, RecalibrationError
+from .recalibration import LayerRecalibration, Recalibration
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EvalgapError",
+    "DataError",
+    "ModelError",
+    "RecalibrationError",
+    "DistributedError",
+    "Recalibration",
+    "LayerRecalibration",
+    "__version__",
+]

@@ -1,0 +1,50 @@
+"""Matplotlib figures (Agg backend, no screen needed)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Mapping, Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_by_epoch(series: Mapping[str, Sequence[float]], title: str, ylabel: str = "accuracy"):
+    """One line per named series (e.g. accuracy, val_accuracy, precise_val_accuracy) by epoch."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = {"accuracy": "-o", "val_accuracy": "-s", "precise_val_accuracy": "--^"}
+    for name, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, styles.get(name.split(": ")[-1], "-o"), label=name, markersize=4)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike) -> str:
+    """Write ``fig`` atomically (temporary file, then rename) and close it."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=os.path.splitext(path)[1] or ".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _pyplot().close(fig)
+    return path

@@ -1,0 +1,220 @@
+"""The result of a recalibration: per layer, the statistics before and after, and their drift.
+
+Framework-free: the PyTorch and Keras adapters fill it with NumPy float64 vectors.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from .stats import Drift, drift
+
+Status = Literal["recalibrated", "frozen", "unreached", "no-running-stats"]
+
+#: A drift above this (in standard deviations of the mean, or in |log| of the variance
+#: ratio) is reported as large.
+LARGE_DRIFT = 0.5
+
+
+@dataclass
+class LayerRecalibration:
+    """One normalization layer: what it held before and the population statistics after.
+
+    ``status`` says what happened to the layer:
+
+    - ``recalibrated``: its moving statistics now hold ``mean_after`` / ``var_after``;
+    - ``frozen``: in inference mode (PyTorch ``eval()``, Keras ``trainable=False``) and
+      left alone; ``mean_after`` / ``var_after`` are the population statistics it *would*
+      get, so its drift is still reported;
+    - ``unreached``: no data reached it during the pass; left alone;
+    - ``no-running-stats``: it normalizes with batch statistics in both modes (PyTorch
+      ``track_running_stats=False``), so it cannot cause a train/eval gap.
+
+    ``count`` is the number of values per channel (samples x spatial positions), ``calls``
+    the number of times the layer ran; ``calls_per_batch > 1`` marks a layer shared within
+    one forward pass, whose statistics pool every call's inputs.
+    """
+
+    name: str
+    kind: str
+    status: Status
+    channels: int
+    eps: float
+    count: int = 0
+    samples: int = 0
+    calls: int = 0
+    calls_per_batch: int = 0
+    mean_before: np.ndarray | None = None
+    var_before: np.ndarray | None = None
+    mean_after: np.ndarray | None = None
+    var_after: np.ndarray | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.calls_per_batch > 1
+
+    @property
+    def drift(self) -> Drift | None:
+        """Drift of the statistics it held before from the population statistics."""
+        if self.mean_before is None or self.mean_after is None:
+            return None
+        return drift(self.mean_before, self.var_before, self.mean_after, self.var_after, self.eps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.drift
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "status": self.status,
+            "channels": self.channels,
+            "eps": self.eps,
+            "count": self.count,
+            "samples": self.samples,
+            "calls": self.calls,
+            "calls_per_batch": self.calls_per_batch,
+            "drift_mean_max": None if d is None else d.mean_max,
+            "drift_mean_avg": None if d is None else d.mean_avg,
+            "drift_var_max": None if d is None else d.var_max,
+            "drift_var_avg": None if d is None else d.var_avg,
+            "mean_before": _list(self.mean_before),
+            "var_before": _list(self.var_before),
+            "mean_after": _list(self.mean_after),
+            "var_after": _list(self.var_after),
+        }
+
+
+def _list(a: np.ndarray | None) -> list[float] | None:
+    return None if a is None else np.asarray(a, dtype=np.float64).tolist()
+
+
+@dataclass
+class Recalibration:
+    """What :func:`evalgap.torch.recalibrate` / :func:`evalgap.keras.recalibrate` did.
+
+    ``layers`` are in the order the layers were first called (forward order), then the
+    layers no data reached. ``samples`` counts the examples forwarded, ``skipped_samples``
+    those of ragged batches left out (a batch smaller than the first has other statistics).
+    """
+
+    framework: str
+    layers: list[LayerRecalibration] = field(default_factory=list)
+    batches: int = 0
+    samples: int = 0
+    batch_size: int | None = None
+    skipped_batches: int = 0
+    skipped_samples: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    # ---- selections --------------------------------------------------------------
+    def by_status(self, status: Status) -> list[LayerRecalibration]:
+        return [layer for layer in self.layers if layer.status == status]
+
+    @property
+    def recalibrated(self) -> list[LayerRecalibration]:
+        return self.by_status("recalibrated")
+
+    @property
+    def frozen(self) -> list[LayerRecalibration]:
+        return self.by_status("frozen")
+
+    @property
+    def unreached(self) -> list[LayerRecalibration]:
+        return self.by_status("unreached")
+
+    @property
+    def shared(self) -> list[LayerRecalibration]:
+        return [layer for layer in self.layers if layer.shared]
+
+    def __getitem__(self, name: str) -> LayerRecalibration:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r}; layers: {[layer.name for layer in self.layers]}")
+
+    @property
+    def max_drift(self) -> float:
+        """The largest drift over recalibrated and frozen layers (0 when none)."""
+        values = [layer.drift.worst for layer in self.layers if layer.drift is not None]
+        return float(np.nanmax(values)) if values else 0.0
+
+    def first_drifting(self, threshold: float = LARGE_DRIFT) -> LayerRecalibration | None:
+        """The first layer in forward order whose drift exceeds ``threshold``.
+
+        Later layers inherit its error, so this is where to look first.
+        """
+        for layer in self.layers:
+            d = layer.drift
+            if d is not None and d.worst > threshold:
+                return layer
+        return None
+
+    # ---- output ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "framework": self.framework,
+            "batches": self.batches,
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "skipped_batches": self.skipped_batches,
+            "skipped_samples": self.skipped_samples,
+            "seconds": self.seconds,
+            "max_drift": self.max_drift,
+            "notes": list(self.notes),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def summary(self) -> str:
+        """One line: what was done and the largest drift corrected."""
+        n = len(self.recalibrated)
+        line = (
+            f"recalibrated {n} BatchNorm layer{'s' if n != 1 else ''} on {self.samples} samples "
+            f"({self.batches} batches) in {self.seconds:.2f} s; largest drift corrected {self.max_drift:.3g}"
+        )
+        first = self.first_drifting()
+        if first is not None:
+            line += f"; first drifting layer: {first.name}"
+        return line
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title="BatchNorm recalibration", show_lines=False)
+        for col in ("layer", "type", "status", "C", "samples", "mean drift max", "var drift max"):
+            table.add_column(col, justify="right" if col not in ("layer", "type", "status") else "left")
+        for layer in self.layers:
+            d = layer.drift
+            status = layer.status + (f" (shared x{layer.calls_per_batch})" if layer.shared else "")
+            table.add_row(
+                layer.name,
+                layer.kind,
+                status,
+                str(layer.channels),
+                str(layer.samples),
+                "-" if d is None else f"{d.mean_max:.3g}",
+                "-" if d is None else f"{d.var_max:.3g}",
+            )
+        parts: list[Any] = [table, Text(self.summary())]
+        if self.skipped_samples:
+            parts.append(Text(f"left out {self.skipped_samples} samples of {self.skipped_batches} ragged batch(es)"))
+        parts.extend(Text(n) for n in self.notes)
+        return Group(*parts)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=120, color_system=None, force_terminal=False).print(self)
+        return buf.getvalue().rstrip()
+
+    def __repr__(self) -> str:
+        return (
+            f"Recalibration(framework={self.framework!r}, layers={len(self.layers)}, "
+            f"recalibrated={len(self.recalibrated)}, samples={self.samples}, max_drift={self.max_drift:.3g})"
+        )

@@ -1,0 +1,258 @@
+"""evalgap.torch.recalibrate against an independent float64 reference."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import evalgap.torch as eg  # noqa: E402
+from evalgap import DataError, ModelError, Recalibration, RecalibrationError  # noqa: E402
+
+from ._reference import assert_stats_close, modes, reference_population_stats, state_snapshot  # noqa: E402
+
+
+def mixed_model() -> nn.Module:
+    """BN1d/2d/3d, nested Sequentials, dropout, and a frozen BN."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4, momentum=0.01), nn.ReLU())
+            self.body = nn.Sequential(
+                nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5)),
+                nn.Conv2d(6, 6, 3, padding=1),
+                nn.BatchNorm2d(6),  # frozen below
+                nn.ReLU(),
+            )
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 8 * 8, 10), nn.BatchNorm1d(10, momentum=None), nn.Dropout(0.3), nn.Linear(10, 3))
+
+        def forward(self, x):
+            z = self.stem(x.unsqueeze(2).expand(-1, -1, 2, -1, -1))  # (N, 4, 2, H, W)
+            z = z.flatten(1, 2)  # (N, 8, H, W)
+            return self.head(self.body(z))
+
+    net = Net()
+    net.train()
+    net.body[2].eval()  # frozen: eval mode during training
+    return net
+
+
+def far_batches(n=6, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 8, 8, generator=g) * 40 + 120 for _ in range(n)]
+
+
+def test_exact_population_statistics_and_nothing_else_changes():
+    net = mixed_model()
+    data = far_batches()
+    bn_names = [n for n, _ in eg.find_batchnorms(net)]
+    ref = reference_population_stats(net, data, bn_train=[n for n in bn_names if n != "body.2"])
+    before_state, before_modes = state_snapshot(net), modes(net)
+    momenta = {n: m.momentum for n, m in eg.find_batchnorms(net)}
+
+    result = eg.recalibrate(net, data, progress=False)
+
+    assert isinstance(result, Recalibration)
+    named = dict(eg.find_batchnorms(net))
+    for name in ("stem.1", "body.0.1", "head.2"):
+        assert_stats_close(named[name], ref[name])
+        assert result[name].status == "recalibrated" and result[name].samples == 96
+    # frozen layer: untouched, but listed with the statistics it would get
+    assert result["body.2"].status == "frozen"
+    np.testing.assert_allclose(result["body.2"].mean_after, ref["body.2"][0], rtol=1e-5, atol=1e-5 * np.sqrt(ref["body.2"][1]).max())
+    # every other byte of state identical, modes and momenta as before
+    after = state_snapshot(net)
+    changed = {k for k in before_state if before_state[k] != after[k]}
+    assert changed == {f"{n}.{b}" for n in ("stem.1", "body.0.1", "head.2") for b in ("running_mean", "running_var")}
+    assert modes(net) == before_modes
+    assert {n: m.momentum for n, m in eg.find_batchnorms(net)} == momenta
+    # forward order in the result, drift reported
+    assert [layer.name for layer in result.layers] == ["stem.1", "body.0.1", "body.2", "head.2"]
+    assert result.max_drift > 1.0 and "stem.1" in str(result)
+
+
+def test_include_frozen_recalibrates_it_too():
+    net = mixed_model()
+    data = far_batches()
+    ref = reference_population_stats(net, data)  # all BN in training mode
+    eg.recalibrate(net, data, include_frozen=True, progress=False)
+    assert_stats_close(dict(eg.find_batchnorms(net))["body.2"], ref["body.2"])
+    assert not net.body[2].training  # still frozen afterwards
+
+
+def test_population_variance_not_mean_of_batch_variances():
+    # batches drawn in class order: each batch has a different mean; the mean of batch
+    # variances (torch.optim.swa_utils.update_bn) misses the spread of the batch means
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm1d(2))
+    data = [torch.randn(4, 2) + 10 * k for k in range(5)]
+    eg.recalibrate(net, data, progress=False)
+    x = torch.cat(data).double().numpy()
+    np.testing.assert_allclose(net[0].running_var.double().numpy(), x.var(0), rtol=1e-6)
+    other = nn.Sequential(nn.BatchNorm1d(2))
+    torch.optim.swa_utils.update_bn(data, other)
+    assert (other[0].running_var < 0.2 * net[0].running_var).all()
+
+
+def test_equal_to_fvcore_on_the_same_batches():
+    fvcore_bn = pytest.importorskip("fvcore.nn.precise_bn")
+    net = mixed_model()
+    net.body[2].train()  # fvcore recalibrates every BN in training mode
+    data = [b / 255.0 for b in far_batches(n=8, size=32)]  # fvcore's E[x^2]-E[x]^2 needs centred-ish data
+    ours, theirs = copy.deepcopy(net), copy.deepcopy(net)
+    eg.recalibrate(ours, data, progress=False)
+    theirs.eval()
+    for m in theirs.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    fvcore_bn.update_bn_stats(theirs, data, num_iters=len(data))
+    for (name, a), (_, b) in zip(eg.find_batchnorms(ours), eg.find_batchnorms(theirs)):
+        np.testing.assert_allclose(a.running_mean.numpy(), b.running_mean.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(a.running_var.numpy(), b.running_var.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_update_bn_underestimates_variance_at_small_batch_sizes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5))
+    data = [torch.randn(2, 5) for _ in range(200)]  # batch size 2
+    ours = copy.deepcopy(net)
+    eg.recalibrate(ours, data, progress=False)
+    ref = reference_population_stats(net, data)["1"]
+    assert_stats_close(ours[1], ref)
+    swa = copy.deepcopy(net)
+    torch.optim.swa_utils.update_bn(data, swa)
+    # mean of unbiased batch variances of pairs is unbiased for the variance... but the
+    # biased batch variance (what BN normalizes with) averages to half of it at n=2
+    biased_avg = np.mean([np.var((net[0](x)).detach().double().numpy(), axis=0) for x in data], axis=0)
+    np.testing.assert_allclose(biased_avg, 0.5 * ref[1], rtol=0.25)
+    assert np.all(np.abs(swa[1].running_var.double().numpy() / ref[1] - 1) < 0.35)
+    assert np.all(np.abs(ours[1].running_var.double().numpy() / ref[1] - 1) < 1e-5)
+
+
+def test_batch_formats_custom_forward_and_max_batches():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    xs = [torch.randn(8, 3) * 5 + 3 for _ in range(4)]
+    ref = reference_population_stats(net, xs[:3])["1"]
+    for data, kwargs in [
+        ([(x, torch.zeros(8)) for x in xs], {}),
+        ([{"image": x, "label": torch.zeros(8)} for x in xs], {}),
+        ([{"inp": x} for x in xs], {"forward": lambda model, batch: model(batch["inp"])}),
+        (torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(xs)), batch_size=8), {}),
+    ]:
+        m = copy.deepcopy(net)
+        r = eg.recalibrate(m, data, max_batches=3, progress=False, **kwargs)
+        assert r.batches == 3 and r.samples == 24 and r.batch_size == 8
+        assert_stats_close(m[1], ref)
+
+
+def test_ragged_last_batch_is_left_out_and_counted():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm1d(3))
+    x = torch.randn(21, 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)
+    r = eg.recalibrate(net, loader, progress=False)
+    assert (r.batches, r.samples, r.skipped_batches, r.skipped_samples) == (2, 16, 1, 5)
+    np.testing.assert_allclose(net[0].running_var.double().numpy(), x[:16].double().numpy().var(0), rtol=1e-5)
+
+
+def test_shared_and_unreached_layers_are_reported():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+            self.unused = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn(x) + self.bn(2 * x + 7)
+
+    net = Net().train()
+    data = [torch.randn(8, 3) for _ in range(3)]
+    before_unused = state_snapshot(net.unused)
+    r = eg.recalibrate(net, data, progress=False)
+    assert r["bn"].shared and r["bn"].calls_per_batch == 2 and r["bn"].calls == 6
+    assert r["unused"].status == "unreached" and state_snapshot(net.unused) == before_unused
+    pooled = torch.cat([torch.cat([x, 2 * x + 7]) for x in data]).double().numpy()
+    np.testing.assert_allclose(net.bn.running_var.double().numpy(), pooled.var(0), rtol=1e-5)
+    assert any("shared" in n for n in r.notes) and any("no data reached" in n for n in r.notes)
+
+
+def test_lazy_sync_and_subclasses():
+    class MyBN(nn.BatchNorm1d):
+        pass
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d(), nn.Linear(4, 4), nn.SyncBatchNorm(4), MyBN(4))
+    data = [torch.randn(8, 5) * 3 for _ in range(3)]
+    net(data[0])  # materialize the lazy layers
+    ref = reference_population_stats(net, data)
+    eg.recalibrate(net, data, progress=False)
+    for name in ("1", "3", "4"):
+        assert_stats_close(net[int(name)], ref[name])
+
+
+def test_uninitialized_lazy_layers_are_materialized_by_the_pass():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.LazyBatchNorm1d())
+    data = [torch.randn(8, 5) * 3 for _ in range(3)]
+    r = eg.recalibrate(net, data, progress=False)
+    h = torch.cat([net[0](x) for x in data]).detach().double().numpy()
+    np.testing.assert_allclose(net[1].running_var.double().numpy(), h.var(0), rtol=1e-5)
+    assert r.layers[0].status == "recalibrated"
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("at", [0, 2, 4])
+def test_failure_or_interrupt_restores_everything(exc, at):
+    net = mixed_model()
+    data = far_batches()
+    before_state, before_modes = state_snapshot(net), modes(net)
+
+    def gen():
+        for i, b in enumerate(data):
+            if i == at:
+                raise exc("stop")
+            yield b
+
+    expected = KeyboardInterrupt if exc is KeyboardInterrupt else RecalibrationError
+    with pytest.raises(expected) as info:
+        eg.recalibrate(net, gen(), progress=False)
+    if expected is RecalibrationError:
+        assert f"batch {at - 1}" in str(info.value) or at == 0
+        assert "restored" in str(info.value)
+    assert state_snapshot(net) == before_state
+    assert modes(net) == before_modes
+    assert net.head[2].momentum is None and net.stem[1].momentum == 0.01
+
+
+def test_model_error_restores_and_names_the_batch():
+    net = mixed_model()
+    before = state_snapshot(net)
+    data = far_batches(n=3) + [torch.randn(16, 5, 8, 8)]  # wrong channel count in batch 3
+    with pytest.raises(RecalibrationError, match="batch 3"):
+        eg.recalibrate(net, data, progress=False)
+    assert state_snapshot(net) == before
+
+
+def test_clear_errors():
+    with pytest.raises(ModelError, match="no BatchNorm"):
+        eg.recalibrate(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), [torch.randn(4, 2)], progress=False)
+    with pytest.raises(DataError, match="no batch"):
+        eg.recalibrate(nn.Sequential(nn.BatchNorm1d(2)), [], progress=False)
+    with pytest.raises(ModelError, match="track_running_stats=False"):
+        eg.recalibrate(nn.Sequential(nn.BatchNorm1d(2, track_running_stats=False)), [torch.randn(4, 2)], progress=False)
+    net = nn.Sequential(nn.BatchNorm1d(2))
+    before = state_snapshot(net)
+    with pytest.raises(RecalibrationError, match="batch size"):
+        eg.recalibrate(net, [torch.randn(1, 2)], progress=False)
+    assert state_snapshot(net) == before
