@@ -1,0 +1,100 @@
+"""Cost of evalgap.torch.recalibrate relative to a plain training-mode forward pass.
+
+For each method, the time over the same K batches divided by the time of a training-mode
+forward pass (``model.train()`` under ``torch.no_grad()``) over those batches, measured
+side by side in this process, interleaved, median of R runs. Methods: evalgap, fvcore's
+``update_bn_stats`` and ``torch.optim.swa_utils.update_bn`` (when installed).
+
+    python bench/recalibrate_torch.py [--batches 4] [--batch-size 16] [--image-size 128] [--runs 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _torch_resnet import resnet50  # noqa: E402
+
+import evalgap.torch as eg  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--channels-last", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = resnet50().to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    batches = [torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt) * 50 + 120 for _ in range(args.batches)]
+
+    def forward_train():
+        m = model.train()
+        with torch.no_grad():
+            for x in batches:
+                m(x)
+
+    def ours():
+        eg.recalibrate(model, batches, progress=False)
+
+    methods = {"training-mode forward (baseline)": forward_train, "evalgap.torch.recalibrate": ours}
+    try:
+        from fvcore.nn.precise_bn import update_bn_stats
+
+        def fvcore_run():
+            m = model.train()
+            update_bn_stats(m, batches, num_iters=len(batches))
+
+        methods["fvcore update_bn_stats"] = fvcore_run
+    except ImportError:
+        pass
+
+    def swa_run():
+        torch.optim.swa_utils.update_bn(batches, model, device=None)
+
+    methods["torch swa_utils.update_bn"] = swa_run
+
+    snapshot = copy.deepcopy(model.state_dict())
+    for fn in methods.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(args.runs):
+        for name, fn in methods.items():
+            model.load_state_dict(snapshot)
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["training-mode forward (baseline)"])
+    print(f"ResNet50, {args.batches} batches of {args.batch_size}x3x{args.image_size}x{args.image_size}, device {device}"
+          f" ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or platform.machine()},"
+          f" {torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.runs} runs")
+    print(f"{'method':36s} {'seconds':>9s} {'ratio':>7s}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:36s} {med:9.3f} {med / base:7.3f}x")
+
+
+if __name__ == "__main__":
+    main()

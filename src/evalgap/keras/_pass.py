@@ -1,0 +1,130 @@
+"""One compiled pass that reads each BatchNormalization layer's batch moments.
+
+During the pass every *target* layer normalizes with its batch statistics (its ``call``
+gets ``training=True``) while the model itself runs with ``training=False``, so dropout
+and other training-only layers are off. Each layer's own ``_moments`` (what it
+normalizes with in training) is wrapped to
+hand the per-channel ``(count, mean, biased variance)`` back as outputs of the pass
+(``synchronized=True`` layers compute ``E[x^2] - E[x]^2`` in float32, so for them the
+pass measures the moments again, two-pass).
+*Observed* layers (frozen, not recalibrated) run as in training, in inference mode, and
+only have their input's moments measured.
+
+The model runs through ``stateless_call``: the moving statistics that BatchNormalization
+would update in training mode go to throw-away state, so no variable of the model
+changes, on any backend. The step is compiled with ``jax.jit`` or ``tf.function``;
+on the torch backend it runs eagerly under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+
+class MomentsPass:
+    """Context manager: patch the layers, run batches, unpatch.
+
+    ``run(x)`` returns a list of ``(layer_index, count, mean, var)`` with backend tensors,
+    one entry per layer call in forward order (a shared layer appears once per call).
+    """
+
+    def __init__(self, model, targets: list, observed: list):
+        self.model = model
+        self.layers = list(targets) + list(observed)
+        self.targets = {id(layer) for layer in targets}
+        self.order: list[int] = []
+        self._captures: list[tuple[int, Any, Any, Any]] = []
+        self._saved: list[tuple[Any, dict]] = []
+        self._step = None
+
+    # ---- patching -----------------------------------------------------------------
+    def __enter__(self) -> "MomentsPass":
+        for index, layer in enumerate(self.layers):
+            saved = {k: layer.__dict__[k] for k in ("call", "_moments") if k in layer.__dict__}
+            self._saved.append((layer, saved))
+            self._patch(index, layer)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, saved in self._saved:
+            for key in ("call", "_moments"):
+                layer.__dict__.pop(key, None)
+            layer.__dict__.update(saved)
+        self._saved.clear()
+
+    def _patch(self, index: int, layer) -> None:
+        orig_call, orig_moments, captures = layer.call, layer._moments, self._captures
+
+        def moments(inputs, mask):
+            mean, var = orig_moments(inputs, mask)
+            if getattr(layer, "synchronized", False) and mask is None:
+                # the synchronized path computes E[x^2] - E[x]^2 in float32; measure two-pass
+                captures.append((index, _count(inputs, mask, layer.axis), *ops.moments(inputs, axes=layer._reduction_axes)))
+            else:
+                captures.append((index, _count(inputs, mask, layer.axis), mean, var))
+            return mean, var
+
+        if id(layer) in self.targets:
+
+            def call(inputs, training=None, mask=None):
+                trainable = layer._trainable
+                layer._trainable = True  # include_frozen: normalize by batch statistics for the pass
+                try:
+                    return orig_call(inputs, training=True, mask=mask)
+                finally:
+                    layer._trainable = trainable
+
+        else:
+
+            def call(inputs, training=None, mask=None):
+                x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+                layer._moments(x, mask)
+                return orig_call(inputs, training=training, mask=mask)
+
+        layer._moments = moments
+        layer.call = call
+
+    # ---- running ------------------------------------------------------------------
+    def _raw_step(self, trainable, non_trainable, x):
+        self._captures.clear()
+        self.model.stateless_call(trainable, non_trainable, x, training=False)
+        self.order = [c[0] for c in self._captures]
+        return [(c[1], ops.reshape(c[2], (-1,)), ops.reshape(c[3], (-1,))) for c in self._captures]
+
+    def _compiled(self):
+        if self._step is None:
+            backend = keras.backend.backend()
+            if backend == "jax":
+                import jax
+
+                self._step = jax.jit(self._raw_step)
+            elif backend == "tensorflow":
+                import tensorflow as tf
+
+                self._step = tf.function(self._raw_step, reduce_retracing=True)
+            else:
+                self._step = self._raw_step
+        return self._step
+
+    def run(self, x) -> list[tuple[int, Any, Any, Any]]:
+        trainable = [v.value for v in self.model.trainable_variables]
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        if keras.backend.backend() == "torch":
+            import torch
+
+            with torch.no_grad():
+                out = self._compiled()(trainable, non_trainable, x)
+        else:
+            out = self._compiled()(trainable, non_trainable, x)
+        return [(index, *values) for index, values in zip(self.order, out)]
+
+
+def _count(inputs, mask, axis: int):
+    """Values per channel in this call: all elements over the channel size, or the mask's sum."""
+    if mask is not None:
+        return ops.sum(ops.cast(mask, "int32"))
+    channels = inputs.shape[axis]
+    return ops.size(inputs) // channels
