@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the seed's symptom and its fix on embedded data (CPU, < 2 minutes)")
-    demo.add_argument("--framework", choices=["keras", "torch"], default="torch", help="default: torch")
+    demo.add_argument("--framework", choices=["keras", "torch"], default="keras", help="default: keras (backend from KERAS_BACKEND)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     demo.add_argument("--out", default="evalgap-out", help="folder for the plot (default: ./evalgap-out)")
     demo.set_defaults(func=_demo)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from typing import Mapping, Sequence
 
 
@@ -26,7 +27,7 @@ def accuracy_by_epoch(series: Mapping[str, Sequence[float]], title: str, ylabel:
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

@@ -18,21 +18,35 @@ on the torch backend it runs eagerly under ``torch.no_grad()``.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import keras
 from keras import ops
 
+#: Compiled passes, per model and per choice of layers: a later recalibration of the same
+#: model (PreciseBN after every epoch) reuses the compiled step instead of tracing again.
+_CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple, MomentsPass]]" = weakref.WeakKeyDictionary()
+
+
+def moments_pass(model, targets: list, observed: list) -> "MomentsPass":
+    """The (cached) :class:`MomentsPass` for this model and these layers."""
+    key = (keras.backend.backend(), tuple(id(layer) for layer in targets), tuple(id(layer) for layer in observed))
+    per_model = _CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = MomentsPass(model, targets, observed)
+    return per_model[key]
+
 
 class MomentsPass:
-    """Context manager: patch the layers, run batches, unpatch.
+    """Context manager: patch the layers, run batches, unpatch. Get one with :func:`moments_pass`.
 
     ``run(x)`` returns a list of ``(layer_index, count, mean, var)`` with backend tensors,
     one entry per layer call in forward order (a shared layer appears once per call).
     """
 
     def __init__(self, model, targets: list, observed: list):
-        self.model = model
+        self._model = weakref.ref(model)
         self.layers = list(targets) + list(observed)
         self.targets = {id(layer) for layer in targets}
         self.order: list[int] = []
@@ -90,9 +104,13 @@ class MomentsPass:
     # ---- running ------------------------------------------------------------------
     def _raw_step(self, trainable, non_trainable, x):
         self._captures.clear()
-        self.model.stateless_call(trainable, non_trainable, x, training=False)
+        model = self._model()
+        if trainable is None:  # tf.function: read the variables inside the graph
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
+        model.stateless_call(trainable, non_trainable, x, training=False)
         self.order = [c[0] for c in self._captures]
-        return [(c[1], ops.reshape(c[2], (-1,)), ops.reshape(c[3], (-1,))) for c in self._captures]
+        return [(c[1], _flat(c[2]), _flat(c[3])) for c in self._captures]
 
     def _compiled(self):
         if self._step is None:
@@ -110,9 +128,14 @@ class MomentsPass:
         return self._step
 
     def run(self, x) -> list[tuple[int, Any, Any, Any]]:
-        trainable = [v.value for v in self.model.trainable_variables]
-        non_trainable = [v.value for v in self.model.non_trainable_variables]
-        if keras.backend.backend() == "torch":
+        model = self._model()
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            trainable = non_trainable = None
+        else:
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
+        if backend == "torch":
             import torch
 
             with torch.no_grad():
@@ -122,9 +145,21 @@ class MomentsPass:
         return [(index, *values) for index, values in zip(self.order, out)]
 
 
+def _flat(t):
+    return t if len(t.shape) == 1 else ops.reshape(t, (-1,))
+
+
 def _count(inputs, mask, axis: int):
-    """Values per channel in this call: all elements over the channel size, or the mask's sum."""
+    """Values per channel in this call: all elements over the channel size, or the mask's sum.
+
+    A Python int when the shape is static (eager torch, jit), else a scalar tensor.
+    """
     if mask is not None:
         return ops.sum(ops.cast(mask, "int32"))
-    channels = inputs.shape[axis]
-    return ops.size(inputs) // channels
+    shape = tuple(inputs.shape)
+    if all(isinstance(d, int) for d in shape):
+        n = 1
+        for d in shape:
+            n *= d
+        return n // shape[axis]
+    return ops.size(inputs) // shape[axis]

@@ -31,7 +31,7 @@ from ..recalibration import LayerRecalibration, Recalibration
 from ..stats import ChannelMoments
 from ._data import batches, leading_dim
 from ._layers import find_batchnorms, is_frozen
-from ._pass import MomentsPass
+from ._pass import moments_pass
 
 logger = logging.getLogger("evalgap.keras")
 
@@ -136,7 +136,7 @@ def recalibrate(
     acc = _Accumulator(len(layers))
     batch_index = -1
     try:
-        with MomentsPass(model, [bn for _, bn in targets], [bn for _, bn in frozen]) as moments_pass:
+        with moments_pass(model, [bn for _, bn in targets], [bn for _, bn in frozen]) as stats_pass:
             with progress_bar("recalibrating BatchNorm", max_batches, progress) as advance:
 
                 def all_batches():
@@ -152,7 +152,7 @@ def recalibrate(
                         result.skipped_batches += 1
                         result.skipped_samples += n
                         continue
-                    acc.add_batch(moments_pass.run(x), n or 0)
+                    acc.add_batch(stats_pass.run(x), n or 0)
                     result.batches += 1
                     result.samples += n or 0
                     if result.batches % FLUSH_EVERY == 0:

@@ -17,6 +17,13 @@ SEED_QUESTION = (
 )
 
 
+def demo_console() -> Console:
+    """A rich console; at least 120 columns when the output is not a terminal (logs, CI)."""
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def epoch_table(logs: Sequence, title: str) -> Table:
     """Keras-style epoch log with the gap and the precise-statistics validation accuracy."""
     table = Table(title=title)
@@ -58,7 +65,7 @@ def run_torch_demo(epochs: int | None = None, out: str = "evalgap-out", console:
     from ..torch import recalibrate
     from .torch_demo import evaluate, to_tensors, train_with_same_validation
 
-    console = console or Console()
+    console = console or demo_console()
     epochs = epochs or 8
     batch_size, momentum = 120, 0.01
     images, labels = load_digits_rgb(32)

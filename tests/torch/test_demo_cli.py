@@ -1,0 +1,24 @@
+"""`evalgap demo --framework torch` end to end (one epoch), through the CLI entry point."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from evalgap.cli import main  # noqa: E402
+
+
+def test_torch_demo_runs_and_writes_its_plot(tmp_path, capsys):
+    assert main(["demo", "--framework", "torch", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "val_accuracy" in out and "recalibrated" in out and "Plot written to" in out
+    png = tmp_path / "demo_torch.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--framework", "mxnet"])
+    assert info.value.code == 2
