@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .errors import DataError, DistributedError, EvalgapError, ModelError, RecalibrationError
 from .recalibration import LayerRecalibration, Recalibration
+from .report import Report
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "RecalibrationError",
     "DistributedError",
     "Recalibration",
+    "Report",
     "LayerRecalibration",
     "__version__",
 ]

@@ -13,7 +13,7 @@ import numpy as np
 
 from .stats import Drift, drift
 
-Status = Literal["recalibrated", "frozen", "unreached", "no-running-stats"]
+Status = Literal["recalibrated", "measured", "frozen", "unreached", "no-running-stats"]
 
 #: A drift above this (in standard deviations of the mean, or in |log| of the variance
 #: ratio) is reported as large.
@@ -27,6 +27,7 @@ class LayerRecalibration:
     ``status`` says what happened to the layer:
 
     - ``recalibrated``: its moving statistics now hold ``mean_after`` / ``var_after``;
+    - ``measured``: as ``recalibrated``, but nothing was written (a diagnosis);
     - ``frozen``: in inference mode (PyTorch ``eval()``, Keras ``trainable=False``) and
       left alone; ``mean_after`` / ``var_after`` are the population statistics it *would*
       get, so its drift is still reported;
@@ -119,6 +120,10 @@ class Recalibration:
         return self.by_status("recalibrated")
 
     @property
+    def measured(self) -> list[LayerRecalibration]:
+        return self.by_status("measured")
+
+    @property
     def frozen(self) -> list[LayerRecalibration]:
         return self.by_status("frozen")
 
@@ -142,12 +147,14 @@ class Recalibration:
         values = [layer.drift.worst for layer in self.layers if layer.drift is not None]
         return float(np.nanmax(values)) if values else 0.0
 
-    def first_drifting(self, threshold: float = LARGE_DRIFT) -> LayerRecalibration | None:
+    def first_drifting(self, threshold: float = LARGE_DRIFT, include_frozen: bool = True) -> LayerRecalibration | None:
         """The first layer in forward order whose drift exceeds ``threshold``.
 
         Later layers inherit its error, so this is where to look first.
         """
         for layer in self.layers:
+            if not include_frozen and layer.status == "frozen":
+                continue
             d = layer.drift
             if d is not None and d.worst > threshold:
                 return layer

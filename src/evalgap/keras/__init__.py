@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._layers import find_batchnorms, is_frozen
 from .callbacks import PreciseBN
+from .diagnose import diagnose
 from .precise_bn import recalibrate
 
-__all__ = ["recalibrate", "PreciseBN", "find_batchnorms", "is_frozen"]
+__all__ = ["recalibrate", "diagnose", "PreciseBN", "find_batchnorms", "is_frozen"]

@@ -38,8 +38,10 @@ def _is_array_structure(data: Any) -> bool:
     return bool(leaves) and all(_is_array(leaf) for leaf in leaves)
 
 
-def batches(data: Any, batch_size: int | None = None) -> tuple[Iterator[Any], int | None, str]:
+def batches(data: Any, batch_size: int | None = None, *, targets: bool = False) -> tuple[Iterator[Any], int | None, str]:
     """Return ``(iterator of model inputs x, batch size or None, how the size was chosen)``.
+
+    With ``targets=True`` the iterator yields ``(x, y, sample_weight)`` instead of ``x``.
 
     Arrays (``x`` or ``(x, y[, sample_weight])``) are batched in order with
     ``batch_size`` (default 32, Keras's default). ``tf.data.Dataset``, ``PyDataset``,
@@ -53,17 +55,21 @@ def batches(data: Any, batch_size: int | None = None) -> tuple[Iterator[Any], in
         raise DataError("data is None: pass the training data (arrays, a tf.data.Dataset, a PyDataset or batches).")
     if _is_array_structure(data):
         x = data[0] if isinstance(data, tuple) and 1 <= len(data) <= 3 else data
+        arrays = data if targets and isinstance(data, tuple) else x
         n = len(keras.tree.flatten(x)[0])
         if n == 0:
             raise DataError("the data hold no sample (length 0).")
         how = "given" if batch_size else "Keras's default for arrays; pass batch_size= to use your training batch size"
         size = int(batch_size or DEFAULT_BATCH_SIZE)
-        adapter = get_data_adapter(x, batch_size=size, shuffle=False)
-        return _inputs(adapter.get_numpy_iterator()), size, how
+        if isinstance(arrays, tuple):
+            adapter = get_data_adapter(*arrays, batch_size=size, shuffle=False)
+        else:
+            adapter = get_data_adapter(arrays, batch_size=size, shuffle=False)
+        return _inputs(adapter.get_numpy_iterator(), targets), size, how
     if batch_size is not None:
         logger.info("batch_size=%s is ignored: the data are already batched", batch_size)
     if isinstance(data, (list, tuple)) or hasattr(data, "__next__"):  # batches as they come
-        return _inputs(iter(data)), None, "the size of the first batch"
+        return _inputs(iter(data), targets), None, "the size of the first batch"
     try:
         adapter = get_data_adapter(data, shuffle=False)
         stream = adapter.get_numpy_iterator()
@@ -74,15 +80,16 @@ def batches(data: Any, batch_size: int | None = None) -> tuple[Iterator[Any], in
                 "a tf.data.Dataset, a keras.utils.PyDataset, a generator or an iterable of batches."
             ) from None
         stream = iter(data)
-    return _inputs(stream), None, "the size of the first batch"
+    return _inputs(stream, targets), None, "the size of the first batch"
 
 
-def _inputs(stream) -> Iterator[Any]:
-    """Keep the model input of each batch: ``x`` of ``(x, y[, sample_weight])`` (Keras's rule)."""
+def _inputs(stream, targets: bool = False) -> Iterator[Any]:
+    """``x`` of each ``(x, y[, sample_weight])`` batch (Keras's rule), or the whole triple."""
     from keras.utils import unpack_x_y_sample_weight
 
     for batch in stream:
-        yield unpack_x_y_sample_weight(batch)[0]
+        unpacked = unpack_x_y_sample_weight(batch)
+        yield unpacked if targets else unpacked[0]
 
 
 def leading_dim(x: Any) -> int | None:

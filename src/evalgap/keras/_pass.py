@@ -41,8 +41,9 @@ def moments_pass(model, targets: list, observed: list) -> "MomentsPass":
 class MomentsPass:
     """Context manager: patch the layers, run batches, unpatch. Get one with :func:`moments_pass`.
 
-    ``run(x)`` returns a list of ``(layer_index, count, mean, var)`` with backend tensors,
-    one entry per layer call in forward order (a shared layer appears once per call).
+    ``run(x)`` returns ``(captures, y_pred)``: a list of ``(layer_index, count, mean, var)``
+    with backend tensors, one entry per layer call in forward order (a shared layer appears
+    once per call), and the model's output in this mode (BN on batch statistics, dropout off).
     """
 
     def __init__(self, model, targets: list, observed: list):
@@ -108,9 +109,9 @@ class MomentsPass:
         if trainable is None:  # tf.function: read the variables inside the graph
             trainable = [v.value for v in model.trainable_variables]
             non_trainable = [v.value for v in model.non_trainable_variables]
-        model.stateless_call(trainable, non_trainable, x, training=False)
+        y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
         self.order = [c[0] for c in self._captures]
-        return [(c[1], _flat(c[2]), _flat(c[3])) for c in self._captures]
+        return [(c[1], _flat(c[2]), _flat(c[3])) for c in self._captures], y_pred
 
     def _compiled(self):
         if self._step is None:
@@ -127,7 +128,7 @@ class MomentsPass:
                 self._step = self._raw_step
         return self._step
 
-    def run(self, x) -> list[tuple[int, Any, Any, Any]]:
+    def run(self, x) -> tuple[list[tuple[int, Any, Any, Any]], Any]:
         model = self._model()
         backend = keras.backend.backend()
         if backend == "tensorflow":
@@ -139,10 +140,10 @@ class MomentsPass:
             import torch
 
             with torch.no_grad():
-                out = self._compiled()(trainable, non_trainable, x)
+                out, y_pred = self._compiled()(trainable, non_trainable, x)
         else:
-            out = self._compiled()(trainable, non_trainable, x)
-        return [(index, *values) for index, values in zip(self.order, out)]
+            out, y_pred = self._compiled()(trainable, non_trainable, x)
+        return [(index, *values) for index, values in zip(self.order, out)], y_pred
 
 
 def _flat(t):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -76,6 +76,113 @@ def _numpy(variable) -> np.ndarray:
     return np.array(variable.numpy(), dtype=np.float64)
 
 
+class _Measured:
+    """The result of a statistics pass, before anything is written."""
+
+    def __init__(self, result, layers, targets, acc):
+        self.result, self.layers, self.targets, self.acc = result, layers, targets, acc
+
+    def population(self, include_frozen: bool = False) -> dict[int, ChannelMoments]:
+        """id(layer) -> population moments, for the target layers (and the frozen ones if asked)."""
+        target_ids = {id(bn) for _, bn in self.targets}
+        return {
+            id(bn): self.acc.moments[i]
+            for i, (_, bn) in enumerate(self.layers)
+            if self.acc.moments[i] is not None and (include_frozen or id(bn) in target_ids)
+        }
+
+
+def measure(
+    model,
+    data: Any,
+    *,
+    batch_size: int | None = None,
+    max_batches: int | None = None,
+    include_frozen: bool = False,
+    progress: bool = True,
+    drop_ragged: bool = True,
+    on_output: Callable[[Any, Any], None] | None = None,
+    description: str = "recalibrating BatchNorm",
+) -> _Measured:
+    """The statistics pass of :func:`recalibrate`, writing nothing.
+
+    With ``on_output``, batches are read with their targets and ``on_output(batch, y_pred)``
+    receives each used batch ``(x, y, sample_weight)`` and the model's output in this mode
+    (BN on batch statistics, dropout off).
+    """
+    if not isinstance(model, keras.Model) and not isinstance(model, keras.layers.Layer):
+        raise ModelError(f"expected a Keras model, got {type(model).__name__}.")
+    if max_batches is not None and max_batches < 1:
+        raise DataError(f"max_batches must be >= 1 (or None for all batches), got {max_batches}.")
+    start = time.perf_counter()
+    with_targets = on_output is not None
+    stream, size, how = batches(data, batch_size, targets=with_targets)
+    first = next(stream, None)
+    if first is None:
+        raise DataError("the data yielded no batch: give at least one batch of the training batch size.")
+    first_x = first[0] if with_targets else first
+    if not model.built:
+        model(first_x, training=False)  # builds the variables; inference mode changes no statistic
+    found = find_batchnorms(model)
+    if not found:
+        raise ModelError(
+            f"{model.name} has no BatchNormalization layer: there are no moving statistics to recalibrate. "
+            "LayerNormalization and GroupNormalization normalize each sample the same way in both modes."
+        )
+    frozen = [(name, bn) for name, bn in found if is_frozen(bn) and not include_frozen]
+    targets = [(name, bn) for name, bn in found if not (is_frozen(bn) and not include_frozen)]
+    layers = targets + frozen
+    result = Recalibration(framework=f"keras/{keras.backend.backend()}")
+    result.batch_size = size if size is not None else leading_dim(first_x)
+    if size is None or how != "given":
+        result.notes.append(f"batch size {result.batch_size} ({how}).")
+
+    acc = _Accumulator(len(layers))
+    batch_index = -1
+    try:
+        with moments_pass(model, [bn for _, bn in targets], [bn for _, bn in frozen]) as stats_pass:
+            with progress_bar(description, max_batches, progress) as advance:
+
+                def all_batches():
+                    yield first
+                    yield from stream
+
+                for batch in all_batches():
+                    if max_batches is not None and result.batches >= max_batches:
+                        break
+                    batch_index += 1
+                    x = batch[0] if with_targets else batch
+                    n = leading_dim(x)
+                    if drop_ragged and n is not None and result.batch_size and n < result.batch_size:
+                        result.skipped_batches += 1
+                        result.skipped_samples += n
+                        continue
+                    captures, y_pred = stats_pass.run(x)
+                    acc.add_batch(captures, n or 0)
+                    if on_output is not None:
+                        on_output(batch, y_pred)
+                    result.batches += 1
+                    result.samples += n or 0
+                    if result.batches % FLUSH_EVERY == 0:
+                        acc.flush()
+                    advance(1)
+                acc.flush()
+    except BaseException as exc:  # nothing was written: the pass is stateless
+        if isinstance(exc, EvalgapError) or not isinstance(exc, Exception):
+            raise
+        where = f"batch {batch_index}" if batch_index >= 0 else "setting up the pass"
+        raise RecalibrationError(
+            f"the statistics pass failed at {where} ({type(exc).__name__}: {exc}); the model is unchanged."
+        ) from exc
+    if result.batches == 0:
+        raise DataError(
+            f"no full batch to use (left out {result.skipped_samples} samples of ragged batches): "
+            "give at least one batch of the training batch size."
+        )
+    result.seconds = time.perf_counter() - start
+    return _Measured(result, layers, targets, acc)
+
+
 def recalibrate(
     model,
     data: Any,
@@ -108,74 +215,23 @@ def recalibrate(
 
     Side effects: ``moving_mean`` / ``moving_variance`` of the recalibrated layers only.
     """
-    if not isinstance(model, keras.Model) and not isinstance(model, keras.layers.Layer):
-        raise ModelError(f"recalibrate needs a Keras model, got {type(model).__name__}.")
-    if max_batches is not None and max_batches < 1:
-        raise DataError(f"max_batches must be >= 1 (or None for all batches), got {max_batches}.")
-    start = time.perf_counter()
-    stream, size, how = batches(data, batch_size)
-    first = next(stream, None)
-    if first is None:
-        raise DataError("the data yielded no batch: give at least one batch of the training batch size.")
-    if not model.built:
-        model(first, training=False)  # builds the variables; inference mode changes no statistic
-    found = find_batchnorms(model)
-    if not found:
-        raise ModelError(
-            f"{model.name} has no BatchNormalization layer: there are no moving statistics to recalibrate. "
-            "LayerNormalization and GroupNormalization normalize each sample the same way in both modes."
-        )
-    frozen = [(name, bn) for name, bn in found if is_frozen(bn) and not include_frozen]
-    targets = [(name, bn) for name, bn in found if not (is_frozen(bn) and not include_frozen)]
-    layers = targets + frozen
-    result = Recalibration(framework=f"keras/{keras.backend.backend()}")
-    result.batch_size = size if size is not None else leading_dim(first)
-    if size is None or how != "given":
-        result.notes.append(f"batch size {result.batch_size} ({how}).")
+    measured = measure(
+        model, data, batch_size=batch_size, max_batches=max_batches, include_frozen=include_frozen,
+        progress=progress, drop_ragged=drop_ragged,
+    )
+    apply(measured)
+    return measured.result
 
-    acc = _Accumulator(len(layers))
-    batch_index = -1
-    try:
-        with moments_pass(model, [bn for _, bn in targets], [bn for _, bn in frozen]) as stats_pass:
-            with progress_bar("recalibrating BatchNorm", max_batches, progress) as advance:
 
-                def all_batches():
-                    yield first
-                    yield from stream
-
-                for x in all_batches():
-                    if max_batches is not None and result.batches >= max_batches:
-                        break
-                    batch_index += 1
-                    n = leading_dim(x)
-                    if drop_ragged and n is not None and result.batch_size and n < result.batch_size:
-                        result.skipped_batches += 1
-                        result.skipped_samples += n
-                        continue
-                    acc.add_batch(stats_pass.run(x), n or 0)
-                    result.batches += 1
-                    result.samples += n or 0
-                    if result.batches % FLUSH_EVERY == 0:
-                        acc.flush()
-                    advance(1)
-                acc.flush()
-    except BaseException as exc:  # nothing was written: the pass is stateless
-        if isinstance(exc, EvalgapError) or not isinstance(exc, Exception):
-            raise
-        where = f"batch {batch_index}" if batch_index >= 0 else "setting up the pass"
-        raise RecalibrationError(
-            f"recalibration failed at {where} ({type(exc).__name__}: {exc}); the model is unchanged."
-        ) from exc
-    if result.batches == 0:
-        raise DataError(
-            f"no full batch to use (left out {result.skipped_samples} samples of ragged batches): "
-            "give at least one batch of the training batch size."
-        )
-
+def apply(measured: _Measured, write: bool = True) -> Recalibration:
+    """Fill ``measured.result`` per layer; with ``write``, assign the population statistics
+    to the target layers (all or nothing)."""
+    result, layers, targets, acc = measured.result, measured.layers, measured.targets, measured.acc
+    start = time.perf_counter() - result.seconds
     before = {id(bn): (_numpy(bn.moving_mean), _numpy(bn.moving_variance)) for _, bn in layers}
     target_ids = {id(bn) for _, bn in targets}
     try:
-        for index, (_, bn) in enumerate(layers):
+        for index, (_, bn) in enumerate(layers if write else []):
             m = acc.moments[index]
             if m is not None and id(bn) in target_ids:
                 bn.moving_mean.assign(m.mean.astype(bn.moving_mean.dtype))
@@ -190,7 +246,7 @@ def recalibrate(
     entries = []
     for index, (name, bn) in enumerate(layers):
         m = acc.moments[index]
-        status = "unreached" if m is None else ("recalibrated" if id(bn) in target_ids else "frozen")
+        status = "unreached" if m is None else (("recalibrated" if write else "measured") if id(bn) in target_ids else "frozen")
         mean_before, var_before = before[id(bn)]
         entries.append(
             (

@@ -1,0 +1,142 @@
+"""Split a train/eval gap into its causes, from metrics measured at fixed weights.
+
+On one data set, with the weights fixed, a metric measured in five ways:
+
+    F   the training metric fit reported for the epoch (optional)
+    T   training mode: batch statistics, dropout and noise layers active
+    Td  training mode for normalization only, dropout and noise off
+    P   evaluation mode with exact population statistics
+    E   evaluation mode with the current moving statistics (what validation reports)
+
+    F - E = (F - T)    epoch_average: the metric was averaged over an epoch while the weights moved
+          + (T - Td)   training_only_layers: dropout and other training-only layers
+          + (Td - P)   batch_statistics: batch statistics differ from population statistics
+          + (P - E)    stale_moving_statistics: the moving statistics are stale or near their initial values
+
+The terms add up exactly (a telescoping sum). Without F the sum is T - E. With separate
+validation data, ``data = E(train) - E(val)`` extends it to F - E(val).
+Framework-free: numbers in, numbers out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: (term, minuend, subtrahend, meaning), in decomposition order.
+TERMS: tuple[tuple[str, str, str, str], ...] = (
+    ("epoch_average", "F", "T", "the training metric was averaged over an epoch while the weights moved"),
+    ("training_only_layers", "T", "Td", "dropout and other training-only layers are active in training mode"),
+    ("batch_statistics", "Td", "P", "training normalizes each batch by its own statistics, not the population's"),
+    ("stale_moving_statistics", "P", "E", "the moving statistics are stale or still near their initial values"),
+)
+DATA_TERM = ("data", "E", "E_val", "the validation data differ from the training data")
+
+MODE_NAMES = {
+    "F": "fit's epoch-averaged training metric",
+    "T": "training mode (batch statistics, dropout on)",
+    "Td": "training mode, dropout off",
+    "P": "evaluation mode, exact population statistics",
+    "E": "evaluation mode, moving statistics (validation)",
+    "E_val": "evaluation mode on the validation data",
+}
+
+_LOWER_IS_BETTER = ("loss", "error", "crossentropy", "mse", "mae", "hinge", "divergence")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Accuracy-like metrics grow with quality; losses and errors shrink."""
+    name = metric.lower()
+    return not any(token in name for token in _LOWER_IS_BETTER)
+
+
+def is_fraction(metric: str) -> bool:
+    """Metrics reported in [0, 1] and discussed in points (accuracy, AUC, precision, ...)."""
+    name = metric.lower()
+    return any(token in name for token in ("acc", "auc", "precision", "recall", "iou", "f1"))
+
+
+@dataclass
+class Decomposition:
+    """One metric's values by mode and the terms they give."""
+
+    metric: str
+    values: dict[str, float]
+    higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        missing = [m for m in ("T", "Td", "P", "E") if m not in self.values]
+        if missing:
+            raise ValueError(f"{self.metric}: modes {missing} were not measured")
+
+    @property
+    def top(self) -> str:
+        return "F" if "F" in self.values else "T"
+
+    @property
+    def terms(self) -> dict[str, float]:
+        """The decomposition's terms in order (``epoch_average`` only when F was given; ``data``
+        only with validation data)."""
+        out = {}
+        for name, a, b, _ in TERMS:
+            if a in self.values and b in self.values:
+                out[name] = self.values[a] - self.values[b]
+        if "E_val" in self.values:
+            out[DATA_TERM[0]] = self.values["E"] - self.values["E_val"]
+        return out
+
+    @property
+    def total(self) -> float:
+        """``top - E`` (or ``top - E_val`` with validation data): the gap the user sees."""
+        bottom = "E_val" if "E_val" in self.values else "E"
+        return self.values[self.top] - self.values[bottom]
+
+    def goodness(self, value: float) -> float:
+        """A difference oriented so that positive means the first mode looks better."""
+        return value if self.higher_is_better else -value
+
+    def threshold(self) -> float:
+        """Below this a term is noise: 1 point for fractions, else 2% of the largest value (min 0.01)."""
+        if is_fraction(self.metric):
+            return 0.01
+        return max(0.01, 0.02 * max(abs(v) for v in self.values.values()))
+
+    def significant(self) -> dict[str, float]:
+        return {k: v for k, v in self.terms.items() if abs(v) > self.threshold()}
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """Terms by size, largest first."""
+        return sorted(self.terms.items(), key=lambda kv: -abs(kv[1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "values": dict(self.values),
+            "terms": self.terms,
+            "total": self.total,
+            "threshold": self.threshold(),
+        }
+
+
+def decompose(metric: str, values: dict[str, float]) -> Decomposition:
+    return Decomposition(metric, {k: float(v) for k, v in values.items() if v is not None}, higher_is_better(metric))
+
+
+@dataclass
+class Finding:
+    """Evidence beside the terms: what was seen, with numbers, and what to do about it.
+
+    ``kind``: ``drift``, ``input_scale``, ``ema``, ``frozen``, ``replicas``, ``other_normalization``,
+    ``no_batchnorm`` or one of the term names. ``severity``: ``cause`` (explains a significant
+    term), ``warning`` or ``info``.
+    """
+
+    kind: str
+    severity: str
+    message: str
+    remedy: str | None = None
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "severity": self.severity, "message": self.message, "remedy": self.remedy, "numbers": self.numbers}

@@ -1,0 +1,249 @@
+"""The diagnosis report: text (rich), versioned JSON, self-contained HTML with matplotlib figures.
+
+JSON schema ``evalgap.report/1`` (documented in ``docs/report-schema.md``)::
+
+    {"schema": "evalgap.report/1", "framework": str, "samples": int, "batch_size": int|null,
+     "primary": str, "gap": float, "gap_points": float|null,
+     "metrics": {name: {"values": {mode: float}, "terms": {term: float}, "total": float,
+                        "threshold": float, "higher_is_better": bool}},
+     "causes": [{"term": str, "value": float, "significant": bool}],   # primary metric, largest first
+     "findings": [{"kind", "severity", "message", "remedy", "numbers"}],
+     "layers": [per-layer recalibration entries without the vectors], "notes": [str]}
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from .attribution import MODE_NAMES, TERMS, Decomposition, Finding, is_fraction
+from .recalibration import Recalibration
+
+SCHEMA = "evalgap.report/1"
+
+
+def _atomic_write(path: str | os.PathLike, text: str) -> str:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".evalgap-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@dataclass
+class Report:
+    """What :func:`evalgap.keras.diagnose` / :func:`evalgap.torch.diagnose` found."""
+
+    framework: str
+    samples: int
+    batch_size: int | None
+    decompositions: dict[str, Decomposition]
+    primary: str | None
+    recalibration: Recalibration | None = None
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    # ---- numbers ------------------------------------------------------------------
+    @property
+    def main(self) -> Decomposition | None:
+        return self.decompositions.get(self.primary) if self.primary else None
+
+    @property
+    def gap(self) -> float:
+        """The primary metric's gap (top mode minus evaluation mode)."""
+        return self.main.total if self.main else 0.0
+
+    @property
+    def gap_points(self) -> float | None:
+        """The gap in points (x100) when the primary metric is a fraction such as accuracy."""
+        return 100 * self.gap if self.primary and is_fraction(self.primary) else None
+
+    @property
+    def causes(self) -> list[tuple[str, float]]:
+        """Significant terms of the primary metric, largest first."""
+        if self.main is None:
+            return []
+        sig = self.main.significant()
+        return [(k, v) for k, v in self.main.ranked() if k in sig]
+
+    def finding(self, kind: str) -> Finding | None:
+        return next((f for f in self.findings if f.kind == kind), None)
+
+    # ---- JSON ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        main = self.main
+        return {
+            "schema": SCHEMA,
+            "framework": self.framework,
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "primary": self.primary,
+            "gap": self.gap,
+            "gap_points": self.gap_points,
+            "metrics": {k: d.to_dict() for k, d in self.decompositions.items()},
+            "causes": [] if main is None else [{"term": k, "value": v, "significant": k in main.significant()} for k, v in main.ranked()],
+            "findings": [f.to_dict() for f in self.findings],
+            "layers": [] if self.recalibration is None else [
+                {k: v for k, v in layer.to_dict().items() if k not in ("mean_before", "var_before", "mean_after", "var_after")}
+                for layer in self.recalibration.layers
+            ],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
+        """The report as JSON (schema ``evalgap.report/1``); written atomically to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=indent, default=float)
+        if path is not None:
+            _atomic_write(path, text)
+        return text
+
+    # ---- text ---------------------------------------------------------------------
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        parts: list[Any] = []
+        main = self.main
+        if main is not None:
+            top = main.top
+            bottom = "E_val" if "E_val" in main.values else "E"
+            gap = f"{self.gap_points:+.1f} points" if self.gap_points is not None else f"{self.gap:+.4g}"
+            parts.append(Text(
+                f"{self.primary}: {main.values[top]:.4f} ({MODE_NAMES[top]}) vs {main.values[bottom]:.4f} "
+                f"({MODE_NAMES[bottom]}): gap {gap}, on {self.samples} samples, batch {self.batch_size} [{self.framework}]",
+                style="bold",
+            ))
+            modes = Table(title="metrics by mode (same data, same weights)")
+            modes.add_column("mode")
+            for metric in self.decompositions:
+                modes.add_column(metric, justify="right")
+            all_modes = [m for m in ("F", "T", "Td", "P", "E", "E_val") if any(m in d.values for d in self.decompositions.values())]
+            for m in all_modes:
+                modes.add_row(f"{m}  {MODE_NAMES[m]}", *[f"{d.values[m]:.4f}" if m in d.values else "-" for d in self.decompositions.values()])
+            parts.append(modes)
+            terms = Table(title=f"the gap in {self.primary}, term by term (they add up to {main.total:+.4f})")
+            for col in ("term", "value", "share", "meaning"):
+                terms.add_column(col, justify="right" if col in ("value", "share") else "left")
+            meanings = {name: meaning for name, _, _, meaning in TERMS}
+            meanings["data"] = "the validation data differ from the training data"
+            sig = main.significant()
+            for name, value in main.terms.items():
+                share = f"{100 * value / main.total:.0f}%" if main.total else "-"
+                style = "bold" if name in sig else "dim"
+                terms.add_row(Text(name, style=style), f"{value:+.4f}", share, meanings[name])
+            parts.append(terms)
+        causes = [f for f in self.findings if f.severity == "cause"]
+        others = [f for f in self.findings if f.severity != "cause"]
+        if main is not None and not self.causes:
+            parts.append(Text(f"No significant cause: every term is within {main.threshold():.3g}.", style="bold green"))
+        for title, items in (("Causes", causes), ("Also found", others)):
+            if items:
+                parts.append(Text(title, style="bold underline"))
+                for f in items:
+                    parts.append(Text(f"- [{f.kind}] {f.message}"))
+                    if f.remedy:
+                        parts.append(Text("    fix: " + f.remedy.replace("\n", "\n         "), style="cyan"))
+        if self.recalibration is not None and self.recalibration.layers:
+            drift = Table(title="per-layer drift of moving statistics from population statistics (forward order)")
+            for col in ("layer", "status", "mean drift max", "var drift max"):
+                drift.add_column(col, justify="left" if col in ("layer", "status") else "right")
+            layers = [layer for layer in self.recalibration.layers if layer.drift is not None]
+            shown = layers if len(layers) <= 12 else layers[:6] + sorted(layers[6:], key=lambda layer: -layer.drift.worst)[:6]
+            for layer in shown:
+                drift.add_row(layer.name, layer.status, f"{layer.drift.mean_max:.3g}", f"{layer.drift.var_max:.3g}")
+            if len(layers) > len(shown):
+                drift.caption = f"first 6 and the 6 largest of {len(layers)} layers"
+            parts.append(drift)
+        parts.extend(Text(n, style="dim") for n in self.notes)
+        return Group(*parts)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=120, color_system=None, force_terminal=False).print(self)
+        return buf.getvalue().rstrip()
+
+    def __repr__(self) -> str:
+        return f"Report(primary={self.primary!r}, gap={self.gap:.4g}, causes={[k for k, _ in self.causes]})"
+
+    # ---- figures ------------------------------------------------------------------
+    def plot(self) -> dict[str, Any]:
+        """Matplotlib figures: ``modes`` (metric by mode), ``waterfall`` (the terms), ``drift`` (per layer)."""
+        from .plots import _pyplot
+
+        plt = _pyplot()
+        figs: dict[str, Any] = {}
+        main = self.main
+        if main is not None:
+            fig, ax = plt.subplots(figsize=(6.5, 3.6))
+            modes = [m for m in ("F", "T", "Td", "P", "E", "E_val") if m in main.values]
+            ax.bar(modes, [main.values[m] for m in modes], color=["#4c72b0" if m in ("F", "T", "Td") else "#55a868" if m == "P" else "#c44e52" for m in modes])
+            ax.set_ylabel(self.primary)
+            ax.set_title(f"{self.primary} by mode, same data and weights", fontsize=10)
+            for i, m in enumerate(modes):
+                ax.text(i, main.values[m], f"{main.values[m]:.3f}", ha="center", va="bottom", fontsize=8)
+            fig.tight_layout()
+            figs["modes"] = fig
+
+            fig, ax = plt.subplots(figsize=(6.5, 3.6))
+            level = main.values[main.top]
+            names = list(main.terms)
+            for i, name in enumerate(names):
+                value = main.terms[name]
+                ax.bar(i, -value, bottom=level, color="#c44e52" if main.goodness(value) > 0 else "#55a868")
+                ax.text(i, level - value / 2, f"{-value:+.3f}", ha="center", va="center", fontsize=8)
+                level -= value
+            ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
+            ax.axhline(main.values[main.top], color="gray", lw=0.5)
+            ax.set_ylabel(self.primary)
+            ax.set_title(f"from {MODE_NAMES[main.top]} down to validation", fontsize=9)
+            fig.tight_layout()
+            figs["waterfall"] = fig
+        if self.recalibration is not None:
+            layers = [layer for layer in self.recalibration.layers if layer.drift is not None]
+            if layers:
+                fig, ax = plt.subplots(figsize=(max(6.5, 0.12 * len(layers)), 3.6))
+                xs = range(len(layers))
+                ax.plot(xs, [layer.drift.mean_max for layer in layers], "o-", ms=3, label="mean drift (max over channels, std)")
+                ax.plot(xs, [layer.drift.var_max for layer in layers], "s-", ms=3, label="|log variance ratio| (max)")
+                ax.set_yscale("symlog", linthresh=0.1)
+                ax.set_xlabel("BatchNorm layer, forward order")
+                ax.set_title("drift of moving statistics from population statistics", fontsize=10)
+                ax.legend(fontsize=7)
+                fig.tight_layout()
+                figs["drift"] = fig
+        return figs
+
+    def to_html(self, path: str | os.PathLike) -> str:
+        """A self-contained page (figures embedded as PNG); written atomically."""
+        from .plots import _pyplot
+
+        imgs = []
+        for name, fig in self.plot().items():
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100)
+            _pyplot().close(fig)
+            imgs.append(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"></figure>')
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'><title>evalgap report</title>"
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}pre{white-space:pre-wrap;font-size:12px}"
+            "figure{display:inline-block;margin:0.5em}</style></head><body><h1>evalgap: train vs evaluation gap</h1>"
+            + "".join(imgs)
+            + f"<pre>{html.escape(str(self))}</pre></body></html>"
+        )
+        return _atomic_write(path, page)

@@ -1,0 +1,157 @@
+"""evalgap.keras.diagnose: one planted cause at a time must come out on top, with its sign."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import keras
+from keras import layers
+
+import evalgap.keras as eg
+from evalgap import Report
+
+from ._reference import snapshot
+
+pytest.importorskip("sklearn")
+from evalgap.data import load_digits_rgb  # noqa: E402
+
+BATCH = 120
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits_rgb(16)
+    order = np.random.default_rng(0).permutation(len(x))[:1680]  # 14 whole batches
+    return x[order].astype("float32"), y[order]
+
+
+def net(momentum=0.99, dropout=0.0, width=6):
+    inp = keras.Input((16, 16, 3))
+    h = inp
+    for i, f in enumerate((width, 2 * width)):
+        h = layers.Conv2D(f, 3, strides=2, padding="same", use_bias=False)(h)
+        h = layers.BatchNormalization(momentum=momentum, name=f"bn{i}")(h)
+        h = layers.ReLU()(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    if dropout:
+        h = layers.Dropout(dropout)(h)
+    out = layers.Dense(10, activation="softmax")(h)
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def trained(x, y, epochs=4, **kw):
+    keras.utils.set_random_seed(0)
+    model = net(**kw)
+    history = model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0)
+    return model, history
+
+
+def top(report: Report) -> tuple[str, float]:
+    assert report.causes, str(report)
+    return report.causes[0]
+
+
+def test_stale_moving_statistics_and_raw_inputs(digits):
+    x, y = digits
+    model, history = trained(x, y, momentum=0.999)
+    before = snapshot(model)
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, history=history, progress=False)
+    assert snapshot(model) == before  # nothing changed
+    name, value = top(report)
+    assert name == "stale_moving_statistics" and value > 0.15, str(report)
+    # the four terms add up exactly to F - E
+    d = report.decompositions["accuracy"]
+    assert sum(d.terms.values()) == pytest.approx(d.values["F"] - d.values["E"], abs=1e-12)
+    # evidence: EMA arithmetic from the history's steps, the raw pixels, the drifting layer
+    stale = report.finding("stale_moving_statistics")
+    assert stale.numbers["steps_per_epoch"] == 14 and stale.numbers["updates"] == 56
+    assert stale.numbers["initial_weight"] == pytest.approx(0.999**56)
+    assert "momentum=0.8571" in stale.remedy and "PreciseBN" in stale.remedy
+    raw = report.finding("input_scale")
+    assert raw is not None and "raw [0, 255]" in raw.message and raw.severity == "cause" and "Rescaling(1 / 255.0)" in raw.remedy
+    assert report.finding("drift").numbers["first_layer"] == "bn0"
+    # after the advice: recalibrate, and the gap is gone
+    eg.recalibrate(model, (x, y), batch_size=BATCH, progress=False)
+    healthy = eg.diagnose(model, (x, y), batch_size=BATCH, progress=False)
+    assert abs(healthy.gap_points) < 1.0 and healthy.causes == [], str(healthy)
+    assert json.loads(healthy.to_json())["schema"] == "evalgap.report/1"
+
+
+def test_healthy_normalized_model_has_no_cause(digits):
+    x, y = digits
+    xn = x / 255.0
+    model, _ = trained(xn, y)
+    eg.recalibrate(model, (xn, y), batch_size=BATCH, progress=False)
+    report = eg.diagnose(model, (xn, y), batch_size=BATCH, progress=False)
+    assert abs(report.gap_points) < 1.0 and not report.causes, str(report)
+    assert report.finding("input_scale") is None
+
+
+def test_heavy_dropout(digits):
+    x, y = digits
+    model, _ = trained(x / 255.0, y, dropout=0.7)
+    eg.recalibrate(model, (x / 255.0, y), batch_size=BATCH, progress=False)
+    report = eg.diagnose(model, (x / 255.0, y), batch_size=BATCH, progress=False)
+    name, value = top(report)
+    assert name == "training_only_layers" and value < -0.01, str(report)  # training mode looks worse
+    assert [k for k, _ in report.causes] == ["training_only_layers"]
+
+
+def test_small_batches_in_class_order(digits):
+    x, y = digits
+    xn = x / 255.0
+    model, _ = trained(xn, y)
+    eg.recalibrate(model, (xn, y), batch_size=BATCH, progress=False)
+    order = np.argsort(y, kind="stable")
+    report = eg.diagnose(model, (xn[order], y[order]), batch_size=8, progress=False)
+    name, value = top(report)
+    assert name == "batch_statistics" and value < -0.05, str(report)  # batch statistics hurt
+    assert [k for k, _ in report.causes] == ["batch_statistics"]
+
+
+def test_frozen_batchnorm_with_wrong_statistics(digits):
+    x, y = digits
+    xn = x / 255.0
+    model, _ = trained(xn, y)
+    eg.recalibrate(model, (xn, y), batch_size=BATCH, progress=False)
+    bn = model.get_layer("bn1")
+    bn.trainable = False
+    bn.moving_mean.assign(bn.moving_mean.numpy() + 2.0 * np.sqrt(bn.moving_variance.numpy()))
+    report = eg.diagnose(model, (xn, y), batch_size=BATCH, progress=False)
+    assert not report.causes, str(report)  # both modes use the frozen statistics: no gap
+    first = report.findings[0]
+    assert first.kind == "frozen" and first.severity == "warning" and first.numbers["effect"] > 0.05, str(report)
+    assert "include_frozen=True" in first.remedy
+
+
+def test_epoch_averaged_fit_metric(digits):
+    x, y = digits
+    xn = (x / 255.0 - 0.3) / 0.4
+    keras.utils.set_random_seed(0)
+    model = net()
+    history = model.fit(xn, y, batch_size=40, epochs=1, verbose=0)  # 42 steps: the weights move fast in epoch 1
+    eg.recalibrate(model, (xn, y), batch_size=40, progress=False)
+    report = eg.diagnose(model, (xn, y), batch_size=40, history=history, progress=False)
+    name, value = top(report)
+    assert name == "epoch_average" and value < -0.05, str(report)  # the running average lags behind
+    assert [k for k, _ in report.causes] == ["epoch_average"]
+
+
+def test_validation_data_term_and_outputs(digits, tmp_path):
+    x, y = digits
+    xn = x / 255.0
+    model, _ = trained(xn[:840], y[:840])
+    eg.recalibrate(model, (xn[:840], y[:840]), batch_size=BATCH, progress=False)
+    report = eg.diagnose(model, (xn[:840], y[:840]), batch_size=BATCH, val_data=(xn[840:], y[840:]), progress=False)
+    d = report.decompositions["accuracy"]
+    assert d.terms["data"] == pytest.approx(d.values["E"] - d.values["E_val"])
+    assert sum(d.terms.values()) == pytest.approx(d.values["T"] - d.values["E_val"], abs=1e-12)
+    html = report.to_html(tmp_path / "r.html")
+    text = open(html).read()
+    assert text.count("data:image/png;base64,") == 3
+    assert set(report.plot()) == {"modes", "waterfall", "drift"}
