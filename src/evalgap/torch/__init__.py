@@ -1,10 +1,11 @@
-"""evalgap for native PyTorch: exact BatchNorm recalibration (and, later, diagnosis).
+"""evalgap for native PyTorch: exact BatchNorm recalibration and diagnosis of the train/eval gap.
 
 ``import evalgap.torch as eg; eg.recalibrate(model, loader)``
 """
 
 from __future__ import annotations
 
+from .diagnose import diagnose
 from .precise_bn import find_batchnorms, is_frozen, recalibrate
 
-__all__ = ["recalibrate", "find_batchnorms", "is_frozen"]
+__all__ = ["recalibrate", "diagnose", "find_batchnorms", "is_frozen"]

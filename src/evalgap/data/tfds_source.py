@@ -1,0 +1,89 @@
+"""tensorflow_datasets by name (``--tfds uc_merced``), with the real ``tfds.load`` code.
+
+Offline, ``tfds.load`` retries for minutes before failing. Before asking tfds to download,
+a 3-second reachability check decides; without network the error says how to use a folder
+or the official zip instead. ``manual_dir`` holding the official archive's zip (e.g.
+``UCMerced_LandUse.zip``) is read in place, in the same label order as tfds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .folder import ImageSet, load_image_folder
+from .resize import resize_with_pad
+
+logger = logging.getLogger("evalgap.data")
+
+#: Where tfds downloads prepared data sets from first.
+TFDS_HOST = ("storage.googleapis.com", 443)
+
+
+def reachable(host: tuple[str, int] = TFDS_HOST, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(host, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_tfds(
+    name: str,
+    *,
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    download: bool | None = None,
+    image_size: int = 256,
+    limit_per_class: int | None = None,
+) -> ImageSet:
+    """Load an image classification data set from tfds, resized with padding to ``image_size``.
+
+    ``download=None`` (default) downloads only when the data set is not prepared in
+    ``data_dir`` and the network answers; ``False`` never downloads; ``True`` always tries.
+    """
+    if manual_dir is not None:
+        zips = sorted(Path(manual_dir).glob("*.zip"))
+        if zips:
+            logger.info("reading the archive %s in place", zips[0])
+            return load_image_folder(zips[0], image_size, limit_per_class=limit_per_class)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as exc:
+        raise DataError("tensorflow-datasets is not installed: pip install 'evalgap[tensorflow]', or pass --data FOLDER.") from exc
+    try:
+        builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
+    except Exception as exc:  # tfds raises its own DatasetNotFoundError
+        raise DataError(f"tfds has no data set named {name!r} ({exc}).") from exc
+    prepared = builder.is_prepared()
+    if not prepared:
+        if download is False:
+            raise DataError(f"tfds data set {name!r} is not prepared in {builder.data_dir} and download=False.")
+        if download is None and not reachable():
+            raise DataError(
+                f"tfds data set {name!r} is not prepared in {builder.data_dir} and the network is unreachable "
+                "(tfds would retry for minutes). Use a local copy instead: --data <folder with one sub-folder per "
+                "class> (e.g. UCMerced_LandUse/Images), or put the official zip in a folder and pass "
+                "--tfds-manual-dir <that folder>; or --download to try anyway."
+            )
+        builder.download_and_prepare()
+    ds = builder.as_dataset(split=split)
+    names = builder.info.features["label"].names
+    images, labels, count = [], [], {}
+    for example in tfds.as_numpy(ds):
+        label = int(example["label"])
+        if limit_per_class is not None and count.get(label, 0) >= limit_per_class:
+            continue
+        count[label] = count.get(label, 0) + 1
+        img = example["image"]
+        images.append(np.clip(np.rint(resize_with_pad(img, image_size, image_size)), 0, 255).astype(np.uint8))
+        labels.append(label)
+    if not images:
+        raise DataError(f"tfds data set {name!r} split {split!r} is empty.")
+    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), list(names), f"tfds:{name}")

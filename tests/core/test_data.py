@@ -1,0 +1,137 @@
+"""Data loaders: image folders and zips in the UC Merced layout, the cache, npz, tfds offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evalgap import DataError
+from evalgap.data import load_image_folder, load_npz, load_tfds, resize_with_pad
+from evalgap.data import tfds_source
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "uc_merced"
+IMAGES = SHARED / "UCMerced_LandUse" / "Images"
+needs_data = pytest.mark.skipif(not IMAGES.is_dir(), reason=f"UC Merced images not found at {IMAGES} (../shared/data/uc_merced)")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVALGAP_CACHE", str(tmp_path / "cache"))
+
+
+def _folder(tmp_path: Path, spec: dict[str, list[np.ndarray]], ext=".png") -> Path:
+    root = tmp_path / "Images"
+    for cls, arrays in spec.items():
+        (root / cls).mkdir(parents=True)
+        for i, a in enumerate(arrays):
+            Image.fromarray(a).save(root / cls / f"{cls}{i:02d}{ext}")
+    return tmp_path
+
+
+def test_resize_with_pad_by_hand():
+    img = np.arange(256 * 242 * 3, dtype=np.float64).reshape(256, 242, 3) % 251
+    out = resize_with_pad(img, 256, 256)  # ratio 1: no resampling, 7 columns of zeros each side
+    assert out.shape == (256, 256, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, 7:249], img.astype(np.float32))
+    assert not out[:, :7].any() and not out[:, 249:].any()
+    # 2x downscale with half-pixel centers averages pixel pairs
+    small = resize_with_pad(np.array([[0.0, 2.0, 4.0, 6.0]] * 4)[..., None], 2, 2)
+    np.testing.assert_allclose(small[..., 0], [[1.0, 5.0], [1.0, 5.0]])
+
+
+@needs_data
+def test_real_uc_merced_folder():
+    s = load_image_folder(SHARED / "UCMerced_LandUse", 256, cache=False)
+    assert len(s) == 2100 and s.images.shape == (2100, 256, 256, 3) and s.images.dtype == np.uint8
+    assert s.class_names[:3] == ["agricultural", "airplane", "baseballdiamond"] and len(s.class_names) == 21
+    assert s.class_names == sorted(s.class_names)  # tfds order
+    assert np.bincount(s.labels).tolist() == [100] * 21
+
+
+@needs_data
+def test_original_tifs_of_other_sizes_are_padded(tmp_path):
+    # the archive's TIFFs as they come, in the official layout: 247x247, 257x257, 242x256 among them
+    for name in ("buildings96", "harbor10", "sparseresidential45", "agricultural00"):
+        cls = name.rstrip("0123456789")
+        (tmp_path / "Images" / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHARED / "original_tif" / f"{name}.tif", tmp_path / "Images" / cls / f"{name}.tif")
+    s = load_image_folder(tmp_path, 256)
+    assert s.images.shape == (4, 256, 256, 3) and s.class_names == ["agricultural", "buildings", "harbor", "sparseresidential"]
+    sparse = s.images[3]
+    assert not sparse[:, :7].any() and not sparse[:, 249:].any() and sparse[:, 7:249].any()  # 242 wide: 7 + 7 padding
+
+
+def test_zip_grayscale_rgba_and_cache(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = [rng.integers(0, 256, (20, 16, 3), dtype=np.uint8) for _ in range(2)]
+    gray = [rng.integers(0, 256, (16, 16), dtype=np.uint8)]
+    rgba = [rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)]
+    root = _folder(tmp_path / "src", {"b_class": rgb, "a_class": gray + rgba})
+    s = load_image_folder(root, 16)
+    assert s.class_names == ["a_class", "b_class"] and s.labels.tolist() == [0, 0, 1, 1]
+    assert s.converted == 2 and s.images.shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(s.images[0, :, :, 0], gray[0])
+    again = load_image_folder(root, 16)
+    assert again.from_cache and np.array_equal(again.images, s.images)
+    # a changed file invalidates the cache
+    f = root / "Images" / "b_class" / "b_class00.png"
+    Image.fromarray(np.zeros((20, 16, 3), np.uint8)).save(f)
+    os.utime(f, (time.time() + 5, time.time() + 5))
+    assert not load_image_folder(root, 16).from_cache
+    # the same tree as a zip, read in place
+    zpath = tmp_path / "UCMerced_LandUse.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in sorted((root / "Images").rglob("*.png")):
+            zf.write(p, f"UCMerced_LandUse/Images/{p.parent.name}/{p.name}")
+    z = load_image_folder(zpath, 16)
+    assert z.class_names == ["a_class", "b_class"] and np.array_equal(z.images, load_image_folder(root, 16).images)
+
+
+def test_bad_files_are_named_or_skipped(tmp_path):
+    rng = np.random.default_rng(0)
+    root = _folder(tmp_path, {"a": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)] * 2})
+    bad = root / "Images" / "a" / "a99.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DataError, match="a99.png"):
+        load_image_folder(root, 8)
+    s = load_image_folder(root, 8, skip_bad=True)
+    assert len(s) == 2 and s.skipped == [str(bad)]
+    (root / "Images" / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no image"):
+        load_image_folder(root, 8)
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_folder(tmp_path / "nope", 8)
+
+
+def test_npz(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 2)), y=np.arange(3))
+    x, y = load_npz(tmp_path / "d.npz")
+    assert x.shape == (3, 2) and y.tolist() == [0, 1, 2]
+    np.savez(tmp_path / "bad.npz", a=np.zeros(2))
+    with pytest.raises(DataError, match="expected arrays named x and y"):
+        load_npz(tmp_path / "bad.npz")
+
+
+def test_tfds_offline_fails_fast_and_manual_zip_is_read(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(tfds_source, "reachable", lambda *a, **k: False)
+    t = time.perf_counter()
+    with pytest.raises(DataError, match="--data"):
+        load_tfds("uc_merced", data_dir=tmp_path / "tfds")
+    assert time.perf_counter() - t < 30
+    rng = np.random.default_rng(0)
+    root = _folder(tmp_path / "src", {"x": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)], "w": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)]})
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    with zipfile.ZipFile(manual / "UCMerced_LandUse.zip", "w") as zf:
+        for p in (root / "Images").rglob("*.png"):
+            zf.write(p, f"UCMerced_LandUse/Images/{p.parent.name}/{p.name}")
+    s = load_tfds("uc_merced", manual_dir=manual, image_size=8)
+    assert s.class_names == ["w", "x"] and len(s) == 2

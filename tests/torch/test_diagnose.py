@@ -1,0 +1,173 @@
+"""evalgap.torch.diagnose: one planted cause at a time must come out on top, with its sign."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+from torch import nn  # noqa: E402
+
+import evalgap.torch as eg  # noqa: E402
+from evalgap.data import load_digits_rgb  # noqa: E402
+
+from ._reference import modes, state_snapshot  # noqa: E402
+
+BATCH = 120
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits_rgb(16)
+    order = np.random.default_rng(0).permutation(len(x))[:1680]
+    x = torch.from_numpy(x[order].transpose(0, 3, 1, 2).copy()).float()
+    return x, torch.from_numpy(y[order]).long()
+
+
+def net(momentum=0.1, dropout=0.0, width=6):
+    layers = []
+    cin = 3
+    for f in (width, 2 * width):
+        layers += [nn.Conv2d(cin, f, 3, 2, 1, bias=False), nn.BatchNorm2d(f, momentum=momentum), nn.ReLU()]
+        cin = f
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(cin, 10))
+    return nn.Sequential(*layers)
+
+
+def batches(x, y, size=BATCH):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x) - len(x) % size, size)]
+
+
+def train(model, x, y, epochs=4, size=BATCH, lr=1e-2, seed=0):
+    """Returns the last epoch's running-average accuracy, as a training loop would log it."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        correct = 0
+        for i in range(0, len(x), size):
+            idx = perm[i : i + size]
+            out = model(x[idx])
+            loss = nn.functional.cross_entropy(out, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            correct += int((out.argmax(1) == y[idx]).sum())
+    return correct / len(x)
+
+
+def top(report):
+    assert report.causes, str(report)
+    return report.causes[0]
+
+
+def test_stale_running_statistics_and_raw_inputs(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = net(momentum=0.001)
+    fit_acc = train(model, x, y)
+    before, before_modes = state_snapshot(model), modes(model)
+    report = eg.diagnose(model, batches(x, y), fit_metric=fit_acc, steps_per_epoch=14, epochs=4, progress=False)
+    assert state_snapshot(model) == before and modes(model) == before_modes
+    name, value = top(report)
+    assert name == "stale_moving_statistics" and value > 0.15, str(report)
+    d = report.decompositions["accuracy"]
+    assert sum(d.terms.values()) == pytest.approx(d.values["F"] - d.values["E"], abs=1e-12)
+    stale = report.finding("stale_moving_statistics")
+    assert stale.numbers["initial_weight"] == pytest.approx(0.999**56)
+    assert "momentum=0.1429" in stale.remedy  # 2 / 14 in PyTorch's convention
+    assert "raw [0, 255]" in report.finding("input_scale").message
+    eg.recalibrate(model, batches(x, y), progress=False)
+    healthy = eg.diagnose(model, batches(x, y), progress=False)
+    assert abs(healthy.gap_points) < 1.0 and not healthy.causes, str(healthy)
+
+
+def test_heavy_dropout(digits):
+    x, y = digits
+    xn = x / 255.0
+    torch.manual_seed(0)
+    model = net(dropout=0.7)
+    train(model, xn, y)
+    eg.recalibrate(model, batches(xn, y), progress=False)
+    rng = torch.random.get_rng_state()
+    report = eg.diagnose(model, batches(xn, y), progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # dropout's draws leave no trace
+    name, value = top(report)
+    assert name == "training_only_layers" and value < -0.01, str(report)
+    assert [k for k, _ in report.causes] == ["training_only_layers"]
+
+
+def test_small_batches_in_class_order(digits):
+    x, y = digits
+    xn = x / 255.0
+    torch.manual_seed(0)
+    model = net()
+    train(model, xn, y)
+    eg.recalibrate(model, batches(xn, y), progress=False)
+    order = torch.argsort(y, stable=True)
+    report = eg.diagnose(model, batches(xn[order], y[order], size=8), progress=False)
+    name, value = top(report)
+    assert name == "batch_statistics" and value < -0.05, str(report)
+    assert [k for k, _ in report.causes] == ["batch_statistics"]
+
+
+def test_frozen_batchnorm_with_wrong_statistics(digits):
+    x, y = digits
+    xn = x / 255.0
+    torch.manual_seed(0)
+    model = net()
+    train(model, xn, y)
+    eg.recalibrate(model, batches(xn, y), progress=False)
+    bn = model[4]
+    with torch.no_grad():
+        bn.running_mean += 2.0 * bn.running_var.sqrt()
+    model.train()
+    bn.eval()  # frozen: eval mode while the model trains
+    report = eg.diagnose(model, batches(xn, y), progress=False)
+    assert not report.causes, str(report)
+    first = report.findings[0]
+    assert first.kind == "frozen" and first.severity == "warning" and first.numbers["effect"] > 0.05, str(report)
+
+
+def test_epoch_averaged_fit_metric(digits):
+    x, y = digits
+    xn = (x / 255.0 - 0.3) / 0.4
+    torch.manual_seed(0)
+    model = net()
+    fit_acc = train(model, xn, y, epochs=1, size=40)
+    eg.recalibrate(model, batches(xn, y, 40), progress=False)
+    report = eg.diagnose(model, batches(xn, y, 40), fit_metric={"accuracy": fit_acc}, progress=False)
+    name, value = top(report)
+    assert name == "epoch_average" and value < -0.05, str(report)
+    assert [k for k, _ in report.causes] == ["epoch_average"]
+
+
+def test_custom_loss_metrics_and_validation_term(digits):
+    x, y = digits
+    xn = x / 255.0
+    torch.manual_seed(0)
+    model = net()
+    train(model, xn[:840], y[:840])
+    eg.recalibrate(model, batches(xn[:840], y[:840]), progress=False)
+    top2 = {"top2": lambda o, t: (o.topk(2, 1).indices == t[:, None]).any(1).float().mean()}
+    report = eg.diagnose(
+        model, batches(xn[:840], y[:840]), loss_fn=lambda o, t: nn.functional.cross_entropy(o, t), metrics=top2,
+        val_data=batches(xn[840:], y[840:]), progress=False,
+    )
+    d = report.decompositions["top2"]
+    assert report.primary == "top2" and "E_val" in d.values and set(report.decompositions) == {"loss", "top2"}
+    assert d.terms["data"] == pytest.approx(d.values["E"] - d.values["E_val"])
+
+
+def test_model_without_batchnorm_is_a_message_not_an_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    data = [(torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))) for _ in range(3)]
+    report = eg.diagnose(model, data, progress=False)
+    assert report.finding("no_batchnorm") is not None and report.finding("other_normalization") is not None
+    assert not report.causes
