@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .errors import EvalgapError
+from .errors import DataError, EvalgapError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -17,6 +17,70 @@ def _demo(args: argparse.Namespace) -> int:
     from .seed.demo import run_keras_demo
 
     return run_keras_demo(epochs=args.epochs, out=args.out)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ._cli_io import keras_batches, load_arrays, load_keras_model, load_torch_model, torch_batches
+
+    if bool(args.model) == bool(args.torch_model):
+        raise DataError("give either MODEL (a .keras file) or --torch-model module:factory [--weights file.pt], not both or neither.")
+    if args.weights and not args.torch_model:
+        raise DataError("--weights goes with --torch-model.")
+    x, y, note = load_arrays(args)
+    if args.torch_model:
+        import evalgap.torch as eg
+
+        model = load_torch_model(args.torch_model, args.weights)
+        report = eg.diagnose(model, torch_batches(x, y, args.batch_size, args.max_samples), progress=not args.quiet)
+    else:
+        import evalgap.keras as eg
+
+        model = load_keras_model(args.model)
+        report = eg.diagnose(model, keras_batches(x, y, args.batch_size, args.max_samples), progress=not args.quiet)
+    report.notes.insert(0, note)
+    Console(width=None if sys.stdout.isatty() else 120).print(report)
+    if args.json:
+        report.to_json(args.json)
+        print(f"JSON report written to {args.json}")
+    if args.html:
+        report.to_html(args.html)
+        print(f"HTML report written to {args.html}")
+    if args.fail_over is not None:
+        points = report.gap_points if report.gap_points is not None else 100 * report.gap
+        if points > args.fail_over:
+            print(f"evalgap: gap of {points:.1f} points exceeds --fail-over {args.fail_over}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    import os
+
+    from ._cli_io import keras_batches, load_arrays, load_keras_model
+
+    import evalgap.keras as eg
+
+    if os.path.abspath(args.output) == os.path.abspath(args.model) and not args.overwrite:
+        raise DataError(f"-o {args.output} is the input model; pass --overwrite to replace it, or choose another file.")
+    if not args.output.endswith(".keras"):
+        raise DataError(f"-o must end in .keras (Keras's format), got {args.output}.")
+    x, y, note = load_arrays(args)
+    model = load_keras_model(args.model)
+    result = eg.recalibrate(model, keras_batches(x, y, args.batch_size, args.max_samples), progress=not args.quiet)
+    print(note)
+    print(result)
+    folder = os.path.dirname(os.path.abspath(args.output))
+    tmp = os.path.join(folder, f".evalgap-{os.getpid()}-{os.path.basename(args.output)}")
+    try:
+        model.save(tmp)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"recalibrated model written to {args.output}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     demo.add_argument("--out", default="evalgap-out", help="folder for the plot (default: ./evalgap-out)")
     demo.set_defaults(func=_demo)
+
+    from ._cli_io import add_data_arguments
+
+    diag = sub.add_parser("diagnose", help="measure a model in every mode on the same data and explain the gap")
+    diag.add_argument("model", nargs="?", help="a saved Keras model (.keras)")
+    diag.add_argument("--torch-model", metavar="MODULE:FACTORY", help="a PyTorch model factory instead of MODEL")
+    diag.add_argument("--weights", metavar="FILE", help="state_dict for --torch-model")
+    add_data_arguments(diag)
+    diag.add_argument("--json", metavar="FILE", help="write the report as JSON (schema evalgap.report/1)")
+    diag.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with figures")
+    diag.add_argument("--fail-over", type=float, metavar="POINTS", help="exit 1 when the accuracy gap exceeds POINTS")
+    diag.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    diag.set_defaults(func=_diagnose)
+
+    rec = sub.add_parser("recalibrate", help="write a copy of a Keras model with exact BatchNorm statistics")
+    rec.add_argument("model", help="a saved Keras model (.keras)")
+    rec.add_argument("-o", "--output", required=True, help="where to write the recalibrated model (.keras)")
+    rec.add_argument("--overwrite", action="store_true", help="allow -o to be the input model")
+    add_data_arguments(rec)
+    rec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rec.set_defaults(func=_recalibrate)
     return parser
 
 

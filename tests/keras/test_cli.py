@@ -1,0 +1,63 @@
+"""`evalgap diagnose` and `evalgap recalibrate` on a saved .keras model."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from evalgap.cli import main
+
+pytest.importorskip("sklearn")
+from evalgap.data import load_digits_rgb  # noqa: E402
+from evalgap.seed.keras_models import small_resnet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    x, y = load_digits_rgb(16)
+    order = np.random.default_rng(0).permutation(len(x))[:960]
+    x, y = x[order], y[order]
+    keras.utils.set_random_seed(0)
+    model = small_resnet((16, 16, 3), 10, width=4, momentum=0.999)
+    model.fit(x.astype("float32"), y, batch_size=120, epochs=2, verbose=0)
+    model.save(d / "model.keras")
+    np.savez(d / "data.npz", x=x, y=y)
+    return d
+
+
+def test_diagnose_writes_reports_and_fails_over_the_threshold(saved, capsys):
+    args = ["diagnose", str(saved / "model.keras"), "--npz", str(saved / "data.npz"), "--batch-size", "120", "-q"]
+    code = main(args + ["--json", str(saved / "r.json"), "--html", str(saved / "r.html"), "--fail-over", "5"])
+    out = capsys.readouterr()
+    report = json.loads((saved / "r.json").read_text())
+    assert report["schema"] == "evalgap.report/1" and report["causes"][0]["term"] == "stale_moving_statistics"
+    assert report["gap_points"] > 5 and code == 1 and "exceeds --fail-over" in out.err
+    assert (saved / "r.html").read_text().startswith("<!doctype html>")
+    assert main(args + ["--fail-over", "100"]) == 0
+
+
+def test_recalibrate_writes_a_fixed_copy_and_keeps_the_input(saved, capsys):
+    before = (saved / "model.keras").read_bytes()
+    out = saved / "fixed.keras"
+    assert main(["recalibrate", str(saved / "model.keras"), "--npz", str(saved / "data.npz"), "--batch-size", "120", "-o", str(out), "-q"]) == 0
+    assert (saved / "model.keras").read_bytes() == before
+    fixed = keras.saving.load_model(out)
+    data = np.load(saved / "data.npz")
+    args = ["diagnose", str(out), "--npz", str(saved / "data.npz"), "--batch-size", "120", "-q", "--json", str(saved / "f.json")]
+    assert main(args + ["--fail-over", "1"]) == 0
+    assert abs(json.loads((saved / "f.json").read_text())["gap_points"]) < 1
+    assert fixed.count_params() > 0 and len(data["x"]) == 960
+
+
+def test_bad_input_exits_2_with_a_message(saved, tmp_path, capsys):
+    not_model = tmp_path / "x.keras"
+    not_model.write_text("hello")
+    assert main(["diagnose", str(not_model), "--npz", str(saved / "data.npz")]) == 2
+    assert "not a Keras model" in capsys.readouterr().err
+    assert main(["diagnose", str(saved / "model.keras"), "--data", str(tmp_path / "missing")]) == 2
+    assert main(["recalibrate", str(saved / "model.keras"), "--npz", str(saved / "data.npz"), "-o", str(saved / "model.keras")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
