@@ -106,3 +106,23 @@ def test_without_validation_every_and_max_samples():
     # and the model now holds the exact statistics for its final weights
     again = eg.recalibrate(model, (x[:240], y[:240]), batch_size=BATCH, progress=False)
     assert again.max_drift < 1e-4
+
+
+def test_gap_monitor_logs_the_terms_and_changes_nothing(capsys):
+    x, y = digits()
+    keras.utils.set_random_seed(1)
+    model = small_resnet((16, 16, 3), 10, momentum=0.999, width=8)
+    monitor = eg.GapMonitor((x, y), batch_size=BATCH, max_samples=256)
+
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, validation_data=(x, y), callbacks=[monitor], verbose=0)
+    h = history.history
+    assert monitor.updates == 28 and monitor.last.samples == 240  # 2 whole batches of 120 in 256
+    stale = monitor.last.finding("stale_moving_statistics")
+    assert stale is not None and stale.numbers["updates"] == 28
+    assert set(h) >= {"gap_bn_stale", "gap_batch_stats", "precise_val_accuracy", "precise_val_loss"}
+    assert h["gap_bn_stale"][-1] > 0.1 and h["precise_val_accuracy"][-1] > h["val_accuracy"][-1]
+    assert "distorted by stale BatchNorm statistics" in capsys.readouterr().out
+    # the monitor never changes the model
+    before = snapshot(model)
+    monitor.on_epoch_end(1, {})
+    assert snapshot(model) == before

@@ -171,3 +171,28 @@ def test_model_without_batchnorm_is_a_message_not_an_error():
     report = eg.diagnose(model, data, progress=False)
     assert report.finding("no_batchnorm") is not None and report.finding("other_normalization") is not None
     assert not report.causes
+
+
+def test_gap_monitor_in_a_hand_written_loop(digits, capsys):
+    x, y = digits
+    torch.manual_seed(0)
+    model = net(momentum=0.001)
+    data = batches(x, y)
+    monitor = eg.GapMonitor(data, max_samples=256)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    history = []
+    for epoch in range(2):
+        model.train()
+        for xb, yb in data:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step()
+        before = state_snapshot(model)
+        history.append(monitor(model, epoch))
+        assert state_snapshot(model) == before
+    assert monitor.updates == 28 and monitor.last.samples == 240
+    assert monitor.last.finding("stale_moving_statistics").numbers["updates"] == 28
+    assert history[-1]["gap_bn_stale"] > 0.1 and "precise_val_accuracy" in history[-1]
+    assert "distorted by stale BatchNorm statistics" in capsys.readouterr().out

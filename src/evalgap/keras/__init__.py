@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._layers import find_batchnorms, is_frozen
 from .callbacks import PreciseBN
 from .diagnose import diagnose
+from .monitor import GapMonitor
 from .precise_bn import recalibrate
 
-__all__ = ["recalibrate", "diagnose", "PreciseBN", "find_batchnorms", "is_frozen"]
+__all__ = ["recalibrate", "diagnose", "PreciseBN", "GapMonitor", "find_batchnorms", "is_frozen"]

@@ -18,6 +18,7 @@ metric, and the steps per epoch for the EMA arithmetic.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import keras
@@ -40,13 +41,23 @@ OTHER_NORMALIZATION = ("LayerNormalization", "GroupNormalization", "UnitNormaliz
 # ---------------------------------------------------------------------------------
 # compiled predictions in a chosen mode with chosen non-trainable values
 # ---------------------------------------------------------------------------------
+_PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
+
+
+def _predictor(model) -> "_Predictor":
+    """One compiled predictor per model, reused across diagnoses (GapMonitor runs every epoch)."""
+    if model not in _PREDICTORS:
+        _PREDICTORS[model] = _Predictor(model)
+    return _PREDICTORS[model]
+
+
 class _Predictor:
     def __init__(self, model):
-        self.model = model
+        self._model = weakref.ref(model)
         backend = keras.backend.backend()
 
         def fn(tv, ntv, x, training):
-            return model.stateless_call(tv, ntv, x, training=training)[0]
+            return self._model().stateless_call(tv, ntv, x, training=training)[0]
 
         if backend == "jax":
             import jax
@@ -60,7 +71,7 @@ class _Predictor:
             self._fn = fn
 
     def __call__(self, x, non_trainable, training: bool) -> np.ndarray:
-        tv = [v.value for v in self.model.trainable_variables]
+        tv = [v.value for v in self._model().trainable_variables]
         if keras.backend.backend() == "torch":
             import torch
 
@@ -166,6 +177,7 @@ def diagnose(
     progress: bool = True,
     steps_per_epoch: int | None = None,
     epochs: int | None = None,
+    bn_updates: int | None = None,
 ) -> Report:
     """Measure the gap between training and evaluation mode on ``data`` and explain it.
 
@@ -181,6 +193,7 @@ def diagnose(
         max_samples: probe at most this many samples (whole batches).
         val_data: separate validation data, for the data term.
         steps_per_epoch, epochs: for the EMA arithmetic when no History is given.
+        bn_updates: the number of BatchNorm updates actually made (GapMonitor counts them).
 
     Returns:
         :class:`evalgap.Report`. The model is left exactly as it was: every variable, its
@@ -220,7 +233,7 @@ def diagnose(
         measured = measure(model, again(), max_batches=max_batches, progress=progress, on_output=keep, description="diagnosing: batch statistics")
         recal = apply(measured, write=False)
 
-    predictor = _Predictor(model)
+    predictor = _predictor(model)
     nt_vars = list(model.non_trainable_variables)
     current = [v.value for v in nt_vars]
     position = {id(v): i for i, v in enumerate(nt_vars)}
@@ -283,6 +296,7 @@ def diagnose(
         convention="keras",
         steps_per_epoch=steps_per_epoch or steps,
         epochs=epochs or hist_epochs,
+        bn_updates=bn_updates,
         training_only_layers=training_only,
         other_normalization=[name for name, layer in walk(model) if type(layer).__name__ in OTHER_NORMALIZATION],
         replicas=_replicas(model),

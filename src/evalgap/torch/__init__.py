@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from .diagnose import diagnose
+from .monitor import GapMonitor
 from .precise_bn import find_batchnorms, is_frozen, recalibrate
 
-__all__ = ["recalibrate", "diagnose", "find_batchnorms", "is_frozen"]
+__all__ = ["recalibrate", "diagnose", "GapMonitor", "find_batchnorms", "is_frozen"]

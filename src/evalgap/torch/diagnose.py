@@ -148,6 +148,7 @@ def diagnose(
     progress: bool = True,
     steps_per_epoch: int | None = None,
     epochs: int | None = None,
+    bn_updates: int | None = None,
 ) -> Report:
     """Measure the gap between training and evaluation mode on ``data`` and explain it.
 
@@ -162,6 +163,7 @@ def diagnose(
         max_samples: probe at most this many samples (whole batches).
         val_data: separate validation batches, for the data term.
         steps_per_epoch, epochs: for the EMA arithmetic of the running statistics.
+        bn_updates: the number of BatchNorm updates actually made (GapMonitor counts them).
 
     Returns:
         :class:`evalgap.Report`; the model is left exactly as it was.
@@ -255,6 +257,7 @@ def diagnose(
         convention="torch",
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
+        bn_updates=bn_updates,
         training_only_layers=training_only,
         other_normalization=[name for name, m in model.named_modules() if isinstance(m, OTHER_NORMALIZATION)],
         replicas=world,
