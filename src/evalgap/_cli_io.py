@@ -31,9 +31,9 @@ def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     """(x uint8/float NHWC, y int, description) from --data / --tfds / --npz."""
     from .data import load_image_folder, load_npz, load_tfds
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    if args.npz:
+    if getattr(args, "npz", None):
         x, y = load_npz(args.npz)
         return x, y, args.npz
     if args.tfds:

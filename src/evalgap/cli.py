@@ -83,6 +83,25 @@ def _recalibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from ._cli_io import load_arrays
+    from .seed.demo import demo_console
+    from .seed.reproduce import VARIANTS, reproduce
+
+    if args.epochs < 1:
+        raise DataError(f"--epochs must be >= 1, got {args.epochs}.")
+    variants = [v.strip() for v in ",".join(args.variants).split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise DataError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}.")
+    args.npz = None
+    args.skip_bad = getattr(args, "skip_bad", False)
+    x, y, note = load_arrays(args)
+    classes = int(y.max()) + 1
+    reproduce(x, y, classes, variants=variants, epochs=args.epochs, batch_size=args.batch_size, out=args.out, source=note, console=demo_console())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evalgap",
@@ -116,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(rec)
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     rec.set_defaults(func=_recalibrate)
+
+    rep = sub.add_parser("reproduce", help="the seed's training job (ResNet50 on UC Merced) with its remedies and the fix")
+    src = rep.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="DIR", help="UC Merced folder (UCMerced_LandUse/Images) or the official zip")
+    src.add_argument("--tfds", metavar="NAME", help="tfds name, e.g. uc_merced")
+    rep.add_argument("--tfds-data-dir", metavar="DIR")
+    rep.add_argument("--tfds-manual-dir", metavar="DIR", help="folder holding UCMerced_LandUse.zip")
+    rep.add_argument("--download", action="store_true", help="let tfds download even if the network check fails")
+    rep.add_argument("--epochs", type=int, default=50)
+    rep.add_argument("--image-size", type=int, default=256)
+    rep.add_argument("--batch-size", type=int, default=None, help="override the batch of the batch-96 variants")
+    rep.add_argument("--limit-per-class", type=int, default=None, help="use N images per class (CPU-sized runs)")
+    rep.add_argument("--variants", nargs="+", default=["seed,batch4-div255,momentum0.9,precise-bn,normalized-precise-bn"],
+                     help="comma- or space-separated: seed, batch4-div255, momentum0.9, precise-bn, normalized-precise-bn")
+    rep.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
+    rep.add_argument("--out", default="evalgap-out/reproduce", help="output folder (JSON, CSV, PNG)")
+    rep.set_defaults(func=_reproduce)
     return parser
 
 

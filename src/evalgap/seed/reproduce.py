@@ -1,0 +1,249 @@
+"""``evalgap reproduce``: the seed's training job for real, with the answer's remedies and evalgap's fix.
+
+The job (``../shared/seed/question.md``): UC Merced (a folder, its zip, or ``tfds`` by name),
+``resize_with_pad`` to S x S, ``keras.applications.ResNet50(weights=None, classes=N)``,
+Adam, sparse categorical cross-entropy, accuracy, validation data = training data, under
+``tf.distribute.MirroredStrategy`` on the TensorFlow backend when there is more than one
+device. Variants:
+
+=========================  =======  ========  =============================================
+variant                    batch    momentum  inputs / callbacks
+=========================  =======  ========  =============================================
+``seed``                   96       0.99      raw 0..255 pixels
+``batch4-div255``          4        0.99      pixels / 255 (the answer's remedy 1)
+``momentum0.9``            96       0.9       raw pixels (the answer's remedy 2)
+``precise-bn``             96       0.99      raw pixels, ``PreciseBN`` in the callbacks
+``normalized-precise-bn``  96       0.99      per-channel standardized, ``PreciseBN``
+=========================  =======  ========  =============================================
+
+Every epoch logs Keras's loss/accuracy/val_loss/val_accuracy, and ``precise_val_*``: the
+validation metrics with exact population statistics measured on the side (statistics saved,
+recalibrated, evaluated, restored), so the trajectory is the one the variant trains.
+Normalization (``/255`` or standardization) is a first layer of the model, so the cached
+uint8 images feed every variant.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import DataError
+
+SEED_EPOCHS = (1, 2, 3, 4, 5, 6, 7)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    batch_size: int
+    momentum: float
+    inputs: str  # "raw", "div255", "standardize"
+    precise_bn: bool
+    description: str
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("seed", 96, 0.99, "raw", False, "the question's code: batch 96, momentum 0.99, raw pixels"),
+        Variant("batch4-div255", 4, 0.99, "div255", False, "answer, remedy 1: batch 4 and img / 255"),
+        Variant("momentum0.9", 96, 0.9, "raw", False, "answer, remedy 2: BatchNormalization(momentum=0.9)"),
+        Variant("precise-bn", 96, 0.99, "raw", True, "the seed + evalgap.keras.PreciseBN"),
+        Variant("normalized-precise-bn", 96, 0.99, "standardize", True, "standardized inputs + PreciseBN"),
+    )
+}
+
+
+def build_model(classes: int, image_size: int, momentum: float | None, inputs: str, mean=None, std=None, batch_size: int | None = None):
+    """ResNet50 from scratch as the seed built it, with an optional input layer and BN momentum."""
+    import keras
+
+    net = keras.applications.ResNet50(weights=None, classes=classes, input_shape=(image_size, image_size, 3))
+    if momentum is not None:
+        for layer in net._flatten_layers():
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = float(momentum)
+    if inputs == "raw":
+        model = net
+    else:
+        inp = keras.Input((image_size, image_size, 3))
+        if inputs == "div255":
+            h = keras.layers.Rescaling(1 / 255.0, name="div255")(inp)
+        else:
+            h = keras.layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="standardize")(inp)
+        model = keras.Model(inp, net(h), name=f"resnet50_{inputs}")
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _strategy():
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(devices) > 1 else None
+
+
+def run_variant(variant: Variant, images: np.ndarray, labels: np.ndarray, classes: int, epochs: int, *, batch_size: int | None = None, on_epoch=None, seed: int = 0) -> list[dict[str, float]]:
+    """Train one variant with validation data = training data; return its per-epoch logs."""
+    import contextlib
+
+    import keras
+
+    from ..keras import PreciseBN
+    from .keras_callbacks import PreciseValidation
+
+    keras.utils.set_random_seed(seed)
+    bs = batch_size if batch_size and variant.batch_size == 96 else variant.batch_size
+    bs = min(bs, len(images))  # CPU-sized runs with fewer images than one batch
+    mean = images.reshape(-1, 3).mean(0).tolist() if variant.inputs == "standardize" else None
+    std = images.reshape(-1, 3).std(0).tolist() if variant.inputs == "standardize" else None
+    strategy = _strategy()
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = build_model(classes, images.shape[1], variant.momentum, variant.inputs, mean, std)
+    logs: list[dict[str, float]] = []
+
+    class Collect(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, epoch_logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, epoch_logs=None):
+            row = {"epoch": epoch + 1, "seconds": time.perf_counter() - self.t, **{k: float(v) for k, v in (epoch_logs or {}).items()}}
+            logs.append(row)
+            if on_epoch is not None:
+                on_epoch(variant, row)
+
+    callbacks: list[Any] = []
+    if variant.precise_bn:
+        callbacks.append(PreciseBN((images, labels), batch_size=bs, verbose=0))
+    callbacks += [PreciseValidation((images, labels), (images, labels), batch_size=bs), Collect()]
+    model.fit(images, labels, batch_size=bs, epochs=epochs, validation_data=(images, labels), callbacks=callbacks, verbose=0, shuffle=True)
+    return logs
+
+
+def _atomic(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".evalgap-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def summary_table(results: dict[str, list[dict[str, float]]], epochs: tuple[int, ...]) -> Table:
+    table = Table(title="accuracy / val_accuracy / precise_val_accuracy at the seed's epochs")
+    table.add_column("variant")
+    for e in epochs:
+        table.add_column(f"epoch {e}", justify="right")
+    for name, logs in results.items():
+        cells = []
+        for e in epochs:
+            row = next((r for r in logs if r["epoch"] == e), None)
+            cells.append("-" if row is None else f"{row['accuracy']:.3f} / {row['val_accuracy']:.3f} / {row['precise_val_accuracy']:.3f}")
+        table.add_row(name, *cells)
+    return table
+
+
+def reproduce(
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: int,
+    *,
+    variants: list[str],
+    epochs: int = 50,
+    batch_size: int | None = None,
+    out: str = "evalgap-out/reproduce",
+    source: str = "",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary."""
+    import keras
+
+    from ..plots import _pyplot, save_figure
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise DataError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
+    if len(images) == 0:
+        raise DataError("no images to train on.")
+    console = console or Console()
+    results: dict[str, list[dict[str, float]]] = {}
+    console.print(
+        f"The seed's job on {source or 'the given data'} ({images.shape[1]}x{images.shape[2]}): ResNet50(weights=None), Adam, validation data = training data, Keras {keras.__version__} "
+        f"({keras.backend.backend()}), {epochs} epochs per variant."
+    )
+    with console.status("training") as status:
+        for name in variants:
+            v = VARIANTS[name]
+
+            def on_epoch(variant, row):
+                status.update(f"{variant.name}: epoch {row['epoch']}/{epochs}")
+                console.print(
+                    f"[{variant.name}] Epoch {row['epoch']}/{epochs} - {row['seconds']:.0f}s - loss: {row['loss']:.4f} - "
+                    f"accuracy: {row['accuracy']:.4f} - val_loss: {row['val_loss']:.4f} - val_accuracy: {row['val_accuracy']:.4f}"
+                    f" - precise_val_loss: {row['precise_val_loss']:.4f} - precise_val_accuracy: {row['precise_val_accuracy']:.4f}",
+                    markup=False,
+                    highlight=False,
+                )
+
+            console.print(f"[bold]{name}[/bold]: {v.description}")
+            results[name] = run_variant(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch)
+    data = {
+        "source": source,
+        "backend": keras.backend.backend(),
+        "images": int(len(images)),
+        "image_size": int(images.shape[1]),
+        "classes": int(classes),
+        "epochs": epochs,
+        "variants": {n: {"description": VARIANTS[n].description, "batch_size": batch_size if batch_size and VARIANTS[n].batch_size == 96 else VARIANTS[n].batch_size, "momentum": VARIANTS[n].momentum, "inputs": VARIANTS[n].inputs, "precise_bn": VARIANTS[n].precise_bn, "epochs": logs} for n, logs in results.items()},
+    }
+    json_path, csv_path, png_path = (os.path.join(out, f) for f in ("reproduce.json", "reproduce.csv", "reproduce.png"))
+    _atomic(json_path, lambda p: open(p, "w").write(json.dumps(data, indent=2)))
+
+    def write_csv(p):
+        keys = ["variant", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "precise_val_loss", "precise_val_accuracy", "seconds"]
+        with open(p, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            for n, logs in results.items():
+                for row in logs:
+                    w.writerow({"variant": n, **row})
+
+    _atomic(csv_path, write_csv)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.4), sharey=True, squeeze=False)
+    for ax, (n, logs) in zip(axes[0], results.items()):
+        ep = [r["epoch"] for r in logs]
+        ax.plot(ep, [r["accuracy"] for r in logs], "-o", ms=3, label="accuracy")
+        ax.plot(ep, [r["val_accuracy"] for r in logs], "-s", ms=3, label="val_accuracy")
+        ax.plot(ep, [r["precise_val_accuracy"] for r in logs], "--^", ms=3, label="precise val")
+        ax.set_title(n, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (same data)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, png_path)
+    seed_epochs = tuple(e for e in SEED_EPOCHS if e <= epochs) or (epochs,)
+    if epochs > 7:
+        seed_epochs = seed_epochs + tuple(e for e in (10, 20, 50) if e <= epochs and e not in seed_epochs)
+    console.print(summary_table(results, seed_epochs))
+    console.print(f"Written: {json_path}, {csv_path}, {png_path}")
+    return data
