@@ -28,6 +28,7 @@ from ..diagnosis import Context, InputScale, build_report
 from ..errors import DataError, ModelError
 from ..report import Report
 from ._batches import Forward, batch_size_of, call_model, model_device, model_input, to_device
+from .distributed import active_group, all_reduce_sums
 from .precise_bn import find_batchnorms, recalibrate
 
 TARGET_KEYS = ("label", "labels", "y", "target", "targets")
@@ -84,8 +85,8 @@ def _default_metrics(output: torch.Tensor, target: torch.Tensor) -> tuple[Metric
 class _Evaluator:
     """Runs the model on the probe batches and averages loss and metrics per sample."""
 
-    def __init__(self, loss_fn: Metric, metrics: dict[str, Metric], forward: Forward | None, device: torch.device):
-        self.loss_fn, self.metrics, self.forward, self.device = loss_fn, metrics, forward, device
+    def __init__(self, loss_fn: Metric, metrics: dict[str, Metric], forward: Forward | None, device: torch.device, group=None):
+        self.loss_fn, self.metrics, self.forward, self.device, self.group = loss_fn, metrics, forward, device, group
 
     def score(self, outputs: list[torch.Tensor], targets: list[Any]) -> dict[str, float]:
         sums: dict[str, float] = {}
@@ -96,6 +97,10 @@ class _Evaluator:
             for name, fn in (("loss", self.loss_fn), *self.metrics.items()):
                 sums[name] = sums.get(name, 0.0) + float(fn(out, t)) * k
             n += k
+        if self.group is not None:  # per-sample sums and counts over every rank
+            sums["__n__"] = float(n)
+            sums = all_reduce_sums(sums, self.group[0])
+            n = sums.pop("__n__")
         return {name: value / n for name, value in sums.items()}
 
     @torch.no_grad()
@@ -130,11 +135,6 @@ def _probe(data: Iterable[Any], max_samples: int | None) -> tuple[list[Any], int
     return probe, size, skipped
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def diagnose(
     model: nn.Module,
     data: Iterable[Any],
@@ -149,6 +149,7 @@ def diagnose(
     steps_per_epoch: int | None = None,
     epochs: int | None = None,
     bn_updates: int | None = None,
+    process_group=None,
 ) -> Report:
     """Measure the gap between training and evaluation mode on ``data`` and explain it.
 
@@ -164,6 +165,9 @@ def diagnose(
         val_data: separate validation batches, for the data term.
         steps_per_epoch, epochs: for the EMA arithmetic of the running statistics.
         bn_updates: the number of BatchNorm updates actually made (GapMonitor counts them).
+        process_group: under ``torch.distributed``, every rank passes its own data; the
+            population statistics and every metric are reduced over the ranks exactly, so
+            every rank gets the same report (collective: every rank must call it).
 
     Returns:
         :class:`evalgap.Report`; the model is left exactly as it was.
@@ -175,7 +179,10 @@ def diagnose(
     probe, size, skipped = _probe(data, max_samples)
     device = model_device(model)
     targets = [_target(b) for b in probe]
-    ev = _Evaluator(loss_fn, metrics or {}, forward, device)  # type: ignore[arg-type]
+    group = active_group(process_group)
+    if group is not None and group[2] != 0:
+        progress = False
+    ev = _Evaluator(loss_fn, metrics or {}, forward, device, group)  # type: ignore[arg-type]
 
     e_out = _eval_mode_outputs(ev, model, probe)
     if loss_fn is None or metrics is None:
@@ -194,7 +201,7 @@ def diagnose(
             td_out.append(_logits(out).float())
             return out
 
-        recal = recalibrate(side, probe, forward=recording, progress=progress)
+        recal = recalibrate(side, probe, forward=recording, progress=progress, process_group=process_group)
         for layer in recal.layers:
             if layer.status == "recalibrated":
                 layer.status = "measured"
@@ -221,7 +228,7 @@ def diagnose(
     frozen_effect: dict[str, float] = {}
     if recal is not None and recal.frozen:
         side2 = copy.deepcopy(model)
-        recalibrate(side2, probe, forward=forward, include_frozen=True, progress=False)
+        recalibrate(side2, probe, forward=forward, include_frozen=True, progress=False, process_group=process_group)
         pf = ev.score(_eval_mode_outputs(ev, side2, probe), targets)
         frozen_effect = {k: pf[k] - by_mode["P"][k] for k in pf}
         del side2
@@ -245,11 +252,11 @@ def diagnose(
     if isinstance(x, torch.Tensor) and torch.is_floating_point(x) or (isinstance(x, torch.Tensor) and x.dtype == torch.uint8):
         xs = torch.cat([model_input(b).detach().cpu() for b in probe[: max(1, math.ceil(2048 / max(size or 1, 1)))]])
         scale = InputScale.measure(xs.numpy(), 1 if xs.dim() >= 3 else -1)
-    world = _world_size()
+    world = 1 if group is None else group[1]
     ctx = Context(
         framework="torch",
         api="evalgap.torch",
-        samples=sum(batch_size_of(b) or 0 for b in probe),
+        samples=sum(batch_size_of(b) or 0 for b in probe) if recal is None else recal.samples,
         batch_size=(size or 0) * world if world > 1 else size,
         data_expr="train_loader",
         input_scale=scale,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -33,10 +34,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from .._progress import progress_bar
-from ..errors import DataError, DistributedError, EvalgapError, ModelError, RecalibrationError
+from ..errors import DataError, EvalgapError, ModelError, RecalibrationError
 from ..recalibration import LayerRecalibration, Recalibration
 from ..stats import ChannelMoments
 from ._batches import Forward, batch_size_of, call_model, model_device, to_device
+from .distributed import active_group, all_reduce_moments, all_reduce_sums
+
+dist = torch.distributed
 
 logger = logging.getLogger("evalgap.torch")
 
@@ -118,17 +122,6 @@ def _restore_buffers(bn: _BatchNorm, saved: _Saved) -> None:
                 buf.copy_(value)
 
 
-def _check_single_process() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise DistributedError(
-            f"torch.distributed is initialized with {dist.get_world_size()} processes; combining BatchNorm "
-            "statistics across processes is not supported yet, and recalibrating each rank on its own data "
-            "would give every rank different statistics. Recalibrate on one process (rank 0) and broadcast "
-            "the model's buffers, or call recalibrate before init_process_group."
-        )
-
-
 def recalibrate(
     model: nn.Module,
     data: Iterable[Any],
@@ -138,6 +131,7 @@ def recalibrate(
     include_frozen: bool = False,
     progress: bool = True,
     drop_ragged: bool = True,
+    process_group=None,
 ) -> Recalibration:
     """Set every BatchNorm layer's running statistics to the exact population statistics.
 
@@ -155,6 +149,12 @@ def recalibrate(
         progress: show a progress bar.
         drop_ragged: leave out batches smaller than the first (a ragged last batch has
             other statistics); they are counted in ``skipped_samples``.
+        process_group: under ``torch.distributed`` (default: the initialized default group)
+            every rank passes its own data and every rank ends with the statistics of the
+            union of all ranks' data, combined exactly (:mod:`evalgap.torch.distributed`).
+            Ranks may have different numbers of batches. A DDP wrapper is unwrapped; during
+            the pass SyncBatchNorm layers normalize by local batch statistics (no collective
+            per batch), and only rank 0 shows progress. Collective: every rank must call it.
 
     Returns:
         :class:`evalgap.Recalibration`, per layer: statistics before and after, drift.
@@ -163,11 +163,15 @@ def recalibrate(
     population variance). Nothing else; on failure or ``KeyboardInterrupt`` nothing at
     all (the error names the batch that failed).
     """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module  # no per-batch collectives, uneven batches per rank allowed
     if not isinstance(model, nn.Module):
         raise ModelError(f"recalibrate needs a torch.nn.Module, got {type(model).__name__}.")
     if max_batches is not None and max_batches < 1:
         raise DataError(f"max_batches must be >= 1 (or None for all batches), got {max_batches}.")
-    _check_single_process()
+    group = active_group(process_group)
+    if group is not None and group[2] != 0:
+        progress = False
     found = find_batchnorms(model)
     if not found:
         raise ModelError(
@@ -246,6 +250,10 @@ def recalibrate(
             for t in tracked:
                 if t.frozen:
                     handles.append(t.bn.register_forward_pre_hook(frozen_hook(t)))
+            if group is not None:  # local batch statistics: no collective per batch
+                for t in targets:
+                    if isinstance(t.bn, nn.SyncBatchNorm):
+                        t.bn.forward = types.MethodType(_BatchNorm.forward, t.bn)
 
             total = None
             if hasattr(data, "__len__"):
@@ -276,6 +284,8 @@ def recalibrate(
                     advance(1)
             for t in tracked:
                 t.flush()
+            if group is not None:
+                _combine_ranks(tracked, result, group[0])
             if result.batches == 0:
                 raise DataError(
                     "the data yielded no batch"
@@ -303,6 +313,8 @@ def recalibrate(
     finally:
         for h in handles:
             h.remove()
+        for _, bn in found:
+            bn.__dict__.pop("forward", None)
     for _, bn in found:
         bn.momentum = saved[bn].momentum
     for m, mode in modes.items():
@@ -351,6 +363,23 @@ def recalibrate(
         )
     logger.info(result.summary())
     return result
+
+
+def _combine_ranks(tracked: list[_Tracked], result: Recalibration, group) -> None:
+    """Replace each layer's local moments and counts with those of all ranks together."""
+    merged = all_reduce_moments([t.moments for t in tracked], [t.bn.num_features for t in tracked], group)
+    counts = {"batches": result.batches, "samples": result.samples, "skipped_batches": result.skipped_batches, "skipped_samples": result.skipped_samples}
+    for i, t in enumerate(tracked):
+        t.moments = merged[i]
+        counts.update({f"{i}.samples": t.samples, f"{i}.calls": t.calls, f"{i}.seen": 0 if t.first_call is None else 1})
+    total = all_reduce_sums(counts, group)
+    for key in ("batches", "samples", "skipped_batches", "skipped_samples"):
+        setattr(result, key, int(round(total[key])))
+    for i, t in enumerate(tracked):
+        t.samples, t.calls = int(round(total[f"{i}.samples"])), int(round(total[f"{i}.calls"]))
+        if t.first_call is None and total[f"{i}.seen"] > 0:
+            t.first_call = 10**9 + i  # reached on another rank only: keep it, after the local order
+    result.notes.append(f"statistics combined exactly over {dist.get_world_size(group)} processes.")
 
 
 def _explain_failure(exc: Exception, batch_index: int, tracked: list[_Tracked]) -> str:

@@ -1,0 +1,95 @@
+"""Exact statistics across 2 gloo processes on CPU, against one process over the union."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+import evalgap.torch as eg  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def make_model(sync: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.SyncBatchNorm(4) if sync else nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3),
+    )
+
+
+def rank_batches(rank: int) -> list[torch.Tensor]:
+    """Different classes on each rank (far apart means), and uneven numbers of batches."""
+    g = torch.Generator().manual_seed(100 + rank)
+    offset = 200.0 if rank == 0 else -50.0
+    return [torch.randn(8, 3, 6, 6, generator=g) * 20 + offset for _ in range(3 if rank == 0 else 5)]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(model)  # DDP-wrapped (CPU DDP refuses SyncBatchNorm)
+        result = eg.recalibrate(ddp, rank_batches(rank), progress=False)
+        state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        synced = make_model(sync=True)
+        eg.recalibrate(synced, rank_batches(rank), progress=False)
+        sync_state = {k: v.clone() for k, v in synced.state_dict().items() if "running" in k}
+        # the variance-averaging approach (timm's distribute_bn, mmpretrain): each rank's own
+        # exact statistics, then the mean of the running buffers over the ranks
+        local = make_model()
+        eg.recalibrate(local, rank_batches(rank), progress=False, process_group=dist.new_group([rank]))
+        averaged = {}
+        for k, v in local.state_dict().items():
+            if "running" in k:
+                t = v.clone().double()
+                dist.all_reduce(t)
+                averaged[k] = t / world
+        labelled = [(x, torch.full((len(x),), rank if i % 2 else 2, dtype=torch.long)) for i, x in enumerate(rank_batches(rank))]
+        report = eg.diagnose(make_model(), labelled, progress=False)
+        torch.save({"report": report.to_dict(), "state": state, "sync_state": sync_state, "averaged": averaged, "samples": result.samples, "batches": result.batches}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_equal_one_process_over_the_union(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    single = make_model()
+    eg.recalibrate(single, rank_batches(0) + rank_batches(1), progress=False)
+    ref = {k: v for k, v in single.state_dict().items() if "running" in k}
+    assert r0["samples"] == r1["samples"] == 64 and r0["batches"] == 8
+    for key, value in ref.items():
+        for which in ("state", "sync_state"):  # DDP-wrapped BatchNorm model, and a SyncBatchNorm model
+            assert torch.equal(r0[which][key], r1[which][key]), key  # identical on every rank
+            got = r0[which][key].double().numpy()
+            np.testing.assert_allclose(got, value.double().numpy(), rtol=1e-6, atol=1e-6 * float(value.abs().max()), err_msg=key)
+    # diagnose reduces its metrics over the ranks: the same report everywhere, equal to one process
+    assert r0["report"]["metrics"] == r1["report"]["metrics"]
+    labelled = [(x, torch.full((len(x),), r if i % 2 else 2, dtype=torch.long)) for r in (0, 1) for i, x in enumerate(rank_batches(r))]
+    one = eg.diagnose(make_model(), labelled, progress=False).to_dict()
+    for metric, d in one["metrics"].items():
+        for mode, value in d["values"].items():
+            assert r0["report"]["metrics"][metric]["values"][mode] == pytest.approx(value, rel=1e-5), (metric, mode)
+    # averaging the ranks' buffers (unweighted, without the spread between the ranks' means)
+    # is far off when the ranks see different classes; the exact combination is not
+    for var_key in ("1.running_var",):  # the first layer, where the ranks' means differ most
+        error = np.abs(r0["averaged"][var_key].numpy() / ref[var_key].double().numpy() - 1)
+        assert error.max() > 0.15, (var_key, error)
