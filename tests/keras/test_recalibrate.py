@@ -227,3 +227,18 @@ def test_synchronized_batchnorm():
     r = eg.recalibrate(model, x, batch_size=16, progress=False)
     assert_close_to_reference(bn, ref[id(bn)])
     assert "synchronized" in r.layers[0].kind
+
+
+def test_non_finite_inputs_and_batches_of_one():
+    x, _ = far_data(64)
+    model = functional_model()
+    model(x[:2])
+    before = snapshot(model)
+    bad = x.copy()
+    bad[20, 0, 0, 0] = np.inf
+    with pytest.raises(DataError, match="batch_normalization received NaN or Inf.*the inputs"):
+        eg.recalibrate(model, bad, batch_size=16, progress=False)
+    dense_only = keras.Sequential([keras.Input((4,)), layers.Dense(3), layers.BatchNormalization()])
+    with pytest.raises(DataError, match="batch of 1"):
+        eg.recalibrate(dense_only, np.ones((4, 4), "float32"), batch_size=1, progress=False)
+    assert snapshot(model) == before

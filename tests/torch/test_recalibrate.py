@@ -256,3 +256,14 @@ def test_clear_errors():
     with pytest.raises(RecalibrationError, match="batch size"):
         eg.recalibrate(net, [torch.randn(1, 2)], progress=False)
     assert state_snapshot(net) == before
+
+
+def test_non_finite_inputs_name_the_first_layer_and_restore():
+    net = mixed_model()
+    data = far_batches(n=3)
+    data[1] = data[1].clone()
+    data[1][0, 0, 0, 0] = float("nan")
+    before = state_snapshot(net)
+    with pytest.raises(DataError, match="stem.1 received NaN or Inf.*the inputs"):
+        eg.recalibrate(net, data, progress=False)
+    assert state_snapshot(net) == before

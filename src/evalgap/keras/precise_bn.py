@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from .._checks import check_count, check_finite
 from .._progress import progress_bar
 from ..errors import DataError, EvalgapError, ModelError, RecalibrationError
 from ..recalibration import LayerRecalibration, Recalibration
@@ -42,7 +43,8 @@ FLUSH_EVERY = 32
 class _Accumulator:
     """Per-layer float64 moments, fed from backend tensors in bulk."""
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, names: list[str] | None = None):
+        self.names = names or [f"layer {i}" for i in range(n_layers)]
         self.moments: list[ChannelMoments | None] = [None] * n_layers
         self.calls = [0] * n_layers
         self.samples = [0] * n_layers
@@ -63,8 +65,10 @@ class _Accumulator:
 
     def flush(self) -> None:
         for index, count, mean, var in self.pending:
+            count = int(ops.convert_to_numpy(count))
+            check_count(count, self.names[index])
             part = ChannelMoments.from_moments(
-                int(ops.convert_to_numpy(count)),
+                count,
                 ops.convert_to_numpy(mean).astype(np.float64),
                 ops.convert_to_numpy(var).astype(np.float64),
             )
@@ -137,7 +141,7 @@ def measure(
     if size is None or how != "given":
         result.notes.append(f"batch size {result.batch_size} ({how}).")
 
-    acc = _Accumulator(len(layers))
+    acc = _Accumulator(len(layers), [name for name, _ in layers])
     batch_index = -1
     try:
         with moments_pass(model, [bn for _, bn in targets], [bn for _, bn in frozen]) as stats_pass:
@@ -167,6 +171,8 @@ def measure(
                         acc.flush()
                     advance(1)
                 acc.flush()
+        order = sorted(range(len(layers)), key=lambda i: acc.first_seen.get(i, len(layers) + i))
+        check_finite([(layers[i][0], acc.moments[i]) for i in order])
     except BaseException as exc:  # nothing was written: the pass is stateless
         if isinstance(exc, EvalgapError) or not isinstance(exc, Exception):
             raise

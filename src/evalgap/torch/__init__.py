@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from .diagnose import diagnose
+from .hooks import PreciseBN
 from .monitor import GapMonitor
 from .precise_bn import find_batchnorms, is_frozen, recalibrate
 
-__all__ = ["recalibrate", "diagnose", "GapMonitor", "find_batchnorms", "is_frozen"]
+__all__ = ["recalibrate", "diagnose", "PreciseBN", "GapMonitor", "find_batchnorms", "is_frozen"]

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
+from .._checks import check_count, check_finite
 from .._progress import progress_bar
 from ..errors import DataError, EvalgapError, ModelError, RecalibrationError
 from ..recalibration import LayerRecalibration, Recalibration
@@ -91,6 +92,7 @@ class _Tracked:
             return
         rows = torch.stack(self.pending).to("cpu", torch.float64).numpy()
         for count, (mean, var) in zip(self.pending_counts, rows):
+            check_count(count, self.name)
             part = ChannelMoments.from_moments(count, mean, var)
             self.moments = part if self.moments is None else self.moments.merge(part)
         self.pending.clear()
@@ -286,6 +288,7 @@ def recalibrate(
                 t.flush()
             if group is not None:
                 _combine_ranks(tracked, result, group[0])
+            check_finite([(t.name, t.moments) for t in sorted(tracked, key=lambda t: (t.first_call is None, t.first_call or 0))])
             if result.batches == 0:
                 raise DataError(
                     "the data yielded no batch"

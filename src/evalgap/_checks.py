@@ -1,0 +1,32 @@
+"""Checks shared by the adapters: clear errors for statistics that cannot be right."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .errors import DataError
+from .stats import ChannelMoments
+
+
+def check_count(count: int, layer: str) -> None:
+    """One value per channel: the batch variance is 0 and the statistics are meaningless."""
+    if count == 1:
+        raise DataError(
+            f"{layer} saw a batch with one value per channel (a batch of 1, or 1 per replica): its batch variance is 0, "
+            "so training-mode statistics are meaningless. Use the training batch size (> 1)."
+        )
+
+
+def check_finite(layers: Sequence[tuple[str, ChannelMoments | None]]) -> None:
+    """Raise naming the first layer (forward order) whose statistics hold NaN or Inf."""
+    for i, (name, m) in enumerate(layers):
+        if m is None:
+            continue
+        if not (np.all(np.isfinite(m.mean)) and np.all(np.isfinite(m.m2))):
+            where = "the inputs" if i == 0 else f"the layers before {name}"
+            raise DataError(
+                f"{name} received NaN or Inf values (non-finite statistics): the first such layer in forward order, so "
+                f"{where} produce them. Check the data (np.isfinite(x).all()) and the model's weights."
+            )

@@ -1,0 +1,75 @@
+"""evalgap.torch.PreciseBN in a hand-written loop: called, or attached to model.eval()."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import evalgap.torch as eg  # noqa: E402
+
+from ._reference import reference_population_stats  # noqa: E402
+
+
+def setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=0.001), nn.ReLU(), nn.Linear(6, 2))
+    data = [torch.randn(16, 4) * 5 + 20 for _ in range(4)]
+    return model, data
+
+
+def train_epoch(model, data):
+    opt = torch.optim.SGD(model.parameters(), 1e-3)
+    model.train()
+    for x in data:
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_called_every_second_epoch():
+    model, data = setup()
+    hook = eg.PreciseBN(data, every=2, verbose=0)
+    results = []
+    for epoch in range(4):
+        train_epoch(model, data)
+        results.append(hook(model, epoch))
+    assert [r is not None for r in results] == [False, True, False, True]
+    ref = reference_population_stats(model, data)["1"]
+    np.testing.assert_allclose(model[1].running_var.double().numpy(), ref[1], rtol=1e-5)
+
+
+def test_attached_fires_on_eval_after_training():
+    model, data = setup()
+    hook = eg.PreciseBN(data, verbose=0).attach(model)
+    train_epoch(model, data)
+    assert hook.last is None
+    model.eval()  # training -> evaluation: recalibrates
+    first = hook.last
+    assert first is not None and first.batches == 4
+    model.eval()  # already in eval mode: nothing
+    assert hook.last is first
+    ref = reference_population_stats(copy.deepcopy(model), data)["1"]
+    np.testing.assert_allclose(model[1].running_mean.double().numpy(), ref[0], rtol=1e-5, atol=1e-6)
+    hook.detach()
+    model.train()
+    model.eval()
+    assert hook.last is first and "train" not in model.__dict__
+
+
+def test_attached_hook_leaves_frozen_layers_alone():
+    model, data = setup()
+    model = nn.Sequential(*model, nn.BatchNorm1d(2))
+    hook = eg.PreciseBN(data, verbose=0).attach(model)
+    train_epoch(model, data)
+    model.train()
+    model[4].eval()  # frozen
+    before = model[4].running_var.clone()
+    model.eval()
+    assert [layer.status for layer in hook.last.layers] == ["recalibrated", "frozen"]
+    assert torch.equal(model[4].running_var, before)
