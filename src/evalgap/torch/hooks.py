@@ -46,6 +46,7 @@ class PreciseBN:
         self._calls = 0
         self._model: nn.Module | None = None
         self._orig_train = None
+        self._busy = False
 
     def __call__(self, model: nn.Module, epoch: int | None = None) -> Recalibration | None:
         self._calls += 1
@@ -68,8 +69,12 @@ class PreciseBN:
         hook = self
 
         def train(mode: bool = True):
-            if model.training and not mode:
-                hook(model)  # still in training mode: frozen (eval-mode) BN layers are recognized
+            if model.training and not mode and not hook._busy:
+                hook._busy = True  # recalibrate itself switches modes
+                try:
+                    hook(model)  # still in training mode: frozen (eval-mode) BN layers are recognized
+                finally:
+                    hook._busy = False
             return orig(mode)
 
         self._model, self._orig_train = model, orig
