@@ -19,7 +19,6 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _torch_resnet import resnet50  # noqa: E402

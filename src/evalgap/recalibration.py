@@ -92,6 +92,15 @@ def _list(a: np.ndarray | None) -> list[float] | None:
     return None if a is None else np.asarray(a, dtype=np.float64).tolist()
 
 
+def render_plain(renderable: Any, width: int = 120) -> str:
+    """A rich renderable as plain text (no colours), for ``__str__``."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None, force_terminal=False).print(renderable)
+    return buf.getvalue().rstrip()
+
+
 @dataclass
 class Recalibration:
     """What :func:`evalgap.torch.recalibrate` / :func:`evalgap.keras.recalibrate` did.
@@ -160,6 +169,23 @@ class Recalibration:
                 return layer
         return None
 
+    def add_layer_notes(self, frozen_means: str) -> None:
+        """Notes on unreached, shared and frozen layers (``frozen_means``: what frozen is in this framework)."""
+        for layer in self.unreached:
+            self.notes.append(f"{layer.name}: no data reached this layer; its statistics were left as they were.")
+        for layer in self.shared:
+            self.notes.append(
+                f"{layer.name}: called {layer.calls_per_batch} times per forward pass (a shared layer); its statistics "
+                "pool the inputs of every call, which is what it normalizes with in training only if every call sees "
+                "the same distribution."
+            )
+        names = [layer.name for layer in self.frozen]
+        if names:
+            self.notes.append(
+                f"{len(names)} frozen layer(s) ({frozen_means}) left alone: {', '.join(names[:5])}"
+                f"{' ...' if len(names) > 5 else ''}; pass include_frozen=True to recalibrate them too."
+            )
+
     # ---- output ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -214,11 +240,7 @@ class Recalibration:
         return Group(*parts)
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        buf = io.StringIO()
-        Console(file=buf, width=120, color_system=None, force_terminal=False).print(self)
-        return buf.getvalue().rstrip()
+        return render_plain(self)
 
     def __repr__(self) -> str:
         return (

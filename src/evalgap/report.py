@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .attribution import MODE_NAMES, TERMS, Decomposition, Finding, is_fraction
-from .recalibration import Recalibration
+from .recalibration import Recalibration, render_plain
 
 SCHEMA = "evalgap.report/1"
 
@@ -172,11 +172,7 @@ class Report:
         return Group(*parts)
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        buf = io.StringIO()
-        Console(file=buf, width=120, color_system=None, force_terminal=False).print(self)
-        return buf.getvalue().rstrip()
+        return render_plain(self)
 
     def __repr__(self) -> str:
         return f"Report(primary={self.primary!r}, gap={self.gap:.4g}, causes={[k for k, _ in self.causes]})"

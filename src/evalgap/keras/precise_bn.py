@@ -276,18 +276,6 @@ def apply(measured: _Measured, write: bool = True) -> Recalibration:
         )
     result.layers = [entry for _, entry in sorted(entries, key=lambda e: e[0])]
     result.seconds = time.perf_counter() - start
-    for layer in result.unreached:
-        result.notes.append(f"{layer.name}: no data reached this layer; its moving statistics were left as they were.")
-    for layer in result.shared:
-        result.notes.append(
-            f"{layer.name}: called {layer.calls_per_batch} times per forward pass (a shared layer); its statistics "
-            "pool the inputs of every call."
-        )
-    if result.frozen:
-        names = [layer.name for layer in result.frozen]
-        result.notes.append(
-            f"{len(names)} frozen layer(s) (trainable=False: inference mode even in fit) left alone: "
-            f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; pass include_frozen=True to recalibrate them too."
-        )
+    result.add_layer_notes("trainable=False: inference mode even in fit")
     logger.info(result.summary())
     return result

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-from ..stats import EMA, momentum_for_memory
 
 SEED_QUESTION = (
     "Why do training accuracy and validation accuracy differ on the same dataset? "
@@ -43,26 +41,18 @@ def epoch_table(logs: Sequence, title: str) -> Table:
     return table
 
 
-def ema_sentences(momentum_keras: float, steps_per_epoch: int, epochs: int) -> list[str]:
-    """The EMA arithmetic of DESIGN.md in words, for the demo's closing lines."""
-    ema = EMA(momentum_keras)
-    updates = steps_per_epoch * epochs
-    advice = momentum_for_memory(steps_per_epoch)
-    return [
-        f"BatchNorm momentum {momentum_keras} (Keras convention; PyTorch's {1 - momentum_keras:.2g}) with "
-        f"{steps_per_epoch} steps per epoch: after {epochs} epochs ({updates} updates) "
-        f"{100 * ema.initial_weight(updates):.0f}% of each moving statistic is still its initial value, "
-        f"and the statistics are on average {ema.mean_age(updates):.0f} updates "
-        f"({ema.mean_age(updates) / steps_per_epoch:.1f} epochs) old (memory: {ema.memory:.0f} updates).",
-        f"A momentum whose memory is at most half an epoch: {advice:.3f} (Keras) / {1 - advice:.3f} (PyTorch).",
-    ]
+def plot_epochs(logs: Sequence, title: str, path: str) -> str:
+    """accuracy, val_accuracy and precise_val_accuracy by epoch, written to ``path``."""
+    from ..plots import accuracy_by_epoch, save_figure
+
+    names = ("accuracy", "val_accuracy", "precise_val_accuracy")
+    return save_figure(accuracy_by_epoch({n: [getattr(log, n) for log in logs] for n in names}, title), path)
 
 
 def run_torch_demo(epochs: int | None = None, out: str = "evalgap-out", console: Console | None = None) -> int:
     """Train the small BN network in PyTorch, print the gap per epoch, recalibrate, plot."""
     from ..data import load_digits_rgb
-    from ..plots import accuracy_by_epoch, save_figure
-    from ..torch import recalibrate
+    from ..torch import diagnose, recalibrate
     from .torch_demo import evaluate, to_tensors, train_with_same_validation
 
     console = console or demo_console()
@@ -84,35 +74,27 @@ def run_torch_demo(epochs: int | None = None, out: str = "evalgap-out", console:
 
         model, _ = train_with_same_validation(images, labels, epochs=epochs, batch_size=batch_size, momentum=momentum, on_epoch=on_epoch)
     console.print(epoch_table(logs, "Training vs validation on the same data (PyTorch)"))
-    for line in ema_sentences(1 - momentum, steps, epochs):
-        console.print(line)
 
     x, y = to_tensors(images, labels)
+    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    console.rule("evalgap.torch.diagnose(model, train_batches, fit_metric=..., steps_per_epoch=15, epochs=...)")
+    report = diagnose(model, batches, fit_metric=logs[-1].accuracy, steps_per_epoch=steps, epochs=epochs, progress=False)
+    console.print(report)
+    html = report.to_html(os.path.join(out, "demo_report_torch.html"))
+    console.rule("the fix")
     loss_before, acc_before = evaluate(model, x, y, batch_size)
-    result = recalibrate(model, [x[i : i + batch_size] for i in range(0, len(x), batch_size)], progress=False)
+    result = recalibrate(model, batches, progress=False)
     loss_after, acc_after = evaluate(model, x, y, batch_size)
-    first = result.first_drifting()
     console.print(result.summary())
-    if first is not None and first.drift is not None:
-        console.print(
-            f"First drifting layer: {first.name} (mean off by up to {first.drift.mean_max:.2f} std, variance by a factor "
-            f"up to {math.exp(first.drift.var_max):.3g}); later layers inherit its error."
-        )
     console.print(
         f"[bold]Fix[/bold] evalgap.torch.recalibrate(model, loader): evaluation accuracy {acc_before:.4f} -> "
         f"[bold]{acc_after:.4f}[/bold] (loss {loss_before:.3f} -> {loss_after:.3f}); "
         f"training accuracy of the last epoch {logs[-1].accuracy:.4f}."
     )
-    fig = accuracy_by_epoch(
-        {
-            "accuracy": [log.accuracy for log in logs],
-            "val_accuracy": [log.val_accuracy for log in logs],
-            "precise_val_accuracy": [log.precise_val_accuracy for log in logs],
-        },
-        "Same data, two modes: PyTorch small ResNet on digits (raw pixels, momentum 0.99)",
+    path = plot_epochs(
+        logs, "Same data, two modes: PyTorch small ResNet on digits (raw pixels, momentum 0.99)", os.path.join(out, "demo_torch.png")
     )
-    path = save_figure(fig, os.path.join(out, "demo_torch.png"))
-    console.print(f"Plot written to {os.path.abspath(path)}")
+    console.print(f"Plot written to {os.path.abspath(path)}; HTML report written to {os.path.abspath(html)}")
     return 0
 
 

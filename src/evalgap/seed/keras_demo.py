@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 from rich.console import Console
 
-from .demo import SEED_QUESTION, demo_console, epoch_table
+from .demo import SEED_QUESTION, demo_console, epoch_table, plot_epochs
 
 SAMPLES, BATCH, MOMENTUM = 1680, 120, 0.99
 
@@ -26,7 +26,6 @@ def run(epochs: int | None = None, out: str = "evalgap-out", console: Console | 
 
     from ..data import load_digits_rgb
     from ..keras import diagnose, recalibrate
-    from ..plots import accuracy_by_epoch, save_figure
     from .keras_callbacks import PreciseValidation
     from .keras_models import small_resnet
 
@@ -77,14 +76,10 @@ def run(epochs: int | None = None, out: str = "evalgap-out", console: Console | 
         f"{before['accuracy']:.4f} -> [bold]{after['accuracy']:.4f}[/bold] (val_loss {before['loss']:.3f} -> "
         f"{after['loss']:.3f}); training accuracy of the last epoch {logs[-1].accuracy:.4f}."
     )
-    fig = accuracy_by_epoch(
-        {
-            "accuracy": [log.accuracy for log in logs],
-            "val_accuracy": [log.val_accuracy for log in logs],
-            "precise_val_accuracy": [log.precise_val_accuracy for log in logs],
-        },
+    path = plot_epochs(
+        logs,
         f"Same data, two modes: Keras ({keras.backend.backend()}) small ResNet on digits, momentum 0.99, raw pixels",
+        os.path.join(out, f"demo_keras_{keras.backend.backend()}.png"),
     )
-    path = save_figure(fig, os.path.join(out, f"demo_keras_{keras.backend.backend()}.png"))
     console.print(f"Plot written to {os.path.abspath(path)}; HTML report written to {os.path.abspath(html)}")
     return 0

@@ -27,7 +27,6 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -349,21 +348,7 @@ def recalibrate(
         )
     result.layers = layers + static
     result.seconds = time.perf_counter() - start
-    for layer in result.unreached:
-        result.notes.append(f"{layer.name}: no data reached this layer; its running statistics were left as they were.")
-    for layer in result.shared:
-        result.notes.append(
-            f"{layer.name}: called {layer.calls_per_batch} times per forward pass (a shared layer); its statistics "
-            "pool the inputs of every call, which is what it normalizes with in training only if every call sees "
-            "the same distribution."
-        )
-    frozen = [layer.name for layer in result.frozen]
-    if frozen:
-        result.notes.append(
-            f"{len(frozen)} frozen layer(s) left alone (eval mode during training): {', '.join(frozen[:5])}"
-            + (" ..." if len(frozen) > 5 else "")
-            + "; pass include_frozen=True to recalibrate them too."
-        )
+    result.add_layer_notes("eval mode during training")
     logger.info(result.summary())
     return result
 
