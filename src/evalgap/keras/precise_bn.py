@@ -33,6 +33,7 @@ from ..stats import ChannelMoments
 from ._data import batches, leading_dim
 from ._layers import find_batchnorms, is_frozen
 from ._pass import moments_pass
+from ._workers import combine_workers, multi_worker_strategy
 
 logger = logging.getLogger("evalgap.keras")
 
@@ -171,6 +172,14 @@ def measure(
                         acc.flush()
                     advance(1)
                 acc.flush()
+        strategy = multi_worker_strategy(model)
+        if strategy is not None:  # each worker passed its own data: merge them exactly
+            channels = [int(bn.moving_mean.shape[0]) for _, bn in layers]
+            counters = np.array([result.batches, result.samples, result.skipped_batches, result.skipped_samples] + acc.samples, dtype=np.float64)
+            acc.moments, totals = combine_workers(strategy, acc.moments, channels, counters)
+            result.batches, result.samples, result.skipped_batches, result.skipped_samples = (int(round(v)) for v in totals[:4])
+            acc.samples = [int(round(v)) for v in totals[4:]]
+            result.notes.append(f"statistics combined exactly over {strategy.num_replicas_in_sync} replicas on several workers.")
         order = sorted(range(len(layers)), key=lambda i: acc.first_seen.get(i, len(layers) + i))
         check_finite([(layers[i][0], acc.moments[i]) for i in order])
     except BaseException as exc:  # nothing was written: the pass is stateless

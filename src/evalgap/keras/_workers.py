@@ -1,0 +1,67 @@
+"""Exact combination of per-channel moments across ``MultiWorkerMirroredStrategy`` workers.
+
+Each worker runs the statistics pass over its own data; then, with the chief's means as a
+shared shift ``s``, every worker contributes ``(n, sum(x - s), sum((x - s)^2))`` per layer once
+(on its first local replica) and one cross-worker ``SUM`` gives the union's moments exactly,
+as :mod:`evalgap.torch.distributed` does for ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..stats import ChannelMoments
+
+
+def multi_worker_strategy(model):
+    """The model's MultiWorkerMirroredStrategy when it spans more than one worker, else None."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    workers = strategy.num_replicas_in_sync // max(1, len(strategy.extended.worker_devices))
+    return strategy if workers > 1 else None
+
+
+def _sum_once_per_worker(strategy, vector: np.ndarray, chief_only: bool = False) -> np.ndarray:
+    import tensorflow as tf
+
+    local = len(strategy.extended.worker_devices)
+
+    def value(ctx):
+        rid = ctx.replica_id_in_sync_group
+        keep = rid == 0 if chief_only else rid % local == 0
+        return tf.constant(vector if keep else np.zeros_like(vector), dtype=tf.float64)
+
+    per_replica = strategy.experimental_distribute_values_from_function(value)
+    return np.asarray(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+
+
+def combine_workers(strategy, parts: list[ChannelMoments | None], channels: list[int], counters: np.ndarray) -> tuple[list[ChannelMoments | None], np.ndarray]:
+    """Every worker's moments merged (collective: every worker calls it), and counters summed."""
+    means = np.concatenate([p.mean if p is not None and p.count else np.zeros(c) for p, c in zip(parts, channels)])
+    shift = _sum_once_per_worker(strategy, means, chief_only=True)
+    pieces, offset = [], 0
+    for p, c in zip(parts, channels):
+        s = shift[offset : offset + c]
+        offset += c
+        if p is None or p.count == 0:
+            pieces.append(np.zeros(1 + 2 * c))
+        else:
+            d = p.mean - s
+            pieces.append(np.concatenate([[float(p.count)], p.count * d, p.m2 + p.count * d * d]))
+    total = _sum_once_per_worker(strategy, np.concatenate(pieces + [np.asarray(counters, dtype=np.float64)]))
+    out, offset, shift_offset = [], 0, 0
+    for c in channels:
+        n = int(round(total[offset]))
+        s1, s2 = total[offset + 1 : offset + 1 + c], total[offset + 1 + c : offset + 1 + 2 * c]
+        s = shift[shift_offset : shift_offset + c]
+        offset += 1 + 2 * c
+        shift_offset += c
+        out.append(None if n == 0 else ChannelMoments.from_sums(n, s1, s2, s))
+    return out, total[offset:]
