@@ -30,3 +30,18 @@ def check_finite(layers: Sequence[tuple[str, ChannelMoments | None]]) -> None:
                 f"{name} received NaN or Inf values (non-finite statistics): the first such layer in forward order, so "
                 f"{where} produce them. Check the data (np.isfinite(x).all()) and the model's weights."
             )
+
+
+def check_labels(y: np.ndarray, classes: int) -> None:
+    """Integer class labels must lie in [0, classes)."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and y.size and np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            return
+    if y.size and (y.min() < 0 or y.max() >= classes):
+        raise DataError(
+            f"labels must be class indices in [0, {classes}) for a model with {classes} outputs, but they range over "
+            f"[{int(y.min())}, {int(y.max())}]: check the label encoding (or the model's number of classes)."
+        )

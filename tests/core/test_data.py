@@ -135,3 +135,28 @@ def test_tfds_offline_fails_fast_and_manual_zip_is_read(tmp_path, monkeypatch):
             zf.write(p, f"UCMerced_LandUse/Images/{p.parent.name}/{p.name}")
     s = load_tfds("uc_merced", manual_dir=manual, image_size=8)
     assert s.class_names == ["w", "x"] and len(s) == 2
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(max_size=300), cut=st.integers(0, 400), ext=st.sampled_from([".png", ".jpg", ".tif"]))
+def test_corrupt_bytes_give_a_named_error_or_are_skipped(tmp_path_factory, blob, cut, ext):
+    root = tmp_path_factory.mktemp("fuzz")
+    good = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    _folder(root, {"a": [good]})
+    # a real image cut short, or random bytes, under an image name
+    buf = root / "real.png"
+    Image.fromarray(good).save(buf)
+    data = buf.read_bytes()[:cut] + blob if cut % 2 else blob
+    bad = root / "Images" / "a" / f"zz{ext}"
+    bad.write_bytes(data)
+    try:
+        s = load_image_folder(root, 8, cache=False)
+        assert len(s) == 2  # the bytes happened to decode: then it is a proper image
+    except DataError as exc:
+        assert "zz" in str(exc)
+        s = load_image_folder(root, 8, cache=False, skip_bad=True)
+        assert len(s) == 1 and s.skipped == [str(bad)]

@@ -155,3 +155,24 @@ def test_validation_data_term_and_outputs(digits, tmp_path):
     text = open(html).read()
     assert text.count("data:image/png;base64,") == 3
     assert set(report.plot()) == {"modes", "waterfall", "drift"}
+
+
+def test_no_batchnorm_all_frozen_bad_labels_and_generators(digits):
+    from evalgap import DataError
+
+    x, y = digits
+    xn, yn = x[:240] / 255.0, y[:240]
+    plain = keras.Sequential([keras.Input((16, 16, 3)), layers.Flatten(), layers.LayerNormalization(), layers.Dense(10)])
+    plain.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    report = eg.diagnose(plain, (xn, yn), batch_size=BATCH, progress=False)
+    assert report.finding("no_batchnorm") is not None and report.finding("other_normalization") is not None
+    assert not report.causes
+    model = net()
+    for _, bn in eg.find_batchnorms(model):
+        bn.trainable = False
+    r = eg.recalibrate(model, xn, batch_size=BATCH, progress=False)
+    assert [layer.status for layer in r.layers] == ["frozen", "frozen"] and not r.recalibrated
+    with pytest.raises(DataError, match=r"\[0, 10\)"):
+        eg.diagnose(net(), (xn, yn + 10), batch_size=BATCH, progress=False)
+    with pytest.raises(DataError, match="re-iterable"):
+        eg.PreciseBN(b for b in [(xn, yn)])

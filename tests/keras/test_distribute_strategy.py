@@ -43,6 +43,7 @@ SCRIPT = textwrap.dedent(
     plain.set_weights(mirrored.get_weights())
     r_m = eg.recalibrate(mirrored, x, batch_size=16, progress=False)
     r_p = eg.recalibrate(plain, x, batch_size=16, progress=False)
+    replicas = eg.diagnose(mirrored, (x, y), batch_size=16, progress=False).finding("replicas")
     bn_m = [bn for _, bn in eg.find_batchnorms(mirrored)]
     bn_p = [bn for _, bn in eg.find_batchnorms(plain)]
     print(json.dumps({
@@ -51,6 +52,7 @@ SCRIPT = textwrap.dedent(
         "max_abs_mean": max(float(np.max(np.abs(a.moving_mean.numpy() - b.moving_mean.numpy()))) for a, b in zip(bn_m, bn_p)),
         "eval": [mirrored.evaluate(x, y, verbose=0), plain.evaluate(x, y, verbose=0)],
         "samples": [r_m.samples, r_p.samples],
+        "replicas_finding": None if replicas is None else replicas.numbers,
     }))
     """
 )
@@ -64,5 +66,7 @@ def test_same_statistics_with_and_without_mirrored_strategy():
     assert result["replicas"] == 2
     assert result["samples"] == [64, 64]
     assert result["max_rel_var"] < 1e-6 and result["max_abs_mean"] < 1e-4
+    # diagnose names per-replica BatchNorm with the per-replica batch size
+    assert result["replicas_finding"] == {"replicas": 2, "per_replica_batch": 8, "synchronized": False}
     # every replica got the statistics: evaluation (run per replica) agrees with the plain model
     assert abs(result["eval"][0] - result["eval"][1]) < 1e-4

@@ -196,3 +196,12 @@ def test_gap_monitor_in_a_hand_written_loop(digits, capsys):
     assert monitor.last.finding("stale_moving_statistics").numbers["updates"] == 28
     assert history[-1]["gap_bn_stale"] > 0.1 and "precise_val_accuracy" in history[-1]
     assert "distorted by stale BatchNorm statistics" in capsys.readouterr().out
+
+
+def test_labels_out_of_range_are_named():
+    from evalgap import DataError
+
+    model = net()
+    data = [(torch.randn(8, 3, 16, 16), torch.full((8,), 12)) for _ in range(2)]  # 10 classes
+    with pytest.raises(DataError, match=r"\[0, 10\).*\[12, 12\]"):
+        eg.diagnose(model, data, progress=False)

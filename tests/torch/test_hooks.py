@@ -73,3 +73,10 @@ def test_attached_hook_leaves_frozen_layers_alone():
     model.eval()
     assert [layer.status for layer in hook.last.layers] == ["recalibrated", "frozen"]
     assert torch.equal(model[4].running_var, before)
+
+
+def test_generators_are_refused_with_the_reason():
+    from evalgap import DataError
+
+    with pytest.raises(DataError, match="re-iterable|DataLoader or a list"):
+        eg.PreciseBN(x for x in [])

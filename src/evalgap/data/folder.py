@@ -123,7 +123,7 @@ def load_image_folder(
     converted, skipped, n = 0, [], 0
     zf = zipfile.ZipFile(path) if path.suffix.lower() == ".zip" else None
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         for member, cls, _, _ in entries:
             try:
@@ -133,7 +133,7 @@ def load_image_folder(
                         converted += 1
                         im = im.convert("RGB")
                     arr = np.asarray(im)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            except Exception as exc:  # Pillow raises many types on corrupt data
                 if skip_bad:
                     skipped.append(member)
                     continue

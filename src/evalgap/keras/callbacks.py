@@ -52,6 +52,11 @@ class PreciseBN(keras.callbacks.Callback):
             raise DataError(f"every must be >= 1, got {every}.")
         if max_samples is not None and max_samples < 1:
             raise DataError(f"max_samples must be >= 1 (or None for all), got {max_samples}.")
+        if hasattr(data, "__next__"):
+            raise DataError(
+                "PreciseBN reads the data after every epoch, and a generator or iterator is used up after one pass: "
+                "pass re-iterable data (arrays, a tf.data.Dataset, a keras.utils.PyDataset or a list of batches)."
+            )
         self.data = data
         self.max_samples = max_samples
         self.every = int(every)

@@ -24,6 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from .._checks import check_labels
 from ..attribution import decompose
 from ..diagnosis import Context, InputScale, build_report
 from ..errors import DataError, ModelError
@@ -256,6 +257,9 @@ def diagnose(
     p_preds = e_preds if measured is None else [predictor(x, substituted(measured.population()), False) for x in xs]
     training_only = [name for name, layer in walk(model) if any(t in type(layer).__name__ for t in TRAINING_ONLY_TOKENS)]
     t_preds = [predictor(x, current, True) for x in xs] if training_only else td_preds
+    if e_preds[0].ndim >= 2 and e_preds[0].shape[-1] > 1 and all(y.shape != p.shape for y, p in zip(ys[:1], e_preds[:1])):
+        for y in ys:
+            check_labels(y, e_preds[0].shape[-1])
     metrics = _Metrics(model, ys[0], e_preds[0])
     by_mode = {"T": metrics.compute(ys, t_preds), "Td": metrics.compute(ys, td_preds), "P": metrics.compute(ys, p_preds), "E": metrics.compute(ys, e_preds)}
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from .._checks import check_labels
 from ..attribution import decompose
 from ..diagnosis import Context, InputScale, build_report
 from ..errors import DataError, ModelError
@@ -185,6 +186,10 @@ def diagnose(
     ev = _Evaluator(loss_fn, metrics or {}, forward, device, group)  # type: ignore[arg-type]
 
     e_out = _eval_mode_outputs(ev, model, probe)
+    if e_out[0].dim() >= 2 and e_out[0].shape[1] > 1:
+        for t in targets:
+            if isinstance(t, torch.Tensor) and t.shape != e_out[0].shape:
+                check_labels(t.detach().cpu().numpy(), int(e_out[0].shape[1]))
     if loss_fn is None or metrics is None:
         default_loss, default_metrics = _default_metrics(e_out[0], to_device(targets[0], e_out[0].device))
         ev.loss_fn = loss_fn or default_loss

@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from ..errors import DataError
 from ..recalibration import Recalibration
 from ._batches import Forward
 from .precise_bn import recalibrate
@@ -39,7 +40,12 @@ class PreciseBN:
         verbose: int = 1,
     ):
         if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+            raise DataError(f"every must be >= 1, got {every}.")
+        if hasattr(data, "__next__"):
+            raise DataError(
+                "PreciseBN reads the data at every validation, and a generator or iterator is used up after one pass: "
+                "pass a DataLoader or a list of batches."
+            )
         self.data, self.every, self.max_batches, self.forward, self.verbose = data, every, max_batches, forward, verbose
         self.last: Recalibration | None = None
         self.seconds = 0.0
