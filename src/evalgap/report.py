@@ -79,6 +79,28 @@ class Report:
         sig = self.main.significant()
         return [(k, v) for k, v in self.main.ranked() if k in sig]
 
+    def epoch_logs(self) -> dict[str, float]:
+        """What the monitors put in the epoch logs: ``gap_bn_stale`` (P - E) and ``gap_batch_stats``
+        (Td - P) of the primary metric, and ``precise_val_<metric>`` (P) for every metric."""
+        main = self.main
+        if main is None:
+            return {}
+        logs = {"gap_bn_stale": main.values["P"] - main.values["E"], "gap_batch_stats": main.values["Td"] - main.values["P"]}
+        logs.update({f"precise_val_{k}": d.values["P"] for k, d in self.decompositions.items()})
+        return logs
+
+    def distortion_sentence(self, epoch: int, fix: str) -> str | None:
+        """One plain sentence when stale BatchNorm statistics distort validation, else None."""
+        stale = dict(self.causes).get("stale_moving_statistics")
+        main = self.main
+        if stale is None or main is None:
+            return None
+        amount = f"{100 * stale:+.1f} points" if is_fraction(self.primary or "") else f"{stale:+.4g}"
+        return (
+            f"GapMonitor (epoch {epoch}): validation {self.primary} is distorted by stale BatchNorm statistics: with "
+            f"exact statistics it would be {main.values['P']:.4f}, not {main.values['E']:.4f} ({amount}); {fix}."
+        )
+
     def finding(self, kind: str) -> Finding | None:
         return next((f for f in self.findings if f.kind == kind), None)
 

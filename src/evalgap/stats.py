@@ -54,6 +54,9 @@ __all__ = [
     "momentum_for_memory",
     "Drift",
     "drift",
+    "shifted_sums",
+    "from_shifted_sums",
+    "first_means",
 ]
 
 
@@ -190,6 +193,43 @@ def _vec(a: Any, name: str) -> np.ndarray:
     if v.ndim != 1:
         raise EvalgapError(f"{name} must be a vector with one value per channel, got shape {v.shape}.")
     return v
+
+
+def shifted_sums(parts: "list[ChannelMoments | None]", channels: list[int], shift: np.ndarray) -> np.ndarray:
+    """One flat float64 vector ``[n, sum(x - s), sum((x - s)^2)]`` per layer, for a SUM across processes.
+
+    ``shift`` holds every layer's per-channel shift, concatenated (the same on every process);
+    ``n (mean - s)`` and ``M2 + n (mean - s)^2`` are exact rewrites of the state about ``s``.
+    """
+    pieces, offset = [], 0
+    for p, c in zip(parts, channels):
+        s = shift[offset : offset + c]
+        offset += c
+        if p is None or p.count == 0:
+            pieces.append(np.zeros(1 + 2 * c))
+        else:
+            d = p.mean - s
+            pieces.append(np.concatenate([[float(p.count)], p.count * d, p.m2 + p.count * d * d]))
+    return np.concatenate(pieces) if pieces else np.zeros(0)
+
+
+def from_shifted_sums(total: np.ndarray, channels: list[int], shift: np.ndarray) -> "list[ChannelMoments | None]":
+    """Inverse of :func:`shifted_sums` after the SUM: the union's moments per layer (None: no data)."""
+    out: list[ChannelMoments | None] = []
+    offset = shift_offset = 0
+    for c in channels:
+        n = int(round(float(total[offset])))
+        s1, s2 = total[offset + 1 : offset + 1 + c], total[offset + 1 + c : offset + 1 + 2 * c]
+        s = shift[shift_offset : shift_offset + c]
+        offset += 1 + 2 * c
+        shift_offset += c
+        out.append(None if n == 0 else ChannelMoments.from_sums(n, s1, s2, s))
+    return out
+
+
+def first_means(parts: "list[ChannelMoments | None]", channels: list[int]) -> np.ndarray:
+    """Every layer's means concatenated (zeros where there are no data): a shift candidate."""
+    return np.concatenate([p.mean if p is not None and p.count else np.zeros(c) for p, c in zip(parts, channels)])
 
 
 # ---------------------------------------------------------------------------------

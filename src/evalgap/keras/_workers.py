@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stats import ChannelMoments
+from ..stats import ChannelMoments, first_means, from_shifted_sums, shifted_sums
 
 
 def multi_worker_strategy(model):
@@ -44,24 +44,8 @@ def _sum_once_per_worker(strategy, vector: np.ndarray, chief_only: bool = False)
 
 def combine_workers(strategy, parts: list[ChannelMoments | None], channels: list[int], counters: np.ndarray) -> tuple[list[ChannelMoments | None], np.ndarray]:
     """Every worker's moments merged (collective: every worker calls it), and counters summed."""
-    means = np.concatenate([p.mean if p is not None and p.count else np.zeros(c) for p, c in zip(parts, channels)])
-    shift = _sum_once_per_worker(strategy, means, chief_only=True)
-    pieces, offset = [], 0
-    for p, c in zip(parts, channels):
-        s = shift[offset : offset + c]
-        offset += c
-        if p is None or p.count == 0:
-            pieces.append(np.zeros(1 + 2 * c))
-        else:
-            d = p.mean - s
-            pieces.append(np.concatenate([[float(p.count)], p.count * d, p.m2 + p.count * d * d]))
-    total = _sum_once_per_worker(strategy, np.concatenate(pieces + [np.asarray(counters, dtype=np.float64)]))
-    out, offset, shift_offset = [], 0, 0
-    for c in channels:
-        n = int(round(total[offset]))
-        s1, s2 = total[offset + 1 : offset + 1 + c], total[offset + 1 + c : offset + 1 + 2 * c]
-        s = shift[shift_offset : shift_offset + c]
-        offset += 1 + 2 * c
-        shift_offset += c
-        out.append(None if n == 0 else ChannelMoments.from_sums(n, s1, s2, s))
-    return out, total[offset:]
+    shift = _sum_once_per_worker(strategy, first_means(parts, channels), chief_only=True)
+    payload = np.concatenate([shifted_sums(parts, channels, shift), np.asarray(counters, dtype=np.float64)])
+    total = _sum_once_per_worker(strategy, payload)
+    size = sum(1 + 2 * c for c in channels)
+    return from_shifted_sums(total[:size], channels, shift), total[size:]

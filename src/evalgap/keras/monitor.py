@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import keras
 import numpy as np
 
-from ..attribution import is_fraction
 from ._data import batches
 from .diagnose import diagnose
 
@@ -68,19 +66,10 @@ class GapMonitor(keras.callbacks.Callback):
         steps = (self.params or {}).get("steps")
         report = diagnose(self.model, list(self._probe), progress=False, steps_per_epoch=steps, epochs=epoch + 1, bn_updates=self.updates)
         self.last = report
-        main = report.main
-        if logs is not None and main is not None:
-            logs["gap_bn_stale"] = main.values["P"] - main.values["E"]
-            logs["gap_batch_stats"] = main.values["Td"] - main.values["P"]
-            for name, d in report.decompositions.items():
-                logs[f"precise_val_{name}"] = d.values["P"]
-        stale = dict(report.causes).get("stale_moving_statistics")
-        if self.verbose and stale is not None and main is not None:
-            amount = f"{100 * stale:+.1f} points" if is_fraction(report.primary) else f"{stale:+.4g}"
-            print(
-                f"GapMonitor (epoch {epoch + 1}): validation {report.primary} is distorted by stale BatchNorm statistics: "
-                f"with exact statistics it would be {main.values['P']:.4f}, not {main.values['E']:.4f} ({amount}); "
-                "add evalgap.keras.PreciseBN(train_data) to the callbacks."
-            )
-        elif self.verbose and logs is not None and not math.isnan(logs.get("gap_bn_stale", 0.0)):
+        if logs is not None:
+            logs.update(report.epoch_logs())
+        sentence = report.distortion_sentence(epoch + 1, "add evalgap.keras.PreciseBN(train_data) to the callbacks")
+        if self.verbose and sentence:
+            print(sentence)
+        elif sentence is None:
             logger.info("GapMonitor (epoch %d): no significant BatchNorm distortion", epoch + 1)

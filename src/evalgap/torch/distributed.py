@@ -14,11 +14,10 @@ message each.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..stats import ChannelMoments
+from ..stats import ChannelMoments, first_means, from_shifted_sums, shifted_sums
 
 
 def active_group(process_group=None):
@@ -44,34 +43,14 @@ def all_reduce_moments(parts: list[ChannelMoments | None], channels: list[int], 
     """
     device = _device_for(group)
     src = dist.get_global_rank(group, 0) if group is not None else 0
-    # 1. the shift: rank 0's mean (zeros where rank 0 saw nothing)
-    shift = torch.cat([torch.as_tensor(p.mean if p is not None and p.count else np.zeros(c), dtype=torch.float64) for p, c in zip(parts, channels)]).to(device)
+    # 1. the shift: rank 0's means, broadcast
+    shift = torch.as_tensor(first_means(parts, channels), dtype=torch.float64).to(device)
     dist.broadcast(shift, src=src, group=group)
     shift_np = shift.cpu().numpy()
     # 2. (n, S1, S2) about the shift, all layers in one all-reduce
-    pieces, offset = [], 0
-    for p, c in zip(parts, channels):
-        s = shift_np[offset : offset + c]
-        offset += c
-        if p is None or p.count == 0:
-            pieces.append(np.concatenate([[0.0], np.zeros(c), np.zeros(c)]))
-        else:
-            d = p.mean - s
-            pieces.append(np.concatenate([[float(p.count)], p.count * d, p.m2 + p.count * d * d]))
-    payload = torch.as_tensor(np.concatenate(pieces), dtype=torch.float64).to(device)
+    payload = torch.as_tensor(shifted_sums(parts, channels, shift_np), dtype=torch.float64).to(device)
     dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
-    total = payload.cpu().numpy()
-    out: list[ChannelMoments | None] = []
-    offset, shift_offset = 0, 0
-    for c in channels:
-        n = int(round(total[offset]))
-        s1 = total[offset + 1 : offset + 1 + c]
-        s2 = total[offset + 1 + c : offset + 1 + 2 * c]
-        s = shift_np[shift_offset : shift_offset + c]
-        offset += 1 + 2 * c
-        shift_offset += c
-        out.append(None if n == 0 else ChannelMoments.from_sums(n, s1, s2, s))
-    return out
+    return from_shifted_sums(payload.cpu().numpy(), channels, shift_np)
 
 
 def all_reduce_sums(values: dict[str, float], group=None) -> dict[str, float]:

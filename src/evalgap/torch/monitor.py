@@ -6,7 +6,6 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from ..attribution import is_fraction
 from ..report import Report
 from ._batches import batch_size_of
 from .diagnose import diagnose
@@ -52,18 +51,7 @@ class GapMonitor:
         )
         self.steps_in_epoch = 0
         self.last = report
-        main = report.main
-        logs = {
-            "gap_bn_stale": main.values["P"] - main.values["E"],
-            "gap_batch_stats": main.values["Td"] - main.values["P"],
-            **{f"precise_val_{k}": d.values["P"] for k, d in report.decompositions.items()},
-        }
-        stale = dict(report.causes).get("stale_moving_statistics")
-        if self.verbose and stale is not None:
-            amount = f"{100 * stale:+.1f} points" if is_fraction(report.primary) else f"{stale:+.4g}"
-            print(
-                f"GapMonitor (epoch {epoch + 1}): validation {report.primary} is distorted by stale BatchNorm statistics: "
-                f"with exact statistics it would be {main.values['P']:.4f}, not {main.values['E']:.4f} ({amount}); "
-                "call evalgap.torch.recalibrate(model, train_loader) before validating."
-            )
-        return logs
+        sentence = report.distortion_sentence(epoch + 1, "call evalgap.torch.recalibrate(model, train_loader) before validating")
+        if self.verbose and sentence:
+            print(sentence)
+        return report.epoch_logs()
