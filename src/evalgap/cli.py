@@ -98,7 +98,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     args.skip_bad = getattr(args, "skip_bad", False)
     x, y, note = load_arrays(args)
     classes = int(y.max()) + 1
-    reproduce(x, y, classes, variants=variants, epochs=args.epochs, batch_size=args.batch_size, out=args.out, source=note, console=demo_console())
+    reproduce(x, y, classes, variants=variants, epochs=args.epochs, batch_size=args.batch_size, out=args.out, source=note,
+              console=demo_console(), precise_every=args.precise_every)
     return 0
 
 
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--variants", nargs="+", default=["seed,batch4-div255,momentum0.9,precise-bn,normalized-precise-bn"],
                      help="comma- or space-separated: seed, batch4-div255, momentum0.9, precise-bn, normalized-precise-bn")
     rep.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
+    rep.add_argument("--precise-every", type=int, default=1, metavar="N",
+                     help="measure precise_val_* every N epochs (0: never; each costs a recalibration and an evaluation)")
     rep.add_argument("--out", default="evalgap-out/reproduce", help="output folder (JSON, CSV, PNG)")
     rep.set_defaults(func=_reproduce)
     return parser

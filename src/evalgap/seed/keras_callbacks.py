@@ -14,14 +14,17 @@ class PreciseValidation(keras.callbacks.Callback):
 
     The moving statistics are saved, recalibrated, used for ``evaluate`` and then restored
     bitwise, so training goes on exactly as without this callback (in Keras, moving
-    statistics never feed the gradient). Adds ``precise_val_<metric>`` to the epoch logs.
+    statistics never feed the gradient). Adds ``precise_val_<metric>`` to the epoch logs after
+    every ``every``-th epoch (each measurement costs a recalibration and an evaluation pass).
     """
 
-    def __init__(self, data: Any, val_data: Any, *, batch_size: int | None = None):
+    def __init__(self, data: Any, val_data: Any, *, batch_size: int | None = None, every: int = 1):
         super().__init__()
-        self.data, self.val_data, self.batch_size = data, val_data, batch_size
+        self.data, self.val_data, self.batch_size, self.every = data, val_data, batch_size, max(1, int(every))
 
     def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
         bns = [bn for _, bn in find_batchnorms(self.model)]
         saved = [(v, v.numpy()) for bn in bns for v in (bn.moving_mean, bn.moving_variance)]
         try:

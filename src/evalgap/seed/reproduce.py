@@ -97,7 +97,18 @@ def _strategy():
     return tf.distribute.MirroredStrategy() if len(devices) > 1 else None
 
 
-def run_variant(variant: Variant, images: np.ndarray, labels: np.ndarray, classes: int, epochs: int, *, batch_size: int | None = None, on_epoch=None, seed: int = 0) -> list[dict[str, float]]:
+def run_variant(
+    variant: Variant,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: int,
+    epochs: int,
+    *,
+    batch_size: int | None = None,
+    on_epoch=None,
+    seed: int = 0,
+    precise_every: int = 1,
+) -> list[dict[str, float]]:
     """Train one variant with validation data = training data; return its per-epoch logs."""
     import contextlib
 
@@ -129,7 +140,9 @@ def run_variant(variant: Variant, images: np.ndarray, labels: np.ndarray, classe
     callbacks: list[Any] = []
     if variant.precise_bn:
         callbacks.append(PreciseBN((images, labels), batch_size=bs, verbose=0))
-    callbacks += [PreciseValidation((images, labels), (images, labels), batch_size=bs), Collect()]
+    if precise_every > 0:
+        callbacks.append(PreciseValidation((images, labels), (images, labels), batch_size=bs, every=precise_every))
+    callbacks.append(Collect())
     model.fit(images, labels, batch_size=bs, epochs=epochs, validation_data=(images, labels), callbacks=callbacks, verbose=0, shuffle=True)
     return logs
 
@@ -156,7 +169,7 @@ def summary_table(results: dict[str, list[dict[str, float]]], epochs: tuple[int,
         cells = []
         for e in epochs:
             row = next((r for r in logs if r["epoch"] == e), None)
-            cells.append("-" if row is None else f"{row['accuracy']:.3f} / {row['val_accuracy']:.3f} / {row['precise_val_accuracy']:.3f}")
+            cells.append("-" if row is None else f"{row['accuracy']:.3f} / {row['val_accuracy']:.3f} / {row.get('precise_val_accuracy', float('nan')):.3f}")
         table.add_row(name, *cells)
     return table
 
@@ -172,6 +185,7 @@ def reproduce(
     out: str = "evalgap-out/reproduce",
     source: str = "",
     console: Console | None = None,
+    precise_every: int = 1,
 ) -> dict[str, Any]:
     """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary."""
     import keras
@@ -198,13 +212,14 @@ def reproduce(
                 console.print(
                     f"[{variant.name}] Epoch {row['epoch']}/{epochs} - {row['seconds']:.0f}s - loss: {row['loss']:.4f} - "
                     f"accuracy: {row['accuracy']:.4f} - val_loss: {row['val_loss']:.4f} - val_accuracy: {row['val_accuracy']:.4f}"
-                    f" - precise_val_loss: {row['precise_val_loss']:.4f} - precise_val_accuracy: {row['precise_val_accuracy']:.4f}",
+                    + (f" - precise_val_loss: {row['precise_val_loss']:.4f} - precise_val_accuracy: {row['precise_val_accuracy']:.4f}"
+                       if "precise_val_accuracy" in row else ""),
                     markup=False,
                     highlight=False,
                 )
 
             console.print(f"[bold]{name}[/bold]: {v.description}")
-            results[name] = run_variant(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch)
+            results[name] = run_variant(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch, precise_every=precise_every)
     data = {
         "source": source,
         "backend": keras.backend.backend(),
@@ -233,7 +248,9 @@ def reproduce(
         ep = [r["epoch"] for r in logs]
         ax.plot(ep, [r["accuracy"] for r in logs], "-o", ms=3, label="accuracy")
         ax.plot(ep, [r["val_accuracy"] for r in logs], "-s", ms=3, label="val_accuracy")
-        ax.plot(ep, [r["precise_val_accuracy"] for r in logs], "--^", ms=3, label="precise val")
+        precise = [(r["epoch"], r["precise_val_accuracy"]) for r in logs if "precise_val_accuracy" in r]
+        if precise:
+            ax.plot(*zip(*precise), "--^", ms=3, label="precise val")
         ax.set_title(n, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
