@@ -182,20 +182,25 @@ class Boom(Exception):
 
 
 @pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
-def test_failure_midway_leaves_the_model_as_it_was(exc):
+@pytest.mark.parametrize("at", [0, 2, 5])
+def test_failure_midway_leaves_the_model_as_it_was(exc, at):
     x, _ = far_data()
     model = functional_model()
     model(x[:2])
     before, before_layers = snapshot(model), layer_state(model)
 
     def gen():
-        yield x[:16]
-        yield x[16:32]
-        raise exc("stop")
+        for i in range(6):
+            if i == at:
+                raise exc("stop")
+            yield x[16 * i : 16 * (i + 1)]
 
     expected = KeyboardInterrupt if exc is KeyboardInterrupt else RecalibrationError
     with pytest.raises(expected):
         eg.recalibrate(model, gen(), progress=False)
+    assert snapshot(model) == before and layer_state(model) == before_layers
+    with pytest.raises(expected):  # diagnose reads the data with targets: same guarantee
+        eg.diagnose(model, ((xb, np.zeros(len(xb), "int64")) for xb in gen()), progress=False)
     assert snapshot(model) == before and layer_state(model) == before_layers
     bn = eg.find_batchnorms(model)[0][1]
     assert "call" not in bn.__dict__ and "_moments" not in bn.__dict__  # patches removed

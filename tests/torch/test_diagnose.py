@@ -205,3 +205,24 @@ def test_labels_out_of_range_are_named():
     data = [(torch.randn(8, 3, 16, 16), torch.full((8,), 12)) for _ in range(2)]  # 10 classes
     with pytest.raises(DataError, match=r"\[0, 10\).*\[12, 12\]"):
         eg.diagnose(model, data, progress=False)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_diagnose_interrupted_leaves_the_model_as_it_was(digits, exc):
+    x, y = digits
+    torch.manual_seed(0)
+    model = net(dropout=0.5)
+    model.train()
+    model[1].eval()  # a frozen layer too
+    before, before_modes = state_snapshot(model), modes(model)
+    calls = {"n": 0}
+
+    def forward(m, batch):  # fails on the 5th model call: inside the side copy's statistics pass
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise exc("stop")
+        return m(batch[0])
+
+    with pytest.raises(Exception if exc is RuntimeError else KeyboardInterrupt):
+        eg.diagnose(model, batches(x[:480], y[:480]), forward=forward, progress=False)
+    assert state_snapshot(model) == before and modes(model) == before_modes

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, RecalibrationError
 
 logger = logging.getLogger("evalgap.keras")
 
@@ -105,3 +105,11 @@ def as_numpy(x: Any) -> Any:
     import keras
 
     return keras.tree.map_structure(lambda a: np.asarray(a), x)
+
+
+def first_batch(stream: Iterator[Any]) -> Any:
+    """The first batch, or None; an error while reading it says so (the model is untouched then)."""
+    try:
+        return next(stream, None)
+    except Exception as exc:
+        raise RecalibrationError(f"reading the first batch failed ({type(exc).__name__}: {exc}); the model is unchanged.") from exc

@@ -29,7 +29,7 @@ from ..attribution import decompose
 from ..diagnosis import Context, InputScale, build_report
 from ..errors import DataError, ModelError
 from ..report import Report
-from ._data import batches, leading_dim
+from ._data import batches, first_batch, leading_dim
 from ._layers import find_batchnorms, walk
 from .precise_bn import apply, measure
 
@@ -201,7 +201,7 @@ def diagnose(
         modes and attributes, also on error.
     """
     stream, size, how = batches(data, batch_size, targets=True)
-    first = next(stream, None)
+    first = first_batch(stream)
     if first is None:
         raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")
     if first[1] is None:

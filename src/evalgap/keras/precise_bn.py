@@ -30,7 +30,7 @@ from .._progress import progress_bar
 from ..errors import DataError, EvalgapError, ModelError, RecalibrationError
 from ..recalibration import LayerRecalibration, Recalibration
 from ..stats import ChannelMoments
-from ._data import batches, leading_dim
+from ._data import batches, first_batch, leading_dim
 from ._layers import find_batchnorms, is_frozen
 from ._pass import moments_pass
 from ._workers import combine_workers, multi_worker_strategy
@@ -122,7 +122,7 @@ def measure(
     start = time.perf_counter()
     with_targets = on_output is not None
     stream, size, how = batches(data, batch_size, targets=with_targets)
-    first = next(stream, None)
+    first = first_batch(stream)
     if first is None:
         raise DataError("the data yielded no batch: give at least one batch of the training batch size.")
     first_x = first[0] if with_targets else first
