@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .attribution import MODE_NAMES, TERMS, Decomposition, Finding, is_fraction
-from .recalibration import Recalibration, render_plain
+from .recalibration import LARGE_DRIFT, Recalibration, render_plain
 
 SCHEMA = "evalgap.report/1"
 
@@ -239,7 +239,11 @@ class Report:
                 xs = range(len(layers))
                 ax.plot(xs, [layer.drift.mean_max for layer in layers], "o-", ms=3, label="mean drift (max over channels, std)")
                 ax.plot(xs, [layer.drift.var_max for layer in layers], "s-", ms=3, label="|log variance ratio| (max)")
-                ax.set_yscale("symlog", linthresh=0.1)
+                top = max(max(layer.drift.mean_max, layer.drift.var_max) for layer in layers)
+                if top > 20:
+                    ax.set_yscale("symlog", linthresh=1.0)
+                ax.axhline(LARGE_DRIFT, color="gray", lw=0.8, ls=":", label=f"large ({LARGE_DRIFT})")
+                ax.set_ylabel("drift")
                 ax.set_xlabel("BatchNorm layer, forward order")
                 ax.set_title("drift of moving statistics from population statistics", fontsize=10)
                 ax.legend(fontsize=7)
