@@ -51,6 +51,13 @@ def trained(x, y, epochs=4, **kw):
     return model, history
 
 
+def healthy(x, y, **kw):
+    """A model trained on x and recalibrated: its moving statistics are the population's."""
+    model, _ = trained(x, y, **kw)
+    eg.recalibrate(model, (x, y), batch_size=BATCH, progress=False)
+    return model
+
+
 def top(report: Report) -> tuple[str, float]:
     assert report.causes, str(report)
     return report.causes[0]
@@ -85,8 +92,7 @@ def test_stale_moving_statistics_and_raw_inputs(digits):
 def test_healthy_normalized_model_has_no_cause(digits):
     x, y = digits
     xn = x / 255.0
-    model, _ = trained(xn, y)
-    eg.recalibrate(model, (xn, y), batch_size=BATCH, progress=False)
+    model = healthy(xn, y)
     report = eg.diagnose(model, (xn, y), batch_size=BATCH, progress=False)
     assert abs(report.gap_points) < 1.0 and not report.causes, str(report)
     assert report.finding("input_scale") is None
@@ -94,8 +100,7 @@ def test_healthy_normalized_model_has_no_cause(digits):
 
 def test_heavy_dropout(digits):
     x, y = digits
-    model, _ = trained(x / 255.0, y, dropout=0.7)
-    eg.recalibrate(model, (x / 255.0, y), batch_size=BATCH, progress=False)
+    model = healthy(x / 255.0, y, dropout=0.7)
     report = eg.diagnose(model, (x / 255.0, y), batch_size=BATCH, progress=False)
     name, value = top(report)
     assert name == "training_only_layers" and value < -0.01, str(report)  # training mode looks worse
@@ -105,8 +110,7 @@ def test_heavy_dropout(digits):
 def test_small_batches_in_class_order(digits):
     x, y = digits
     xn = x / 255.0
-    model, _ = trained(xn, y)
-    eg.recalibrate(model, (xn, y), batch_size=BATCH, progress=False)
+    model = healthy(xn, y)
     order = np.argsort(y, kind="stable")
     report = eg.diagnose(model, (xn[order], y[order]), batch_size=8, progress=False)
     name, value = top(report)
@@ -117,8 +121,7 @@ def test_small_batches_in_class_order(digits):
 def test_frozen_batchnorm_with_wrong_statistics(digits):
     x, y = digits
     xn = x / 255.0
-    model, _ = trained(xn, y)
-    eg.recalibrate(model, (xn, y), batch_size=BATCH, progress=False)
+    model = healthy(xn, y)
     bn = model.get_layer("bn1")
     bn.trainable = False
     bn.moving_mean.assign(bn.moving_mean.numpy() + 2.0 * np.sqrt(bn.moving_variance.numpy()))
@@ -145,8 +148,7 @@ def test_epoch_averaged_fit_metric(digits):
 def test_validation_data_term_and_outputs(digits, tmp_path):
     x, y = digits
     xn = x / 255.0
-    model, _ = trained(xn[:840], y[:840])
-    eg.recalibrate(model, (xn[:840], y[:840]), batch_size=BATCH, progress=False)
+    model = healthy(xn[:840], y[:840])
     report = eg.diagnose(model, (xn[:840], y[:840]), batch_size=BATCH, val_data=(xn[840:], y[840:]), progress=False)
     d = report.decompositions["accuracy"]
     assert d.terms["data"] == pytest.approx(d.values["E"] - d.values["E_val"])

@@ -61,6 +61,15 @@ def train(model, x, y, epochs=4, size=BATCH, lr=1e-2, seed=0):
     return correct / len(x)
 
 
+def healthy(x, y, **kw):
+    """A model trained on x and recalibrated: its moving statistics are the population's."""
+    torch.manual_seed(0)
+    model = net(**kw)
+    train(model, x, y)
+    eg.recalibrate(model, batches(x, y), progress=False)
+    return model
+
+
 def top(report):
     assert report.causes, str(report)
     return report.causes[0]
@@ -90,10 +99,7 @@ def test_stale_running_statistics_and_raw_inputs(digits):
 def test_heavy_dropout(digits):
     x, y = digits
     xn = x / 255.0
-    torch.manual_seed(0)
-    model = net(dropout=0.7)
-    train(model, xn, y)
-    eg.recalibrate(model, batches(xn, y), progress=False)
+    model = healthy(xn, y, dropout=0.7)
     rng = torch.random.get_rng_state()
     report = eg.diagnose(model, batches(xn, y), progress=False)
     assert torch.equal(torch.random.get_rng_state(), rng)  # dropout's draws leave no trace
@@ -105,10 +111,7 @@ def test_heavy_dropout(digits):
 def test_small_batches_in_class_order(digits):
     x, y = digits
     xn = x / 255.0
-    torch.manual_seed(0)
-    model = net()
-    train(model, xn, y)
-    eg.recalibrate(model, batches(xn, y), progress=False)
+    model = healthy(xn, y)
     order = torch.argsort(y, stable=True)
     report = eg.diagnose(model, batches(xn[order], y[order], size=8), progress=False)
     name, value = top(report)
@@ -119,10 +122,7 @@ def test_small_batches_in_class_order(digits):
 def test_frozen_batchnorm_with_wrong_statistics(digits):
     x, y = digits
     xn = x / 255.0
-    torch.manual_seed(0)
-    model = net()
-    train(model, xn, y)
-    eg.recalibrate(model, batches(xn, y), progress=False)
+    model = healthy(xn, y)
     bn = model[4]
     with torch.no_grad():
         bn.running_mean += 2.0 * bn.running_var.sqrt()
@@ -150,10 +150,7 @@ def test_epoch_averaged_fit_metric(digits):
 def test_custom_loss_metrics_and_validation_term(digits):
     x, y = digits
     xn = x / 255.0
-    torch.manual_seed(0)
-    model = net()
-    train(model, xn[:840], y[:840])
-    eg.recalibrate(model, batches(xn[:840], y[:840]), progress=False)
+    model = healthy(xn[:840], y[:840])
     top2 = {"top2": lambda o, t: (o.topk(2, 1).indices == t[:, None]).any(1).float().mean()}
     report = eg.diagnose(
         model, batches(xn[:840], y[:840]), loss_fn=lambda o, t: nn.functional.cross_entropy(o, t), metrics=top2,
