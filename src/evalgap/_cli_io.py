@@ -33,6 +33,8 @@ def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if not getattr(args, "tfds", None) and (args.tfds_data_dir or args.tfds_manual_dir or args.download):
+        raise DataError("--tfds-data-dir, --tfds-manual-dir and --download go with --tfds NAME.")
     if getattr(args, "npz", None):
         x, y = load_npz(args.npz)
         return x, y, args.npz
@@ -44,6 +46,8 @@ def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     else:
         s = load_image_folder(args.data, args.image_size, limit_per_class=args.limit_per_class, skip_bad=args.skip_bad)
     note = f"{s.source}: {len(s)} images, {len(s.class_names)} classes"
+    if s.converted:
+        note += f", {s.converted} converted to RGB (grayscale, RGBA, ...)"
     if s.skipped:
         note += f", {len(s.skipped)} unreadable file(s) left out"
     return s.images, s.labels, note

@@ -83,3 +83,24 @@ def test_healthy_report_says_so():
     report = build_report({"accuracy": d}, None, Context(framework="torch", api="evalgap.torch", samples=10, batch_size=5))
     assert report.causes == [] and "No significant cause" in str(report)
     assert report.finding("no_batchnorm") is not None
+
+
+def test_interrupted_writes_leave_no_half_file(tmp_path, monkeypatch):
+    from evalgap import plots, report as report_module
+
+    target = tmp_path / "out.png"
+    fig = plots.accuracy_by_epoch({"accuracy": [0.1, 0.2]}, "t")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig, "savefig", boom)
+    with pytest.raises(KeyboardInterrupt):
+        plots.save_figure(fig, target)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
+    target = tmp_path / "r.json"
+    target.write_text("previous")
+    monkeypatch.setattr(report_module.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        report_module._atomic_write(target, "new")
+    assert target.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["r.json"]

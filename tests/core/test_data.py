@@ -160,3 +160,24 @@ def test_corrupt_bytes_give_a_named_error_or_are_skipped(tmp_path_factory, blob,
         assert "zz" in str(exc)
         s = load_image_folder(root, 8, cache=False, skip_bad=True)
         assert len(s) == 1 and s.skipped == [str(bad)]
+
+
+def test_tfds_checksum_mismatch_is_explained(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class NonMatchingChecksumError(Exception):
+        pass
+
+    class FakeBuilder:
+        data_dir = str(tmp_path)
+
+        def is_prepared(self):
+            return False
+
+        def download_and_prepare(self):
+            raise NonMatchingChecksumError("UCMerced_LandUse.zip: sha256 differs")
+
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: FakeBuilder())
+    monkeypatch.setattr(tfds_source, "reachable", lambda *a, **k: True)
+    with pytest.raises(DataError, match="checksum.*--tfds-manual-dir"):
+        load_tfds("uc_merced")

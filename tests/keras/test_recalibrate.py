@@ -268,3 +268,10 @@ def test_keras_applications_resnet50_inside_a_sequential_after_rescaling():
         np.testing.assert_allclose(got, var, rtol=1e-3, atol=1e-6 * var.max(), err_msg=bn.name)
     after = snapshot(model)
     assert {k for k in before if before[k] != after[k]} == {v.path for bn in bns for v in (bn.moving_mean, bn.moving_variance)}
+
+
+def test_fewer_samples_than_one_batch():
+    x, _ = far_data(10)
+    model = functional_model()
+    with pytest.raises(DataError, match="no full batch"):
+        eg.recalibrate(model, x, batch_size=32, progress=False)

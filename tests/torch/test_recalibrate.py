@@ -267,3 +267,14 @@ def test_non_finite_inputs_name_the_first_layer_and_restore():
     with pytest.raises(DataError, match="stem.1 received NaN or Inf.*the inputs"):
         eg.recalibrate(net, data, progress=False)
     assert state_snapshot(net) == before
+
+
+def test_every_layer_frozen_changes_nothing_and_says_so():
+    net = mixed_model()
+    for _, bn in eg.find_batchnorms(net):
+        bn.eval()
+    before = state_snapshot(net)
+    result = eg.recalibrate(net, far_batches(n=2), progress=False)
+    assert state_snapshot(net) == before
+    assert {layer.status for layer in result.layers} == {"frozen"} and not result.recalibrated
+    assert any("include_frozen=True" in n for n in result.notes)

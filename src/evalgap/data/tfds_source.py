@@ -72,7 +72,16 @@ def load_tfds(
                 "class> (e.g. UCMerced_LandUse/Images), or put the official zip in a folder and pass "
                 "--tfds-manual-dir <that folder>; or --download to try anyway."
             )
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except Exception as exc:  # network errors, NonMatchingChecksumError, disk full, ...
+            hint = (
+                " The downloaded file does not match tfds's recorded checksum (a changed or truncated download): "
+                "delete it from the downloads folder and retry, or use the official zip with --tfds-manual-dir."
+                if "checksum" in f"{type(exc).__name__} {exc}".lower()
+                else " Use a local copy instead: --data <folder> or --tfds-manual-dir <folder with the zip>."
+            )
+            raise DataError(f"tfds could not download and prepare {name!r} ({type(exc).__name__}: {exc}).{hint}") from exc
     ds = builder.as_dataset(split=split)
     names = builder.info.features["label"].names
     images, labels, count = [], [], {}
