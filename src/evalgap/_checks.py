@@ -32,8 +32,19 @@ def check_finite(layers: Sequence[tuple[str, ChannelMoments | None]]) -> None:
             )
 
 
+def check_label_dtype(y) -> None:
+    """Labels must be numbers (class indices or one-hot vectors), not strings or objects."""
+    y = np.asarray(y)
+    if y.dtype.kind in "USO":
+        raise DataError(
+            f"labels must be numbers (class indices or one-hot vectors), got {y.dtype} values such as {y.ravel()[:3].tolist()}: "
+            "encode them, e.g. with the sorted class names as indices."
+        )
+
+
 def check_labels(y: np.ndarray, classes: int) -> None:
-    """Integer class labels must lie in [0, classes)."""
+    """Numeric integer class labels that lie in [0, classes)."""
+    check_label_dtype(y)
     y = np.asarray(y)
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and y.size and np.all(np.mod(y, 1) == 0):

@@ -176,5 +176,7 @@ def test_no_batchnorm_all_frozen_bad_labels_and_generators(digits):
     assert [layer.status for layer in r.layers] == ["frozen", "frozen"] and not r.recalibrated
     with pytest.raises(DataError, match=r"\[0, 10\)"):
         eg.diagnose(net(), (xn, yn + 10), batch_size=BATCH, progress=False)
+    with pytest.raises(DataError, match="labels must be numbers"):
+        eg.diagnose(net(), (xn, np.array([f"class{i}" for i in yn])), batch_size=BATCH, progress=False)
     with pytest.raises(DataError, match="re-iterable"):
         eg.PreciseBN(b for b in [(xn, yn)])

@@ -24,7 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from .._checks import check_labels
+from .._checks import check_label_dtype, check_labels
 from ..attribution import decompose
 from ..diagnosis import Context, InputScale, build_report
 from ..errors import DataError, ModelError
@@ -200,6 +200,8 @@ def diagnose(
         :class:`evalgap.Report`. The model is left exactly as it was: every variable, its
         modes and attributes, also on error.
     """
+    if isinstance(data, tuple) and len(data) >= 2 and hasattr(data[1], "dtype"):
+        check_label_dtype(data[1])  # before Keras's adapter fails on it with "Invalid dtype"
     stream, size, how = batches(data, batch_size, targets=True)
     first = first_batch(stream)
     if first is None:
@@ -257,7 +259,7 @@ def diagnose(
     p_preds = e_preds if measured is None else [predictor(x, substituted(measured.population()), False) for x in xs]
     training_only = [name for name, layer in walk(model) if any(t in type(layer).__name__ for t in TRAINING_ONLY_TOKENS)]
     t_preds = [predictor(x, current, True) for x in xs] if training_only else td_preds
-    if e_preds[0].ndim >= 2 and e_preds[0].shape[-1] > 1 and all(y.shape != p.shape for y, p in zip(ys[:1], e_preds[:1])):
+    if e_preds[0].ndim >= 2 and e_preds[0].shape[-1] > 1 and ys[0].shape != e_preds[0].shape:
         for y in ys:
             check_labels(y, e_preds[0].shape[-1])
     metrics = _Metrics(model, ys[0], e_preds[0])
