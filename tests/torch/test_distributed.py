@@ -92,3 +92,11 @@ def test_two_ranks_equal_one_process_over_the_union(tmp_path):
     for var_key in ("1.running_var",):  # the first layer, where the ranks' means differ most
         error = np.abs(r0["averaged"][var_key].numpy() / ref[var_key].double().numpy() - 1)
         assert error.max() > 0.15, (var_key, error)
+
+
+def test_process_group_without_an_initialized_backend_is_an_error():
+    from evalgap import DistributedError
+
+    model = make_model()
+    with pytest.raises(DistributedError, match="init_process_group"):
+        eg.recalibrate(model, rank_batches(0), progress=False, process_group=object())

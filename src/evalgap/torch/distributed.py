@@ -17,12 +17,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..errors import DistributedError
 from ..stats import ChannelMoments, first_means, from_shifted_sums, shifted_sums
 
 
 def active_group(process_group=None):
-    """``(group, world_size, rank)`` when a multi-process group is in use, else ``None``."""
+    """``(group, world_size, rank)`` when a multi-process group is in use, else ``None``.
+
+    A ``process_group`` given while ``torch.distributed`` is not initialized is a mistake
+    (the statistics would silently stay per process): :class:`evalgap.DistributedError`.
+    """
     if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise DistributedError(
+                "process_group was given but torch.distributed is not initialized: call "
+                "torch.distributed.init_process_group(...) on every rank first, or drop process_group."
+            )
         return None
     world = dist.get_world_size(process_group)
     if world <= 1:
