@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +22,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="let tfds download even if the network check fails")
     p.add_argument("--image-size", type=int, default=256, help="images are resized with padding to S x S (default 256)")
     p.add_argument("--batch-size", type=int, default=32, help="the training batch size (default 32)")
-    p.add_argument("--max-samples", type=int, default=None, help="use at most N samples (whole batches)")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most N samples: whole batches drawn at random from all of the data")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled batches (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="batch the images in the order they are read, instead of shuffled as fit does")
     p.add_argument("--limit-per-class", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (counted) instead of failing")
 
@@ -51,12 +53,6 @@ def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     if s.skipped:
         note += f", {len(s.skipped)} unreadable file(s) left out"
     return s.images, s.labels, note
-
-
-def keras_batches(x: np.ndarray, y: np.ndarray, batch_size: int, max_samples: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    n = len(x) if max_samples is None else min(len(x), max_samples)
-    for i in range(0, n - n % batch_size if n >= batch_size else n, batch_size):
-        yield x[i : i + batch_size].astype("float32"), y[i : i + batch_size]
 
 
 def load_keras_model(path: str):
@@ -92,11 +88,17 @@ def load_torch_model(spec: str, weights: str | None):
     return model
 
 
-def torch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, max_samples: int | None) -> list[Any]:
+def torch_arrays(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+    """NCHW tensor view of NHWC images (no copy) and int64 labels, for batching by the torch adapter."""
     import torch
 
-    out = []
-    for xb, yb in keras_batches(x, y, batch_size, max_samples):
-        t = torch.from_numpy(np.ascontiguousarray(xb.transpose(0, 3, 1, 2) if xb.ndim == 4 else xb))
-        out.append((t, torch.from_numpy(np.asarray(yb)).long()))
-    return out
+    t = torch.from_numpy(np.asarray(x))
+    if t.dim() == 4:
+        t = t.permute(0, 3, 1, 2)
+    return t, torch.from_numpy(np.asarray(y)).long()
+
+
+def float_input(model, batch):
+    """``forward=`` for the CLI's torch path: images stay uint8 in memory, each batch becomes float32."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return model(x.float().contiguous())

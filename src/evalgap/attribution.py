@@ -21,7 +21,9 @@ Framework-free: numbers in, numbers out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
+
+from .errors import DataError, EvalgapError
 
 #: (term, minuend, subtrahend, meaning), in decomposition order.
 TERMS: tuple[tuple[str, str, str, str], ...] = (
@@ -67,7 +69,7 @@ class Decomposition:
     def __post_init__(self) -> None:
         missing = [m for m in ("T", "Td", "P", "E") if m not in self.values]
         if missing:
-            raise ValueError(f"{self.metric}: modes {missing} were not measured")
+            raise EvalgapError(f"{self.metric}: modes {missing} were not measured; a decomposition needs T, Td, P and E.")
 
     @property
     def top(self) -> str:
@@ -121,6 +123,31 @@ class Decomposition:
 
 def decompose(metric: str, values: dict[str, float]) -> Decomposition:
     return Decomposition(metric, {k: float(v) for k, v in values.items() if v is not None}, higher_is_better(metric))
+
+
+def is_accuracy_like(metric: str) -> bool:
+    """Accuracy and its variants (binary, categorical, sparse, top-k, per output): ``acc`` in the name."""
+    name = metric.lower()
+    return "acc" in name and not name.endswith("loss")
+
+
+def choose_primary(names: Sequence[str], given: Sequence[str], primary: str | None = None) -> str:
+    """The metric a report ranks causes by: one rule for every adapter and monitor.
+
+    ``primary`` if given (it must be measured); else the first accuracy-like metric; else
+    the first metric the user compiled or passed (``given``, in their order); else the loss.
+    """
+    if primary is not None:
+        if primary not in names:
+            raise DataError(f"primary={primary!r} is not measured; choose one of {list(names)}.")
+        return primary
+    candidates = [n for n in given if n in names] or [n for n in names if n != "loss" and not n.endswith("_loss")]
+    for name in candidates:
+        if is_accuracy_like(name):
+            return name
+    if candidates:
+        return candidates[0]
+    return "loss" if "loss" in names else names[0]
 
 
 @dataclass

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from ._files import atomic_write
 from .errors import DataError, EvalgapError
 
 
@@ -19,10 +20,15 @@ def _demo(args: argparse.Namespace) -> int:
     return run_keras_demo(epochs=args.epochs, out=args.out)
 
 
+def _batching(args: argparse.Namespace) -> dict:
+    """The data flags every command shares: batches of --batch-size, shuffled (--seed) unless --no-shuffle."""
+    return {"batch_size": args.batch_size, "max_samples": args.max_samples, "shuffle": not args.no_shuffle, "seed": args.seed}
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ._cli_io import keras_batches, load_arrays, load_keras_model, load_torch_model, torch_batches
+    from ._cli_io import float_input, load_arrays, load_keras_model, load_torch_model, torch_arrays
 
     if bool(args.model) == bool(args.torch_model):
         raise DataError("give either MODEL (a .keras file) or --torch-model module:factory [--weights file.pt], not both or neither.")
@@ -33,12 +39,12 @@ def _diagnose(args: argparse.Namespace) -> int:
         import evalgap.torch as eg
 
         model = load_torch_model(args.torch_model, args.weights)
-        report = eg.diagnose(model, torch_batches(x, y, args.batch_size, args.max_samples), progress=not args.quiet)
+        report = eg.diagnose(model, torch_arrays(x, y), forward=float_input, **_batching(args), primary=args.primary, progress=not args.quiet)
     else:
         import evalgap.keras as eg
 
         model = load_keras_model(args.model)
-        report = eg.diagnose(model, keras_batches(x, y, args.batch_size, args.max_samples), progress=not args.quiet)
+        report = eg.diagnose(model, (x, y), **_batching(args), primary=args.primary, progress=not args.quiet)
     report.notes.insert(0, note)
     Console(width=None if sys.stdout.isatty() else 120).print(report)
     if args.json:
@@ -58,7 +64,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 def _recalibrate(args: argparse.Namespace) -> int:
     import os
 
-    from ._cli_io import keras_batches, load_arrays, load_keras_model
+    from ._cli_io import load_arrays, load_keras_model
 
     import evalgap.keras as eg
 
@@ -68,24 +74,20 @@ def _recalibrate(args: argparse.Namespace) -> int:
         raise DataError(f"-o must end in .keras (Keras's format), got {args.output}.")
     x, y, note = load_arrays(args)
     model = load_keras_model(args.model)
-    result = eg.recalibrate(model, keras_batches(x, y, args.batch_size, args.max_samples), progress=not args.quiet)
+    batching = _batching(args)
+    max_samples = batching.pop("max_samples")
+    max_batches = None if max_samples is None else max(1, max_samples // args.batch_size)
+    result = eg.recalibrate(model, (x, y), max_batches=max_batches, **batching, progress=not args.quiet)
     print(note)
     print(result)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    tmp = os.path.join(folder, f".evalgap-{os.getpid()}-{os.path.basename(args.output)}")
-    try:
-        model.save(tmp)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(args.output, model.save, suffix=".keras")
     print(f"recalibrated model written to {args.output}")
     return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
     from ._cli_io import load_arrays
-    from .seed.demo import demo_console
+    from .seed.common import demo_console
     from .seed.reproduce import VARIANTS, reproduce
 
     if args.epochs < 1:
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--json", metavar="FILE", help="write the report as JSON (schema evalgap.report/1)")
     diag.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with figures")
     diag.add_argument("--fail-over", type=float, metavar="POINTS", help="exit 1 when the accuracy gap exceeds POINTS")
+    diag.add_argument("--primary", metavar="METRIC", help="the metric to rank causes by (default: accuracy-like, else the first compiled metric, else the loss)")
     diag.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     diag.set_defaults(func=_diagnose)
 

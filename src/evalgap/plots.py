@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from typing import Mapping, Sequence
+
+from ._files import atomic_write
 
 
 def _pyplot():
@@ -36,16 +37,7 @@ def accuracy_by_epoch(series: Mapping[str, Sequence[float]], title: str, ylabel:
 
 def save_figure(fig, path: str | os.PathLike) -> str:
     """Write ``fig`` atomically (temporary file, then rename) and close it."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=os.path.splitext(path)[1] or ".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=os.path.splitext(os.fspath(path))[1] or ".png")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         _pyplot().close(fig)
-    return path

@@ -108,6 +108,9 @@ class Recalibration:
     ``layers`` are in the order the layers were first called (forward order), then the
     layers no data reached. ``samples`` counts the examples forwarded, ``skipped_samples``
     those of ragged batches left out (a batch smaller than the first has other statistics).
+    ``batching`` says how the batches were drawn (shuffled arrays, the user's batches, ...);
+    ``batch_size_note`` where the batch size came from when the user did not give it
+    (``None`` when given).
     """
 
     framework: str
@@ -119,6 +122,8 @@ class Recalibration:
     skipped_samples: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    batching: str | None = None
+    batch_size_note: str | None = None
 
     # ---- selections --------------------------------------------------------------
     def by_status(self, status: Status) -> list[LayerRecalibration]:
@@ -196,6 +201,7 @@ class Recalibration:
             "skipped_batches": self.skipped_batches,
             "skipped_samples": self.skipped_samples,
             "seconds": self.seconds,
+            "batching": self.batching,
             "max_drift": self.max_drift,
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],

@@ -18,29 +18,14 @@ import html
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._files import atomic_write_text
 from .attribution import MODE_NAMES, TERMS, Decomposition, Finding, is_fraction
 from .recalibration import LARGE_DRIFT, Recalibration, render_plain
 
 SCHEMA = "evalgap.report/1"
-
-
-def _atomic_write(path: str | os.PathLike, text: str) -> str:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".evalgap-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 @dataclass
@@ -55,6 +40,8 @@ class Report:
     recalibration: Recalibration | None = None
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    probe: dict[str, Any] = field(default_factory=dict)
 
     # ---- numbers ------------------------------------------------------------------
     @property
@@ -123,13 +110,15 @@ class Report:
                 for layer in self.recalibration.layers
             ],
             "notes": list(self.notes),
+            "probe": dict(self.probe),
+            "seconds": self.seconds,
         }
 
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
         """The report as JSON (schema ``evalgap.report/1``); written atomically to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=indent, default=float)
         if path is not None:
-            _atomic_write(path, text)
+            atomic_write_text(path, text)
         return text
 
     # ---- text ---------------------------------------------------------------------
@@ -268,4 +257,4 @@ class Report:
             + "".join(imgs)
             + f"<pre>{html.escape(str(self))}</pre></body></html>"
         )
-        return _atomic_write(path, page)
+        return atomic_write_text(path, page)

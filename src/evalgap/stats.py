@@ -109,6 +109,28 @@ class ChannelMoments:
         return cls(count, mean, np.maximum(var, 0.0) * count)
 
     @classmethod
+    def from_batches(cls, counts: Any, means: Any, variances: Any) -> "ChannelMoments":
+        """The union of k batches at once: ``counts`` (k,), ``means`` and biased ``variances`` (k, C).
+
+        ``mean = sum n_b mu_b / N`` and ``M2 = sum n_b var_b + sum n_b (mu_b - mean)^2``, in
+        float64: the same exact result as merging the batches one by one, in one vector step.
+        """
+        n = np.asarray(counts, dtype=np.float64).reshape(-1)
+        mu = np.asarray(means, dtype=np.float64)
+        var = np.maximum(np.asarray(variances, dtype=np.float64), 0.0)
+        if mu.ndim != 2 or mu.shape != var.shape or mu.shape[0] != n.shape[0]:
+            raise EvalgapError(f"from_batches needs counts (k,), means and variances (k, C); got {n.shape}, {mu.shape}, {var.shape}.")
+        for c in n:
+            _check_count(c)
+        total = float(n.sum())
+        if total == 0:
+            return cls.empty(mu.shape[1])
+        w = n[:, None]
+        mean = (w * mu).sum(axis=0) / total
+        m2 = (w * var).sum(axis=0) + (w * (mu - mean) ** 2).sum(axis=0)
+        return cls(int(total), mean, m2)
+
+    @classmethod
     def from_sums(cls, count: int, total: Any, total_sq: Any, shift: Any = 0.0) -> "ChannelMoments":
         """From per-channel sums ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)``.
 

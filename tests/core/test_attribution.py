@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from evalgap.attribution import decompose, higher_is_better, is_fraction
 from evalgap.diagnosis import Context, InputScale, build_report
+from evalgap.keras.remedies import KerasRemedies
+from evalgap.torch.remedies import TorchRemedies
 from evalgap.recalibration import LayerRecalibration, Recalibration
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
@@ -55,7 +57,7 @@ def _recal():
 def test_report_names_causes_with_remedies_and_serializes(tmp_path):
     d = decompose("accuracy", {"F": 0.7243, "T": 0.74, "Td": 0.74, "P": 0.735, "E": 0.2548})
     ctx = Context(
-        framework="keras/jax", api="evalgap.keras", samples=2100, batch_size=96,
+        framework="keras/jax", remedies=KerasRemedies(), samples=2100, batch_size=96,
         input_scale=InputScale.measure(np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3)).astype("float32"), -1),
         momenta=[0.99] * 53, steps_per_epoch=22, epochs=7,
     )
@@ -80,13 +82,14 @@ def test_report_names_causes_with_remedies_and_serializes(tmp_path):
 
 def test_healthy_report_says_so():
     d = decompose("accuracy", {"T": 0.95, "Td": 0.95, "P": 0.948, "E": 0.947})
-    report = build_report({"accuracy": d}, None, Context(framework="torch", api="evalgap.torch", samples=10, batch_size=5))
+    report = build_report({"accuracy": d}, None, Context(framework="torch", remedies=TorchRemedies(), samples=10, batch_size=5))
     assert report.causes == [] and "No significant cause" in str(report)
     assert report.finding("no_batchnorm") is not None
 
 
 def test_interrupted_writes_leave_no_half_file(tmp_path, monkeypatch):
     from evalgap import plots, report as report_module
+    from evalgap._files import atomic_write_text
 
     target = tmp_path / "out.png"
     fig = plots.accuracy_by_epoch({"accuracy": [0.1, 0.2]}, "t")
@@ -102,5 +105,5 @@ def test_interrupted_writes_leave_no_half_file(tmp_path, monkeypatch):
     target.write_text("previous")
     monkeypatch.setattr(report_module.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
-        report_module._atomic_write(target, "new")
+        atomic_write_text(target, "new")
     assert target.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["r.json"]

@@ -92,7 +92,9 @@ def test_stale_moving_statistics_and_raw_inputs(digits):
 def test_healthy_normalized_model_has_no_cause(digits):
     x, y = digits
     xn = x / 255.0
-    model = healthy(xn, y)
+    # trained to 0.8+ accuracy: a model at 0.6 has so many samples near its decision boundaries that batch
+    # statistics of other random batches of 120 move it by up to 1.5 points (a real effect, not a healthy model)
+    model = healthy(xn, y, epochs=8)
     report = eg.diagnose(model, (xn, y), batch_size=BATCH, progress=False)
     assert abs(report.gap_points) < 1.0 and not report.causes, str(report)
     assert report.finding("input_scale") is None
@@ -112,7 +114,7 @@ def test_small_batches_in_class_order(digits):
     xn = x / 255.0
     model = healthy(xn, y)
     order = np.argsort(y, kind="stable")
-    report = eg.diagnose(model, (xn[order], y[order]), batch_size=8, progress=False)
+    report = eg.diagnose(model, (xn[order], y[order]), batch_size=8, shuffle=False, progress=False)  # trained in this order
     name, value = top(report)
     assert name == "batch_statistics" and value < -0.05, str(report)  # batch statistics hurt
     assert [k for k, _ in report.causes] == ["batch_statistics"]
@@ -138,8 +140,11 @@ def test_epoch_averaged_fit_metric(digits):
     keras.utils.set_random_seed(0)
     model = net()
     history = model.fit(xn, y, batch_size=40, epochs=1, verbose=0)  # 42 steps: the weights move fast in epoch 1
-    eg.recalibrate(model, (xn, y), batch_size=40, progress=False)
-    report = eg.diagnose(model, (xn, y), batch_size=40, history=history, progress=False)
+    # the digits are already in random order, so their own order is one random draw of batches; other
+    # draws put this barely trained model's (accuracy 0.44) batch-statistics term at the 1-point threshold
+    # (-0.7 to -1.3 points on TensorFlow), which is not what this test plants
+    eg.recalibrate(model, (xn, y), batch_size=40, shuffle=False, progress=False)
+    report = eg.diagnose(model, (xn, y), batch_size=40, history=history, shuffle=False, progress=False)
     name, value = top(report)
     assert name == "epoch_average" and value < -0.05, str(report)  # the running average lags behind
     assert [k for k, _ in report.causes] == ["epoch_average"]

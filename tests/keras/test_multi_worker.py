@@ -30,7 +30,7 @@ WORKER = textwrap.dedent(
     with strategy.scope():
         model = make()
     np.savez(os.path.join(out, f"weights{rank}.npz"), *model.get_weights())
-    r = eg.recalibrate(model, data(rank), batch_size=8, progress=False)
+    r = eg.recalibrate(model, data(rank), batch_size=8, shuffle=False, progress=False)
     bns = [bn for _, bn in eg.find_batchnorms(model)]
     json.dump({"stats": [[bn.moving_mean.numpy().tolist(), bn.moving_variance.numpy().tolist()] for bn in bns],
                "samples": r.samples, "batches": r.batches}, open(os.path.join(out, f"w{rank}.json"), "w"))
@@ -93,7 +93,7 @@ def test_two_workers_equal_one_process_over_the_union(tmp_path):
     single = common.make()
     weights = np.load(out / "weights0.npz")
     single.set_weights([weights[f"arr_{i}"] for i in range(len(weights.files))])
-    eg.recalibrate(single, np.concatenate([common.data(0), common.data(1)]), batch_size=8, progress=False)
+    eg.recalibrate(single, np.concatenate([common.data(0), common.data(1)]), batch_size=8, shuffle=False, progress=False)  # the workers' batches
     for (mean, var), (_, bn) in zip(w0["stats"], eg.find_batchnorms(single)):
         np.testing.assert_allclose(var, bn.moving_variance.numpy(), rtol=1e-5)
         np.testing.assert_allclose(mean, bn.moving_mean.numpy(), rtol=1e-5, atol=1e-5 * np.sqrt(np.max(var)))

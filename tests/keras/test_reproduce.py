@@ -37,3 +37,6 @@ def test_cpu_sized_reproduce_writes_what_it_printed(tmp_path, capsys, monkeypatc
     seed, fixed = data["variants"]["seed"]["epochs"], data["variants"]["precise-bn"]["epochs"]
     assert [r["loss"] for r in seed] == pytest.approx([r["loss"] for r in fixed], rel=1e-4)
     assert re.search(r"seed\s+│", printed)
+    # PreciseBN and the side measurement draw shuffled batches, as fit trains (the images load class by class)
+    for name in ("precise_bn", "precise_val"):
+        assert "shuffled with seed 0" in data["variants"]["precise-bn"]["batching"][name]

@@ -18,13 +18,13 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .._files import atomic_write
 from ..errors import DataError
 from .resize import resize_with_pad
 
@@ -155,11 +155,12 @@ def load_image_folder(
 
 def _save_cache(cache_file: Path, s: ImageSet) -> None:
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, images=s.images, labels=s.labels, classes=np.array(s.class_names), converted=s.converted, skipped=np.array(s.skipped, dtype=str))
-        os.replace(tmp, cache_file)
+        atomic_write(
+            cache_file,
+            lambda tmp: np.savez(tmp, images=s.images, labels=s.labels, classes=np.array(s.class_names), converted=s.converted,
+                                 skipped=np.array(s.skipped, dtype=str)),
+            suffix=".npz",
+        )
     except OSError as exc:  # a cache that cannot be written only costs time
         logger.warning("could not write the image cache %s: %s", cache_file, exc)
 

@@ -1,15 +1,27 @@
 """evalgap for Keras 3 (TensorFlow, JAX and PyTorch backends).
 
-``import evalgap.keras as eg; eg.recalibrate(model, data)``; in ``fit``:
-``callbacks=[eg.PreciseBN(train_data)]``.
+``import evalgap.keras as eg; eg.recalibrate(model, data)``; ``eg.diagnose(model, data)``; in
+``fit``: ``callbacks=[eg.PreciseBN(train_data), eg.GapMonitor(train_data)]``.
 """
 
 from __future__ import annotations
 
-from ._layers import find_batchnorms, is_frozen
-from .callbacks import PreciseBN
-from .diagnose import diagnose
-from .monitor import GapMonitor
-from .precise_bn import recalibrate
+from typing import Any
 
-__all__ = ["recalibrate", "diagnose", "PreciseBN", "GapMonitor", "find_batchnorms", "is_frozen"]
+_PUBLIC = {
+    "recalibrate": ".api", "diagnose": ".api", "PreciseBN": ".callbacks", "GapMonitor": ".callbacks",
+    "find_batchnorms": ".layers", "is_frozen": ".layers",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    """The public API, imported on first use (so that ``evalgap.keras.remedies`` needs no framework)."""
+    if name in _PUBLIC:
+        import importlib
+
+        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,7 @@ class PreciseValidation(keras.callbacks.Callback):
     def __init__(self, data: Any, val_data: Any, *, batch_size: int | None = None, every: int = 1):
         super().__init__()
         self.data, self.val_data, self.batch_size, self.every = data, val_data, batch_size, max(1, int(every))
+        self.last = None  # the latest Recalibration
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
@@ -28,7 +29,7 @@ class PreciseValidation(keras.callbacks.Callback):
         bns = [bn for _, bn in find_batchnorms(self.model)]
         saved = [(v, v.numpy()) for bn in bns for v in (bn.moving_mean, bn.moving_variance)]
         try:
-            recalibrate(self.model, self.data, batch_size=self.batch_size, progress=False)
+            self.last = recalibrate(self.model, self.data, batch_size=self.batch_size, progress=False)
             x, y = self.val_data
             metrics = self.model.evaluate(x, y, batch_size=self.batch_size, verbose=0, return_dict=True)
         finally:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 from rich.console import Console
 
-from .demo import SEED_QUESTION, demo_console, epoch_table, plot_epochs
+from .common import SEED_QUESTION, demo_console, epoch_table, plot_epochs
 
 SAMPLES, BATCH, MOMENTUM = 1680, 120, 0.99
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from .._files import atomic_write, atomic_write_text
 from ..errors import DataError
 
 SEED_EPOCHS = (1, 2, 3, 4, 5, 6, 7)
@@ -108,8 +108,13 @@ def run_variant(
     on_epoch=None,
     seed: int = 0,
     precise_every: int = 1,
+    info: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
-    """Train one variant with validation data = training data; return its per-epoch logs."""
+    """Train one variant with validation data = training data; return its per-epoch logs.
+
+    ``info`` (a dict, if given) receives how PreciseBN and the precise measurement drew their
+    batches (``batching``): shuffled as fit draws them, with seed 0.
+    """
     import contextlib
 
     import keras
@@ -137,27 +142,16 @@ def run_variant(
             if on_epoch is not None:
                 on_epoch(variant, row)
 
-    callbacks: list[Any] = []
+    measuring: dict[str, Any] = {}
     if variant.precise_bn:
-        callbacks.append(PreciseBN((images, labels), batch_size=bs, verbose=0))
+        measuring["precise_bn"] = PreciseBN((images, labels), batch_size=bs, verbose=0)
     if precise_every > 0:
-        callbacks.append(PreciseValidation((images, labels), (images, labels), batch_size=bs, every=precise_every))
-    callbacks.append(Collect())
+        measuring["precise_val"] = PreciseValidation((images, labels), (images, labels), batch_size=bs, every=precise_every)
+    callbacks = [*measuring.values(), Collect()]
     model.fit(images, labels, batch_size=bs, epochs=epochs, validation_data=(images, labels), callbacks=callbacks, verbose=0, shuffle=True)
+    if info is not None:
+        info["batching"] = {name: cb.last.batching for name, cb in measuring.items() if cb.last is not None}
     return logs
-
-
-def _atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".evalgap-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def summary_table(results: dict[str, list[dict[str, float]]], epochs: tuple[int, ...]) -> Table:
@@ -190,8 +184,6 @@ def reproduce(
     """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary."""
     import keras
 
-    from ..plots import _pyplot, save_figure
-
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise DataError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
@@ -199,6 +191,7 @@ def reproduce(
         raise DataError("no images to train on.")
     console = console or Console()
     results: dict[str, list[dict[str, float]]] = {}
+    infos: dict[str, dict[str, Any]] = {}
     console.print(
         f"The seed's job on {source or 'the given data'} ({images.shape[1]}x{images.shape[2]}): ResNet50(weights=None), Adam, validation data = training data, Keras {keras.__version__} "
         f"({keras.backend.backend()}), {epochs} epochs per variant."
@@ -219,7 +212,9 @@ def reproduce(
                 )
 
             console.print(f"[bold]{name}[/bold]: {v.description}")
-            results[name] = run_variant(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch, precise_every=precise_every)
+            infos[name] = {}
+            results[name] = run_variant(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
+                                        precise_every=precise_every, info=infos[name])
     data = {
         "source": source,
         "backend": keras.backend.backend(),
@@ -227,10 +222,23 @@ def reproduce(
         "image_size": int(images.shape[1]),
         "classes": int(classes),
         "epochs": epochs,
-        "variants": {n: {"description": VARIANTS[n].description, "batch_size": batch_size if batch_size and VARIANTS[n].batch_size == 96 else VARIANTS[n].batch_size, "momentum": VARIANTS[n].momentum, "inputs": VARIANTS[n].inputs, "precise_bn": VARIANTS[n].precise_bn, "epochs": logs} for n, logs in results.items()},
+        "variants": {n: {"description": VARIANTS[n].description, "batch_size": batch_size if batch_size and VARIANTS[n].batch_size == 96 else VARIANTS[n].batch_size, "momentum": VARIANTS[n].momentum, "inputs": VARIANTS[n].inputs, "precise_bn": VARIANTS[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
     }
+    json_path, csv_path, png_path = _write_outputs(results, data, out)
+    seed_epochs = tuple(e for e in SEED_EPOCHS if e <= epochs) or (epochs,)
+    if epochs > 7:
+        seed_epochs = seed_epochs + tuple(e for e in (10, 20, 50) if e <= epochs and e not in seed_epochs)
+    console.print(summary_table(results, seed_epochs))
+    console.print(f"Written: {json_path}, {csv_path}, {png_path}")
+    return data
+
+
+def _write_outputs(results: dict[str, list[dict[str, float]]], data: dict[str, Any], out: str) -> tuple[str, str, str]:
+    """reproduce.json, reproduce.csv and reproduce.png in ``out``, each written atomically."""
+    from ..plots import _pyplot, save_figure
+
     json_path, csv_path, png_path = (os.path.join(out, f) for f in ("reproduce.json", "reproduce.csv", "reproduce.png"))
-    _atomic(json_path, lambda p: open(p, "w").write(json.dumps(data, indent=2)))
+    atomic_write_text(json_path, json.dumps(data, indent=2))
 
     def write_csv(p):
         keys = ["variant", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "precise_val_loss", "precise_val_accuracy", "seconds"]
@@ -241,7 +249,7 @@ def reproduce(
                 for row in logs:
                     w.writerow({"variant": n, **row})
 
-    _atomic(csv_path, write_csv)
+    atomic_write(csv_path, write_csv, suffix=".csv")
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.4), sharey=True, squeeze=False)
     for ax, (n, logs) in zip(axes[0], results.items()):
@@ -258,9 +266,4 @@ def reproduce(
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, png_path)
-    seed_epochs = tuple(e for e in SEED_EPOCHS if e <= epochs) or (epochs,)
-    if epochs > 7:
-        seed_epochs = seed_epochs + tuple(e for e in (10, 20, 50) if e <= epochs and e not in seed_epochs)
-    console.print(summary_table(results, seed_epochs))
-    console.print(f"Written: {json_path}, {csv_path}, {png_path}")
-    return data
+    return json_path, csv_path, png_path

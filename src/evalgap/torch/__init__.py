@@ -1,13 +1,27 @@
 """evalgap for native PyTorch: exact BatchNorm recalibration and diagnosis of the train/eval gap.
 
-``import evalgap.torch as eg; eg.recalibrate(model, loader)``
+``import evalgap.torch as eg; eg.recalibrate(model, loader)``; ``eg.diagnose(model, loader)``;
+in a training loop ``eg.PreciseBN(loader)`` and ``eg.GapMonitor(loader)``.
 """
 
 from __future__ import annotations
 
-from .diagnose import diagnose
-from .hooks import PreciseBN
-from .monitor import GapMonitor
-from .precise_bn import find_batchnorms, is_frozen, recalibrate
+from typing import Any
 
-__all__ = ["recalibrate", "diagnose", "PreciseBN", "GapMonitor", "find_batchnorms", "is_frozen"]
+_PUBLIC = {
+    "recalibrate": ".api", "diagnose": ".api", "PreciseBN": ".callbacks", "GapMonitor": ".callbacks",
+    "find_batchnorms": ".layers", "is_frozen": ".layers",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    """The public API, imported on first use (so that ``evalgap.torch.remedies`` needs no framework)."""
+    if name in _PUBLIC:
+        import importlib
+
+        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ message each.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -51,21 +52,34 @@ def all_reduce_moments(parts: list[ChannelMoments | None], channels: list[int], 
     ``parts[i]`` is this rank's state for layer i (``None`` when no data reached it here).
     Returns the union's state per layer (``None`` when no rank saw data).
     """
-    device = _device_for(group)
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    # 1. the shift: rank 0's means, broadcast
-    shift = torch.as_tensor(first_means(parts, channels), dtype=torch.float64).to(device)
-    dist.broadcast(shift, src=src, group=group)
-    shift_np = shift.cpu().numpy()
-    # 2. (n, S1, S2) about the shift, all layers in one all-reduce
-    payload = torch.as_tensor(shifted_sums(parts, channels, shift_np), dtype=torch.float64).to(device)
-    dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
-    return from_shifted_sums(payload.cpu().numpy(), channels, shift_np)
+    c = TorchCollective(group, dist.get_world_size(group), dist.get_rank(group))
+    shift = c.broadcast(first_means(parts, channels))
+    return from_shifted_sums(c.sum(shifted_sums(parts, channels, shift)), channels, shift)
 
 
-def all_reduce_sums(values: dict[str, float], group=None) -> dict[str, float]:
-    """Sum named floats over the ranks (for metrics: sums of per-sample values and counts)."""
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_device_for(group))
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return dict(zip(keys, t.cpu().tolist()))
+class TorchCollective:
+    """:class:`evalgap.engine.Collective` over a ``torch.distributed`` process group (float64 on the group's device)."""
+
+    def __init__(self, group, world: int, rank: int):
+        self.group, self.world, self.rank = group, world, rank
+        self.description = f"{world} processes"
+
+    def _tensor(self, vector: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(vector, dtype=np.float64)).to(_device_for(self.group))
+
+    def sum(self, vector: np.ndarray) -> np.ndarray:
+        t = self._tensor(vector)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t.cpu().numpy()
+
+    def broadcast(self, vector: np.ndarray) -> np.ndarray:
+        t = self._tensor(vector)
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast(t, src=src, group=self.group)
+        return t.cpu().numpy()
+
+
+def collective(process_group=None) -> TorchCollective | None:
+    """The collective for ``process_group`` (default: the initialized default group) when it spans several processes."""
+    group = active_group(process_group)
+    return None if group is None else TorchCollective(*group)

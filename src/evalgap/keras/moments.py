@@ -5,8 +5,8 @@ gets ``training=True``) while the model itself runs with ``training=False``, so 
 and other training-only layers are off. Each layer's own ``_moments`` (what it
 normalizes with in training) is wrapped to
 hand the per-channel ``(count, mean, biased variance)`` back as outputs of the pass
-(``synchronized=True`` layers compute ``E[x^2] - E[x]^2`` in float32, so for them the
-pass measures the moments again, two-pass).
+(``synchronized=True`` layers, and every layer on the torch backend, compute
+``E[x^2] - E[x]^2`` in float32, so for them the pass measures the variance again, two-pass).
 *Observed* layers (frozen, not recalibrated) run as in training, in inference mode, and
 only have their input's moments measured.
 
@@ -29,39 +29,49 @@ from keras import ops
 _CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple, MomentsPass]]" = weakref.WeakKeyDictionary()
 
 
-def moments_pass(model, targets: list, observed: list) -> "MomentsPass":
-    """The (cached) :class:`MomentsPass` for this model and these layers."""
-    key = (keras.backend.backend(), tuple(id(layer) for layer in targets), tuple(id(layer) for layer in observed))
+def moments_pass(model, layers: list, batch_statistics: list[bool]) -> "MomentsPass":
+    """The (cached) :class:`MomentsPass` for this model and these BN layers.
+
+    ``batch_statistics[i]``: layer i normalizes by batch statistics (else it runs as in
+    training, in inference mode when frozen, and only its input's moments are measured).
+    Capture indices are positions in ``layers``.
+    """
+    key = (keras.backend.backend(), tuple(id(layer) for layer in layers), tuple(batch_statistics))
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = MomentsPass(model, targets, observed)
+        per_model[key] = MomentsPass(model, layers, batch_statistics)
     return per_model[key]
 
 
 class MomentsPass:
     """Context manager: patch the layers, run batches, unpatch. Get one with :func:`moments_pass`.
 
-    ``run(x)`` returns ``(captures, y_pred)``: a list of ``(layer_index, count, mean, var)``
-    with backend tensors, one entry per layer call in forward order (a shared layer appears
-    once per call), and the model's output in this mode (BN on batch statistics, dropout off).
+    Entering gives ``run(batch)``, which returns ``(captures, (y_pred, losses))``: a list of
+    ``(layer_index, count, mean, var)`` with backend tensors, one entry per layer call in
+    forward order (a shared layer appears once per call), the model's output in this mode
+    (BN on batch statistics, dropout off) and its losses (regularization, ``add_loss``).
     """
 
-    def __init__(self, model, targets: list, observed: list):
+    def __init__(self, model, layers: list, batch_statistics: list[bool]):
         self._model = weakref.ref(model)
-        self.layers = list(targets) + list(observed)
-        self.targets = {id(layer) for layer in targets}
+        self.layers = list(layers)
+        self.targets = {id(layer) for layer, on_batch in zip(layers, batch_statistics) if on_batch}
         self.order: list[int] = []
         self._captures: list[tuple[int, Any, Any, Any]] = []
         self._saved: list[tuple[Any, dict]] = []
         self._step = None
 
     # ---- patching -----------------------------------------------------------------
-    def __enter__(self) -> "MomentsPass":
-        for index, layer in enumerate(self.layers):
-            saved = {k: layer.__dict__[k] for k in ("call", "_moments") if k in layer.__dict__}
-            self._saved.append((layer, saved))
-            self._patch(index, layer)
-        return self
+    def __enter__(self):
+        try:
+            for index, layer in enumerate(self.layers):
+                saved = {k: layer.__dict__[k] for k in ("call", "_moments") if k in layer.__dict__}
+                self._saved.append((layer, saved))
+                self._patch(index, layer)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.run
 
     def __exit__(self, *exc) -> None:
         for layer, saved in self._saved:
@@ -73,11 +83,14 @@ class MomentsPass:
     def _patch(self, index: int, layer) -> None:
         orig_call, orig_moments, captures = layer.call, layer._moments, self._captures
 
+        two_pass = getattr(layer, "synchronized", False) or keras.backend.backend() == "torch"
+
         def moments(inputs, mask):
             mean, var = orig_moments(inputs, mask)
-            if getattr(layer, "synchronized", False) and mask is None:
-                # the synchronized path computes E[x^2] - E[x]^2 in float32; measure two-pass
-                captures.append((index, _count(inputs, mask, layer.axis), *ops.moments(inputs, axes=layer._reduction_axes)))
+            if two_pass and mask is None:
+                # E[x^2] - E[x]^2 in float32 (synchronized layers; every layer on the torch backend) loses
+                # digits when |mean| >> std: measure the variance two-pass
+                captures.append((index, _count(inputs, mask, layer.axis), mean, ops.var(inputs, axis=layer._reduction_axes)))
             else:
                 captures.append((index, _count(inputs, mask, layer.axis), mean, var))
             return mean, var
@@ -109,9 +122,9 @@ class MomentsPass:
         if trainable is None:  # tf.function: read the variables inside the graph
             trainable = [v.value for v in model.trainable_variables]
             non_trainable = [v.value for v in model.non_trainable_variables]
-        y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+        y_pred, _, losses = model.stateless_call(trainable, non_trainable, x, training=False, return_losses=True)
         self.order = [c[0] for c in self._captures]
-        return [(c[1], _flat(c[2]), _flat(c[3])) for c in self._captures], y_pred
+        return [(c[1], _flat(c[2]), _flat(c[3])) for c in self._captures], y_pred, list(losses)
 
     def _compiled(self):
         if self._step is None:
@@ -128,7 +141,8 @@ class MomentsPass:
                 self._step = self._raw_step
         return self._step
 
-    def run(self, x) -> tuple[list[tuple[int, Any, Any, Any]], Any]:
+    def run(self, batch) -> tuple[list[tuple[int, Any, Any, Any]], Any]:
+        x = batch.inputs
         model = self._model()
         backend = keras.backend.backend()
         if backend == "tensorflow":
@@ -140,10 +154,10 @@ class MomentsPass:
             import torch
 
             with torch.no_grad():
-                out, y_pred = self._compiled()(trainable, non_trainable, x)
+                out, y_pred, losses = self._compiled()(trainable, non_trainable, x)
         else:
-            out, y_pred = self._compiled()(trainable, non_trainable, x)
-        return [(index, *values) for index, values in zip(self.order, out)], y_pred
+            out, y_pred, losses = self._compiled()(trainable, non_trainable, x)
+        return [(index, *values) for index, values in zip(self.order, out)], (y_pred, losses)
 
 
 def _flat(t):

@@ -1,0 +1,137 @@
+"""Cost of diagnose relative to one evaluation pass over the same data (target: <= 3.5x).
+
+Keras (each backend in its own process): ``keras.applications.ResNet50(weights=None)``,
+compiled with Adam, sparse categorical cross-entropy and accuracy; ``evalgap.keras.diagnose``
+over N arrays with batch B divided by ``model.evaluate`` over the same arrays and batch size.
+PyTorch: the same-shaped ResNet50 (``bench/_torch_resnet.py``); ``evalgap.torch.diagnose``
+over the batches divided by a plain eval loop (``model.eval()``, ``no_grad``, cross-entropy
+and accuracy). Median of R warm runs, interleaved; the first diagnose's extra time
+(tracing/compilation) is reported separately. ``--dropout`` adds a Dropout layer before the
+head, so the full training mode T is measured too (one more pass).
+
+    python bench/diagnose.py [--frameworks torch,tensorflow,jax,keras-torch] [--samples 128] [--batch-size 16] [--image-size 64] [--runs 3] [--dropout]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _timed(fns: dict, runs: int) -> dict:
+    times: dict = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def keras_child(args) -> dict:
+    import keras
+    import numpy as np
+
+    import evalgap.keras as eg
+
+    keras.utils.set_random_seed(0)
+    size = args.image_size
+    inp = keras.Input((size, size, 3))
+    h = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg")(inp)
+    if args.dropout:
+        h = keras.layers.Dropout(0.3)(h)
+    model = keras.Model(inp, keras.layers.Dense(21, activation="softmax")(h))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (args.samples, size, size, 3)).astype("float32")
+    y = rng.integers(0, 21, args.samples)
+
+    def evaluate():
+        model.evaluate(x, y, batch_size=args.batch_size, verbose=0)
+
+    def diagnose():
+        eg.diagnose(model, (x, y), batch_size=args.batch_size, progress=False)
+
+    t = time.perf_counter()
+    diagnose()
+    first = time.perf_counter() - t
+    evaluate()
+    med = _timed({"evaluate": evaluate, "diagnose": diagnose}, args.runs)
+    return {"framework": f"keras/{keras.backend.backend()}", **med, "first_extra": first - med["diagnose"]}
+
+
+def torch_child(args) -> dict:
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _torch_resnet import resnet50
+
+    import evalgap.torch as eg
+
+    torch.manual_seed(0)
+    model = resnet50(21)
+    if args.dropout:
+        model.fc = nn.Sequential(nn.Dropout(0.3), model.fc)
+    x = torch.rand(args.samples, 3, args.image_size, args.image_size) * 255
+    y = torch.randint(0, 21, (args.samples,))
+    batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, args.samples, args.batch_size)]
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        loss = correct = 0.0
+        for xb, yb in batches:
+            out = model(xb)
+            loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+            correct += float((out.argmax(1) == yb).sum())
+        model.train()
+        return loss / args.samples, correct / args.samples
+
+    def diagnose():
+        eg.diagnose(model, batches, progress=False)
+
+    t = time.perf_counter()
+    diagnose()
+    first = time.perf_counter() - t
+    med = _timed({"evaluate": evaluate, "diagnose": diagnose}, args.runs)
+    return {"framework": "torch", **med, "first_extra": first - med["diagnose"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frameworks", default="torch,tensorflow,jax,keras-torch")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--dropout", action="store_true")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(torch_child(args) if args.child == "torch" else keras_child(args)))
+        return
+    print(f"ResNet50 (weights=None), {args.samples} samples in batches of {args.batch_size}, {args.image_size}x{args.image_size}x3"
+          f"{', Dropout before the head' if args.dropout else ''}; median of {args.runs} warm runs")
+    print(f"{'framework':16s} {'evaluate s':>10s} {'diagnose s':>10s} {'ratio':>7s} {'first-call extra s':>19s}")
+    for fw in args.frameworks.split(","):
+        backend = {"keras-torch": "torch"}.get(fw, fw)
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        cmd = [sys.executable, __file__, "--child", "torch" if fw == "torch" else "keras", "--samples", str(args.samples),
+               "--batch-size", str(args.batch_size), "--image-size", str(args.image_size), "--runs", str(args.runs)]
+        cmd += ["--dropout"] if args.dropout else []
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{fw:16s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{r['framework']:16s} {r['evaluate']:10.3f} {r['diagnose']:10.3f} {r['diagnose'] / r['evaluate']:6.2f}x {r['first_extra']:19.1f}")
+
+
+if __name__ == "__main__":
+    main()

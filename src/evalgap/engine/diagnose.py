@@ -1,0 +1,201 @@
+"""The framework-free lifecycle of a diagnosis: the probe, the modes, the decomposition, the report.
+
+Passes over the same probe batches, at fixed weights (see :mod:`evalgap.attribution`):
+
+1. E: evaluation mode, current moving statistics (the model's own ``evaluate``);
+2. Td: the moments pass of :func:`evalgap.engine.recalibrate.measure` (BN on batch
+   statistics, dropout off), which also gives the exact population statistics;
+3. P: evaluation mode with the population statistics (a side copy or a stateless call);
+4. only with training-only layers: T, full training mode (frozen BN stays frozen);
+   only with frozen BN layers: P with those recalibrated too (their effect);
+   only with ``val_data``: E on the validation data.
+
+Metrics are the adapter's (the model's compiled ones, the user's), one fresh state per mode.
+The model is left exactly as it was: the adapter's passes and predictors change nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..attribution import choose_primary, decompose
+from ..diagnosis import Context, InputScale, build_report, label_mix
+from ..errors import DataError
+from ..report import Report
+from .batching import materialize, peek
+from .protocol import Adapter, BatchSource, Metrics, NormLayer
+from .recalibrate import assemble, measure
+
+
+@dataclass
+class Training:
+    """What the user knows about training: fit's last-epoch metrics (F) and the step counts."""
+
+    fit: Mapping[str, float] | float | None = None
+    steps_per_epoch: int | None = None
+    epochs: int | None = None
+    bn_updates: int | None = None
+
+
+@dataclass
+class _Run:
+    adapter: Adapter
+    model: Any
+    probe: Any
+    layers: list[NormLayer]
+    progress: bool
+    metric_options: dict = field(default_factory=dict)
+    metrics: Metrics | None = None
+    by_mode: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def score(self, mode: str, layers=(), stats=(), batches: Any = None) -> dict[str, float]:
+        """Loss and metrics of the batches (the probe by default) with the adapter's predictor."""
+        with self.adapter.predictor(self.model, mode, layers, stats) as predict:
+            state = None
+            for batch in self.probe if batches is None else batches:
+                outputs = predict(batch)
+                if self.metrics is None:
+                    self.metrics = self.adapter.metrics(self.model, batch, outputs, **self.metric_options)
+                if state is None:
+                    state = self.metrics.new()
+                state.update(batch, outputs)
+        if state is None:
+            raise DataError("the data yielded no batch: pass the training data with targets.")
+        return state.result()
+
+
+def diagnose(
+    adapter: Adapter,
+    model: Any,
+    source: BatchSource,
+    *,
+    max_samples: int | None = None,
+    val_source: BatchSource | None = None,
+    training: Training | None = None,
+    primary: str | None = None,
+    progress: bool = True,
+    metric_options: dict | None = None,
+) -> Report:
+    """Measure every mode on the same batches of ``source`` and explain the gap (module docstring)."""
+    start = time.perf_counter()
+    training = training or Training()
+    if max_samples is not None:
+        if max_samples < 1:
+            raise DataError(f"max_samples must be >= 1 (or None for all), got {max_samples}.")
+        source = source.take(max_samples)
+    probe = materialize(source)
+    first, probe = peek(probe)
+    if first is None:
+        raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")
+    if first.targets is None:
+        raise DataError("diagnose needs targets to measure the loss and metrics: pass (x, y), not x alone.")
+    model = adapter.prepare(model, first)
+    collective = adapter.collective(model)
+    run = _Run(adapter, model, probe, adapter.layers(model), progress and (collective is None or collective.rank == 0),
+               metric_options=dict(metric_options or {}))
+    try:
+        return _measure_and_explain(run, collective, probe, training, primary, max_samples, val_source, start)
+    finally:
+        close = getattr(run.metrics, "close", None)
+        if close is not None:
+            close()
+
+
+def _measure_and_explain(run: "_Run", collective, probe, training: Training, primary, max_samples, val_source, start) -> Report:
+    adapter, model = run.adapter, run.model
+    run.by_mode["E"] = run.score("E")
+    measured = _batch_statistic_modes(run, collective)
+    facts = adapter.facts(model)
+    run.by_mode["T"] = run.score("T") if facts.training_only else run.by_mode["Td"]
+    frozen_effect = _frozen_effect(run, measured)
+    if val_source is not None:
+        val = val_source.take(max_samples) if max_samples is not None else val_source
+        run.by_mode["E_val"] = run.score("E", batches=val)
+    decompositions = _decompositions(run, training.fit)
+    recal = None if measured is None else assemble(measured, written=False)
+    ctx = _context(run, recal, facts, training, frozen_effect, probe)
+    report = build_report(decompositions, recal, ctx, primary=choose_primary(list(decompositions), run.metrics.given, primary))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _batch_statistic_modes(run: _Run, collective):
+    """Td (and the population statistics), then P. Without moving statistics Td = P = E."""
+    if not any(layer.tracks_statistics for layer in run.layers):
+        run.by_mode["Td"] = run.by_mode["P"] = run.by_mode["E"]
+        if run.layers:
+            run.notes.append(
+                "every BatchNorm layer normalizes with batch statistics in both modes (no moving statistics, e.g. "
+                "track_running_stats=False): they cannot cause a train/eval gap, so Td = P = E."
+            )
+        return None
+    state = run.metrics.new()
+    measured = measure(
+        run.adapter, run.model, run.probe, run.layers, on_output=state.update, collective=collective,
+        progress=run.progress, description="diagnosing: batch statistics",
+    )
+    run.by_mode["Td"] = state.result()
+    run.by_mode["P"] = run.score("P", *measured.population())
+    return measured
+
+
+def _frozen_effect(run: _Run, measured) -> dict[str, float]:
+    """How P would change if the frozen layers were recalibrated too."""
+    if measured is None or all(measured.batch_statistics):
+        return {}
+    layers, stats = measured.population(include_frozen=True)
+    if len(layers) == len(measured.population()[0]):
+        return {}
+    pf = run.score("P", layers, stats)
+    return {k: pf[k] - run.by_mode["P"][k] for k in pf}
+
+
+def _decompositions(run: _Run, fit: Mapping[str, float] | float | None) -> dict:
+    names = list(run.by_mode["E"])
+    if fit is not None and not isinstance(fit, Mapping):
+        fit = {choose_primary(names, run.metrics.given, None): float(fit)}
+    out = {}
+    for name in names:
+        values = {mode: run.by_mode[mode][name] for mode in run.by_mode}
+        if fit and name in fit:
+            values["F"] = float(fit[name])
+        out[name] = decompose(name, values)
+    return out
+
+
+def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) -> Context:
+    adapter = run.adapter
+    sample = adapter.input_sample(probe)
+    tracked = [layer for layer in run.layers if layer.tracks_statistics]
+    notes = [] if recal is None else [n for n in recal.notes]
+    notes += run.notes + list(run.metrics.notes)
+    size_note = f"batch size {probe.batch_size} ({probe.size_note})" if probe.size_note else None
+    notes += [n for n in (size_note, f"probe: {probe.order}") if n]
+    sizes = [b.size or 0 for b in probe]
+    mix = label_mix(probe, adapter.to_host)
+    info = {"order": probe.order, "batches": len(sizes), "samples": sum(sizes), "batch_size": probe.batch_size}
+    if mix is not None:
+        info.update(classes=mix.classes, classes_per_batch=mix.per_batch, classes_per_shuffled_batch=mix.shuffled)
+    return Context(
+        framework=adapter.framework(run.model),
+        remedies=adapter.remedies,
+        convention=adapter.convention,
+        samples=recal.samples + recal.skipped_samples if recal is not None else sum(sizes),
+        batch_size=(probe.batch_size or 0) * facts.replicas if facts.per_process_batches else probe.batch_size,
+        input_scale=None if sample is None else InputScale.measure(*sample),
+        momenta=[layer.momentum for layer in tracked],
+        steps_per_epoch=training.steps_per_epoch,
+        epochs=training.epochs,
+        bn_updates=training.bn_updates,
+        training_only_layers=facts.training_only,
+        other_normalization=facts.other_normalization,
+        replicas=facts.replicas,
+        synchronized=facts.synchronized,
+        frozen_effect=frozen_effect,
+        label_mix=mix,
+        probe=info,
+        notes=notes,
+    )

@@ -1,0 +1,199 @@
+"""The adapter protocol: the framework questions the engine asks, and nothing else.
+
+An adapter (``evalgap.keras``, ``evalgap.torch``, ...) is instantiated per call with that
+call's framework options (PyTorch's ``forward=`` and ``process_group=``, say) and answers:
+
+=========================  ===============================================================
+method                     answers
+=========================  ===============================================================
+``batches``                the user's data as :class:`Batch` es (arrays: shuffled like fit)
+``prepare``                the model to work on (unwrapped, built), or a ModelError
+``layers``                 the BatchNorm layers: :class:`NormLayer`
+``moments_pass``           a context: one forward per batch, chosen BN layers on batch
+                           statistics, everything else in inference mode; per call the
+                           layer's (count, mean, biased var); on exit the model is as before
+``to_host``                device values to float64 NumPy, in bulk
+``read`` / ``write``       moving statistics out and in (the engine rolls back on failure)
+``predictor``              a context giving outputs in mode E, P (given statistics) or T,
+                           without changing the model
+``metrics``                the model's / user's loss and metrics, fresh (:class:`Metrics`)
+``facts``                  training-only layers, other normalization, replicas, sync BN
+``collective``             sums across processes (:class:`Collective`), or None
+``input_sample``           the first layer's input as NumPy and its channel axis
+``remedies``               the code to paste for this framework (:class:`Remedies`)
+=========================  ===============================================================
+
+Everything else (walking batches, whole batches only, merging moments in float64,
+combining processes, rolling back, probes, the primary metric, the decomposition, the
+findings) is the engine's: :mod:`evalgap.engine`. ``docs/architecture.md`` shows the flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from ..stats import Convention
+
+#: One BN call seen by a moments pass: (layer index in the pass's list, values per
+#: channel, mean, biased variance); the last three may be device values.
+Capture = tuple[int, Any, Any, Any]
+
+#: Mode names, as in :mod:`evalgap.attribution`.
+MODES = ("T", "Td", "P", "E")
+
+
+@dataclass
+class NormLayer:
+    """A BatchNorm layer as an adapter describes it.
+
+    ``frozen``: it normalizes with its moving statistics even in training (Keras
+    ``trainable=False``, a PyTorch module in eval mode while the model trains).
+    ``tracks_statistics``: False for layers without moving statistics (PyTorch
+    ``track_running_stats=False``): batch statistics in both modes, no gap.
+    """
+
+    name: str
+    handle: Any
+    kind: str
+    channels: int
+    eps: float
+    momentum: float | None
+    frozen: bool = False
+    tracks_statistics: bool = True
+
+
+@dataclass
+class Batch:
+    """One batch: the model's inputs, targets, sample weights, the number of samples.
+
+    ``raw`` is the batch as the user's data yielded it (PyTorch's ``forward=`` gets it).
+    """
+
+    inputs: Any
+    targets: Any = None
+    weights: Any = None
+    size: int | None = None
+    raw: Any = None
+
+
+class BatchSource(Protocol):
+    """Batches of the user's data, with how they were formed."""
+
+    batch_size: int | None
+    size_note: str | None  # how the batch size was chosen, when the user did not give it
+    order: str  # how the batches are drawn, for the report's notes
+    reiterable: bool  # iterating again gives the same batches
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def take(self, max_samples: int) -> "BatchSource": ...
+
+
+class MetricState(Protocol):
+    """Loss and metrics accumulated over batches for one mode."""
+
+    def update(self, batch: Batch, outputs: Any) -> None: ...
+
+    def result(self) -> dict[str, float]: ...
+
+
+class Metrics(Protocol):
+    """The loss and metrics to measure: ``new()`` gives a fresh state per mode.
+
+    ``names`` in the order ``evaluate`` (or the user) gives them, ``"loss"`` first;
+    ``given`` are the names of the metrics the user compiled or passed (for the primary
+    metric); ``notes`` say where a default was chosen.
+    """
+
+    names: list[str]
+    given: list[str]
+    notes: list[str]
+
+    def new(self) -> MetricState: ...
+
+
+class Collective(Protocol):
+    """Sums across the processes (ranks, workers) that each passed their share of the data."""
+
+    world: int
+    rank: int
+    description: str  # "2 processes", "4 replicas on 2 workers"
+
+    def sum(self, vector: np.ndarray) -> np.ndarray: ...
+
+    def broadcast(self, vector: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class ModelFacts:
+    """What the diagnosis says beside the measurements."""
+
+    training_only: list[str] = field(default_factory=list)
+    other_normalization: list[str] = field(default_factory=list)
+    replicas: int = 1
+    synchronized: bool = False
+    per_process_batches: bool = False  # each process has its own batches (torch.distributed): global = local x replicas
+
+
+class Remedies(Protocol):
+    """Code to paste, in the adapter's framework."""
+
+    api: str
+    data: str  # how the pasteable code names the training data ("train_data", "train_loader")
+
+    def recalibrate(self, include_frozen: bool = False) -> str: ...
+
+    def before_validation(self) -> str: ...
+
+    def momentum(self, momentum: float) -> str: ...
+
+    def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str: ...
+
+    def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str: ...
+
+    def synchronized(self) -> str: ...
+
+    def monitor_fix(self) -> str: ...
+
+
+class Adapter(Protocol):
+    """The framework questions; see the module docstring."""
+
+    api: str
+    convention: Convention
+    frozen_means: str  # what "frozen" is in this framework, for notes
+    bn_kind: str  # how errors name the framework's BatchNorm layers ("BatchNormalization layer")
+    remedies: Remedies
+
+    def framework(self, model: Any) -> str: ...
+
+    def batches(self, data: Any, *, batch_size: int | None, shuffle: bool, seed: int, targets: bool) -> BatchSource: ...
+
+    def prepare(self, model: Any, first: Batch) -> Any: ...
+
+    def layers(self, model: Any) -> list[NormLayer]: ...
+
+    def moments_pass(
+        self, model: Any, layers: Sequence[NormLayer], batch_statistics: Sequence[bool]
+    ) -> ContextManager[Callable[[Batch], tuple[list[Capture], Any]]]: ...
+
+    def to_host(self, values: Sequence[Any]) -> list[np.ndarray]: ...
+
+    def read(self, layers: Sequence[NormLayer]) -> list[tuple[np.ndarray, np.ndarray] | None]: ...
+
+    def write(self, layers: Sequence[NormLayer], stats: Sequence[tuple[np.ndarray, np.ndarray]]) -> None: ...
+
+    def predictor(
+        self, model: Any, mode: str, layers: Sequence[NormLayer] = (), stats: Sequence[tuple[np.ndarray, np.ndarray]] = ()
+    ) -> ContextManager[Callable[[Batch], Any]]: ...
+
+    def metrics(self, model: Any, batch: Batch, outputs: Any, **options: Any) -> Metrics: ...
+
+    def facts(self, model: Any) -> ModelFacts: ...
+
+    def collective(self, model: Any) -> Collective | None: ...
+
+    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None: ...

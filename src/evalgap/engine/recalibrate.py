@@ -1,0 +1,255 @@
+"""The framework-free lifecycle of a recalibration: pass, merge, combine, write or roll back.
+
+:func:`measure` runs one moments pass over whole batches: each BatchNorm layer normalizes
+by its batch statistics (as in training) and everything else runs in inference mode
+(dropout off); frozen layers run as in training (inference mode) and only have their
+input's moments measured. Per layer the population statistics are
+
+    mean = sum_b n_b mu_b / N,     var = sum_b n_b (var_b + (mu_b - mean)^2) / N
+
+in float64, combined exactly across processes. :func:`recalibrate` then writes them,
+all or nothing. Side effects: the written layers' moving mean and variance, nothing else;
+the adapter's moments pass leaves the model as it was, and a failed write is rolled back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .._checks import check_finite
+from .._progress import progress_bar
+from ..errors import DataError, EvalgapError, ModelError, RecalibrationError
+from ..recalibration import LayerRecalibration, Recalibration
+from .batching import peek
+from .moments import FLUSH_EVERY, LayerMoments
+from .protocol import Adapter, Batch, BatchSource, Collective, NormLayer
+
+logger = logging.getLogger("evalgap")
+
+OnOutput = Callable[[Batch, Any], None]
+
+
+@dataclass
+class Measured:
+    """A moments pass's result, before anything is written.
+
+    ``layers`` are the layers with moving statistics, ``batch_statistics[i]`` says whether
+    layer i normalized by batch statistics in the pass (else it is frozen and only
+    observed), ``before`` their moving statistics before the pass.
+    """
+
+    result: Recalibration
+    layers: list[NormLayer]
+    batch_statistics: list[bool]
+    before: list[tuple[np.ndarray, np.ndarray] | None]
+    moments: LayerMoments
+    static: list[NormLayer]
+
+    def population(self, include_frozen: bool = False) -> tuple[list[NormLayer], list[tuple[np.ndarray, np.ndarray]]]:
+        """The layers that got data (recalibrated ones; frozen too if asked) and their (mean, var)."""
+        chosen, stats = [], []
+        for layer, batch_stats, m in zip(self.layers, self.batch_statistics, self.moments.moments):
+            if m is not None and (batch_stats or include_frozen):
+                chosen.append(layer)
+                stats.append((m.mean, m.var))
+        return chosen, stats
+
+
+def _no_layer_error(adapter: Adapter, model: Any, layers: list[NormLayer]) -> ModelError:
+    name = getattr(model, "name", None) or type(model).__name__
+    if layers:
+        return ModelError(
+            f"no BatchNorm layer of {name} tracks moving statistics (all use batch statistics in both modes, e.g. "
+            "track_running_stats=False), so there is nothing to recalibrate."
+        )
+    return ModelError(
+        f"{name} has no {adapter.bn_kind}: there are no moving statistics to recalibrate. LayerNorm and GroupNorm "
+        "normalize each sample the same way in both modes."
+    )
+
+
+def measure(
+    adapter: Adapter,
+    model: Any,
+    source: BatchSource,
+    layers: list[NormLayer],
+    *,
+    include_frozen: bool = False,
+    max_batches: int | None = None,
+    drop_ragged: bool = True,
+    on_output: OnOutput | None = None,
+    collective: Collective | None = None,
+    progress: bool = True,
+    description: str = "recalibrating BatchNorm",
+) -> Measured:
+    """One moments pass over ``source``; nothing is written.
+
+    Batches smaller than the batch size (the source's, else the first batch's) give no
+    moments with ``drop_ragged`` (they are counted as skipped); with ``on_output`` they still
+    run, and ``on_output(batch, outputs)`` receives every batch and the model's outputs in
+    this mode (BN on batch statistics, dropout off), as the metrics of mode Td need.
+    """
+    if max_batches is not None and max_batches < 1:
+        raise DataError(f"max_batches must be >= 1 (or None for all batches), got {max_batches}.")
+    start = time.perf_counter()
+    tracked = [layer for layer in layers if layer.tracks_statistics]
+    static = [layer for layer in layers if not layer.tracks_statistics]
+    batch_statistics = [include_frozen or not layer.frozen for layer in tracked]
+    before = adapter.read(tracked)
+    result = Recalibration(framework=adapter.framework(model), batch_size=source.batch_size)
+    acc = LayerMoments(tracked, adapter.to_host)
+    index = -1
+    total = getattr(source, "total", None)
+    total = min(total, max_batches) if total is not None and max_batches is not None else (total or max_batches)
+    try:
+        with adapter.moments_pass(model, tracked, batch_statistics) as run, progress_bar(description, total, progress) as advance:
+            for batch in source:
+                if max_batches is not None and index + 1 >= max_batches:
+                    break
+                index += 1
+                _run_batch(run, batch, result, acc, drop_ragged, on_output)
+                if result.batches % FLUSH_EVERY == 0:
+                    acc.flush()
+                advance(1)
+            acc.flush()
+        if collective is not None:
+            _combine(acc, collective, result, tracked, before)
+        check_finite([(tracked[i].name, acc.moments[i]) for i in acc.order()])
+    except BaseException as exc:  # the pass restored the model; nothing was written
+        if isinstance(exc, EvalgapError) or not isinstance(exc, Exception):
+            raise
+        raise RecalibrationError(_explain(adapter, exc, index)) from exc
+    if result.batches == 0:
+        skipped = f" of full size (left out {result.skipped_samples} samples of ragged batches)" if result.skipped_batches else ""
+        raise DataError(f"the data yielded no batch{skipped}: no full batch to use; give at least one batch of the training batch size.")
+    result.seconds = time.perf_counter() - start
+    return Measured(result, tracked, batch_statistics, before, acc, static)
+
+
+def _run_batch(run, batch: Batch, result: Recalibration, acc: LayerMoments, drop_ragged: bool, on_output: OnOutput | None) -> None:
+    n = batch.size
+    if result.batch_size is None:
+        result.batch_size = n
+    ragged = drop_ragged and n is not None and bool(result.batch_size) and n < result.batch_size
+    if ragged:
+        result.skipped_batches += 1
+        result.skipped_samples += n or 0
+        if on_output is None:
+            return
+    captures, outputs = run(batch)
+    if not ragged:
+        acc.add(captures, n or 0)
+        result.batches += 1
+        result.samples += n or 0
+    if on_output is not None:
+        on_output(batch, outputs)
+
+
+def _combine(acc: LayerMoments, collective: Collective, result: Recalibration, layers: list[NormLayer], before) -> None:
+    channels = [
+        m.channels if m is not None else (b[0].shape[0] if b is not None else layer.channels)
+        for layer, m, b in zip(layers, acc.moments, before)
+    ]
+    counts = [result.batches, result.samples, result.skipped_batches, result.skipped_samples]
+    result.batches, result.samples, result.skipped_batches, result.skipped_samples = acc.combine(collective, channels, counts)
+    result.notes.append(f"statistics combined exactly over {collective.description}.")
+
+
+def _explain(adapter: Adapter, exc: Exception, index: int) -> str:
+    where = f"batch {index}" if index >= 0 else "setting up the pass"
+    msg = f"the statistics pass failed at {where} ({type(exc).__name__}: {exc}); the model was restored exactly as it was."
+    hint = getattr(adapter, "hint", None)
+    extra = hint(exc) if hint is not None else None
+    return msg + (" " + extra if extra else "")
+
+
+def assemble(measured: Measured, *, written: bool) -> Recalibration:
+    """Fill the result per layer, in forward order (then unreached, then layers without statistics)."""
+    result, acc = measured.result, measured.moments
+    entries = []
+    for i in acc.order():
+        layer, m, before = measured.layers[i], acc.moments[i], measured.before[i]
+        if m is None:
+            status = "unreached"
+        elif not measured.batch_statistics[i]:
+            status = "frozen"
+        else:
+            status = "recalibrated" if written else "measured"
+        entries.append(
+            LayerRecalibration(
+                name=layer.name, kind=layer.kind, status=status,
+                channels=m.channels if m is not None else (before[0].shape[0] if before is not None else layer.channels),
+                eps=layer.eps, count=0 if m is None else m.count, samples=acc.samples[i], calls=acc.calls[i],
+                calls_per_batch=acc.calls_per_batch[i],
+                mean_before=None if before is None else before[0], var_before=None if before is None else before[1],
+                mean_after=None if m is None else m.mean, var_after=None if m is None else m.var,
+            )
+        )
+    for layer in measured.static:
+        entries.append(LayerRecalibration(layer.name, layer.kind, "no-running-stats", layer.channels, layer.eps))
+    result.layers = entries
+    return result
+
+
+def write(adapter: Adapter, measured: Measured) -> None:
+    """Write the population statistics of the recalibrated layers; on any failure, write the old ones back."""
+    layers, stats = measured.population()
+    if not layers:
+        return
+    before = {id(layer): b for layer, b in zip(measured.layers, measured.before)}
+    try:
+        adapter.write(layers, stats)
+    except BaseException:
+        restore = [(layer, before[id(layer)]) for layer in layers if before[id(layer)] is not None]
+        adapter.write([layer for layer, _ in restore], [b for _, b in restore])
+        raise
+
+
+def recalibrate(
+    adapter: Adapter,
+    model: Any,
+    source: BatchSource,
+    *,
+    max_batches: int | None = None,
+    include_frozen: bool = False,
+    progress: bool = True,
+    drop_ragged: bool = True,
+) -> Recalibration:
+    """Measure and write exact population statistics (see the module docstring)."""
+    start = time.perf_counter()
+    first, source = peek(source)
+    if first is None:
+        raise DataError("the data yielded no batch: give at least one batch of the training batch size.")
+    model = adapter.prepare(model, first)
+    layers = adapter.layers(model)
+    if not any(layer.tracks_statistics for layer in layers):
+        raise _no_layer_error(adapter, model, layers)
+    collective = adapter.collective(model)
+    measured = measure(
+        adapter, model, source, layers, include_frozen=include_frozen, max_batches=max_batches, drop_ragged=drop_ragged,
+        collective=collective, progress=progress and (collective is None or collective.rank == 0),
+    )
+    write(adapter, measured)
+    result = assemble(measured, written=True)
+    add_batching_notes(result, source)
+    result.add_layer_notes(adapter.frozen_means)
+    result.seconds = time.perf_counter() - start
+    logger.info(result.summary())
+    return result
+
+
+def add_batching_notes(result: Recalibration, source: BatchSource) -> None:
+    """How the batches were drawn and, when the user did not give it, where the batch size came from."""
+    result.batching = source.order
+    result.batch_size_note = source.size_note
+    if source.size_note:
+        result.notes.append(f"batch size {result.batch_size} ({source.size_note}).")
+    result.notes.append(f"batches: {source.order}.")
+
+
+__all__: Sequence[str] = ["measure", "assemble", "write", "recalibrate", "Measured"]

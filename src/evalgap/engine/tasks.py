@@ -1,0 +1,58 @@
+"""Which default loss and metrics the shapes of outputs and targets leave no doubt about.
+
+Used by adapters whose users may not pass a loss (PyTorch, Flax); each adapter maps the
+task to its framework's own loss and metric functions. A default is chosen only when the
+shapes and dtypes leave no doubt; otherwise the adapter asks for ``loss_fn``/``metrics``.
+
+=================  ===========================================  ============================
+task               output / targets                             loss, metrics
+=================  ===========================================  ============================
+``classification`` scores (N, C), C > 1 / integers (N,)          cross-entropy, accuracy
+``segmentation``   scores (N, C, *S) / integers (N, *S)          per-pixel CE, pixel accuracy
+``binary``         one logit (N,) or (N, 1) / 0-1 values          BCE with logits, accuracy
+``regression``     any / floats of the output's shape, not 0-1    MSE only
+=================  ===========================================  ============================
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+TASKS = ("classification", "segmentation", "binary", "regression")
+
+NOTES = {
+    "classification": "cross-entropy and accuracy (default for class scores with integer targets)",
+    "segmentation": "per-pixel cross-entropy and pixel accuracy (default for (N, C, ...) scores with (N, ...) integer targets)",
+    "binary": "binary cross-entropy with logits and accuracy at logit 0 (default for one logit with 0/1 targets)",
+    "regression": "mean squared error (default for float targets shaped like the output; no accuracy)",
+}
+
+
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in shape)
+    return shape[:-1] if len(shape) == 2 and shape[-1] == 1 else shape
+
+
+def default_task(output_shape: Sequence[int], target_shape: Sequence[int], integer_targets: bool, binary_values: bool) -> str | None:
+    """The task the shapes imply (table above), or None when they leave doubt.
+
+    ``integer_targets``: the targets are an integer dtype; ``binary_values``: every target is
+    0 or 1. One logit and 0/1 targets is ``binary`` whatever the target dtype.
+    """
+    out, tgt = tuple(int(d) for d in output_shape), tuple(int(d) for d in target_shape)
+    if not out or not tgt or out[0] != tgt[0]:
+        return None
+    one_logit = len(out) == 1 or (len(out) == 2 and out[1] == 1)
+    if one_logit and _squeezed(tgt) == _squeezed(out):
+        if binary_values:
+            return "binary"
+        return None if integer_targets else "regression"
+    if integer_targets:
+        if len(out) == 2 and out[1] > 1 and tgt == (out[0],):
+            return "classification"
+        if len(out) >= 3 and out[1] > 1 and tgt == (out[0], *out[2:]):
+            return "segmentation"
+        return None
+    if tgt == out and not binary_values:
+        return "regression"
+    return None

@@ -1,0 +1,90 @@
+"""The Keras 3 adapter: answers the engine's framework questions (:mod:`evalgap.engine.protocol`)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import keras
+import numpy as np
+
+from ..engine import Batch, NormLayer
+from ..errors import ModelError
+from . import data, distributed, layers, moments, predict
+from .metrics import KerasMetrics
+from .remedies import REMEDIES
+
+
+class KerasAdapter:
+    """Keras 3 on the TensorFlow, JAX and PyTorch backends."""
+
+    api = "evalgap.keras"
+    convention = "keras"
+    frozen_means = "trainable=False: inference mode even in fit"
+    remedies = REMEDIES
+    bn_kind = "BatchNormalization layer"
+
+    def framework(self, model: Any) -> str:
+        return f"keras/{keras.backend.backend()}"
+
+    def batches(self, source: Any, *, batch_size=None, shuffle=True, seed=0, targets=False):
+        return data.batches(source, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=targets)
+
+    def prepare(self, model: Any, first: Batch):
+        if not isinstance(model, (keras.Model, keras.layers.Layer)):
+            raise ModelError(f"expected a Keras model, got {type(model).__name__}.")
+        if not model.built:
+            model(first.inputs, training=False)  # builds the variables; inference mode changes no statistic
+        return model
+
+    def layers(self, model) -> list[NormLayer]:
+        return layers.norm_layers(model)
+
+    def moments_pass(self, model, norm_layers: Sequence[NormLayer], batch_statistics: Sequence[bool]):
+        return moments.moments_pass(model, [layer.handle for layer in norm_layers], list(batch_statistics))
+
+    def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
+        if keras.backend.backend() == "jax":
+            import jax
+
+            return [np.asarray(v) for v in jax.device_get(list(values))]
+        return [np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
+
+    def read(self, norm_layers: Sequence[NormLayer]):
+        return [(np.array(layer.handle.moving_mean.numpy(), dtype=np.float64), np.array(layer.handle.moving_variance.numpy(), dtype=np.float64))
+                for layer in norm_layers]
+
+    def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
+        for layer, (mean, var) in zip(norm_layers, stats):
+            bn = layer.handle
+            bn.moving_mean.assign(np.asarray(mean).astype(bn.moving_mean.dtype))
+            bn.moving_variance.assign(np.asarray(var).astype(bn.moving_variance.dtype))
+
+    def predictor(self, model, mode: str, norm_layers=(), stats=()):
+        return predict.predictor(model, mode, norm_layers, stats)
+
+    def metrics(self, model, batch: Batch, outputs: Any) -> KerasMetrics:
+        return KerasMetrics(model, batch, outputs)
+
+    def facts(self, model):
+        return layers.facts(model)
+
+    def collective(self, model):
+        return distributed.collective(model)
+
+    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None:
+        xs, seen = [], 0
+        for batch in batches:
+            if isinstance(batch.inputs, (dict, list, tuple)):
+                return None
+            x = np.asarray(keras.ops.convert_to_numpy(batch.inputs))
+            xs.append(x)
+            seen += len(x)
+            if seen >= 2048:
+                break
+        return (np.concatenate(xs), -1) if xs else None
+
+    def hint(self, exc: Exception) -> str | None:
+        return None
+
+
+ADAPTER = KerasAdapter()

@@ -1,0 +1,138 @@
+"""The model's compiled loss and metrics, computed as ``evaluate`` computes them, on fresh objects.
+
+Per batch, as Keras's ``test_step``: ``loss = CompileLoss(y, y_pred, sample_weight)`` plus
+each of the model's losses (regularization, ``add_loss``) summed, tracked by a ``Mean``
+weighted by the batch size; ``CompileMetrics.update_state(y, y_pred, sample_weight)``; per
+output losses tracked by the ``CompileLoss`` itself. The results come out under the keys
+and in the order ``evaluate(return_dict=True)`` uses. Each mode gets fresh
+``CompileLoss``/``CompileMetrics`` objects built from what the model was compiled with (metric
+objects re-created from their config), so the model's own metric state is never touched;
+a custom metric that cannot be re-created is reset for each mode and its state put back
+afterwards (:meth:`KerasMetrics.close`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from .._checks import check_labels
+from ..engine import Batch
+from ..errors import ModelError
+
+
+def _copies(spec: Any, borrowed: list) -> Any:
+    """``spec`` with every Metric object re-created from its config (or borrowed when it cannot be)."""
+    if isinstance(spec, dict):
+        return {k: _copies(v, borrowed) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_copies(v, borrowed) for v in spec)
+    if isinstance(spec, keras.metrics.Metric):
+        try:
+            return type(spec).from_config(spec.get_config())
+        except Exception:
+            borrowed.append(spec)
+            return spec
+    return spec
+
+
+def _classifier_defaults(y: Any, pred: Any) -> tuple[Any, list[str]]:
+    """What an uncompiled classifier is measured with: cross-entropy (logits or probabilities) and accuracy."""
+    p = np.asarray(ops.convert_to_numpy(pred))
+    y = np.asarray(y)
+    if y is None or p.ndim < 2 or p.shape[-1] < 2 or not (np.issubdtype(y.dtype, np.integer) or y.shape == p.shape):
+        raise ModelError(
+            "the model is not compiled and its outputs are not class scores: compile it with its training loss and "
+            "metrics (model.compile(loss=..., metrics=[...])) so that diagnose can measure them."
+        )
+    probs = bool(np.all(p >= 0) and np.allclose(p.sum(-1), 1.0, atol=1e-3))
+    loss = keras.losses.CategoricalCrossentropy if y.shape == p.shape else keras.losses.SparseCategoricalCrossentropy
+    return loss(from_logits=not probs), ["accuracy"]
+
+
+class KerasMetrics:
+    """:class:`evalgap.engine.Metrics` from a compiled Keras model (module docstring)."""
+
+    def __init__(self, model, batch: Batch, outputs: Any):
+        compiled_loss = getattr(model, "_compile_loss", None)
+        compiled_metrics = getattr(model, "_compile_metrics", None)
+        self.notes: list[str] = []
+        self.given: list[str] = []
+        self.output_names = getattr(compiled_loss or compiled_metrics, "output_names", None)
+        self.loss = None if compiled_loss is None else (compiled_loss._user_loss, compiled_loss._user_loss_weights)
+        self.metrics = None if compiled_metrics is None else (compiled_metrics._user_metrics, compiled_metrics._user_weighted_metrics)
+        if self.loss is None and not getattr(model, "losses", None):
+            loss, metrics = _classifier_defaults(batch.targets, outputs[0])
+            self.loss, self.metrics = (loss, None), (metrics, None)
+            self.notes.append("the model is not compiled: measured with cross-entropy and accuracy; compile it to measure your own.")
+        self.borrowed: list = []
+        self._saved = None
+        self.classes = self._classes(outputs[0])
+        self.names: list[str] = []
+
+    @staticmethod
+    def _classes(pred: Any) -> int | None:
+        shape = getattr(pred, "shape", None)
+        return int(shape[-1]) if shape is not None and len(shape) >= 2 and shape[-1] and shape[-1] > 1 else None
+
+    def new(self) -> "_State":
+        borrowed: list = []
+        loss = None
+        if self.loss is not None:
+            from keras.src.trainers.compile_utils import CompileLoss
+
+            loss = CompileLoss(self.loss[0], self.loss[1], output_names=self.output_names)
+        metrics = None
+        if self.metrics is not None:
+            from keras.src.trainers.compile_utils import CompileMetrics
+
+            metrics = CompileMetrics(_copies(self.metrics[0], borrowed), _copies(self.metrics[1], borrowed), output_names=self.output_names)
+        if borrowed and self._saved is None:
+            self._saved = [(v, np.array(v.numpy())) for m in borrowed for v in m.variables]
+        for m in borrowed:
+            m.reset_state()
+        self.borrowed = borrowed
+        return _State(self, loss, metrics)
+
+    def close(self) -> None:
+        """Put back the state of borrowed metric objects."""
+        for v, value in self._saved or []:
+            v.assign(value)
+        self._saved = None
+
+
+class _State:
+    def __init__(self, spec: KerasMetrics, loss, metrics):
+        self.spec, self.loss, self.metrics = spec, loss, metrics
+        self.tracker = keras.metrics.Mean(name="loss")
+
+    def update(self, batch: Batch, outputs: Any) -> None:
+        y_pred, losses = outputs
+        y, w = batch.targets, batch.weights
+        if self.spec.classes and isinstance(y, np.ndarray) and y.ndim == len(y_pred.shape) - 1:
+            check_labels(y, self.spec.classes)
+        parts = []
+        if self.loss is not None:
+            value = self.loss(y, y_pred, w)
+            if value is not None:
+                parts.append(value)
+        for extra in losses:
+            extra = extra if keras.backend.is_float_dtype(extra.dtype) else ops.cast(extra, keras.backend.floatx())
+            parts.append(ops.sum(extra))
+        if parts:
+            self.tracker.update_state(parts[0] if len(parts) == 1 else ops.sum(parts), sample_weight=batch.size)
+        if self.metrics is not None:
+            self.metrics.update_state(y, y_pred, w)
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, Any] = {"loss": self.tracker.result()}
+        if self.metrics is not None and self.metrics.built:
+            out.update(self.metrics.result())
+        if self.loss is not None:
+            out.update({m.name: m.result() for m in self.loss.metrics})
+        values = {k: float(np.asarray(ops.convert_to_numpy(v)).reshape(())) for k, v in out.items()}
+        self.spec.names = list(values)
+        return values

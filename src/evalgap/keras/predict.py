@@ -1,0 +1,81 @@
+"""Outputs in a chosen mode, through ``stateless_call``: no variable of the model changes.
+
+E runs in inference mode with the current variables; P in inference mode with the given
+statistics substituted for the moving statistics of the given layers; T in training mode
+(BN on batch statistics except frozen layers, which Keras runs in inference mode; dropout
+on; the updated state is thrown away). The step is compiled once per model (``jax.jit`` /
+``tf.function``; eager under ``torch.no_grad()`` on the torch backend) and cached, so a
+GapMonitor does not trace again every epoch. Each call returns ``(y_pred, losses)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, Iterator, Sequence
+
+import keras
+import numpy as np
+
+from ..engine import Batch, NormLayer
+
+_PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
+
+
+def _predictor(model) -> "_Predictor":
+    if model not in _PREDICTORS:
+        _PREDICTORS[model] = _Predictor(model)
+    return _PREDICTORS[model]
+
+
+class _Predictor:
+    def __init__(self, model):
+        self._model = weakref.ref(model)
+        backend = keras.backend.backend()
+
+        def fn(tv, ntv, x, training):
+            y_pred, _, losses = self._model().stateless_call(tv, ntv, x, training=training, return_losses=True)
+            return y_pred, list(losses)
+
+        if backend == "jax":
+            import jax
+
+            self._fn = jax.jit(fn, static_argnames=("training",))
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            self._fn = tf.function(fn, reduce_retracing=True)
+        else:
+            self._fn = fn
+
+    def __call__(self, x, non_trainable, training: bool):
+        tv = [v.value for v in self._model().trainable_variables]
+        if keras.backend.backend() == "torch":
+            import torch
+
+            with torch.no_grad():
+                return self._fn(tv, non_trainable, x, training)
+        return self._fn(tv, non_trainable, x, training)
+
+
+def _substituted(model, layers: Sequence[NormLayer], stats: Sequence[tuple[np.ndarray, np.ndarray]]) -> list:
+    nt_vars = list(model.non_trainable_variables)
+    values = [v.value for v in nt_vars]
+    position = {id(v): i for i, v in enumerate(nt_vars)}
+    for layer, (mean, var) in zip(layers, stats):
+        bn = layer.handle
+        values[position[id(bn.moving_mean)]] = keras.ops.convert_to_tensor(mean.astype("float32"), dtype=bn.moving_mean.dtype)
+        values[position[id(bn.moving_variance)]] = keras.ops.convert_to_tensor(var.astype("float32"), dtype=bn.moving_variance.dtype)
+    return values
+
+
+@contextlib.contextmanager
+def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> Iterator[Any]:
+    predict = _predictor(model)
+    values = _substituted(model, layers, stats) if mode == "P" else [v.value for v in model.non_trainable_variables]
+    training = mode == "T"
+
+    def run(batch: Batch):
+        return predict(batch.inputs, values, training)
+
+    yield run

@@ -1,0 +1,117 @@
+"""The PyTorch adapter: answers the engine's framework questions (:mod:`evalgap.engine.protocol`)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parameter import is_lazy
+
+from ..engine import Batch, NormLayer
+from ..errors import ModelError
+from . import data, layers, moments, predict
+from .metrics import TorchMetrics
+from .distributed import collective
+from .remedies import REMEDIES
+
+
+class TorchAdapter:
+    """One call's PyTorch options: ``forward(model, batch)`` and the ``process_group``."""
+
+    api = "evalgap.torch"
+    convention = "torch"
+    frozen_means = "eval mode during training"
+    remedies = REMEDIES
+    bn_kind = "BatchNorm layer (torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm or a _BatchNorm subclass)"
+
+    def __init__(self, *, forward=None, process_group=None):
+        self.forward, self.process_group = forward, process_group
+        self.device = torch.device("cpu")
+        self._collective = collective(process_group)
+
+    def framework(self, model: Any) -> str:
+        return "torch"
+
+    def batches(self, source: Any, *, batch_size=None, shuffle=True, seed=0, targets=False):
+        return data.batches(source, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=targets)
+
+    def prepare(self, model: Any, first: Batch) -> nn.Module:
+        model = layers.unwrap(model)  # no per-batch collectives; uneven batches per rank allowed
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+        self.device = data.model_device(model)
+        return model
+
+    def layers(self, model: nn.Module) -> list[NormLayer]:
+        return layers.norm_layers(model)
+
+    def moments_pass(self, model, norm_layers, batch_statistics):
+        return moments.moments_pass(
+            model, norm_layers, batch_statistics, forward=self.forward, device=self.device, local_sync=self._collective is not None,
+        )
+
+    def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if not tensors:
+            return [np.asarray(v) for v in values]
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).cpu().numpy()
+        out, offset = [], 0
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                out.append(flat[offset : offset + v.numel()].reshape(tuple(v.shape)))
+                offset += v.numel()
+            else:
+                out.append(np.asarray(v))
+        return out
+
+    def read(self, norm_layers: Sequence[NormLayer]):
+        out = []
+        for layer in norm_layers:
+            bn = layer.handle
+            lazy = bn.running_mean is None or is_lazy(bn.running_mean)
+            out.append(None if lazy else (bn.running_mean.detach().cpu().double().numpy(), bn.running_var.detach().cpu().double().numpy()))
+        return out
+
+    def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
+        with torch.no_grad():
+            for layer, (mean, var) in zip(norm_layers, stats):
+                bn = layer.handle
+                bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
+                bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
+
+    def predictor(self, model, mode, norm_layers=(), stats=()):
+        return predict.predictor(model, mode, norm_layers, stats, forward=self.forward, device=self.device)
+
+    def metrics(self, model, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None):
+        return TorchMetrics.choose(batch, outputs, loss_fn=loss_fn, metrics=metrics, collective=self._collective)
+
+    def facts(self, model: nn.Module):
+        return layers.facts(model, 1 if self._collective is None else self._collective.world)
+
+    def collective(self, model: Any):
+        return self._collective
+
+    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None:
+        xs, seen = [], 0
+        for batch in batches:
+            x = batch.inputs
+            if not isinstance(x, torch.Tensor) or not (torch.is_floating_point(x) or x.dtype == torch.uint8):
+                return None
+            xs.append(x.detach().cpu())
+            seen += int(x.shape[0]) if x.dim() else 1
+            if seen >= 2048:
+                break
+        if not xs:
+            return None
+        x = torch.cat(xs)
+        return x.numpy(), (1 if x.dim() >= 3 else -1)
+
+    def hint(self, exc: Exception) -> str | None:
+        if "more than 1 value per channel" in str(exc):
+            return "A batch with one value per channel has zero variance: use the training batch size (> 1)."
+        return None
+
+
+__all__ = ["TorchAdapter"]

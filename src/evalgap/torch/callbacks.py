@@ -1,0 +1,144 @@
+"""Helpers for PyTorch training loops: :class:`PreciseBN` before validation, :class:`GapMonitor` per epoch."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .. import engine
+from ..errors import EvalgapError
+from ..recalibration import Recalibration
+from .adapter import TorchAdapter
+from .api import recalibrate
+from .data import Forward
+
+
+class PreciseBN:
+    """Recalibrate BatchNorm before validating, every ``every``-th epoch.
+
+    Call it where validation starts; it runs :func:`evalgap.torch.recalibrate` on ``data``
+    when the epoch is due and returns the :class:`evalgap.Recalibration` (else ``None``)::
+
+        precise_bn = evalgap.torch.PreciseBN(train_loader, max_batches=200)
+        for epoch in range(epochs):
+            train_one_epoch(model, train_loader)
+            precise_bn(model, epoch)          # exact statistics for the current weights
+            validate(model, val_loader)
+
+    Or let it fire by itself when the model switches to evaluation mode (``model.eval()``)
+    after training steps (forward passes in training mode with gradients on):
+    ``precise_bn.attach(model)`` (``detach()`` undoes it). Side effects: the model's
+    BatchNorm running statistics, which is the point. Extra keyword arguments go to
+    :func:`evalgap.torch.recalibrate` (``batch_size``, ``seed``, ``process_group``, ...).
+    """
+
+    def __init__(
+        self, data: Iterable[Any], *, every: int = 1, max_batches: int | None = None, forward: Forward | None = None,
+        verbose: int = 1, **recalibrate_kwargs: Any,
+    ):
+        engine.check_schedule(every, None)
+        engine.check_reiterable(data, "PreciseBN")
+        self.data, self.every, self.max_batches, self.forward, self.verbose = data, every, max_batches, forward, verbose
+        self.kwargs = recalibrate_kwargs
+        self.last: Recalibration | None = None
+        self.seconds = 0.0
+        self._calls = 0
+        self._model: nn.Module | None = None
+        self._hook = None
+        self._trained = False
+        self._busy = False
+
+    def __call__(self, model: nn.Module, epoch: int | None = None) -> Recalibration | None:
+        self._calls += 1
+        index = epoch if epoch is not None else self._calls - 1
+        if (index + 1) % self.every:
+            return None
+        t = time.perf_counter()
+        self.last = recalibrate(model, self.data, max_batches=self.max_batches, forward=self.forward, progress=False, **self.kwargs)
+        self.seconds = time.perf_counter() - t
+        self._trained = False
+        if self.verbose:
+            print(f"PreciseBN (epoch {index + 1}): {self.last.summary()}")
+        return self.last
+
+    # ---- automatic mode: recalibrate when the model goes from training to evaluation -----
+    def attach(self, model: nn.Module) -> "PreciseBN":
+        """Recalibrate each time ``model.eval()`` (or ``train(False)``) follows training steps."""
+        if self._model is not None:
+            raise EvalgapError("this PreciseBN is already attached to a model: detach() it first.")
+        orig = model.train
+        hook = self
+
+        def train(mode: bool = True):
+            if model.training and not mode and hook._trained and not hook._busy:
+                hook._busy = True  # recalibrate itself switches modes
+                try:
+                    hook(model)  # still in training mode: frozen (eval-mode) BN layers are recognized
+                finally:
+                    hook._busy = False
+            return orig(mode)
+
+        def mark(module, inputs):
+            if module.training and torch.is_grad_enabled() and not hook._busy:
+                hook._trained = True
+
+        self._model, self._trained = model, False
+        self._hook = model.register_forward_pre_hook(mark)
+        model.train = train  # type: ignore[method-assign]
+        return self
+
+    def detach(self) -> None:
+        if self._model is not None:
+            self._model.__dict__.pop("train", None)
+        if self._hook is not None:
+            self._hook.remove()
+        self._model = self._hook = None
+
+
+class GapMonitor:
+    """Measure the gap's terms on a fixed probe subset, once per epoch, from your own loop.
+
+    ::
+
+        monitor = evalgap.torch.GapMonitor(train_loader, max_samples=256)
+        for epoch in range(epochs):
+            for batch in train_loader:
+                ...; optimizer.step(); monitor.step()
+            logs = monitor(model, epoch)     # {'gap_bn_stale': ..., 'gap_batch_stats': ..., 'precise_val_accuracy': ...}
+
+    ``step()`` counts BatchNorm updates (one per training step) for the EMA arithmetic.
+    The model is never changed. ``primary=`` picks the metric (default: accuracy-like,
+    else the first given metric, else the loss); ``loss_fn``, ``metrics``, ``forward``,
+    ``process_group``, ``batch_size``, ``shuffle`` and ``seed`` are as in
+    :func:`evalgap.torch.diagnose`.
+    """
+
+    def __init__(
+        self, data: Iterable[Any], *, max_samples: int = 256, every: int = 1, verbose: int = 1, primary: str | None = None,
+        loss_fn=None, metrics=None, forward: Forward | None = None, process_group=None, batch_size: int | None = None,
+        shuffle: bool = True, seed: int = 0,
+    ):
+        self.adapter = TorchAdapter(forward=forward, process_group=process_group)
+        self.data, self.batching = data, {"batch_size": batch_size, "shuffle": shuffle, "seed": seed}
+        self.metric_options = {"loss_fn": loss_fn, "metrics": metrics}
+        self.core = engine.GapProbe(max_samples=max_samples, every=every, verbose=verbose, primary=primary, fix=self.adapter.remedies.monitor_fix())
+
+    @property
+    def updates(self) -> int:
+        return self.core.updates
+
+    @property
+    def last(self):
+        return self.core.last
+
+    def step(self, n: int = 1) -> None:
+        self.core.step(n)
+
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        if not self.core.due(epoch):
+            return {}
+        source = lambda: self.adapter.batches(self.data, targets=True, **self.batching)  # noqa: E731
+        return self.core.measure(self.adapter, model, source, epoch, metric_options=self.metric_options)

@@ -1,0 +1,173 @@
+"""The user's data as batches for a PyTorch model: arrays shuffled like training, the user's batches as they come.
+
+Arrays (``(x, y[, sample_weight])`` tensors or NumPy arrays, with ``batch_size=``) are cut
+into seeded shuffled batches (:class:`evalgap.engine.ArrayBatches`); a map-style
+``Dataset`` with ``batch_size=`` likewise. Anything else (a ``DataLoader``, a list of
+batches, a generator) is taken batch by batch in the user's order. A batch is a tensor, a
+tuple/list whose first element is the input (the second the target), or a dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+import torch
+from torch import nn
+
+from ..engine import ArrayBatches, Batch, StreamBatches, tree_leaves
+from ..errors import DataError
+
+logger = logging.getLogger("evalgap.torch")
+
+#: Keys taken as the model's input when a batch is a dict and no ``forward`` is given.
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
+#: Keys taken as the targets when a batch is a dict.
+TARGET_KEYS = ("label", "labels", "y", "target", "targets")
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first materialized parameter or buffer (CPU if none)."""
+    from torch.nn.parameter import is_lazy
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        if not is_lazy(t):
+            return t.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``; other values pass through."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _dict_input_key(batch: Mapping) -> str | None:
+    for key in INPUT_KEYS:
+        if key in batch:
+            return key
+    return None
+
+
+def model_input(batch: Any) -> Any:
+    """The model's input in a batch: the tensor itself, a tuple's first element, or a dict's input key."""
+    if isinstance(batch, (list, tuple)):
+        if not batch:
+            raise DataError("got an empty batch (an empty tuple or list); each batch must hold the input first.")
+        return batch[0]
+    if isinstance(batch, Mapping):
+        key = _dict_input_key(batch)
+        return batch[key] if key is not None else batch
+    return batch
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """The leading dimension of the batch's input (the first tensor found), or None."""
+    x = model_input(batch)
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() > 0 else None
+    if isinstance(x, Mapping):
+        for v in x.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return int(v.shape[0])
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return int(v.shape[0])
+    return None
+
+
+def call_model(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
+    """Run the model on one batch: ``forward(model, batch)`` if given, else by the batch's shape.
+
+    A tensor is the input; a tuple or list holds the input first; a dict holds it under one
+    of :data:`INPUT_KEYS`, or is passed as keyword arguments (``model(**batch)``).
+    """
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, Mapping) and _dict_input_key(batch) is None:
+        return model(**batch)
+    return model(model_input(batch))
+
+
+def targets_of(batch: Any) -> Any:
+    """The targets in a batch: a tuple's second element or a dict's target key; None if there are none."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
+            if key in batch:
+                return batch[key]
+    return None
+
+
+def _is_array(a: Any) -> bool:
+    return isinstance(a, (torch.Tensor, np.ndarray))
+
+
+def _arrays(data: Any) -> tuple[Any, Any, Any] | None:
+    """``(x, y, w)`` when ``data`` is arrays with one row per sample: x, (x, y) or (x, y, w)."""
+    if _is_array(data):
+        return data, None, None
+    if isinstance(data, tuple) and 1 <= len(data) <= 3 and all(p is None or all(_is_array(a) for a in tree_leaves(p)) for p in data):
+        parts = list(data) + [None] * (3 - len(data))
+        return parts[0], parts[1], parts[2]
+    return None
+
+
+def _as_tensor(a: Any) -> Any:
+    return torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+
+
+def _array_batch(x: Any, y: Any, w: Any, n: int) -> Batch:
+    from ..engine import tree_map
+
+    x, y, w = (tree_map(_as_tensor, p) for p in (x, y, w))
+    raw = x if y is None else (x, y) if w is None else (x, y, w)
+    return Batch(x, y, w, n, raw)
+
+
+def _stream_batch(raw: Any) -> Batch:
+    return Batch(model_input(raw), targets_of(raw), None, batch_size_of(raw), raw)
+
+
+def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, seed: int = 0, targets: bool = False):
+    """The user's data as an engine batch source (see the module docstring)."""
+    if data is None:
+        raise DataError("data is None: pass the training data (a DataLoader, a list of batches, or (x, y) arrays with batch_size=).")
+    arrays = _arrays(data) if batch_size is not None else None
+    if arrays is not None:
+        return ArrayBatches(arrays, batch_size=batch_size, shuffle=shuffle, seed=seed, to_batch=_array_batch)
+    if batch_size is not None and isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") \
+            and not isinstance(data, torch.utils.data.IterableDataset):
+        return _dataset_batches(data, batch_size, shuffle, seed)
+    if _arrays(data) is not None and isinstance(data, torch.Tensor):
+        raise DataError("a single tensor of samples needs batch_size= to be cut into batches (or pass a DataLoader).")
+    if batch_size is not None:
+        logger.info("batch_size=%s is ignored: the data are already batched", batch_size)
+    total = len(data) if hasattr(data, "__len__") and not isinstance(data, Mapping) else None
+    return StreamBatches(lambda: data, to_batch=_stream_batch, reiterable=not hasattr(data, "__next__"), total=total)
+
+
+def _dataset_batches(dataset, batch_size: int, shuffle: bool, seed: int):
+    """A map-style Dataset: samples drawn in a seeded permutation, collated as a DataLoader would."""
+    from torch.utils.data import DataLoader
+
+    order = np.random.default_rng(seed).permutation(len(dataset)).tolist() if shuffle else list(range(len(dataset)))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order)
+    source = StreamBatches(lambda: loader, to_batch=_stream_batch, reiterable=True, total=len(loader))
+    source.batch_size, source.size_note = batch_size, None
+    how = f"shuffled with seed {seed}" if shuffle else "in the dataset's order"
+    source.describe = f"dataset samples cut into batches of {batch_size} {how}"
+    return source

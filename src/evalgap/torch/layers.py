@@ -1,0 +1,63 @@
+"""PyTorch BatchNorm layers: which there are, which are frozen, and what else the model holds."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..engine import ModelFacts, NormLayer
+
+#: Module class names that make training mode differ from evaluation mode besides BatchNorm.
+TRAINING_ONLY_TOKENS = ("Dropout", "Noise")
+OTHER_NORMALIZATION = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
+
+def unwrap(model):
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """Every ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants, subclasses), by name."""
+    return [(name or type(model).__name__, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def is_frozen(bn: _BatchNorm, model: nn.Module) -> bool:
+    """A BN layer is frozen when it normalizes with its running statistics during training.
+
+    That is: it is in eval mode while the model is in training mode, or it is in eval mode
+    and its affine parameters do not require gradients. (When the whole model is in eval
+    mode and the parameters are trainable, the mode says nothing and it is not frozen.)
+    """
+    if bn.training:
+        return False
+    if model.training:
+        return True
+    params = list(bn.parameters(recurse=False))
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def norm_layers(model: nn.Module) -> list[NormLayer]:
+    """The BatchNorm layers as the engine sees them (module order)."""
+    return [
+        NormLayer(
+            name=name, handle=bn, kind=type(bn).__name__, channels=int(bn.num_features), eps=float(bn.eps),
+            momentum=bn.momentum, frozen=is_frozen(bn, model),
+            tracks_statistics=bool(bn.track_running_stats and bn.running_mean is not None),
+        )
+        for name, bn in find_batchnorms(model)
+    ]
+
+
+def facts(model: nn.Module, world: int = 1) -> ModelFacts:
+    """Training-only modules, per-sample normalization, processes and synchronized BN."""
+    bns = find_batchnorms(model)
+    return ModelFacts(
+        training_only=[name for name, m in model.named_modules() if any(t in type(m).__name__ for t in TRAINING_ONLY_TOKENS)],
+        other_normalization=[name for name, m in model.named_modules() if isinstance(m, OTHER_NORMALIZATION)],
+        replicas=world,
+        synchronized=bool(bns) and all(isinstance(bn, nn.SyncBatchNorm) for _, bn in bns),
+        per_process_batches=world > 1,
+    )

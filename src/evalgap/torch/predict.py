@@ -1,0 +1,80 @@
+"""Outputs in a chosen mode, without changing the model.
+
+E runs the model itself in eval mode (modes put back afterwards). P and T run on a side
+copy (``copy.deepcopy``, one more model in memory while it lasts): P in eval mode holding
+the given statistics, T in training mode as the user's training loop runs it (frozen BN
+layers stay in eval mode), with the global RNG state put back, so dropout's draws leave no
+trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine import Batch, NormLayer
+from ..errors import EvalgapError
+from .data import Forward, call_model, to_device
+from .layers import find_batchnorms, is_frozen
+
+
+def _runner(model: nn.Module, forward: Forward | None, device: torch.device):
+    @torch.no_grad()
+    def run(batch: Batch) -> Any:
+        return call_model(model, to_device(batch.raw, device), forward)
+
+    return run
+
+
+def side_copy(model: nn.Module, layers: Sequence[NormLayer] = (), stats: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> nn.Module:
+    """A deep copy of ``model`` whose copies of ``layers`` hold ``stats``."""
+    side = copy.deepcopy(model)
+    position = {id(m): i for i, m in enumerate(model.modules())}
+    modules = list(side.modules())
+    with torch.no_grad():
+        for layer, (mean, var) in zip(layers, stats):
+            bn = modules[position[id(layer.handle)]]
+            bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
+            bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
+    return side
+
+
+@contextlib.contextmanager
+def predictor(
+    model: nn.Module, mode: str, layers: Sequence[NormLayer], stats: Sequence[tuple[np.ndarray, np.ndarray]], *,
+    forward: Forward | None, device: torch.device,
+) -> Iterator[Any]:
+    if mode == "E":
+        modes = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            yield _runner(model, forward, device)
+        finally:
+            for m, was in modes.items():
+                m.training = was
+        return
+    if mode == "P":
+        side = side_copy(model, layers, stats).eval()
+        yield _runner(side, forward, device)
+        return
+    if mode != "T":
+        raise EvalgapError(f"unknown mode {mode!r}: E, P or T.")
+    frozen = {id(bn) for _, bn in find_batchnorms(model) if is_frozen(bn, model)}
+    side = side_copy(model)
+    side.train()
+    for original, copied in zip(model.modules(), side.modules()):
+        if id(original) in frozen:
+            copied.eval()
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield _runner(side, forward, device)
+    finally:
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)

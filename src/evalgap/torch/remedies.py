@@ -1,0 +1,38 @@
+"""Code to paste, for PyTorch users."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def _vec(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+class TorchRemedies:
+    api = "evalgap.torch"
+    data = "train_loader"
+
+    def recalibrate(self, include_frozen: bool = False) -> str:
+        return f"evalgap.torch.recalibrate(model, train_loader{', include_frozen=True' if include_frozen else ''})"
+
+    def before_validation(self) -> str:
+        return "precise_bn = evalgap.torch.PreciseBN(train_loader); precise_bn(model, epoch)  # before each validation"
+
+    def momentum(self, momentum: float) -> str:
+        return f"torch.nn.BatchNorm2d(C, momentum={momentum})  # memory of at most half an epoch"
+
+    def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str:
+        return f"x = (x - torch.tensor({_vec(mean)}).view(1, -1, 1, 1)) / torch.tensor({_vec(std)}).view(1, -1, 1, 1)"
+
+    def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str:
+        return self.rescale(mean, std)
+
+    def synchronized(self) -> str:
+        return "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)"
+
+    def monitor_fix(self) -> str:
+        return "call evalgap.torch.recalibrate(model, train_loader) before validating"
+
+
+REMEDIES = TorchRemedies()

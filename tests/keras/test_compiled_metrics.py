@@ -1,0 +1,359 @@
+"""evalgap.keras.diagnose measures the model's OWN compiled loss and metrics, as fit/evaluate do.
+
+For a bank of compiled models (each with BatchNormalization, trained one short epoch so
+that the moving statistics are not the population's):
+
+* E (evaluation mode, current moving statistics) equals ``model.evaluate(...)``;
+* P (evaluation mode, population statistics) equals ``evaluate`` after
+  ``evalgap.keras.recalibrate`` on the same data and batch size (on the model with the
+  weights it had before diagnose restored);
+* the metric names are exactly the keys ``evaluate(..., return_dict=True)`` returns;
+* the model is left exactly as it was.
+
+Sample counts are multiples of the batch size, so every batch is whole and the order in
+which diagnose draws the batches cannot change any value.
+
+Keras semantics the references rely on (Keras 3.15):
+
+* keys: single output -> ``loss`` and each metric's name (``accuracy``, ``auc``,
+  ``precision``, ``f1_score``, the custom metric's name, ...); two outputs named a and b
+  (list or dict) -> ``loss``, ``a_loss``, ``b_loss``, ``a_accuracy``, ``b_mae``; a weighted
+  metric is renamed ``weighted_<name>`` only when a plain metric has the same name;
+* ``loss`` = sum over outputs of ``loss_weight * <output>_loss`` (the ``<output>_loss``
+  are unweighted) + ``sum(model.losses)`` (the regularization), in evaluate as in fit;
+* with sample weights, each batch's loss is ``sum(w * l) / batch_size`` (not / sum(w)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import keras
+from keras import layers, ops
+
+import evalgap
+import evalgap.keras as eg
+
+from ._reference import snapshot
+
+N = 128
+BATCH = 32
+RTOL = 1e-5
+ATOL = 1e-6  # floor for values near 0 (e.g. a precision of 0)
+
+
+class MeanAbsoluteGap(keras.metrics.Metric):
+    """A custom stateful metric: mean over samples of mean |y_true - y_pred| over the last axis."""
+
+    def __init__(self, name="mean_abs_gap", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = ops.cast(y_true, self.dtype)
+        y_pred = ops.cast(y_pred, self.dtype)
+        err = ops.mean(ops.abs(y_true - y_pred), axis=-1)
+        self.total.assign_add(ops.sum(err))
+        self.count.assign_add(ops.sum(ops.ones_like(err)))
+
+    def result(self):
+        return ops.divide_no_nan(self.total, self.count)
+
+    def reset_state(self):
+        self.total.assign(0.0)
+        self.count.assign(0.0)
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype}
+
+
+# ---------------------------------------------------------------------------------
+# data: features far from mean 0 / variance 1, so that the moving statistics after one
+# short epoch (initialized at 0 and 1) are far from the population's
+# ---------------------------------------------------------------------------------
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _features(n=N, d=6, seed=0):
+    return _rng(seed).normal(2.0, 3.0, (n, d)).astype("float32")
+
+
+def _images(n=N, seed=0):
+    return _rng(seed).normal(1.0, 2.0, (n, 8, 8, 1)).astype("float32")
+
+
+def _binary(x):
+    return (x[:, 0] + x[:, 1] > 4.0).astype("float32")
+
+
+def _classes(x, k=4):
+    return (np.floor(x[:, 0] - x[:, 2]) % k).astype("int64")
+
+
+def _one_hot(labels, k=4):
+    return np.eye(k, dtype="float32")[labels]
+
+
+def _regression(x):
+    return (0.5 * x[:, 0] - 0.3 * x[:, 1] + 0.1 * x[:, 2] ** 2).astype("float32")
+
+
+def _weights(n=N, seed=1):
+    return _rng(seed).uniform(0.1, 3.0, n).astype("float32")
+
+
+# ---------------------------------------------------------------------------------
+# models: each builder returns a new compiled model (optimizer "adam") with fresh metric
+# objects and at least one BatchNormalization layer (momentum 0.9)
+# ---------------------------------------------------------------------------------
+def _trunk(inp, units=8, reg=None):
+    h = layers.Dense(units, kernel_regularizer=reg)(inp)
+    h = layers.BatchNormalization(momentum=0.9)(h)
+    return layers.ReLU()(h)
+
+
+def _sequential(head, d=6, **compile_args):
+    model = keras.Sequential(
+        [keras.Input((d,)), layers.Dense(8), layers.BatchNormalization(momentum=0.9), layers.ReLU(), head]
+    )
+    model.compile(optimizer="adam", **compile_args)
+    return model
+
+
+def _functional(head, **compile_args):
+    inp = keras.Input((6,))
+    model = keras.Model(inp, head(_trunk(inp)))
+    model.compile(optimizer="adam", **compile_args)
+    return model
+
+
+def _two_outputs(as_dict: bool):
+    inp = keras.Input((6,))
+    h = _trunk(inp)
+    a = layers.Dense(3, activation="softmax", name="a")(h)
+    b = layers.Dense(1, name="b")(layers.BatchNormalization(momentum=0.9)(layers.Dense(4)(h)))
+    if as_dict:
+        model = keras.Model(inp, {"a": a, "b": b})
+        model.compile(
+            optimizer="adam",
+            loss={"a": "sparse_categorical_crossentropy", "b": keras.losses.Huber()},
+            loss_weights={"a": 1.0, "b": 0.5},
+            metrics={"a": ["accuracy"], "b": ["mae"]},
+        )
+    else:
+        model = keras.Model(inp, [a, b])
+        model.compile(
+            optimizer="adam",
+            loss=["sparse_categorical_crossentropy", keras.losses.Huber()],
+            loss_weights=[1.0, 0.5],
+            metrics=[["accuracy"], ["mae"]],
+        )
+    return model
+
+
+def _l2_conv():
+    reg = keras.regularizers.L2(1e-2)
+    inp = keras.Input((8, 8, 1))
+    h = layers.Conv2D(4, 3, padding="same", kernel_regularizer=reg)(inp)
+    h = layers.BatchNormalization(momentum=0.9)(h)
+    h = layers.ReLU()(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    h = _trunk(h, reg=reg)
+    out = layers.Dense(4, activation="softmax", kernel_regularizer=reg)(h)
+    model = keras.Model(inp, out)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+@dataclass
+class Case:
+    build: Callable[[], Any]
+    data: Callable[[], tuple]  # (x, y) or (x, y, sample_weight)
+
+
+def _xy(y_of):
+    def data():
+        x = _features()
+        return x, y_of(x)
+
+    return data
+
+
+def _xyw(y_of):
+    def data():
+        x = _features()
+        return x, y_of(x), _weights()
+
+    return data
+
+
+def _two_output_data(as_dict):
+    def data():
+        x = _features()
+        ya, yb = _classes(x, 3), _regression(x)  # yb is (n,) for the (n, 1) output
+        return x, ({"a": ya, "b": yb} if as_dict else [ya, yb])
+
+    return data
+
+
+CASES = {
+    "binary-sigmoid-y1d": Case(
+        lambda: _sequential(layers.Dense(1, activation="sigmoid"), loss="binary_crossentropy", metrics=["accuracy"]),
+        _xy(_binary),
+    ),
+    "binary-sigmoid-y2d": Case(
+        lambda: _sequential(layers.Dense(1, activation="sigmoid"), loss="binary_crossentropy", metrics=["accuracy"]),
+        _xy(lambda x: _binary(x)[:, None]),
+    ),
+    "onehot-softmax-f1-custom": Case(
+        lambda: _functional(
+            layers.Dense(4, activation="softmax"),
+            loss="categorical_crossentropy",
+            metrics=[
+                "accuracy",
+                keras.metrics.TopKCategoricalAccuracy(k=2),
+                keras.metrics.F1Score(average="macro"),
+                MeanAbsoluteGap(),
+            ],
+        ),
+        _xy(lambda x: _one_hot(_classes(x))),
+    ),
+    "sparse-from-logits": Case(
+        lambda: _functional(
+            layers.Dense(4),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2)],
+        ),
+        _xy(_classes),
+    ),
+    "multilabel-sigmoid": Case(
+        lambda: _functional(
+            layers.Dense(3, activation="sigmoid"),
+            loss="binary_crossentropy",
+            metrics=["auc", keras.metrics.Precision(), keras.metrics.Recall()],
+        ),
+        _xy(lambda x: (x[:, :3] > 2.0).astype("float32")),
+    ),
+    "mse-y1d": Case(lambda: _sequential(layers.Dense(1), loss="mse", metrics=["mae"]), _xy(_regression)),
+    "mae-y2d": Case(
+        lambda: _sequential(layers.Dense(1), loss="mae", metrics=[keras.metrics.RootMeanSquaredError()]),
+        _xy(lambda x: _regression(x)[:, None]),
+    ),
+    "two-outputs-list": Case(lambda: _two_outputs(as_dict=False), _two_output_data(as_dict=False)),
+    "two-outputs-dict": Case(lambda: _two_outputs(as_dict=True), _two_output_data(as_dict=True)),
+    # keys: accuracy (plain), weighted_accuracy (weighted, renamed: same name as a plain one),
+    # sparse_top_k_categorical_accuracy (weighted, not renamed)
+    "sample-weights": Case(
+        lambda: _functional(
+            layers.Dense(4, activation="softmax"),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            weighted_metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2)],
+        ),
+        _xyw(_classes),
+    ),
+    "l2-regularized-conv-dense": Case(_l2_conv, lambda: (_images(), _classes(_images().reshape(N, -1)))),
+}
+
+
+# ---------------------------------------------------------------------------------
+def _evaluate(model, data) -> dict[str, float]:
+    x, y, *w = data
+    logs = model.evaluate(x, y, sample_weight=w[0] if w else None, batch_size=BATCH, return_dict=True, verbose=0)
+    return {k: float(np.asarray(v)) for k, v in logs.items()}
+
+
+def _fit(model, data, epochs=1):
+    x, y, *w = data
+    return model.fit(x, y, sample_weight=w[0] if w else None, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+
+
+def _mode(report, mode) -> dict[str, float]:
+    """``values[mode]`` of every metric (NaN where the mode is missing, so that it fails visibly)."""
+    return {k: float(d.values.get(mode, np.nan)) for k, d in report.decompositions.items()}
+
+
+def _assert_close(got: dict[str, float], want: dict[str, float], what: str):
+    assert set(got) == set(want), f"{what}: metric names {sorted(got)} != evaluate's {sorted(want)}"
+    bad = {k: (got[k], want[k]) for k in want if not np.isclose(got[k], want[k], rtol=RTOL, atol=ATOL)}
+    assert not bad, f"{what} differs from evaluate (got, want): {bad}"
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_E_and_P_equal_evaluate(case):
+    data = case.data()
+    model = case.build()
+    _fit(model, data)
+    weights = model.get_weights()
+    want_e = _evaluate(model, data)
+
+    before = snapshot(model)
+    report = eg.diagnose(model, data, batch_size=BATCH, progress=False)
+    after = snapshot(model)
+
+    # the P reference: evaluate after recalibrate, from the weights as they were before
+    # diagnose, on the same model object rather than a copy: a rebuilt model gets other
+    # auto-generated metric names (precision_1), keras.models.clone_model of a compiled
+    # functional model fails on the unregistered custom metric (it recompiles from the
+    # serialized config), and a copy costs another compilation
+    model.set_weights(weights)
+    assert _evaluate(model, data) == want_e, "evaluate is not reproducible after set_weights"
+    eg.recalibrate(model, data, batch_size=BATCH, progress=False)
+    want_p = _evaluate(model, data)
+    # the test is not trivial: the moving statistics after fit are not the population's
+    assert not np.isclose(want_p["loss"], want_e["loss"], rtol=1e-3), (want_p, want_e)
+
+    assert set(report.decompositions) == set(want_e), (sorted(report.decompositions), sorted(want_e))
+    _assert_close(_mode(report, "E"), want_e, "E")
+    _assert_close(_mode(report, "P"), want_p, "P")
+    assert after == before, "diagnose changed the model"
+
+
+# ---------------------------------------------------------------------------------
+def test_gap_is_fit_minus_evaluate():
+    data = _xy(_classes)()
+    model = _functional(
+        layers.Dense(4, activation="softmax"), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    history = _fit(model, data, epochs=2)
+    want_e = _evaluate(model, data)
+    fit_last = {k: float(v[-1]) for k, v in history.history.items()}
+
+    report = eg.diagnose(model, data, batch_size=BATCH, history=history, progress=False)
+
+    assert set(report.decompositions) == set(want_e) == set(fit_last)
+    _assert_close(_mode(report, "E"), want_e, "E")
+    _assert_close(_mode(report, "F"), fit_last, "F")
+    assert report.primary == "accuracy"
+    d = report.decompositions["accuracy"]
+    assert report.gap == pytest.approx(d.values["F"] - d.values["E"], abs=1e-6)
+    assert report.gap == pytest.approx(fit_last["accuracy"] - want_e["accuracy"], abs=1e-6)
+
+
+def _binary_model(metrics):
+    return _sequential(layers.Dense(1, activation="sigmoid"), loss="binary_crossentropy", metrics=metrics)
+
+
+def test_primary_metric_rule():
+    data = _xy(lambda x: _binary(x)[:, None])()  # (n, 1) labels: the rank is tested in the bank
+
+    def diagnose(metrics, **kw):
+        return eg.diagnose(_binary_model(metrics), data, batch_size=BATCH, progress=False, **kw)
+
+    assert diagnose(["auc", "accuracy"]).primary == "accuracy"  # accuracy-like first
+    assert diagnose(["auc"]).primary == "auc"  # else the first compiled metric, not the loss
+    assert diagnose([]).primary == "loss"  # else the loss
+    report = diagnose(["auc", "accuracy"], primary="auc")
+    assert report.primary == "auc"
+    d = report.decompositions["auc"]
+    assert report.gap == pytest.approx(d.values["T"] - d.values["E"], abs=1e-12)
+    with pytest.raises(evalgap.DataError) as raised:
+        diagnose(["auc", "accuracy"], primary="nope")
+    message = str(raised.value)
+    assert "nope" in message and all(name in message for name in ("loss", "auc", "accuracy")), message
