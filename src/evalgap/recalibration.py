@@ -5,6 +5,7 @@ Framework-free: the PyTorch and Keras adapters fill it with NumPy float64 vector
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -58,9 +59,9 @@ class LayerRecalibration:
     def shared(self) -> bool:
         return self.calls_per_batch > 1
 
-    @property
+    @functools.cached_property
     def drift(self) -> Drift | None:
-        """Drift of the statistics it held before from the population statistics."""
+        """Drift of the statistics it held before from the population statistics (computed once)."""
         if self.mean_before is None or self.mean_after is None:
             return None
         return drift(self.mean_before, self.var_before, self.mean_after, self.var_after, self.eps)

@@ -2,7 +2,7 @@
 
 Each BN call of a pass gives ``(layer, n, mean, biased var)``, possibly on a device. They
 stay there for :data:`FLUSH_EVERY` batches, then move to the host in one transfer
-(:meth:`Adapter.to_host`) and are merged per layer in float64
+(:meth:`Adapter.host_captures`) and are merged per layer in float64
 (:meth:`evalgap.stats.ChannelMoments.from_batches`). Across processes each layer's state
 travels as shifted sums in one SUM (:func:`evalgap.stats.shifted_sums`), so k processes
 give the moments of the union exactly.
@@ -26,10 +26,10 @@ FLUSH_EVERY = 32
 class LayerMoments:
     """Float64 moments, call counts and first-call order of each layer of a pass."""
 
-    def __init__(self, layers: Sequence[NormLayer], to_host: Callable[[Sequence[Any]], list[np.ndarray]]):
+    def __init__(self, layers: Sequence[NormLayer], host_captures: Callable[[list[Capture]], list[tuple[int, int, Any, Any]]]):
         n = len(layers)
         self.names = [layer.name for layer in layers]
-        self.to_host = to_host
+        self.host_captures = host_captures
         self.moments: list[ChannelMoments | None] = [None] * n
         self.calls = [0] * n
         self.samples = [0] * n
@@ -50,12 +50,8 @@ class LayerMoments:
         """Move the pending captures to the host and merge them, per layer, in one vector step."""
         if not self.pending:
             return
-        device = [v for _, count, mean, var in self.pending for v in ((mean, var) if isinstance(count, int) else (count, mean, var))]
-        host = iter(self.to_host(device))
         per_layer: dict[int, tuple[list, list, list]] = {}
-        for index, count, _, _ in self.pending:
-            n = count if isinstance(count, int) else int(np.asarray(next(host)).reshape(()))
-            mean, var = next(host), next(host)
+        for index, n, mean, var in self.host_captures(self.pending):
             check_count(n, self.names[index])
             counts, means, variances = per_layer.setdefault(index, ([], [], []))
             counts.append(n)

@@ -12,7 +12,8 @@ method                     answers
 ``moments_pass``           a context: one forward per batch, chosen BN layers on batch
                            statistics, everything else in inference mode; per call the
                            layer's (count, mean, biased var); on exit the model is as before
-``to_host``                device values to float64 NumPy, in bulk
+``host_captures``          a pass's captures as host (index, n, mean, biased var), in bulk
+``to_host``                device values (targets) as NumPy
 ``read`` / ``write``       moving statistics out and in (the engine rolls back on failure)
 ``predictor``              a context giving outputs in mode E, P (given statistics) or T,
                            without changing the model
@@ -38,7 +39,8 @@ import numpy as np
 from ..stats import Convention
 
 #: One BN call seen by a moments pass: (layer index in the pass's list, values per
-#: channel, mean, biased variance); the last three may be device values.
+#: channel, mean, biased variance), in whatever device form the adapter chooses;
+#: :meth:`Adapter.host_captures` turns a list of them into host values.
 Capture = tuple[int, Any, Any, Any]
 
 #: Mode names, as in :mod:`evalgap.attribution`.
@@ -179,6 +181,8 @@ class Adapter(Protocol):
     def moments_pass(
         self, model: Any, layers: Sequence[NormLayer], batch_statistics: Sequence[bool]
     ) -> ContextManager[Callable[[Batch], tuple[list[Capture], Any]]]: ...
+
+    def host_captures(self, captures: list[Capture]) -> list[tuple[int, int, np.ndarray, np.ndarray]]: ...
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]: ...
 

@@ -102,7 +102,7 @@ def measure(
     batch_statistics = [include_frozen or not layer.frozen for layer in tracked]
     before = adapter.read(tracked)
     result = Recalibration(framework=adapter.framework(model), batch_size=source.batch_size)
-    acc = LayerMoments(tracked, adapter.to_host)
+    acc = LayerMoments(tracked, adapter.host_captures)
     index = -1
     total = getattr(source, "total", None)
     total = min(total, max_batches) if total is not None and max_batches is not None else (total or max_batches)

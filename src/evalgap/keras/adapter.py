@@ -42,11 +42,16 @@ class KerasAdapter:
     def moments_pass(self, model, norm_layers: Sequence[NormLayer], batch_statistics: Sequence[bool]):
         return moments.moments_pass(model, [layer.handle for layer in norm_layers], list(batch_statistics))
 
+    def host_captures(self, captures):
+        host = iter(self.to_host([v for _, count, mean, var in captures for v in (count, mean, var)]))
+        return [(index, int(next(host).reshape(())), next(host), next(host)) for index, *_ in captures]
+
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         if keras.backend.backend() == "jax":
             import jax
 
             return [np.asarray(v) for v in jax.device_get(list(values))]
+
         return [np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
 
     def read(self, norm_layers: Sequence[NormLayer]):

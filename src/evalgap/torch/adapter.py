@@ -52,6 +52,9 @@ class TorchAdapter:
             model, norm_layers, batch_statistics, forward=self.forward, device=self.device, local_sync=self._collective is not None,
         )
 
+    def host_captures(self, captures):
+        return moments.host_captures(captures)
+
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         if not tensors:

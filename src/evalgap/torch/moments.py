@@ -3,8 +3,9 @@
 During the pass the model is in eval mode (dropout off); each layer that normalizes by batch
 statistics is in training mode with ``momentum = 1.0``, so after a call its running buffers
 hold exactly that call's mean and Bessel-corrected variance, computed by the BN kernel that
-reads the activations anyway. A forward hook copies them (2 x C values, converted to the
-biased variance with ``(n - 1) / n``) and leaves them on the device. Frozen layers stay in
+reads the activations anyway. A forward hook copies them (one (2, C) tensor, left on the
+device; :func:`host_captures` moves a whole flush of them in one transfer and converts the
+variance to the biased one with ``(n - 1) / n`` in float64). Frozen layers stay in
 eval mode; a pre-hook measures their input's moments with ``torch.var_mean``.
 
 Side effects during the pass: the layers' buffers, ``momentum`` and every module's mode.
@@ -18,6 +19,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -56,10 +58,8 @@ def _restore(bn: _BatchNorm, saved: _Saved) -> None:
 def _batch_hook(index: int, captures: list):
     def hook(module, inputs, output):
         x = inputs[0]
-        n = x.numel() // x.shape[1]
-        # momentum 1.0: the buffers hold this call's mean and unbiased variance
-        stacked = torch.stack((module.running_mean, module.running_var * ((n - 1) / n))).detach()
-        captures.append((index, n, stacked[0], stacked[1]))
+        # momentum 1.0: the buffers hold this call's mean and unbiased variance (made biased on the host)
+        captures.append((index, x.numel() // x.shape[1], torch.stack((module.running_mean, module.running_var)), True))
 
     return hook
 
@@ -68,9 +68,27 @@ def _input_hook(index: int, captures: list):
     def hook(module, inputs):
         x = inputs[0]
         var, mean = torch.var_mean(x.detach().float(), dim=[d for d in range(x.dim()) if d != 1], correction=0)
-        captures.append((index, x.numel() // x.shape[1], mean, var))
+        captures.append((index, x.numel() // x.shape[1], torch.stack((mean, var)), False))
 
     return hook
+
+
+def host_captures(captures: list) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Captures ``(index, n, (2, C) device tensor of mean and variance, unbiased?)`` as host float64
+    ``(index, n, mean, biased var)``: one concatenation and one transfer for all of them; the
+    unbiased variance is multiplied by ``(n - 1) / n`` in float64."""
+    if not captures:
+        return []
+    pairs = [pair for _, _, pair, _ in captures]
+    dtype = pairs[0].dtype if all(p.dtype == pairs[0].dtype for p in pairs) else torch.float32
+    flat = torch.cat([p if p.dtype == dtype else p.to(dtype) for p in pairs], dim=1).to("cpu", torch.float64).numpy()
+    out, offset = [], 0
+    for index, n, pair, unbiased in captures:
+        c = pair.shape[1]
+        mean, var = flat[0, offset : offset + c], flat[1, offset : offset + c]
+        offset += c
+        out.append((index, n, mean, var * ((n - 1) / n) if unbiased else var))
+    return out
 
 
 @contextlib.contextmanager
