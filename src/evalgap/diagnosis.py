@@ -32,9 +32,11 @@ class InputScale:
     integer_valued: bool
 
     @classmethod
-    def measure(cls, x: np.ndarray, channel_axis: int) -> "InputScale":
-        a = np.asarray(x, dtype=np.float64)
+    def measure(cls, x: np.ndarray, channel_axis: int, max_rows: int = 500_000) -> "InputScale":
+        """Per channel over all positions of ``x``; at most ``max_rows`` positions, evenly strided."""
+        a = np.asarray(x)
         flat = np.moveaxis(a, channel_axis, -1).reshape(-1, a.shape[channel_axis]) if a.ndim > 1 else a.reshape(-1, 1)
+        flat = flat[:: max(1, -(-len(flat) // max_rows))].astype(np.float64)
         sample = flat[: min(len(flat), 200_000)]
         return cls(
             mean=flat.mean(axis=0).tolist(),

@@ -121,8 +121,9 @@ def diagnose(
         batch_size, shuffle, seed: for array data.
 
     Returns:
-        :class:`evalgap.Report`. The model is left exactly as it was (it runs only in eval
-        mode; the other modes run on a side copy, one more model in memory).
+        :class:`evalgap.Report`. The model is left exactly as it was: it runs in eval mode
+        (for P with the population statistics swapped in and put back), Td in the moments
+        pass that puts everything back, T (only with dropout-like modules) on a side copy.
     """
     adapter = TorchAdapter(forward=forward, process_group=process_group)
     source = adapter.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)

@@ -1,10 +1,11 @@
 """Outputs in a chosen mode, without changing the model.
 
-E runs the model itself in eval mode (modes put back afterwards). P and T run on a side
-copy (``copy.deepcopy``, one more model in memory while it lasts): P in eval mode holding
-the given statistics, T in training mode as the user's training loop runs it (frozen BN
-layers stay in eval mode), with the global RNG state put back, so dropout's draws leave no
-trace.
+E runs the model itself in eval mode. P runs it in eval mode with the given statistics
+swapped into the given layers' running buffers. Modes and buffers are put back when the
+context exits, normally or not (Ctrl-C included). T runs on a side copy (``copy.deepcopy``,
+one more model in memory while it lasts), in training mode as the user's training loop runs
+it (frozen BN layers stay in eval mode), with the global RNG state put back, so dropout's
+draws leave no trace.
 """
 
 from __future__ import annotations
@@ -31,41 +32,34 @@ def _runner(model: nn.Module, forward: Forward | None, device: torch.device):
     return run
 
 
-def side_copy(model: nn.Module, layers: Sequence[NormLayer] = (), stats: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> nn.Module:
-    """A deep copy of ``model`` whose copies of ``layers`` hold ``stats``."""
-    side = copy.deepcopy(model)
-    position = {id(m): i for i, m in enumerate(model.modules())}
-    modules = list(side.modules())
-    with torch.no_grad():
-        for layer, (mean, var) in zip(layers, stats):
-            bn = modules[position[id(layer.handle)]]
-            bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
-            bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
-    return side
-
-
 @contextlib.contextmanager
 def predictor(
     model: nn.Module, mode: str, layers: Sequence[NormLayer], stats: Sequence[tuple[np.ndarray, np.ndarray]], *,
     forward: Forward | None, device: torch.device,
 ) -> Iterator[Any]:
-    if mode == "E":
+    if mode in ("E", "P"):
         modes = {m: m.training for m in model.modules()}
+        saved = [(layer.handle.running_mean.detach().clone(), layer.handle.running_var.detach().clone()) for layer in layers]
         try:
+            with torch.no_grad():
+                for layer, (mean, var) in zip(layers, stats):
+                    bn = layer.handle
+                    bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
+                    bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
             model.eval()
             yield _runner(model, forward, device)
         finally:
+            with torch.no_grad():
+                for layer, (mean, var) in zip(layers, saved):
+                    layer.handle.running_mean.copy_(mean)
+                    layer.handle.running_var.copy_(var)
             for m, was in modes.items():
                 m.training = was
-        return
-    if mode == "P":
-        side = side_copy(model, layers, stats).eval()
-        yield _runner(side, forward, device)
         return
     if mode != "T":
         raise EvalgapError(f"unknown mode {mode!r}: E, P or T.")
     frozen = {id(bn) for _, bn in find_batchnorms(model) if is_frozen(bn, model)}
-    side = side_copy(model)
+    side = copy.deepcopy(model)
     side.train()
     for original, copied in zip(model.modules(), side.modules()):
         if id(original) in frozen:
