@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evalgap-installed
-EXTRAS := torch,keras,tensorflow,jax,demo,dev
+EXTRAS := torch,keras,tensorflow,jax,lightning,demo,dev
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
 .PHONY: demo test test-core test-keras bench clean

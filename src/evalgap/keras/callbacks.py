@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -13,6 +14,28 @@ from .adapter import ADAPTER
 from .data import is_array_structure
 
 logger = logging.getLogger("evalgap.keras")
+
+
+def run_first(callback: keras.callbacks.Callback) -> None:
+    """Move evalgap's callbacks to the front of the ``CallbackList`` that is calling ``on_train_begin``.
+
+    Keras passes one logs dict to every callback's ``on_epoch_end`` in list order, so a
+    ``CSVLogger`` or ``TensorBoard`` listed before an evalgap callback would write the epoch
+    before evalgap adds its values. Called from ``on_train_begin``: the caller's frame is the
+    ``CallbackList`` (found by inspection; if it is not there, nothing changes). The relative
+    order of the other callbacks, and of evalgap's, is kept.
+    """
+    frame, callbacks = sys._getframe(1), None
+    for _ in range(6):  # our on_train_begin (or a subclass's), then the CallbackList
+        frame = frame.f_back if frame is not None else None
+        candidate = getattr(frame.f_locals.get("self") if frame is not None else None, "callbacks", None)
+        if isinstance(candidate, list) and any(c is callback for c in candidate):
+            callbacks = candidate
+            break
+    if callbacks is None:
+        return
+    ours = [c for c in callbacks if isinstance(c, (PreciseBN, GapMonitor))]
+    callbacks[:] = ours + [c for c in callbacks if not isinstance(c, (PreciseBN, GapMonitor))]
 
 
 class PreciseBN(keras.callbacks.Callback):
@@ -34,8 +57,9 @@ class PreciseBN(keras.callbacks.Callback):
             it); without it, Keras's default 32, with a warning.
         shuffle, seed: how array data are drawn into batches.
 
-    Adds ``precise_bn_seconds`` to the epoch logs. Side effects: the model's moving
-    statistics, which is the point; training continues from them.
+    Adds ``precise_bn_seconds`` to the epoch logs; runs before the other callbacks whatever
+    their order in the list (:func:`run_first`), so ``CSVLogger`` and ``TensorBoard`` see it.
+    Side effects: the model's moving statistics, which is the point; training continues from them.
     """
 
     def __init__(
@@ -55,6 +79,9 @@ class PreciseBN(keras.callbacks.Callback):
         self._warned = False
 
     # ---- fit hooks ----------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        run_first(self)
+
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._done_this_epoch = False
@@ -104,7 +131,8 @@ class PreciseBN(keras.callbacks.Callback):
 class GapMonitor(keras.callbacks.Callback):
     """After every ``every``-th epoch, measure E, P and Td (and T) on a fixed probe subset.
 
-    Adds to the epoch logs (so History, CSVLogger and TensorBoard carry them):
+    Adds to the epoch logs (so History, CSVLogger and TensorBoard carry them, whatever the order
+    of the callbacks list: :func:`run_first`):
 
     - ``gap_bn_stale``: P - E of the primary metric: what stale moving statistics cost validation;
     - ``gap_batch_stats``: Td - P: batch statistics vs population statistics;
@@ -142,6 +170,9 @@ class GapMonitor(keras.callbacks.Callback):
     @property
     def last(self):
         return self.core.last
+
+    def on_train_begin(self, logs=None):
+        run_first(self)
 
     def on_train_batch_end(self, batch, logs=None):
         self.core.step()

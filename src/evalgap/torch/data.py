@@ -157,7 +157,33 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
     if batch_size is not None:
         logger.info("batch_size=%s is ignored: the data are already batched", batch_size)
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, Mapping) else None
-    return StreamBatches(lambda: data, to_batch=_stream_batch, reiterable=not hasattr(data, "__next__"), total=total)
+    make = (lambda: _rng_preserved(data)) if isinstance(data, torch.utils.data.DataLoader) else (lambda: data)
+    return StreamBatches(make, to_batch=_stream_batch, reiterable=not hasattr(data, "__next__"), total=total)
+
+
+def _generators(loader) -> list[torch.Generator]:
+    """The random generators a DataLoader's shuffling draws from (its own, its sampler's)."""
+    found = []
+    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+def _rng_preserved(loader):
+    """Iterate ``loader`` and put back every random state the iteration drew from (its generators and
+    torch's global RNG, which a sampler without a generator and the worker seeds use): reading the
+    training loader for statistics must not change the order training draws next."""
+    generators = _generators(loader)
+    states = [g.get_state() for g in generators]
+    global_state = torch.random.get_rng_state()
+    try:
+        yield from loader
+    finally:
+        torch.random.set_rng_state(global_state)
+        for g, state in zip(generators, states):
+            g.set_state(state)
 
 
 def _dataset_batches(dataset, batch_size: int, shuffle: bool, seed: int):

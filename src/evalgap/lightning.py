@@ -1,0 +1,158 @@
+"""Lightning callbacks on top of the PyTorch adapter: exact BatchNorm statistics before validation, the gap in the logs.
+
+``Trainer(callbacks=[evalgap.lightning.PreciseBN()])``: before each validation run the
+LightningModule's BatchNorm layers get the exact population statistics of the training data
+(default: the trainer's train dataloader), so the ``val_*`` that ``validation_step`` logs are
+computed with them. Lightning's ``StochasticWeightAveraging`` re-estimates BN statistics by
+averaging batch variances, which drops the spread of the batch means; this one keeps it
+(``docs/lightning.md``).
+
+Under DDP every rank passes its own shard (its DistributedSampler) and every rank gets the
+statistics of the union, through ``torch.distributed``'s default process group.
+
+Frozen layers: Lightning switches the whole module to eval mode before validation, so the
+callbacks remember which BN layers were in eval mode during the epoch's first training step
+and reproduce those modes for the pass: layers frozen in training stay frozen.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import lightning.pytorch as pl
+from torch import nn
+
+from . import engine
+from .torch.adapter import TorchAdapter
+from .torch.api import recalibrate
+from .torch.layers import find_batchnorms
+
+
+class _TrainingModes:
+    """The BN layers in eval mode during a training step, to put the module back in that state."""
+
+    def __init__(self) -> None:
+        self.frozen: set[int] = set()
+        self.seen = False
+
+    def record(self, module: nn.Module) -> None:
+        if not self.seen and module.training:
+            self.frozen = {id(bn) for _, bn in find_batchnorms(module) if not bn.training}
+            self.seen = True
+
+    @contextmanager
+    def restored(self, module: nn.Module) -> Iterator[None]:
+        modes = {m: m.training for m in module.modules()}
+        try:
+            module.train()
+            for _, bn in find_batchnorms(module):
+                if id(bn) in self.frozen:
+                    bn.eval()
+            yield
+        finally:
+            for m, was in modes.items():
+                m.training = was
+
+
+class PreciseBN(pl.Callback):
+    """Recalibrate BatchNorm before each validation run (every ``every_n_epochs`` epochs).
+
+    Args:
+        dataloader: the data to recalibrate on (default: the trainer's train dataloader).
+        max_batches: stop after this many batches.
+        every_n_epochs: recalibrate before the validation of every n-th epoch.
+        forward: ``forward(module, batch)`` to call the module yourself (default: ``module(batch[0])``).
+        verbose: 1 prints one line per run.
+
+    Logs ``precise_bn_seconds``. Without a validation loop it recalibrates at the end of each
+    due training epoch. Side effects: the module's BatchNorm running statistics, which is the
+    point; training continues from them.
+    """
+
+    def __init__(self, dataloader: Any = None, max_batches: int | None = None, every_n_epochs: int = 1, forward=None, verbose: int = 0):
+        engine.check_schedule(every_n_epochs, None)
+        if dataloader is not None:
+            engine.check_reiterable(dataloader, "evalgap.lightning.PreciseBN")
+        self.dataloader, self.max_batches, self.every, self.forward, self.verbose = dataloader, max_batches, every_n_epochs, forward, verbose
+        self.last = None
+        self._modes = _TrainingModes()
+        self._step_done = -1
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._modes.seen = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._modes.record(pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and not trainer.testing:
+            self._run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.enable_validation or not trainer.val_dataloaders:
+            self._run(trainer, pl_module)
+
+    def _run(self, trainer, pl_module) -> None:
+        if (trainer.current_epoch + 1) % self.every or trainer.global_step == self._step_done or trainer.global_step == 0:
+            return
+        data = self.dataloader if self.dataloader is not None else trainer.train_dataloader
+        t = time.perf_counter()
+        with self._modes.restored(pl_module):
+            self.last = recalibrate(pl_module, data, max_batches=self.max_batches, forward=self.forward, progress=False)
+        self._step_done = trainer.global_step
+        pl_module.log("precise_bn_seconds", time.perf_counter() - t, on_step=False, on_epoch=True)
+        if self.verbose and trainer.is_global_zero:
+            print(f"PreciseBN (epoch {trainer.current_epoch + 1}): {self.last.summary()}")
+
+
+class GapMonitor(pl.Callback):
+    """The gap's terms and ``precise_val_<metric>`` in the logs, after every validation run.
+
+    Measures the module on a fixed probe of the training data (``max_samples``, the first
+    batches of the dataloader) in every mode and logs, with ``pl_module.log`` (so they reach
+    TensorBoard, CSV or any logger the trainer has): ``gap_bn_stale`` (P - E of the primary
+    metric: what stale moving statistics cost validation), ``gap_batch_stats`` (Td - P) and
+    ``precise_val_<metric>`` (P). Counts training steps for the EMA arithmetic; prints one
+    sentence when validation is distorted by BatchNorm statistics (``verbose=1``). The module
+    is never changed. ``loss_fn``, ``metrics``, ``primary`` and ``forward`` are as in
+    :func:`evalgap.torch.diagnose` (default: cross-entropy and accuracy for class scores).
+    """
+
+    def __init__(
+        self, dataloader: Any = None, *, max_samples: int = 256, every_n_epochs: int = 1, primary: str | None = None,
+        loss_fn=None, metrics=None, forward=None, verbose: int = 1,
+    ):
+        if dataloader is not None:
+            engine.check_reiterable(dataloader, "evalgap.lightning.GapMonitor")
+        self.dataloader, self.forward = dataloader, forward
+        self.metric_options = {"loss_fn": loss_fn, "metrics": metrics}
+        fix = "add evalgap.lightning.PreciseBN() to the Trainer's callbacks"
+        self.core = engine.GapProbe(max_samples=max_samples, every=every_n_epochs, verbose=verbose, primary=primary, fix=fix)
+        self._modes = _TrainingModes()
+        self.logged: dict[str, float] = {}
+
+    @property
+    def last(self):
+        return self.core.last
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._modes.seen = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._modes.record(pl_module)
+        self.core.step()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.global_step == 0 or not self.core.due(trainer.current_epoch):
+            return
+        data = self.dataloader if self.dataloader is not None else trainer.train_dataloader
+        adapter = TorchAdapter(forward=self.forward)
+        steps = trainer.num_training_batches if isinstance(trainer.num_training_batches, int) else None
+        with self._modes.restored(pl_module):
+            logs = self.core.measure(adapter, pl_module, lambda: adapter.batches(data, targets=True), trainer.current_epoch,
+                                     steps_per_epoch=steps, metric_options=self.metric_options)
+        self.logged = logs
+        for name, value in logs.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True)
