@@ -67,6 +67,7 @@ def load_keras_model(path: str):
 
 
 def load_torch_model(spec: str, weights: str | None):
+    """``module:factory`` called with no argument, with the ``state_dict`` in ``weights`` loaded."""
     import torch
 
     if ":" not in spec:
@@ -76,14 +77,24 @@ def load_torch_model(spec: str, weights: str | None):
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"cannot import {spec!r}: {exc}. Make the module importable (PYTHONPATH) and check the name.") from exc
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ModelError(f"{spec}() failed ({type(exc).__name__}: {exc}): the factory must build the model with no argument.") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module: point --torch-model at a function that builds the model.")
     if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if not os.path.exists(weights):
+            raise ModelError(f"{weights} does not exist: pass a state_dict saved with torch.save(model.state_dict(), path).")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"{weights} is not a file torch.load can read as weights ({type(exc).__name__}): save it with torch.save(model.state_dict(), path).") from exc
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         try:
             model.load_state_dict(state)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, AttributeError) as exc:
             raise ModelError(f"the weights in {weights} do not match {spec}(): {str(exc).splitlines()[0]} ...") from exc
     return model
 

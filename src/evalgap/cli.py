@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ._files import atomic_write
 from .errors import DataError, EvalgapError
+
+EXIT_CODES = """exit status:
+  0  success
+  1  diagnose: the gap exceeds --fail-over
+  2  bad input (the message names the problem and the fix)
+  130  interrupted (Ctrl-C); nothing was written"""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -22,7 +29,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _batching(args: argparse.Namespace) -> dict:
     """The data flags every command shares: batches of --batch-size, shuffled (--seed) unless --no-shuffle."""
-    return {"batch_size": args.batch_size, "max_samples": args.max_samples, "shuffle": not args.no_shuffle, "seed": args.seed}
+    return {"batch_size": args.batch_size, "shuffle": not args.no_shuffle, "seed": args.seed}
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    if bool(args.model) == bool(args.torch_model):
+        raise DataError("give either MODEL (a .keras file) or --torch-model module:factory [--weights file.pt], not both or neither.")
+    if args.weights and not args.torch_model:
+        raise DataError("--weights goes with --torch-model.")
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -30,21 +44,18 @@ def _diagnose(args: argparse.Namespace) -> int:
 
     from ._cli_io import float_input, load_arrays, load_keras_model, load_torch_model, torch_arrays
 
-    if bool(args.model) == bool(args.torch_model):
-        raise DataError("give either MODEL (a .keras file) or --torch-model module:factory [--weights file.pt], not both or neither.")
-    if args.weights and not args.torch_model:
-        raise DataError("--weights goes with --torch-model.")
+    _check_model_flags(args)
     x, y, note = load_arrays(args)
+    options = dict(_batching(args), max_samples=args.max_samples, primary=args.primary, progress=not args.quiet)
     if args.torch_model:
         import evalgap.torch as eg
 
         model = load_torch_model(args.torch_model, args.weights)
-        report = eg.diagnose(model, torch_arrays(x, y), forward=float_input, **_batching(args), primary=args.primary, progress=not args.quiet)
+        report = eg.diagnose(model, torch_arrays(x, y), forward=float_input, **options)
     else:
         import evalgap.keras as eg
 
-        model = load_keras_model(args.model)
-        report = eg.diagnose(model, (x, y), **_batching(args), primary=args.primary, progress=not args.quiet)
+        report = eg.diagnose(load_keras_model(args.model), (x, y), **options)
     report.notes.insert(0, note)
     Console(width=None if sys.stdout.isatty() else 120).print(report)
     if args.json:
@@ -61,27 +72,53 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(args: argparse.Namespace, source: str, suffixes: tuple[str, ...]) -> None:
+    if os.path.abspath(args.output) == os.path.abspath(source) and not args.overwrite:
+        raise DataError(f"-o {args.output} is the input; pass --overwrite (or --in-place) to replace it, or choose another file.")
+    if not args.output.endswith(suffixes):
+        raise DataError(f"-o must end in {' or '.join(suffixes)}, got {args.output}.")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise DataError(f"the folder of -o {args.output} does not exist: create {folder} first, or choose another path.")
+
+
 def _recalibrate(args: argparse.Namespace) -> int:
-    import os
+    from ._cli_io import float_input, load_arrays, load_keras_model, load_torch_model, torch_arrays
 
-    from ._cli_io import load_arrays, load_keras_model
-
-    import evalgap.keras as eg
-
-    if os.path.abspath(args.output) == os.path.abspath(args.model) and not args.overwrite:
-        raise DataError(f"-o {args.output} is the input model; pass --overwrite to replace it, or choose another file.")
-    if not args.output.endswith(".keras"):
-        raise DataError(f"-o must end in .keras (Keras's format), got {args.output}.")
+    _check_model_flags(args)
+    if args.torch_model:
+        if args.overwrite and not args.output:
+            if not args.weights:
+                raise DataError("--in-place replaces the --weights file: give --weights.")
+            args.output = args.weights
+        if not args.output:
+            raise DataError("give -o fixed.pt (where to write the recalibrated state_dict), or --in-place to replace --weights.")
+        _check_output(args, args.weights or "", (".pt", ".pth"))
+    else:
+        if not args.output:
+            raise DataError("give -o fixed.keras (where to write the recalibrated model).")
+        _check_output(args, args.model, (".keras",))
     x, y, note = load_arrays(args)
-    model = load_keras_model(args.model)
-    batching = _batching(args)
-    max_samples = batching.pop("max_samples")
-    max_batches = None if max_samples is None else max(1, max_samples // args.batch_size)
-    result = eg.recalibrate(model, (x, y), max_batches=max_batches, **batching, progress=not args.quiet)
+    max_batches = None if args.max_samples is None else max(1, args.max_samples // args.batch_size)
+    options = dict(_batching(args), max_batches=max_batches, progress=not args.quiet)
+    if args.torch_model:
+        import torch
+
+        import evalgap.torch as eg
+
+        model = load_torch_model(args.torch_model, args.weights)
+        result = eg.recalibrate(model, torch_arrays(x, y), forward=float_input, **options)
+        write = lambda tmp: torch.save(model.state_dict(), tmp)  # noqa: E731
+    else:
+        import evalgap.keras as eg
+
+        model = load_keras_model(args.model)
+        result = eg.recalibrate(model, (x, y), **options)
+        write = model.save
     print(note)
     print(result)
-    atomic_write(args.output, model.save, suffix=".keras")
-    print(f"recalibrated model written to {args.output}")
+    atomic_write(args.output, write, suffix=os.path.splitext(args.output)[1])
+    print(f"recalibrated {'state_dict' if args.torch_model else 'model'} written to {args.output}")
     return 0
 
 
@@ -105,25 +142,18 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="evalgap",
-        description="Explain and close the gap between training-mode and evaluation-mode results.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the seed's symptom and its fix on embedded data (CPU, < 2 minutes)")
-    demo.add_argument("--framework", choices=["keras", "torch"], default="keras", help="default: keras (backend from KERAS_BACKEND)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
-    demo.add_argument("--out", default="evalgap-out", help="folder for the plot (default: ./evalgap-out)")
-    demo.set_defaults(func=_demo)
+def _model_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("model", nargs="?", help="a saved Keras model (.keras)")
+    p.add_argument("--torch-model", metavar="MODULE:FACTORY", help=f"a PyTorch model factory instead of MODEL ({what})")
+    p.add_argument("--weights", metavar="FILE", help="state_dict for --torch-model (.pt)")
 
+
+def _add_diagnose(sub) -> None:
     from ._cli_io import add_data_arguments
 
-    diag = sub.add_parser("diagnose", help="measure a model in every mode on the same data and explain the gap")
-    diag.add_argument("model", nargs="?", help="a saved Keras model (.keras)")
-    diag.add_argument("--torch-model", metavar="MODULE:FACTORY", help="a PyTorch model factory instead of MODEL")
-    diag.add_argument("--weights", metavar="FILE", help="state_dict for --torch-model")
+    diag = sub.add_parser("diagnose", help="measure a model in every mode on the same data and explain the gap", epilog=EXIT_CODES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(diag, "called with no argument")
     add_data_arguments(diag)
     diag.add_argument("--json", metavar="FILE", help="write the report as JSON (schema evalgap.report/1)")
     diag.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with figures")
@@ -132,14 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     diag.set_defaults(func=_diagnose)
 
-    rec = sub.add_parser("recalibrate", help="write a copy of a Keras model with exact BatchNorm statistics")
-    rec.add_argument("model", help="a saved Keras model (.keras)")
-    rec.add_argument("-o", "--output", required=True, help="where to write the recalibrated model (.keras)")
-    rec.add_argument("--overwrite", action="store_true", help="allow -o to be the input model")
+
+def _add_recalibrate(sub) -> None:
+    from ._cli_io import add_data_arguments
+
+    rec = sub.add_parser("recalibrate", help="write a copy of a model with exact BatchNorm statistics (Keras .keras or PyTorch state_dict)",
+                         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(rec, "its state_dict is written")
+    rec.add_argument("-o", "--output", help="where to write the recalibrated model (.keras) or state_dict (.pt)")
+    rec.add_argument("--overwrite", "--in-place", dest="overwrite", action="store_true",
+                     help="allow -o to be the input (--in-place: replace --weights / MODEL)")
     add_data_arguments(rec)
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     rec.set_defaults(func=_recalibrate)
 
+
+def _add_reproduce(sub) -> None:
     rep = sub.add_parser("reproduce", help="the seed's training job (ResNet50 on UC Merced) with its remedies and the fix")
     src = rep.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="UC Merced folder (UCMerced_LandUse/Images) or the official zip")
@@ -158,7 +196,63 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measure precise_val_* every N epochs (0: never; each costs a recalibration and an evaluation)")
     rep.add_argument("--out", default="evalgap-out/reproduce", help="output folder (JSON, CSV, PNG)")
     rep.set_defaults(func=_reproduce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="evalgap", description="Explain and close the gap between training-mode and evaluation-mode results.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"evalgap {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details, and the frameworks' start-up messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the seed's symptom and its fix on embedded data (CPU, < 2 minutes)")
+    demo.add_argument("--framework", choices=["keras", "torch"], default="keras", help="default: keras (backend from KERAS_BACKEND)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
+    demo.add_argument("--out", default="evalgap-out", help="folder for the plot (default: ./evalgap-out)")
+    demo.set_defaults(func=_demo)
+    _add_diagnose(sub)
+    _add_recalibrate(sub)
+    _add_reproduce(sub)
     return parser
+
+
+def _needs_tensorflow(args: argparse.Namespace) -> bool:
+    if args.command == "demo":
+        return args.framework == "keras"
+    if args.command in ("diagnose", "recalibrate"):
+        return not args.torch_model or bool(getattr(args, "tfds", None))
+    return True
+
+
+def quiet_framework_startup(args: argparse.Namespace) -> None:
+    """Import TensorFlow with its native start-up lines (oneDNN, CUDA drivers, CPU features) hidden.
+
+    They come from TensorFlow's C++ logging before Python can configure it, so the process's
+    stderr (file descriptor 2) goes to /dev/null during the import; Python errors still show.
+    ``-v`` keeps them, and so does a ``TF_CPP_MIN_LOG_LEVEL`` the user set.
+    """
+    import importlib.util
+
+    if args.verbose or "TF_CPP_MIN_LOG_LEVEL" in os.environ or not _needs_tensorflow(args):
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    if importlib.util.find_spec("tensorflow") is None or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            except Exception:  # the command's own import shows the error
+                pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
+        quiet_framework_startup(args)
         return int(args.func(args) or 0)
     except EvalgapError as exc:
         print(f"evalgap: error: {exc}", file=sys.stderr)

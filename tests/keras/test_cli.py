@@ -62,3 +62,21 @@ def test_bad_input_exits_2_with_a_message(saved, tmp_path, capsys):
     assert main(["diagnose", str(saved / "model.keras"), "--data", str(tmp_path / "missing")]) == 2
     assert main(["recalibrate", str(saved / "model.keras"), "--npz", str(saved / "data.npz"), "-o", str(saved / "model.keras")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_frameworks_start_up_lines_are_hidden_unless_verbose(saved):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    cmd = [sys.executable, "-m", "evalgap", "diagnose", str(saved / "model.keras"), "--npz", str(saved / "data.npz"),
+           "--batch-size", "120", "--max-samples", "240", "-q"]
+    quiet = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    for noise in ("oneDNN", "cuda drivers", "cpu_feature_guard", "absl::InitializeLog"):
+        assert noise not in quiet.stderr, quiet.stderr
+    assert "stale_moving_statistics" in quiet.stdout
+    if keras.backend.backend() == "tensorflow":  # -v shows them (TensorFlow prints them when it loads)
+        loud = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], env=env, capture_output=True, text=True, timeout=300)
+        assert "oneDNN" in loud.stderr or "cuda" in loud.stderr.lower()

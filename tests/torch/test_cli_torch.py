@@ -43,3 +43,90 @@ def test_torch_model_from_factory_and_weights(tmp_path, capsys):
     assert main(["diagnose", "--torch-model", spec, "--weights", str(tmp_path / "bad.pt"), "--npz", str(tmp_path / "d.npz")]) == 2
     assert "do not match" in capsys.readouterr().err
     assert main(["diagnose", "--torch-model", "no_such_module:f", "--npz", str(tmp_path / "d.npz")]) == 2
+
+
+def _trained_files(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 64)
+    x = (rng.normal(0, 20, (64, 8, 8, 3)) + 60 * y[:, None, None, None]).clip(0, 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    torch.manual_seed(0)
+    net = make_net()
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).float()
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(net(xt), torch.from_numpy(y).long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    return x, y
+
+
+def test_torch_recalibrate_writes_a_state_dict_with_exact_statistics(tmp_path, capsys):
+    import evalgap.torch as eg
+
+    x, y = _trained_files(tmp_path)
+    spec = f"{__name__}:make_net"
+    before = (tmp_path / "w.pt").read_bytes()
+    args = ["recalibrate", "--torch-model", spec, "--weights", str(tmp_path / "w.pt"), "--npz", str(tmp_path / "d.npz"),
+            "--batch-size", "16", "-q"]
+    assert main(args + ["-o", str(tmp_path / "fixed.pt")]) == 0
+    assert (tmp_path / "w.pt").read_bytes() == before  # never over the input without --in-place
+    fixed = torch.load(tmp_path / "fixed.pt", weights_only=True)
+    # independent reference: the same shuffled batches (seed 0), float64 moments of the BN input
+    net = make_net()
+    net.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    order = np.random.default_rng(0).permutation(64)
+    xt = torch.from_numpy(x[order].transpose(0, 3, 1, 2).copy()).double()
+    with torch.no_grad():
+        h = nn.functional.conv2d(xt, net[0].weight.double(), net[0].bias.double(), stride=2, padding=1)
+    np.testing.assert_allclose(fixed["1.running_var"].double().numpy(), h.var((0, 2, 3), unbiased=False).numpy(), rtol=1e-5)
+    unchanged = {k for k in fixed if not k.startswith("1.running_")}
+    assert all(torch.equal(fixed[k], net.state_dict()[k]) for k in unchanged)
+    # the written statistics close the gap: diagnose of the fixed weights finds nothing stale
+    args2 = ["diagnose", "--torch-model", spec, "--weights", str(tmp_path / "fixed.pt"), "--npz", str(tmp_path / "d.npz"),
+             "--batch-size", "16", "-q", "--json", str(tmp_path / "r.json")]
+    assert main(args2) == 0
+    assert abs(json.loads((tmp_path / "r.json").read_text())["metrics"]["accuracy"]["terms"]["stale_moving_statistics"]) < 0.01
+    # --in-place replaces the weights file itself
+    assert main(args + ["--in-place"]) == 0
+    assert torch.equal(torch.load(tmp_path / "w.pt", weights_only=True)["1.running_var"], fixed["1.running_var"])
+    assert eg is not None
+
+
+def not_a_module():
+    return "a string"
+
+
+def test_bad_torch_input_exits_2_with_one_line(tmp_path, capsys):
+    _trained_files(tmp_path)
+    data = ["--npz", str(tmp_path / "d.npz"), "-q"]
+    out = ["-o", str(tmp_path / "fixed.pt")]
+    cases = [
+        (["--torch-model", f"{__name__}:no_such_factory", *out], "cannot import"),
+        (["--torch-model", f"{__name__}:not_a_module", *out], "not a torch.nn.Module"),
+        (["--torch-model", f"{__name__}:make_net", "--weights", str(tmp_path / "missing.pt"), *out], "does not exist"),
+        (["--torch-model", f"{__name__}:make_net", "--weights", str(tmp_path / "w.pt"), "-o", str(tmp_path / "no" / "dir" / "f.pt")], "does not exist"),
+        (["--torch-model", f"{__name__}:make_net", "--weights", str(tmp_path / "w.pt"), "-o", str(tmp_path / "w.pt")], "--in-place"),
+        (["--torch-model", f"{__name__}:make_net", "--weights", str(tmp_path / "w.pt")], "give -o"),
+    ]
+    for extra, message in cases:
+        assert main(["recalibrate", *extra, *data]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (extra, err)
+    (tmp_path / "text.pt").write_text("not weights")
+    assert main(["diagnose", "--torch-model", f"{__name__}:make_net", "--weights", str(tmp_path / "text.pt"), *data]) == 2
+    assert "torch.load" in capsys.readouterr().err
+
+
+def test_version_and_exit_codes_in_help(capsys):
+    import evalgap
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"evalgap {evalgap.__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "exit status:" in out and "2  bad input" in out and "1  diagnose: the gap exceeds --fail-over" in out
