@@ -13,9 +13,6 @@ JSON schema ``evalgap.report/1`` (documented in ``docs/report-schema.md``)::
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,7 +20,7 @@ from typing import Any
 
 from ._files import atomic_write_text
 from .attribution import MODE_NAMES, TERMS, Decomposition, Finding, is_fraction
-from .recalibration import LARGE_DRIFT, Recalibration, render_plain
+from .recalibration import Recalibration, render_plain
 
 SCHEMA = "evalgap.report/1"
 
@@ -88,6 +85,28 @@ class Report:
             f"exact statistics it would be {main.values['P']:.4f}, not {main.values['E']:.4f} ({amount}); {fix}."
         )
 
+    def headline(self) -> str:
+        """One sentence: how far validation is from training on the same data, and what most of it is."""
+        main = self.main
+        if main is None:
+            return "No metric was measured."
+        top, bottom = main.top, ("E_val" if "E_val" in main.values else "E")
+        gap = main.values[top] - main.values[bottom]
+        worse = main.goodness(gap) > 0
+        size = f"{abs(100 * gap):.1f} points" if self.gap_points is not None else f"{abs(gap):.4g}"
+        where = "on the validation data" if bottom == "E_val" else "on the same data"
+        direction = ("below" if worse else "above") if main.higher_is_better else ("above" if worse else "below")
+        sentence = (f"Validation {self.primary} is {size} {direction} training {where} "
+                    f"({main.values[bottom]:.4f} vs {main.values[top]:.4f})")
+        causes = self.causes
+        if not causes:
+            return sentence + f"; no term is above the noise threshold ({main.threshold():.3g}): nothing to fix."
+        name, value = causes[0]
+        meaning = {t[0]: t[3] for t in TERMS}.get(name, "the validation data differ from the training data")
+        share = value / gap if gap else 0.0
+        amount = "all of it" if share >= 0.95 else "most of it" if share >= 0.5 else f"{100 * share:.0f}% of it" if share > 0 else "the largest term"
+        return sentence + f"; {amount}: {meaning} ({name.replace('_', ' ')}, {value:+.4f})."
+
     def finding(self, kind: str) -> Finding | None:
         return next((f for f in self.findings if f.kind == kind), None)
 
@@ -130,6 +149,7 @@ class Report:
         parts: list[Any] = []
         main = self.main
         if main is not None:
+            parts.append(Text(self.headline(), style="bold"))
             top = main.top
             bottom = "E_val" if "E_val" in main.values else "E"
             gap = f"{self.gap_points:+.1f} points" if self.gap_points is not None else f"{self.gap:+.4g}"
@@ -188,73 +208,22 @@ class Report:
     def __repr__(self) -> str:
         return f"Report(primary={self.primary!r}, gap={self.gap:.4g}, causes={[k for k, _ in self.causes]})"
 
-    # ---- figures ------------------------------------------------------------------
+    # ---- figures and the page ---------------------------------------------------------
     def plot(self) -> dict[str, Any]:
-        """Matplotlib figures: ``modes`` (metric by mode), ``waterfall`` (the terms), ``drift`` (per layer)."""
-        from .plots import _pyplot
+        """Matplotlib figures: ``modes``, ``waterfall`` (the terms), ``drift`` (per layer) and ``ema``
+        (weight on the initial values by epoch), each when the report has something for it."""
+        from .report_figures import figures
 
-        plt = _pyplot()
-        figs: dict[str, Any] = {}
-        main = self.main
-        if main is not None:
-            fig, ax = plt.subplots(figsize=(6.5, 3.6))
-            modes = [m for m in ("F", "T", "Td", "P", "E", "E_val") if m in main.values]
-            ax.bar(modes, [main.values[m] for m in modes], color=["#4c72b0" if m in ("F", "T", "Td") else "#55a868" if m == "P" else "#c44e52" for m in modes])
-            ax.set_ylabel(self.primary)
-            ax.set_title(f"{self.primary} by mode, same data and weights", fontsize=10)
-            for i, m in enumerate(modes):
-                ax.text(i, main.values[m], f"{main.values[m]:.3f}", ha="center", va="bottom", fontsize=8)
-            fig.tight_layout()
-            figs["modes"] = fig
-
-            fig, ax = plt.subplots(figsize=(6.5, 3.6))
-            level = main.values[main.top]
-            names = list(main.terms)
-            for i, name in enumerate(names):
-                value = main.terms[name]
-                ax.bar(i, -value, bottom=level, color="#c44e52" if main.goodness(value) > 0 else "#55a868")
-                ax.text(i, level - value / 2, f"{-value:+.3f}", ha="center", va="center", fontsize=8)
-                level -= value
-            ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
-            ax.axhline(main.values[main.top], color="gray", lw=0.5)
-            ax.set_ylabel(self.primary)
-            ax.set_title(f"from {MODE_NAMES[main.top]} down to validation", fontsize=9)
-            fig.tight_layout()
-            figs["waterfall"] = fig
-        if self.recalibration is not None:
-            layers = [layer for layer in self.recalibration.layers if layer.drift is not None]
-            if layers:
-                fig, ax = plt.subplots(figsize=(max(6.5, 0.12 * len(layers)), 3.6))
-                xs = range(len(layers))
-                ax.plot(xs, [layer.drift.mean_max for layer in layers], "o-", ms=3, label="mean drift (max over channels, std)")
-                ax.plot(xs, [layer.drift.var_max for layer in layers], "s-", ms=3, label="|log variance ratio| (max)")
-                top = max(max(layer.drift.mean_max, layer.drift.var_max) for layer in layers)
-                if top > 20:
-                    ax.set_yscale("symlog", linthresh=1.0)
-                ax.axhline(LARGE_DRIFT, color="gray", lw=0.8, ls=":", label=f"large ({LARGE_DRIFT})")
-                ax.set_ylabel("drift")
-                ax.set_xlabel("BatchNorm layer, forward order")
-                ax.set_title("drift of moving statistics from population statistics", fontsize=10)
-                ax.legend(fontsize=7)
-                fig.tight_layout()
-                figs["drift"] = fig
-        return figs
+        return figures(self)
 
     def to_html(self, path: str | os.PathLike) -> str:
-        """A self-contained page (figures embedded as PNG); written atomically."""
-        from .plots import _pyplot
+        """A self-contained page (inline SVG figures, HTML tables); written atomically."""
+        from .report_html import render
 
-        imgs = []
-        for name, fig in self.plot().items():
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=100)
-            _pyplot().close(fig)
-            imgs.append(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"></figure>')
-        page = (
-            "<!doctype html><html><head><meta charset='utf-8'><title>evalgap report</title>"
-            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}pre{white-space:pre-wrap;font-size:12px}"
-            "figure{display:inline-block;margin:0.5em}</style></head><body><h1>evalgap: train vs evaluation gap</h1>"
-            + "".join(imgs)
-            + f"<pre>{html.escape(str(self))}</pre></body></html>"
-        )
-        return atomic_write_text(path, page)
+        return atomic_write_text(path, render(self))
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the report as its HTML page."""
+        from .report_html import render
+
+        return render(self)
