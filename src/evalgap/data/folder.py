@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .._files import atomic_write
+from .._progress import progress_bar
 from ..errors import DataError
 from .resize import resize_with_pad
 
@@ -120,27 +121,13 @@ def load_image_folder(
     label_of = {c: i for i, c in enumerate(classes)}
     images = np.zeros((len(entries), image_size, image_size, 3), dtype=np.uint8)
     labels = np.zeros(len(entries), dtype=np.int64)
-    converted, skipped, n = 0, [], 0
+    skipped: list[str] = []
     zf = zipfile.ZipFile(path) if path.suffix.lower() == ".zip" else None
     try:
         from PIL import Image
 
-        for member, cls, _, _ in entries:
-            try:
-                raw = zf.read(member) if zf is not None else Path(member).read_bytes()
-                with Image.open(io.BytesIO(raw)) as im:
-                    if im.mode != "RGB":
-                        converted += 1
-                        im = im.convert("RGB")
-                    arr = np.asarray(im)
-            except Exception as exc:  # Pillow raises many types on corrupt data
-                if skip_bad:
-                    skipped.append(member)
-                    continue
-                raise DataError(f"cannot read image {member}: {exc}. Fix or remove the file, or pass skip_bad=True (--skip-bad).") from exc
-            images[n] = np.clip(np.rint(resize_with_pad(arr, image_size, image_size)), 0, 255).astype(np.uint8)
-            labels[n] = label_of[cls]
-            n += 1
+        with progress_bar(f"decoding {len(entries)} images", len(entries)) as advance:
+            n, converted = _decode_all(entries, zf, images, labels, label_of, image_size, skip_bad, skipped, advance, Image)
     finally:
         if zf is not None:
             zf.close()
@@ -151,6 +138,29 @@ def load_image_folder(
     if cache:
         _save_cache(cache_file, result)
     return result
+
+
+def _decode_all(entries, zf, images, labels, label_of, image_size, skip_bad, skipped, advance, Image) -> tuple[int, int]:
+    """Decode, convert to RGB and resize every entry into ``images``; return (images kept, converted)."""
+    n = converted = 0
+    for member, cls, _, _ in entries:
+        advance(1)
+        try:
+            raw = zf.read(member) if zf is not None else Path(member).read_bytes()
+            with Image.open(io.BytesIO(raw)) as im:
+                if im.mode != "RGB":
+                    converted += 1
+                    im = im.convert("RGB")
+                arr = np.asarray(im)
+        except Exception as exc:  # Pillow raises many types on corrupt data
+            if skip_bad:
+                skipped.append(member)
+                continue
+            raise DataError(f"cannot read image {member}: {exc}. Fix or remove the file, or pass skip_bad=True (--skip-bad).") from exc
+        images[n] = np.clip(np.rint(resize_with_pad(arr, image_size, image_size)), 0, 255).astype(np.uint8)
+        labels[n] = label_of[cls]
+        n += 1
+    return n, converted
 
 
 def _save_cache(cache_file: Path, s: ImageSet) -> None:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .._progress import progress_bar
 from ..attribution import choose_primary, decompose
 from ..diagnosis import Context, InputScale, build_report, label_mix
 from ..errors import DataError
@@ -53,9 +54,13 @@ class _Run:
 
     def score(self, mode: str, layers=(), stats=(), batches: Any = None) -> dict[str, float]:
         """Loss and metrics of the batches (the probe by default) with the adapter's predictor."""
-        with self.adapter.predictor(self.model, mode, layers, stats) as predict:
+        batches = self.probe if batches is None else batches
+        what = {"E": "evaluation mode", "P": "population statistics", "T": "training mode"}[mode]
+        with self.adapter.predictor(self.model, mode, layers, stats) as predict, \
+                progress_bar(f"diagnosing: {what}", getattr(batches, "total", None), self.progress) as advance:
             state = None
-            for batch in self.probe if batches is None else batches:
+            for batch in batches:
+                advance(1)
                 outputs = predict(batch)
                 if self.metrics is None:
                     self.metrics = self.adapter.metrics(self.model, batch, outputs, **self.metric_options)

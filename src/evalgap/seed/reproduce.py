@@ -109,11 +109,13 @@ def run_variant(
     seed: int = 0,
     precise_every: int = 1,
     info: dict[str, Any] | None = None,
+    on_step=None,
 ) -> list[dict[str, float]]:
     """Train one variant with validation data = training data; return its per-epoch logs.
 
     ``info`` (a dict, if given) receives how PreciseBN and the precise measurement drew their
-    batches (``batching``): shuffled as fit draws them, with seed 0.
+    batches (``batching``): shuffled as fit draws them, with seed 0. ``on_step(variant, epoch,
+    advance, total)`` follows the training steps (for a progress bar).
     """
     import contextlib
 
@@ -148,10 +150,67 @@ def run_variant(
     if precise_every > 0:
         measuring["precise_val"] = PreciseValidation((images, labels), (images, labels), batch_size=bs, every=precise_every)
     callbacks = [*measuring.values(), Collect()]
+    if on_step is not None:  # only on a terminal: a per-step callback makes Keras sync after every step
+        callbacks.append(_steps(variant, on_step))
     model.fit(images, labels, batch_size=bs, epochs=epochs, validation_data=(images, labels), callbacks=callbacks, verbose=0, shuffle=True)
     if info is not None:
         info["batching"] = {name: cb.last.batching for name, cb in measuring.items() if cb.last is not None}
     return logs
+
+
+def _steps_callback():
+    import keras
+
+    class Steps(keras.callbacks.Callback):
+        """Report each epoch's start and every training step to ``on_step``."""
+
+        def __init__(self, variant, on_step):
+            super().__init__()
+            self.variant, self.on_step = variant, on_step
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.on_step(self.variant, epoch + 1, 0, (self.params or {}).get("steps"))
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.on_step(self.variant, None, 1, None)
+
+    return Steps
+
+
+def _steps(variant, on_step):
+    return _steps_callback()(variant, on_step)
+
+
+class _EpochBar:
+    """A transient rich bar of the current epoch's training steps, on the reproduce console (terminals only)."""
+
+    def __init__(self, console: Console, epochs: int):
+        self.console, self.epochs = console, epochs
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> "_EpochBar":
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     console=self.console, transient=True)
+            self.progress.__enter__()
+        return self
+
+    def step(self, variant, epoch: int | None, advance: int, total: int | None) -> None:
+        if self.progress is None:
+            return
+        if epoch is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(f"{variant.name}: epoch {epoch}/{self.epochs}", total=total)
+        elif self.task is not None:
+            self.progress.advance(self.task, advance)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
 
 
 def summary_table(results: dict[str, list[dict[str, float]]], epochs: tuple[int, ...]) -> Table:
@@ -196,12 +255,11 @@ def reproduce(
         f"The seed's job on {source or 'the given data'} ({images.shape[1]}x{images.shape[2]}): ResNet50(weights=None), Adam, validation data = training data, Keras {keras.__version__} "
         f"({keras.backend.backend()}), {epochs} epochs per variant."
     )
-    with console.status("training") as status:
+    with _EpochBar(console, epochs) as bar:
         for name in variants:
             v = VARIANTS[name]
 
             def on_epoch(variant, row):
-                status.update(f"{variant.name}: epoch {row['epoch']}/{epochs}")
                 console.print(
                     f"[{variant.name}] Epoch {row['epoch']}/{epochs} - {row['seconds']:.0f}s - loss: {row['loss']:.4f} - "
                     f"accuracy: {row['accuracy']:.4f} - val_loss: {row['val_loss']:.4f} - val_accuracy: {row['val_accuracy']:.4f}"
@@ -214,7 +272,7 @@ def reproduce(
             console.print(f"[bold]{name}[/bold]: {v.description}")
             infos[name] = {}
             results[name] = run_variant(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
-                                        precise_every=precise_every, info=infos[name])
+                                        precise_every=precise_every, info=infos[name], on_step=bar.step if bar.progress else None)
     data = {
         "source": source,
         "backend": keras.backend.backend(),
