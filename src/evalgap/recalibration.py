@@ -249,6 +249,12 @@ class Recalibration:
     def __str__(self) -> str:
         return render_plain(self)
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the summary and the per-layer table as HTML."""
+        from .report_html import recalibration_html
+
+        return recalibration_html(self)
+
     def __repr__(self) -> str:
         return (
             f"Recalibration(framework={self.framework!r}, layers={len(self.layers)}, "

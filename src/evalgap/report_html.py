@@ -147,3 +147,26 @@ def render(report) -> str:
         "</main></body></html>",
     ]
     return "".join(parts)
+
+
+def recalibration_html(result) -> str:
+    """A :class:`evalgap.Recalibration` as a fragment for a notebook cell: the summary, the layers, the notes."""
+    rows = []
+    for lr in result.layers:
+        d = lr.drift
+        rows.append([lr.name, lr.kind, lr.status, lr.channels, lr.samples, "-" if d is None else f"{d.mean_max:.3g}", "-" if d is None else f"{d.var_max:.3g}"])
+    table = _table(["layer", "type", "status", "channels", "samples", "mean drift max", "var drift max"], rows)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
+    return (f"<div><style>{_CSS}</style><p><strong>{html.escape(result.summary())}</strong></p>"
+            f"<div class='scroll'>{table}</div>{f'<ul>{notes}</ul>' if notes else ''}</div>")
+
+
+def reproduction_html(data: dict) -> str:
+    """The result of ``evalgap reproduce`` as a fragment: per variant and epoch, training vs validation."""
+    rows = []
+    for name, variant in data.get("variants", {}).items():
+        for r in variant["epochs"]:
+            rows.append([name, r["epoch"], f"{r['accuracy']:.4f}", f"{r['val_accuracy']:.4f}",
+                         f"{r['precise_val_accuracy']:.4f}" if "precise_val_accuracy" in r else "-", f"{r['val_loss']:.4g}"])
+    table = _table(["variant", "epoch", "accuracy", "val_accuracy", "precise_val_accuracy", "val_loss"], rows)
+    return f"<div><style>{_CSS}</style><p><strong>{html.escape(str(data.get('source', '')))}</strong></p><div class='scroll'>{table}</div></div>"

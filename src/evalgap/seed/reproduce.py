@@ -227,6 +227,16 @@ def summary_table(results: dict[str, list[dict[str, float]]], epochs: tuple[int,
     return table
 
 
+class Reproduction(dict):
+    """What :func:`reproduce` returns (a dict: source, backend, variants with their epoch logs, ...);
+    a notebook shows it as a table."""
+
+    def _repr_html_(self) -> str:
+        from ..report_html import reproduction_html
+
+        return reproduction_html(self)
+
+
 def reproduce(
     images: np.ndarray,
     labels: np.ndarray,
@@ -239,7 +249,7 @@ def reproduce(
     source: str = "",
     console: Console | None = None,
     precise_every: int = 1,
-) -> dict[str, Any]:
+) -> "Reproduction":
     """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary."""
     import keras
 
@@ -273,7 +283,7 @@ def reproduce(
             infos[name] = {}
             results[name] = run_variant(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
                                         precise_every=precise_every, info=infos[name], on_step=bar.step if bar.progress else None)
-    data = {
+    data = Reproduction({
         "source": source,
         "backend": keras.backend.backend(),
         "images": int(len(images)),
@@ -281,7 +291,7 @@ def reproduce(
         "classes": int(classes),
         "epochs": epochs,
         "variants": {n: {"description": VARIANTS[n].description, "batch_size": batch_size if batch_size and VARIANTS[n].batch_size == 96 else VARIANTS[n].batch_size, "momentum": VARIANTS[n].momentum, "inputs": VARIANTS[n].inputs, "precise_bn": VARIANTS[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
-    }
+    })
     json_path, csv_path, png_path = _write_outputs(results, data, out)
     seed_epochs = tuple(e for e in SEED_EPOCHS if e <= epochs) or (epochs,)
     if epochs > 7:
