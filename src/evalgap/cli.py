@@ -92,6 +92,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise DataError(f"--epochs must be >= 1, got {args.epochs}.")
+    if args.keras == 2:
+        import os
+
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tf.keras is Keras 2 too, as in the question
     variants = [v.strip() for v in ",".join(args.variants).split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -101,7 +105,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     x, y, note = load_arrays(args)
     classes = int(y.max()) + 1
     reproduce(x, y, classes, variants=variants, epochs=args.epochs, batch_size=args.batch_size, out=args.out, source=note,
-              console=demo_console(), precise_every=args.precise_every)
+              console=demo_console(), precise_every=args.precise_every, keras_version=args.keras)
     return 0
 
 
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
     rep.add_argument("--precise-every", type=int, default=1, metavar="N",
                      help="measure precise_val_* every N epochs (0: never; each costs a recalibration and an evaluation)")
+    rep.add_argument("--keras", type=int, choices=[2, 3], default=3,
+                     help="3: Keras 3 (KERAS_BACKEND); 2: Keras 2 (tf_keras), the question's tf.data and MirroredStrategy code")
     rep.add_argument("--out", default="evalgap-out/reproduce", help="output folder (JSON, CSV, PNG)")
     rep.set_defaults(func=_reproduce)
     return parser

@@ -180,10 +180,20 @@ def reproduce(
     source: str = "",
     console: Console | None = None,
     precise_every: int = 1,
+    keras_version: int = 3,
 ) -> dict[str, Any]:
-    """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary."""
-    import keras
+    """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary.
 
+    ``keras_version=2`` runs the job in Keras 2 as the question wrote it (:mod:`evalgap.seed.tf_keras_job`).
+    """
+    if keras_version == 2:
+        from . import tf_keras_job
+
+        framework, backend, runner, table = tf_keras_job.framework(), tf_keras_job.FRAMEWORK, tf_keras_job.run_variant, tf_keras_job.variants(VARIANTS)
+    else:
+        import keras
+
+        framework, backend, runner, table = f"Keras {keras.__version__} ({keras.backend.backend()})", keras.backend.backend(), run_variant, VARIANTS
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise DataError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
@@ -193,12 +203,12 @@ def reproduce(
     results: dict[str, list[dict[str, float]]] = {}
     infos: dict[str, dict[str, Any]] = {}
     console.print(
-        f"The seed's job on {source or 'the given data'} ({images.shape[1]}x{images.shape[2]}): ResNet50(weights=None), Adam, validation data = training data, Keras {keras.__version__} "
-        f"({keras.backend.backend()}), {epochs} epochs per variant."
+        f"The seed's job on {source or 'the given data'} ({images.shape[1]}x{images.shape[2]}): ResNet50(weights=None), Adam, validation data = training data, {framework}, "
+        f"{epochs} epochs per variant."
     )
     with console.status("training") as status:
         for name in variants:
-            v = VARIANTS[name]
+            v = table[name]
 
             def on_epoch(variant, row):
                 status.update(f"{variant.name}: epoch {row['epoch']}/{epochs}")
@@ -213,16 +223,16 @@ def reproduce(
 
             console.print(f"[bold]{name}[/bold]: {v.description}")
             infos[name] = {}
-            results[name] = run_variant(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
+            results[name] = runner(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
                                         precise_every=precise_every, info=infos[name])
     data = {
         "source": source,
-        "backend": keras.backend.backend(),
+        "backend": backend,
         "images": int(len(images)),
         "image_size": int(images.shape[1]),
         "classes": int(classes),
         "epochs": epochs,
-        "variants": {n: {"description": VARIANTS[n].description, "batch_size": batch_size if batch_size and VARIANTS[n].batch_size == 96 else VARIANTS[n].batch_size, "momentum": VARIANTS[n].momentum, "inputs": VARIANTS[n].inputs, "precise_bn": VARIANTS[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
+        "variants": {n: {"description": table[n].description, "batch_size": batch_size if batch_size and table[n].batch_size == 96 else table[n].batch_size, "momentum": table[n].momentum, "inputs": table[n].inputs, "precise_bn": table[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
     }
     json_path, csv_path, png_path = _write_outputs(results, data, out)
     seed_epochs = tuple(e for e in SEED_EPOCHS if e <= epochs) or (epochs,)
