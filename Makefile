@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evalgap-installed
-EXTRAS := torch,keras,tensorflow,jax,lightning,demo,dev
+EXTRAS := torch,keras,tf-keras,tensorflow,jax,lightning,demo,dev
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
 .PHONY: demo test test-core test-keras bench clean
@@ -24,9 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(MAKE) --no-print-directory test-core
 	$(MAKE) --no-print-directory test-keras
+	TF_USE_LEGACY_KERAS=1 $(PYTEST) tests/tf_keras
 
 test-core: $(STAMP)
-	$(PYTEST) tests --ignore=tests/keras
+	$(PYTEST) tests --ignore=tests/keras --ignore=tests/tf_keras
 
 test-keras: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PYTEST) tests/keras

@@ -1,6 +1,6 @@
 """evalgap: explain and close the gap between training-mode and evaluation-mode results.
 
-Public API: :mod:`evalgap.torch`, :mod:`evalgap.keras` (imported on demand, each needs its
+Public API: :mod:`evalgap.torch`, :mod:`evalgap.keras`, :mod:`evalgap.tf_keras` (Keras 2) (imported on demand, each needs its
 framework), :mod:`evalgap.stats`, :class:`Recalibration` and the errors below.
 """
 

@@ -138,7 +138,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     x, y, note = load_arrays(args)
     classes = int(y.max()) + 1
     reproduce(x, y, classes, variants=variants, epochs=args.epochs, batch_size=args.batch_size, out=args.out, source=note,
-              console=demo_console(), precise_every=args.precise_every)
+              console=demo_console(), precise_every=args.precise_every, keras_version=args.keras)
     return 0
 
 
@@ -194,6 +194,8 @@ def _add_reproduce(sub) -> None:
     rep.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
     rep.add_argument("--precise-every", type=int, default=1, metavar="N",
                      help="measure precise_val_* every N epochs (0: never; each costs a recalibration and an evaluation)")
+    rep.add_argument("--keras", type=int, choices=[2, 3], default=3,
+                     help="3: Keras 3 (KERAS_BACKEND); 2: Keras 2 (tf_keras), the question's tf.data and MirroredStrategy code")
     rep.add_argument("--out", default="evalgap-out/reproduce", help="output folder (JSON, CSV, PNG)")
     rep.set_defaults(func=_reproduce)
 
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.command == "reproduce" and args.keras == 2:
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before TensorFlow loads: tf.keras is Keras 2 too, as in the question
     try:
         quiet_framework_startup(args)
         return int(args.func(args) or 0)

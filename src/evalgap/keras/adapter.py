@@ -31,6 +31,11 @@ class KerasAdapter:
 
     def prepare(self, model: Any, first: Batch):
         if not isinstance(model, (keras.Model, keras.layers.Layer)):
+            if any(cls.__module__.split(".")[0] == "tf_keras" or cls.__module__.startswith("keras.src.engine.") for cls in type(model).__mro__):
+                raise ModelError(
+                    f"{type(model).__name__} is a Keras 2 model (tf_keras, or tf.keras with TF_USE_LEGACY_KERAS=1): use "
+                    "evalgap.tf_keras (the same recalibrate, diagnose, PreciseBN and GapMonitor, with the same arguments)."
+                )
             raise ModelError(f"expected a Keras model, got {type(model).__name__}.")
         if not model.built:
             model(first.inputs, training=False)  # builds the variables; inference mode changes no statistic

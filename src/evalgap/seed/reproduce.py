@@ -249,10 +249,20 @@ def reproduce(
     source: str = "",
     console: Console | None = None,
     precise_every: int = 1,
+    keras_version: int = 3,
 ) -> "Reproduction":
-    """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary."""
-    import keras
+    """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary.
 
+    ``keras_version=2`` runs the job in Keras 2 as the question wrote it (:mod:`evalgap.seed.tf_keras_job`).
+    """
+    if keras_version == 2:
+        from . import tf_keras_job
+
+        framework, backend, runner, table = tf_keras_job.framework(), tf_keras_job.FRAMEWORK, tf_keras_job.run_variant, tf_keras_job.variants(VARIANTS)
+    else:
+        import keras
+
+        framework, backend, runner, table = f"Keras {keras.__version__} ({keras.backend.backend()})", keras.backend.backend(), run_variant, VARIANTS
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise DataError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
@@ -262,12 +272,12 @@ def reproduce(
     results: dict[str, list[dict[str, float]]] = {}
     infos: dict[str, dict[str, Any]] = {}
     console.print(
-        f"The seed's job on {source or 'the given data'} ({images.shape[1]}x{images.shape[2]}): ResNet50(weights=None), Adam, validation data = training data, Keras {keras.__version__} "
-        f"({keras.backend.backend()}), {epochs} epochs per variant."
+        f"The seed's job on {source or 'the given data'} ({images.shape[1]}x{images.shape[2]}): ResNet50(weights=None), Adam, validation data = training data, {framework}, "
+        f"{epochs} epochs per variant."
     )
     with _EpochBar(console, epochs) as bar:
         for name in variants:
-            v = VARIANTS[name]
+            v = table[name]
 
             def on_epoch(variant, row):
                 console.print(
@@ -281,16 +291,17 @@ def reproduce(
 
             console.print(f"[bold]{name}[/bold]: {v.description}")
             infos[name] = {}
-            results[name] = run_variant(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
-                                        precise_every=precise_every, info=infos[name], on_step=bar.step if bar.progress else None)
+            steps = {"on_step": bar.step} if bar.progress is not None and keras_version != 2 else {}
+            results[name] = runner(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
+                                   precise_every=precise_every, info=infos[name], **steps)
     data = Reproduction({
         "source": source,
-        "backend": keras.backend.backend(),
+        "backend": backend,
         "images": int(len(images)),
         "image_size": int(images.shape[1]),
         "classes": int(classes),
         "epochs": epochs,
-        "variants": {n: {"description": VARIANTS[n].description, "batch_size": batch_size if batch_size and VARIANTS[n].batch_size == 96 else VARIANTS[n].batch_size, "momentum": VARIANTS[n].momentum, "inputs": VARIANTS[n].inputs, "precise_bn": VARIANTS[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
+        "variants": {n: {"description": table[n].description, "batch_size": batch_size if batch_size and table[n].batch_size == 96 else table[n].batch_size, "momentum": table[n].momentum, "inputs": table[n].inputs, "precise_bn": table[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
     })
     json_path, csv_path, png_path = _write_outputs(results, data, out)
     seed_epochs = tuple(e for e in SEED_EPOCHS if e <= epochs) or (epochs,)

@@ -1,0 +1,123 @@
+"""The Keras 2 adapter: answers the engine's framework questions (:mod:`evalgap.engine.protocol`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ..engine import Batch, NormLayer
+from ..errors import ModelError
+from . import data, distributed, layers, moments, predict
+from .layers import keras
+from .metrics import TfKerasMetrics
+from .remedies import REMEDIES
+
+logger = logging.getLogger("evalgap.tf_keras")
+
+
+def _is_keras3(model: Any) -> bool:
+    return any(cls.__module__.split(".")[0] == "keras" and cls.__name__ in ("Layer", "Operation") for cls in type(model).__mro__)
+
+
+class TfKerasAdapter:
+    """Keras 2: ``tf_keras`` (TensorFlow 2.16+) or ``tf.keras`` of TensorFlow <= 2.15."""
+
+    api = "evalgap.tf_keras"
+    convention = "keras"
+    frozen_means = "trainable=False, or called with training=False (e.g. base(x, training=False)): inference mode even in fit"
+    remedies = REMEDIES
+    bn_kind = "BatchNormalization layer"
+
+    def framework(self, model: Any) -> str:
+        return f"tf_keras/{keras.__version__}"
+
+    def batches(self, source: Any, *, batch_size=None, shuffle=True, seed=0, targets=False):
+        return data.batches(source, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=targets)
+
+    def prepare(self, model: Any, first: Batch):
+        """The model, built (an eager call in inference mode changes no statistic); its inference-only BN layers found."""
+        if not isinstance(model, keras.layers.Layer):
+            if _is_keras3(model):
+                raise ModelError(f"{type(model).__name__} is a Keras 3 model: use evalgap.keras (same functions and arguments).")
+            raise ModelError(f"expected a Keras 2 (tf_keras) model, got {type(model).__name__}.")
+        if not model.built:
+            model(first.inputs, training=False)
+        try:
+            layers.remember_inference_only(model, first.inputs)
+        except Exception as exc:  # the model cannot take these inputs: the pass says so, naming the batch
+            logger.debug("tracing %s in training mode failed: %s", model.name, exc)
+        return model
+
+    def layers(self, model) -> list[NormLayer]:
+        return layers.norm_layers(model)
+
+    def moments_pass(self, model, norm_layers: Sequence[NormLayer], batch_statistics: Sequence[bool]):
+        return moments.moments_pass(model, [layer.handle for layer in norm_layers], list(batch_statistics))
+
+    def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
+        return moments.to_host(values)
+
+    def read(self, norm_layers: Sequence[NormLayer]):
+        return [(_host(layer.handle.moving_mean), _host(layer.handle.moving_variance)) for layer in norm_layers]
+
+    def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
+        """Assign moving mean and variance (and a renorm layer's ``moving_stddev = sqrt(var + eps)``, from which
+        Keras 2 recomputes its moving variance at every step); a layer that already holds them is left untouched,
+        and a failure puts back every value this call assigned."""
+        done: list[tuple[Any, np.ndarray]] = []
+        try:
+            for layer, (mean, var) in zip(norm_layers, stats):
+                bn = layer.handle
+                mean, var = np.asarray(mean, np.float64).reshape(-1), np.asarray(var, np.float64).reshape(-1)
+                if np.array_equal(_host(bn.moving_mean), mean) and np.array_equal(_host(bn.moving_variance), var):
+                    continue
+                targets = [(bn.moving_mean, mean), (bn.moving_variance, var)]
+                if getattr(bn, "renorm", False):
+                    targets.append((bn.moving_stddev, np.sqrt(var + bn.epsilon)))
+                for variable, value in targets:
+                    done.append((variable, np.array(variable.numpy())))
+                    variable.assign(value.reshape(tuple(variable.shape)).astype(variable.dtype.as_numpy_dtype))
+        except BaseException:
+            for variable, old in reversed(done):
+                variable.assign(old)
+            raise
+
+    def predictor(self, model, mode: str, norm_layers=(), stats=()):
+        return predict.predictor(model, mode, norm_layers, stats)
+
+    def metrics(self, model, batch: Batch, outputs: Any) -> TfKerasMetrics:
+        return TfKerasMetrics(model, batch, outputs)
+
+    def facts(self, model):
+        return layers.facts(model)
+
+    def collective(self, model):
+        return distributed.collective(model)
+
+    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None:
+        xs, seen = [], 0
+        for batch in batches:
+            if isinstance(batch.inputs, (dict, list, tuple)):
+                return None
+            x = np.asarray(batch.inputs)
+            xs.append(x)
+            seen += len(x)
+            if seen >= 2048:
+                break
+        return (np.concatenate(xs), -1) if xs else None
+
+    def hint(self, exc: Exception) -> str | None:
+        text = str(exc)
+        if "Reshape" in text and ("evenly divisible" in text or "Input to reshape" in text):
+            return ("A BatchNormalization layer with virtual_batch_size needs batches whose size is a multiple of it: "
+                    "use the training batch size.")
+        return None
+
+
+def _host(variable) -> np.ndarray:
+    return np.array(variable.numpy(), dtype=np.float64).reshape(-1)
+
+
+ADAPTER = TfKerasAdapter()

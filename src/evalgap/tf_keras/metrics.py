@@ -1,0 +1,166 @@
+"""The model's compiled loss and metrics, computed as Keras 2's ``evaluate`` computes them, on fresh objects.
+
+Per batch, as Keras 2's ``test_step``: ``compiled_loss(y, y_pred, sample_weight,
+regularization_losses=model.losses)`` (its ``Mean`` named ``loss`` weighted by the batch size,
+``<output>_loss`` per output, loss weights, ``add_loss`` and regularization included), then
+``compiled_metrics.update_state(y, y_pred, sample_weight)``. The results come out under the
+keys and in the order ``evaluate(return_dict=True)`` uses (``model.metrics``: the loss
+container's, then the metrics container's). Each mode gets fresh ``LossesContainer`` /
+``MetricsContainer`` objects built from what the model was compiled with (metric objects
+re-created from their config), so the model's own metric state is never touched; when the
+model's containers are already built (after fit or evaluate), the fresh metrics take the
+names Keras gave them (per-output prefixes, ``weighted_``). A custom metric that cannot be
+re-created is reset for each mode and its state put back afterwards (:meth:`TfKerasMetrics.close`).
+Metrics added in ``call`` with ``add_metric`` are not measured (the passes make
+``add_metric`` do nothing, so that it cannot change the model); the report says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from .._checks import check_labels
+from ..engine import Batch, tree_map
+from ..errors import ModelError
+from .layers import keras, walk
+
+
+def _copies(spec: Any, borrowed: list) -> Any:
+    """``spec`` with every Metric object re-created from its config (or borrowed when it cannot be)."""
+    if isinstance(spec, dict):
+        return {k: _copies(v, borrowed) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_copies(v, borrowed) for v in spec)
+    if isinstance(spec, keras.metrics.Metric):
+        try:
+            return type(spec).from_config(spec.get_config())
+        except Exception:
+            borrowed.append(spec)
+            return spec
+    return spec
+
+
+def _classifier_defaults(y: Any, pred: Any) -> tuple[Any, list[str]]:
+    """What an uncompiled classifier is measured with: cross-entropy (logits or probabilities) and accuracy."""
+    p = np.asarray(pred)
+    y = None if y is None else np.asarray(y)
+    if y is None or p.ndim < 2 or p.shape[-1] < 2 or not (np.issubdtype(y.dtype, np.integer) or y.shape == p.shape):
+        raise ModelError(
+            "the model is not compiled and its outputs are not class scores: compile it with its training loss and "
+            "metrics (model.compile(loss=..., metrics=[...])) so that diagnose can measure them."
+        )
+    probs = bool(np.all(p >= 0) and np.allclose(p.sum(-1), 1.0, atol=1e-3))
+    loss = keras.losses.CategoricalCrossentropy if y.shape == p.shape else keras.losses.SparseCategoricalCrossentropy
+    return loss(from_logits=not probs), ["accuracy"]
+
+
+def _tensors(tree: Any) -> Any:
+    return tree_map(lambda a: a if isinstance(a, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(a), tree)
+
+
+class TfKerasMetrics:
+    """:class:`evalgap.engine.Metrics` from a compiled Keras 2 model (module docstring)."""
+
+    def __init__(self, model, batch: Batch, outputs: Any):
+        compiled = bool(getattr(model, "_is_compiled", False))
+        losses = getattr(model, "compiled_loss", None) if compiled else None
+        self.model_metrics = getattr(model, "compiled_metrics", None) if compiled else None
+        self.notes: list[str] = []
+        self.given: list[str] = []
+        self.output_names = getattr(model, "output_names", None)  # as compile passes them (None: named at build)
+        self.loss = (None, None) if losses is None else (losses._user_losses, losses._user_loss_weights)
+        m = self.model_metrics
+        self.metrics = None if m is None else (m._user_metrics, m._user_weighted_metrics, getattr(m, "_from_serialized", False))
+        if not compiled:
+            loss, metrics = _classifier_defaults(batch.targets, outputs[0])
+            self.loss, self.metrics = (loss, None), (metrics, None, False)
+            self.notes.append("the model is not compiled: measured with cross-entropy and accuracy; compile it to measure your own.")
+        added = [m.name for layer in [model, *(layer for _, layer in walk(model))] for m in getattr(layer, "_metrics", None) or []]
+        if added:
+            self.notes.append(
+                f"metrics added with add_metric ({', '.join(added)}) are not measured: evalgap's passes leave the model's "
+                "metric state alone, so evaluate reports them and diagnose does not."
+            )
+        self.borrowed: list = []
+        self._saved = None
+        self.classes = self._classes(outputs[0])
+        self.names: list[str] = []
+
+    @staticmethod
+    def _classes(pred: Any) -> int | None:
+        shape = getattr(pred, "shape", None)
+        return int(shape[-1]) if shape is not None and len(shape) >= 2 and shape[-1] and shape[-1] > 1 else None
+
+    def new(self) -> "_State":
+        from_compile = _compile_utils()
+        borrowed: list = []
+        loss = from_compile.LossesContainer(self.loss[0], self.loss[1], output_names=self.output_names)
+        metrics = None
+        if self.metrics is not None:
+            user, weighted, serialized = self.metrics
+            metrics = from_compile.MetricsContainer(
+                _copies(user, borrowed), _copies(weighted, borrowed), output_names=self.output_names, from_serialized=serialized,
+            )
+        if borrowed and self._saved is None:
+            self._saved = [(v, np.array(v.numpy())) for m in borrowed for v in m.variables]
+        for m in borrowed:
+            m.reset_state()
+        self.borrowed = borrowed
+        return _State(self, loss, metrics)
+
+    def close(self) -> None:
+        """Put back the state of borrowed metric objects."""
+        for v, value in self._saved or []:
+            v.assign(value)
+        self._saved = None
+
+
+def _compile_utils():
+    """Keras 2's ``compile_utils`` module (the containers ``compile`` creates), beside ``training``."""
+    import importlib
+
+    return importlib.import_module(keras.Model.__module__.rsplit(".", 1)[0] + ".compile_utils")
+
+
+class _State:
+    def __init__(self, spec: TfKerasMetrics, loss, metrics):
+        self.spec, self.loss, self.metrics = spec, loss, metrics
+        self._named = False
+
+    def update(self, batch: Batch, outputs: Any) -> None:
+        y_pred, losses = outputs
+        y, w = batch.targets, batch.weights
+        if self.spec.classes and isinstance(y, np.ndarray) and y.ndim == len(y_pred.shape) - 1:
+            check_labels(y, self.spec.classes)
+        y, w = _tensors(y), _tensors(w)
+        self.loss(y, y_pred, w, regularization_losses=losses)
+        if self.metrics is not None:
+            self.metrics.update_state(y, y_pred, w)
+            if not self._named:
+                _take_names(self.metrics, self.spec.model_metrics)
+                self._named = True
+
+    def result(self) -> dict[str, float]:
+        objects = list(self.loss.metrics)
+        if self.metrics is not None and self.metrics.built:
+            objects += list(self.metrics.metrics)
+        out: dict[str, Any] = {}
+        for m in objects:
+            value = m.result()
+            out.update(value) if isinstance(value, dict) else out.__setitem__(m.name, value)
+        values = {k: float(np.asarray(v).reshape(())) for k, v in out.items()}
+        self.spec.names = list(values)
+        return values
+
+
+def _take_names(fresh, model_container) -> None:
+    """The names Keras gave the model's built metrics (per-output prefixes, ``weighted_``), in the same order."""
+    if model_container is None or not getattr(model_container, "_built", False):
+        return
+    ours, theirs = list(fresh.metrics), list(model_container.metrics)
+    if len(ours) == len(theirs):
+        for mine, given in zip(ours, theirs):
+            mine._name = given.name

@@ -1,0 +1,38 @@
+"""Code to paste, for Keras 2 (``tf_keras`` / ``tf.keras`` of TensorFlow <= 2.15) users."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def _vec(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+class TfKerasRemedies:
+    api = "evalgap.tf_keras"
+    data = "train_data"
+
+    def recalibrate(self, include_frozen: bool = False) -> str:
+        return f"evalgap.tf_keras.recalibrate(model, train_data{', include_frozen=True' if include_frozen else ''})"
+
+    def before_validation(self) -> str:
+        return "model.fit(..., callbacks=[evalgap.tf_keras.PreciseBN(train_data)])"
+
+    def momentum(self, momentum: float) -> str:
+        return f"tf.keras.layers.BatchNormalization(momentum={momentum})  # memory of at most half an epoch"
+
+    def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str:
+        return f"tf.keras.layers.Rescaling(1 / 255.0)  # or {self.normalize(mean, std)}"
+
+    def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str:
+        return f"tf.keras.layers.Normalization(mean={_vec(mean)}, variance={_vec([s * s for s in std])})"
+
+    def synchronized(self) -> str:
+        return "tf.keras.layers.BatchNormalization(synchronized=True)"
+
+    def monitor_fix(self) -> str:
+        return "add evalgap.tf_keras.PreciseBN(train_data) to the callbacks"
+
+
+REMEDIES = TfKerasRemedies()

@@ -1,0 +1,235 @@
+"""evalgap.tf_keras.diagnose measures the model's OWN compiled loss and metrics, as Keras 2's evaluate does.
+
+For a bank of compiled Keras 2 models (each with BatchNormalization whose moving statistics
+are set away from the population's):
+
+* E (evaluation mode, current moving statistics) equals ``model.evaluate(..., return_dict=True)``,
+  key by key (the metric names are exactly evaluate's keys, in both orders: diagnose before
+  the model's metric containers are built, and after ``evaluate`` built and renamed them);
+* P (evaluation mode, population statistics) equals ``evaluate`` after
+  ``evalgap.tf_keras.recalibrate`` on the same data and batch size;
+* the model is left exactly as it was (every variable, and a borrowed metric's state).
+
+Sample counts are multiples of the batch size, so every batch is whole and the order in which
+diagnose draws the batches cannot change any value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+from tf_keras import layers
+
+import evalgap.tf_keras as eg
+
+from ._reference import snapshot
+
+N = 128
+BATCH = 32
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+class AboveThreshold(keras.metrics.Metric):
+    """A custom stateful metric that cannot be re-created from its config (``threshold`` is not in it):
+    diagnose borrows it and must put its state back."""
+
+    def __init__(self, threshold, name="above_threshold", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = threshold
+        self.hits = self.add_weight(name="hits", initializer="zeros")
+        self.count = self.add_weight(name="count", initializer="zeros")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        above = tf.cast(tf.reshape(y_pred, [-1]) > self.threshold, self.dtype)
+        self.hits.assign_add(tf.reduce_sum(above))
+        self.count.assign_add(tf.cast(tf.size(above), self.dtype))
+
+    def result(self):
+        return tf.math.divide_no_nan(self.hits, self.count)
+
+
+def _features(seed=0):
+    return np.random.default_rng(seed).normal(2.0, 3.0, (N, 6)).astype("float32")
+
+
+def _classes(x, k=4):
+    return (np.floor(x[:, 0] - x[:, 2]) % k).astype("int64")
+
+
+def _binary(x):
+    return (x[:, 0] + x[:, 1] > 4.0).astype("float32")
+
+
+def _regression(x):
+    return (0.5 * x[:, 0] - 0.3 * x[:, 1] + 0.1 * x[:, 2] ** 2).astype("float32")
+
+
+def _trunk(inp, reg=None):
+    h = layers.Dense(8, kernel_regularizer=reg)(inp)
+    return layers.ReLU()(layers.BatchNormalization(momentum=0.9)(h))
+
+
+def _functional(head, **compile_args):
+    inp = keras.Input((6,))
+    model = keras.Model(inp, head(_trunk(inp)))
+    model.compile(optimizer="adam", **compile_args)
+    return model
+
+
+def _binary_sequential():
+    model = keras.Sequential([keras.Input((6,)), layers.Dense(8), layers.BatchNormalization(momentum=0.9), layers.ReLU(), layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy", keras.metrics.AUC(), AboveThreshold(0.5)])
+    return model
+
+
+def _two_outputs(as_dict: bool):
+    inp = keras.Input((6,))
+    h = _trunk(inp)
+    a = layers.Dense(3, activation="softmax", name="a")(h)
+    b = layers.Dense(1, name="b")(layers.BatchNormalization(momentum=0.9)(layers.Dense(4)(h)))
+    spec = dict(loss=["sparse_categorical_crossentropy", keras.losses.Huber()], loss_weights=[1.0, 0.5], metrics=[["accuracy"], [keras.metrics.MeanAbsoluteError(name="mae")]])
+    if as_dict:
+        spec = {k: dict(zip("ab", v)) for k, v in spec.items()}
+    model = keras.Model(inp, {"a": a, "b": b} if as_dict else [a, b])
+    model.compile(optimizer="adam", **spec)
+    return model
+
+
+def _regularized_conv():
+    reg = keras.regularizers.L2(1e-2)
+    inp = keras.Input((8, 8, 1))
+    h = layers.Conv2D(4, 3, padding="same", kernel_regularizer=reg)(inp)
+    h = layers.ReLU()(layers.BatchNormalization(momentum=0.9)(h))  # fused
+    h = layers.GlobalAveragePooling2D()(h)
+    h = layers.Dense(8, kernel_regularizer=reg, activity_regularizer=keras.regularizers.L1(1e-3))(h)  # add_loss in call
+    out = layers.Dense(4, activation="softmax")(layers.BatchNormalization(momentum=0.9)(h))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+@dataclass
+class Case:
+    build: Callable[[], Any]
+    data: Callable[[], tuple]
+
+
+def _xy(y_of):
+    return lambda: (lambda x: (x, y_of(x)))(_features())
+
+
+CASES = {
+    "sparse-softmax-topk": Case(
+        lambda: _functional(layers.Dense(4, activation="softmax"), loss="sparse_categorical_crossentropy",
+                            metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2)]),
+        _xy(_classes),
+    ),
+    "sparse-from-logits": Case(
+        lambda: _functional(layers.Dense(4), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]),
+        _xy(_classes),
+    ),
+    "binary-sigmoid-y1d-borrowed-metric": Case(_binary_sequential, _xy(_binary)),
+    "two-outputs-list": Case(lambda: _two_outputs(False), lambda: (lambda x: (x, [_classes(x, 3), _regression(x)]))(_features())),
+    "two-outputs-dict": Case(lambda: _two_outputs(True), lambda: (lambda x: (x, {"a": _classes(x, 3), "b": _regression(x)}))(_features())),
+    "sample-weights": Case(
+        lambda: _functional(layers.Dense(4, activation="softmax"), loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                            weighted_metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2)]),
+        lambda: (lambda x: (x, _classes(x), np.random.default_rng(1).uniform(0.1, 3.0, N).astype("float32")))(_features()),
+    ),
+    "l2-activity-regularized-conv": Case(
+        _regularized_conv,
+        lambda: (lambda x: (x, _classes(x.reshape(N, -1), 4)))(np.random.default_rng(0).normal(1.0, 2.0, (N, 8, 8, 1)).astype("float32")),
+    ),
+}
+
+
+def _stale(model):
+    """Moving statistics away from the population's (as after a short training)."""
+    for _, bn in eg.find_batchnorms(model):
+        bn.moving_mean.assign(bn.moving_mean + 0.7)
+        bn.moving_variance.assign(bn.moving_variance * 3.0)
+
+
+def _evaluate(model, data) -> dict[str, float]:
+    x, y, *w = data
+    logs = model.evaluate(x, y, sample_weight=w[0] if w else None, batch_size=BATCH, return_dict=True, verbose=0)
+    return {k: float(np.asarray(v)) for k, v in logs.items()}
+
+
+def _mode(report, mode) -> dict[str, float]:
+    return {k: float(d.values.get(mode, np.nan)) for k, d in report.decompositions.items()}
+
+
+def _assert_close(got: dict[str, float], want: dict[str, float], what: str):
+    assert list(got) == list(want), f"{what}: metric names {list(got)} != evaluate's {list(want)}"
+    bad = {k: (got[k], want[k]) for k in want if not np.isclose(got[k], want[k], rtol=RTOL, atol=ATOL)}
+    assert not bad, f"{what} differs from evaluate (got, want): {bad}"
+
+
+def _metric_state(model) -> list[bytes]:
+    return [np.asarray(v.numpy()).tobytes() for m in model.metrics for v in m.variables]
+
+
+#: where Keras renames metrics when it builds its containers (per-output prefixes, weighted_): also run after evaluate built them
+RENAMED = ("two-outputs-list", "two-outputs-dict", "sample-weights")
+RUNS = [(name, False) for name in CASES] + [(name, True) for name in RENAMED]
+
+
+@pytest.mark.parametrize("name, evaluate_first", RUNS, ids=[f"{n}-{'evaluate' if e else 'diagnose'}-first" for n, e in RUNS])
+def test_E_and_P_equal_evaluate(name, evaluate_first):
+    case = CASES[name]
+    data = case.data()
+    model = case.build()
+    model(data[0][:2])
+    _stale(model)
+    want_e = _evaluate(model, data) if evaluate_first else None
+    before, metric_state = snapshot(model), _metric_state(model)
+
+    report = eg.diagnose(model, data, batch_size=BATCH, progress=False)
+
+    assert snapshot(model) == before and _metric_state(model) == metric_state, "diagnose changed the model"
+    want_e = want_e or _evaluate(model, data)
+    _assert_close(_mode(report, "E"), want_e, "E")
+    eg.recalibrate(model, data, batch_size=BATCH, progress=False)
+    want_p = _evaluate(model, data)
+    assert not np.isclose(want_p["loss"], want_e["loss"], rtol=1e-3), (want_p, want_e)  # not trivial
+    _assert_close(_mode(report, "P"), want_p, "P")
+
+
+def test_gap_is_fit_minus_evaluate():
+    x = _features()
+    data = (x, _classes(x))
+    model = _functional(layers.Dense(4, activation="softmax"), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(*data, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    want_e = _evaluate(model, data)
+    fit_last = {k: float(v[-1]) for k, v in history.history.items()}
+
+    report = eg.diagnose(model, data, batch_size=BATCH, history=history, progress=False)
+
+    _assert_close(_mode(report, "E"), want_e, "E")
+    _assert_close(_mode(report, "F"), fit_last, "F")
+    assert report.primary == "accuracy"
+    assert report.gap == pytest.approx(fit_last["accuracy"] - want_e["accuracy"], abs=1e-6)
+
+
+def test_add_metric_metrics_are_named_in_a_note_and_left_alone():
+    x = _features()
+    data = (x, _classes(x))
+    inp = keras.Input((6,))
+    h = _trunk(inp)
+    model = keras.Model(inp, layers.Dense(4)(h))
+    model.add_metric(tf.reduce_mean(h), name="mean_hidden")
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    want_e = _evaluate(model, data)
+    assert "mean_hidden" in want_e
+    before, metric_state = snapshot(model), _metric_state(model)
+    report = eg.diagnose(model, data, batch_size=BATCH, progress=False)
+    assert snapshot(model) == before and _metric_state(model) == metric_state
+    assert any("add_metric (mean_hidden)" in note for note in report.notes), report.notes
+    _assert_close(_mode(report, "E"), {k: v for k, v in want_e.items() if k != "mean_hidden"}, "E")

@@ -1,0 +1,104 @@
+"""evalgap.tf_keras.diagnose: planted causes come out on top, with Keras 2 remedies; the model is left as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tf_keras as keras
+from tf_keras import layers
+
+import evalgap.tf_keras as eg
+
+from ._reference import layer_state, snapshot
+
+pytest.importorskip("sklearn")
+from evalgap.data import load_digits_rgb  # noqa: E402
+
+BATCH = 120
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits_rgb(16)
+    order = np.random.default_rng(0).permutation(len(x))[:1680]  # 14 whole batches
+    return x[order].astype("float32"), y[order]
+
+
+def net(momentum=0.99, dropout=0.0, width=6):
+    inp = keras.Input((16, 16, 3))
+    h = inp
+    for i, f in enumerate((width, 2 * width)):
+        h = layers.Conv2D(f, 3, strides=2, padding="same", use_bias=False)(h)
+        h = layers.BatchNormalization(momentum=momentum, name=f"bn{i}")(h)
+        h = layers.ReLU()(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    if dropout:
+        h = layers.Dropout(dropout, seed=7, name="dropout")(h)
+    model = keras.Model(inp, layers.Dense(10, activation="softmax")(h))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_stale_moving_statistics_and_raw_inputs(digits):
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    model = net(momentum=0.999)
+    history = model.fit(x, y, batch_size=BATCH, epochs=4, verbose=0)
+    before, before_layers = snapshot(model), layer_state(model)
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, history=history, progress=False)
+    assert snapshot(model) == before and layer_state(model) == before_layers  # nothing changed
+    name, value = report.causes[0]
+    assert name == "stale_moving_statistics" and value > 0.15, str(report)
+    d = report.decompositions["accuracy"]
+    assert sum(d.terms.values()) == pytest.approx(d.values["F"] - d.values["E"], abs=1e-12)
+    stale = report.finding("stale_moving_statistics")
+    assert stale.numbers["steps_per_epoch"] == 14 and stale.numbers["updates"] == 56
+    assert "evalgap.tf_keras.PreciseBN" in stale.remedy
+    raw = report.finding("input_scale")
+    assert raw is not None and "raw [0, 255]" in raw.message and "tf.keras.layers.Rescaling(1 / 255.0)" in raw.remedy
+    assert report.finding("drift").numbers["first_layer"] == "bn0"
+    assert report.framework.startswith("tf_keras/")
+    eg.recalibrate(model, (x, y), batch_size=BATCH, progress=False)
+    healthy = eg.diagnose(model, (x, y), batch_size=BATCH, progress=False)
+    assert abs(healthy.gap_points) < 1.0 and healthy.causes == [], str(healthy)
+
+
+def test_heavy_dropout_and_a_frozen_backbone(digits):
+    x, y = digits
+    xn = x[:960] / 255.0
+    yn = y[:960]
+    keras.utils.set_random_seed(0)
+    model = net(dropout=0.7)
+    model.fit(xn, yn, batch_size=BATCH, epochs=4, verbose=0)
+    eg.recalibrate(model, (xn, yn), batch_size=BATCH, progress=False)
+    before, seed = snapshot(model), model.get_layer("dropout")._random_generator._seed
+    report = eg.diagnose(model, (xn, yn), batch_size=BATCH, progress=False)  # T: training mode, dropout on
+    assert snapshot(model) == before
+    assert model.get_layer("dropout")._random_generator._seed == seed  # tracing T took no seed from the user's later traces
+    name, value = report.causes[0]
+    assert name == "training_only_layers" and value < -0.01, str(report)
+
+    # a backbone called with training=False: inference mode in fit, so frozen; its stale statistics cause no gap
+    backbone = net()
+    inp = keras.Input((16, 16, 3))
+    wrapped = keras.Model(inp, backbone(inp, training=False))
+    wrapped.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    bn = backbone.get_layer("bn1")
+    bn.moving_mean.assign(bn.moving_mean.numpy() + 3.0)
+    report = eg.diagnose(wrapped, (xn, yn), batch_size=BATCH, progress=False)
+    frozen = report.finding("frozen")
+    assert frozen is not None and "include_frozen=True" in frozen.remedy, str(report)
+    assert not report.causes or report.causes[0][0] != "stale_moving_statistics", str(report)
+
+
+def test_bad_labels_and_one_shot_generators_are_refused(digits):
+    from evalgap import DataError
+
+    x, y = digits
+    xn, yn = x[:240] / 255.0, y[:240]
+    with pytest.raises(DataError, match=r"\[0, 10\)"):
+        eg.diagnose(net(), (xn, yn + 10), batch_size=BATCH, progress=False)
+    with pytest.raises(DataError, match="labels must be numbers"):
+        eg.diagnose(net(), (xn, np.array([f"class{i}" for i in yn])), batch_size=BATCH, progress=False)
+    with pytest.raises(DataError, match="re-iterable"):
+        eg.PreciseBN(b for b in [(xn, yn)])

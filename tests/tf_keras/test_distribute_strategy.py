@@ -1,0 +1,146 @@
+"""Keras 2 under tf.distribute: MirroredStrategy on 2 logical CPUs, MultiWorkerMirroredStrategy with 2 local workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+def _mirrored_pair():
+    import tensorflow as tf
+    import tf_keras as keras
+
+    def make():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 3))
+        h = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inp))  # fused
+        h = keras.layers.BatchNormalization(virtual_batch_size=4)(keras.layers.Conv2D(4, 1)(h))
+        h = keras.layers.BatchNormalization()(keras.layers.Dense(5)(keras.layers.Flatten()(h)))
+        m = keras.Model(inp, keras.layers.Dense(3)(h))
+        m.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        return m
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        mirrored = make()
+    return strategy, mirrored, make()
+
+
+def test_mirrored_strategy_gives_the_statistics_of_one_device_on_every_replica():
+    import tensorflow as tf
+
+    import evalgap.tf_keras as eg
+
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs 2 logical CPU devices, configured by conftest before TensorFlow starts (run tests/tf_keras alone)")
+    rng = np.random.default_rng(0)
+    x = rng.normal(100, 30, (64, 8, 8, 3)).astype("float32")
+    y = np.arange(64) % 3
+    strategy, mirrored, plain = _mirrored_pair()
+    mirrored.fit(x, y, batch_size=32, epochs=1, verbose=0)  # each replica updates its own moving statistics
+    plain.set_weights(mirrored.get_weights())
+    bn_m = [bn for _, bn in eg.find_batchnorms(mirrored)]
+    bn_p = [bn for _, bn in eg.find_batchnorms(plain)]
+    assert not np.array_equal(*(v.numpy() for v in bn_m[0].moving_variance.values))  # the replicas' copies differ
+    r_m = eg.recalibrate(mirrored, x, batch_size=16, progress=False)
+    r_p = eg.recalibrate(plain, x, batch_size=16, progress=False)
+    assert strategy.num_replicas_in_sync == 2 and r_m.samples == r_p.samples == 64
+    for a, b in zip(bn_m, bn_p):
+        np.testing.assert_allclose(a.moving_variance.numpy(), b.moving_variance.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(a.moving_mean.numpy(), b.moving_mean.numpy(), atol=1e-5 * np.sqrt(b.moving_variance.numpy().max()))
+        for v in (a.moving_mean, a.moving_variance):  # the write set every replica's copy
+            np.testing.assert_array_equal(*(part.numpy() for part in v.values))
+    replicas = eg.diagnose(mirrored, (x, y), batch_size=16, progress=False).finding("replicas")
+    assert replicas is not None and replicas.numbers == {"replicas": 2, "per_replica_batch": 8, "synchronized": False}
+    evaluated = [m.evaluate(x, y, batch_size=16, verbose=0)[0] for m in (mirrored, plain)]
+    assert abs(evaluated[0] - evaluated[1]) < 1e-4  # evaluation (per replica) agrees with the plain model
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    rank, ports, out = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": rank}})
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import tensorflow as tf
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    import numpy as np, tf_keras as keras
+    import evalgap.tf_keras as eg
+    sys.path.insert(0, os.path.dirname(out))
+    from mw_common import make, data
+    with strategy.scope():
+        model = make()
+    np.savez(os.path.join(out, f"weights{rank}.npz"), *model.get_weights())
+    r = eg.recalibrate(model, data(rank), batch_size=8, shuffle=False, progress=False)
+    bns = [bn for _, bn in eg.find_batchnorms(model)]
+    json.dump({"stats": [[bn.moving_mean.numpy().tolist(), bn.moving_variance.numpy().tolist()] for bn in bns],
+               "samples": r.samples, "batches": r.batches}, open(os.path.join(out, f"w{rank}.json"), "w"))
+    """
+)
+
+COMMON = textwrap.dedent(
+    """
+    import tf_keras as keras, numpy as np
+
+    def make():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((6, 6, 3))
+        h = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inp))
+        h = keras.layers.BatchNormalization()(keras.layers.Dense(5)(keras.layers.Flatten()(h)))
+        return keras.Model(inp, keras.layers.Dense(2)(h))
+
+    def data(rank):  # different data and an uneven number of batches per worker
+        g = np.random.default_rng(100 + rank)
+        return (g.normal(0, 20, (24 if rank == 0 else 40, 6, 6, 3)) + (200 if rank == 0 else -50)).astype("float32")
+    """
+)
+
+
+def _ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_two_workers_equal_one_process_over_the_union(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "mw_common.py").write_text(COMMON)
+    ports = ",".join(map(str, _ports(2)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_USE_LEGACY_KERAS="1", PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), ports, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("multi-worker recalibration did not finish in 240 s")
+        assert p.returncode == 0, err[-3000:]
+    w0, w1 = (json.loads((out / f"w{r}.json").read_text()) for r in (0, 1))
+    assert w0 == w1 and w0["samples"] == 64 and w0["batches"] == 8  # identical on both workers, all data counted
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mw_common", tmp_path / "mw_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    import evalgap.tf_keras as eg
+
+    single = common.make()
+    weights = np.load(out / "weights0.npz")
+    single.set_weights([weights[f"arr_{i}"] for i in range(len(weights.files))])
+    eg.recalibrate(single, np.concatenate([common.data(0), common.data(1)]), batch_size=8, shuffle=False, progress=False)
+    for (mean, var), (_, bn) in zip(w0["stats"], eg.find_batchnorms(single)):
+        np.testing.assert_allclose(var, bn.moving_variance.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(mean, bn.moving_mean.numpy(), rtol=1e-5, atol=1e-5 * np.sqrt(np.max(var)))

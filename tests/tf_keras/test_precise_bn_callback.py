@@ -1,0 +1,113 @@
+"""The Keras 2 callbacks: the seed's symptom in miniature closed by PreciseBN; GapMonitor's logs; nothing else changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tf_keras as keras
+from tf_keras import layers
+
+import evalgap.tf_keras as eg
+
+from ._reference import snapshot
+
+pytest.importorskip("sklearn")
+from evalgap.data import load_digits_rgb  # noqa: E402
+
+BATCH = 120
+
+
+def small_resnet(classes=10, momentum=0.99, width=8) -> keras.Model:
+    """The seed's recipe at toy size in Keras 2: raw 0..255 inputs, BN momentum 0.99, Adam, sparse CE, accuracy."""
+
+    def bn():
+        return layers.BatchNormalization(momentum=momentum)
+
+    inp = keras.Input((16, 16, 3))
+    x = layers.ReLU()(bn()(layers.Conv2D(width, 3, padding="same", use_bias=False)(inp)))
+    for filters in (2 * width, 4 * width):
+        y = layers.ReLU()(bn()(layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False)(x)))
+        y = bn()(layers.Conv2D(filters, 3, padding="same", use_bias=False)(y))
+        s = bn()(layers.Conv2D(filters, 1, strides=2, use_bias=False)(x))
+        x = layers.ReLU()(layers.Add()([y, s]))
+    model = keras.Model(inp, layers.Dense(classes, activation="softmax")(layers.GlobalAveragePooling2D()(x)))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+class TrainingModeAccuracy(keras.callbacks.Callback):
+    """After each epoch: accuracy with BN on batch statistics (eager ``training=True``), at the
+    epoch's final weights; every variable restored afterwards."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y, self.values = x, y, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        saved = [(v, v.numpy()) for v in self.model.variables]
+        correct = 0
+        for i in range(0, len(self.x), BATCH):
+            p = np.asarray(self.model(self.x[i : i + BATCH], training=True))
+            correct += int((p.argmax(1) == self.y[i : i + BATCH]).sum())
+        for v, value in saved:
+            v.assign(value)
+        self.values.append(correct / len(self.x))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """1680 shuffled raw 0..255 digits: 14 whole batches of 120 (a ragged last batch crashes oneDNN in fit, docs/decisions.md)."""
+    x, y = load_digits_rgb(16)
+    order = np.random.default_rng(0).permutation(len(x))[:1680]
+    return x[order].astype("float32"), y[order]
+
+
+def test_seed_in_miniature_without_and_with_precise_bn(digits):
+    x, y = digits
+    runs = {}
+    for name, extra in (("plain", []), ("precise", [eg.PreciseBN((x, y), batch_size=BATCH, verbose=0)])):
+        keras.utils.set_random_seed(1)
+        model = small_resnet()
+        probe = TrainingModeAccuracy(x, y)
+        history = model.fit(x, y, batch_size=BATCH, epochs=3, validation_data=(x, y), callbacks=extra + [probe], verbose=0, shuffle=False)
+        runs[name] = (history.history, probe.values)
+    plain, _ = runs["plain"]
+    assert plain["accuracy"][-1] - plain["val_accuracy"][-1] > 0.3, plain  # the symptom: train == validation data
+    precise, train_mode = runs["precise"]
+    assert train_mode[-1] > 0.6
+    for epoch, (val, tm) in enumerate(zip(precise["val_accuracy"], train_mode)):
+        assert abs(val - tm) <= 0.02, (epoch, val, tm)  # validation now tells the truth
+    assert all(s > 0 for s in precise["precise_bn_seconds"])
+    assert precise["loss"] == pytest.approx(plain["loss"], rel=1e-4)  # the same training: moving statistics never feed the gradient
+
+
+def test_runs_before_validation_and_gap_monitor_changes_nothing(digits, capsys):
+    x, y = digits
+    x, y = x[:480], y[:480]
+    events = []
+
+    class Spy(eg.PreciseBN):
+        def _run(self):
+            events.append(("recalibrate", self._epoch))
+            super()._run()
+
+    class Order(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            events.append(("validation", None))
+
+    keras.utils.set_random_seed(1)
+    model = small_resnet(momentum=0.999, width=4)
+    monitor = eg.GapMonitor((x, y), batch_size=BATCH, max_samples=256)
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, validation_data=(x, y), callbacks=[monitor], verbose=0)
+    h = history.history
+    assert monitor.updates == 8 and monitor.last.samples == 240  # 2 whole batches of 120 in 256
+    assert set(h) >= {"gap_bn_stale", "gap_batch_stats", "precise_val_accuracy", "precise_val_loss"}
+    assert h["gap_bn_stale"][-1] > 0.05 and h["precise_val_accuracy"][-1] > h["val_accuracy"][-1]  # 8 updates at momentum 0.999
+    assert "distorted by stale BatchNorm statistics" in capsys.readouterr().out
+    before = snapshot(model)
+    monitor.on_epoch_end(1, {})
+    assert snapshot(model) == before
+
+    model.fit(x, y, batch_size=BATCH, epochs=1, validation_data=(x, y), callbacks=[Spy((x, y), batch_size=BATCH, verbose=0), Order()], verbose=0)
+    assert events == [("recalibrate", 0), ("validation", None)]
+    assert eg.recalibrate(model, (x, y), batch_size=BATCH, progress=False).max_drift < 1e-4  # PreciseBN left exact statistics
