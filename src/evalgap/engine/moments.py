@@ -23,6 +23,13 @@ from .protocol import Capture, Collective, NormLayer
 FLUSH_EVERY = 32
 
 
+def captures_to_host(captures: list[Capture], to_host: Callable[[list[Any]], list[np.ndarray]]) -> list[tuple[int, int, Any, Any]]:
+    """Captures as host ``(index, n, mean, var)`` with one bulk ``to_host`` of every count, mean and variance
+    (for adapters whose captures hold separate device values)."""
+    host = iter(to_host([v for _, count, mean, var in captures for v in (count, mean, var)]))
+    return [(index, int(np.asarray(next(host)).reshape(())), next(host), next(host)) for index, *_ in captures]
+
+
 class LayerMoments:
     """Float64 moments, call counts and first-call order of each layer of a pass."""
 

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from ..engine import Batch, NormLayer
+from ..engine.moments import captures_to_host
 from ..errors import ModelError
 from . import data, distributed, layers, moments, predict
 from .metrics import KerasMetrics
@@ -48,8 +49,7 @@ class KerasAdapter:
         return moments.moments_pass(model, [layer.handle for layer in norm_layers], list(batch_statistics))
 
     def host_captures(self, captures):
-        host = iter(self.to_host([v for _, count, mean, var in captures for v in (count, mean, var)]))
-        return [(index, int(next(host).reshape(())), next(host), next(host)) for index, *_ in captures]
+        return captures_to_host(captures, self.to_host)
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         if keras.backend.backend() == "jax":

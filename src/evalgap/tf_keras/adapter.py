@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..engine import Batch, NormLayer
+from ..engine.moments import captures_to_host
 from ..errors import ModelError
 from . import data, distributed, layers, moments, predict
 from .layers import keras
@@ -55,6 +56,9 @@ class TfKerasAdapter:
 
     def moments_pass(self, model, norm_layers: Sequence[NormLayer], batch_statistics: Sequence[bool]):
         return moments.moments_pass(model, [layer.handle for layer in norm_layers], list(batch_statistics))
+
+    def host_captures(self, captures):
+        return captures_to_host(captures, self.to_host)
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         return moments.to_host(values)
