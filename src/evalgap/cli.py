@@ -99,8 +99,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
             raise DataError("give -o fixed.keras (where to write the recalibrated model).")
         _check_output(args, args.model, (".keras",))
     x, y, note = load_arrays(args)
-    max_batches = None if args.max_samples is None else max(1, args.max_samples // args.batch_size)
-    options = dict(_batching(args), max_batches=max_batches, progress=not args.quiet)
+    options = dict(_batching(args), max_samples=args.max_samples, progress=not args.quiet)
     if args.torch_model:
         import torch
 

@@ -27,7 +27,7 @@ from torch import nn
 from . import engine
 from .torch.adapter import TorchAdapter
 from .torch.api import recalibrate
-from .torch.layers import find_batchnorms
+from .torch.layers import find_batchnorms, set_modes
 
 
 class _TrainingModes:
@@ -46,10 +46,7 @@ class _TrainingModes:
     def restored(self, module: nn.Module) -> Iterator[None]:
         modes = {m: m.training for m in module.modules()}
         try:
-            module.train()
-            for _, bn in find_batchnorms(module):
-                if id(bn) in self.frozen:
-                    bn.eval()
+            set_modes(module, True, except_eval=self.frozen)
             yield
         finally:
             for m, was in modes.items():
@@ -113,7 +110,7 @@ class GapMonitor(pl.Callback):
     Measures the module on a fixed probe of the training data (``max_samples``, the first
     batches of the dataloader) in every mode and logs, with ``pl_module.log`` (so they reach
     TensorBoard, CSV or any logger the trainer has): ``gap_bn_stale`` (P - E of the primary
-    metric: what stale moving statistics cost validation), ``gap_batch_stats`` (Td - P) and
+    metric on the training probe: what stale moving statistics cost an evaluation of it), ``gap_batch_stats`` (Td - P) and
     ``precise_val_<metric>`` (P). Counts training steps for the EMA arithmetic; prints one
     sentence when validation is distorted by BatchNorm statistics (``verbose=1``). The module
     is never changed. ``loss_fn``, ``metrics``, ``primary`` and ``forward`` are as in

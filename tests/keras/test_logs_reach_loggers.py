@@ -56,3 +56,29 @@ def test_values_reach_history_csv_and_tensorboard_when_listed_last(tmp_path):
     # with PreciseBN (and a probe of all the data), validation is the precise measurement: nothing stale left
     assert history.history["val_accuracy"][-1] == pytest.approx(history.history["precise_val_accuracy"][-1], abs=1e-6)
     assert abs(history.history["gap_bn_stale"][-1]) < 1e-6
+
+
+def test_reordering_calls_every_callback_once_and_infinite_data_need_a_limit():
+    from evalgap import DataError
+
+    x, y = load_digits_rgb(16)
+    x, y = x[:240].astype("float32"), y[:240]
+    keras.utils.set_random_seed(0)
+    model = small_resnet((16, 16, 3), 10, width=4)
+
+    class Count(keras.callbacks.Callback):
+        begins = 0
+
+        def on_train_begin(self, logs=None):
+            Count.begins += 1
+
+    monitor = eg.GapMonitor((x, y), batch_size=BATCH, verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+              callbacks=[Count(), eg.PreciseBN((x, y), batch_size=BATCH, verbose=0), monitor])
+    assert Count.begins == 1 and monitor.model is model and monitor.last is not None
+    forever = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    with pytest.raises(DataError, match="repeat forever.*max_batches"):
+        eg.recalibrate(model, forever, progress=False)
+    with pytest.raises(DataError, match="repeat forever.*max_samples"):
+        eg.diagnose(model, forever, progress=False)
+    assert eg.recalibrate(model, forever, max_batches=3, progress=False).batches == 3

@@ -323,3 +323,29 @@ def test_the_pass_assigns_nothing_even_in_its_graph():
         ops |= {op.type for op in graph.get_operations()}
     assert "FusedBatchNormV3" in ops  # the fused kernel ran, in training mode, without its moving-average assignment
     assert not ops & {"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp"}, ops
+
+
+def test_a_model_that_needs_its_batch_size_keeps_its_inference_only_base_frozen():
+    """``base(x, training=False)`` in a model whose call reads ``x.shape[0]``: the base stays frozen."""
+    import tensorflow as tf
+
+    from evalgap.tf_keras.layers import keras as k2
+
+    base = k2.Sequential([k2.layers.Dense(16), k2.layers.BatchNormalization()], name="base")
+
+    class Net(k2.Model):
+        def __init__(self):
+            super().__init__()
+            self.base, self.head = base, k2.layers.Dense(3)
+
+        def call(self, x, training=None):
+            h = self.base(x, training=False)  # the transfer-learning recipe
+            return self.head(tf.reshape(h, [x.shape[0], -1]))  # needs a static batch dimension
+
+    model = Net()
+    x = (np.random.default_rng(0).normal(size=(128, 8)) * 5 + 3).astype("float32")
+    model(x[:32])
+    before = base.layers[1].moving_variance.numpy().copy()
+    r = eg.recalibrate(model, x, batch_size=32, include_frozen=False, progress=False)
+    assert [layer.status for layer in r.layers] == ["frozen"]
+    np.testing.assert_array_equal(base.layers[1].moving_variance.numpy(), before)

@@ -144,6 +144,7 @@ class StreamBatches:
         self.size_note: str | None = "the size of the first batch"
         self.total = total
         self.describe: str = "the data's own batches, in their order (the order training saw)"
+        self.infinite = False  # the data repeat forever: a pass needs a limit
         self._max_samples: int | None = None
         self._kept = 0
 
@@ -200,8 +201,9 @@ def materialize(source: Any) -> Any:
     if isinstance(source, (ArrayBatches, ListBatches)):
         return source
     batches: list[Batch] = []
+    it = iter(source)
     try:
-        for batch in source:
+        for batch in it:
             batches.append(batch)
     except Exception as exc:
         if isinstance(exc, EvalgapError):
@@ -210,6 +212,8 @@ def materialize(source: Any) -> Any:
             f"reading batch {len(batches)} of the data failed ({type(exc).__name__}: {exc}); nothing ran, the model was "
             "restored exactly as it was."
         ) from exc
+    finally:
+        getattr(it, "close", lambda: None)()
     if not batches:
         raise DataError("the data yielded no batch: give at least one batch of the training batch size.")
     return ListBatches(batches, batch_size=source.batch_size or batches[0].size, size_note=source.size_note, order=source.order)
@@ -254,3 +258,22 @@ def peek(source: Any) -> tuple[Batch | None, Any]:
     if first is None or isinstance(source, (ArrayBatches, ListBatches)):
         return first, source
     return first, _Chained(source, first, it)
+
+
+def without_singleton_batch(source: Any) -> Any:
+    """The source without a last batch of one sample when batches are larger: one value per channel has no
+    batch statistics (PyTorch refuses it in training mode), so diagnose leaves it out of every mode."""
+    if isinstance(source, ArrayBatches):
+        if source.batch_size > 1 and source._starts and source.samples - source._starts[-1] == 1:
+            out = ArrayBatches.__new__(ArrayBatches)
+            out.__dict__.update(source.__dict__)
+            out._starts = source._starts[:-1]
+            out.left_out = 1
+            return out if out._starts else source
+        return source
+    batches = list(source)
+    if len(batches) > 1 and batches[-1].size == 1 and (batches[0].size or 0) > 1:
+        kept = ListBatches(batches[:-1], batch_size=source.batch_size, size_note=source.size_note, order=source.order)
+        kept.left_out = 1
+        return kept
+    return source

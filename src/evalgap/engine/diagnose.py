@@ -20,12 +20,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
+
 from .._progress import progress_bar
 from ..attribution import choose_primary, decompose
 from ..diagnosis import Context, InputScale, build_report, label_mix
-from ..errors import DataError
+from ..errors import DataError, EvalgapError, RecalibrationError
 from ..report import Report
-from .batching import materialize, peek
+from .batching import materialize, peek, without_singleton_batch
 from .protocol import Adapter, BatchSource, Metrics, NormLayer
 from .recalibrate import assemble, measure
 
@@ -38,6 +40,21 @@ class Training:
     steps_per_epoch: int | None = None
     epochs: int | None = None
     bn_updates: int | None = None
+
+    @classmethod
+    def from_history(cls, history: Any) -> "Training":
+        """From a Keras ``History`` (or its ``.history`` dict): F (the last epoch's averaged training
+        metrics, ``val_*`` left out), the steps per epoch and the number of epochs trained."""
+        if history is None:
+            return cls()
+        hist = getattr(history, "history", history)
+        params = getattr(history, "params", None) or {}
+        last = {
+            k: float(v[-1]) for k, v in hist.items()
+            if not k.startswith("val_") and len(v) and isinstance(v[-1], (int, float, np.floating)) and np.ndim(v[-1]) == 0
+        }
+        epochs = len(next(iter(hist.values()))) if hist else None
+        return cls(fit=last, steps_per_epoch=params.get("steps"), epochs=epochs)
 
 
 @dataclass
@@ -53,23 +70,40 @@ class _Run:
     notes: list[str] = field(default_factory=list)
 
     def score(self, mode: str, layers=(), stats=(), batches: Any = None) -> dict[str, float]:
-        """Loss and metrics of the batches (the probe by default) with the adapter's predictor."""
+        """Loss and metrics of the batches (the probe by default) with the adapter's predictor.
+
+        A framework error in the pass (a shape the model cannot take, a loss that does not
+        return a scalar) becomes a :class:`evalgap.RecalibrationError` naming the mode and
+        the batch; the predictor has put the model back by then.
+        """
         batches = self.probe if batches is None else batches
         what = {"E": "evaluation mode", "P": "population statistics", "T": "training mode"}[mode]
-        with self.adapter.predictor(self.model, mode, layers, stats) as predict, \
-                progress_bar(f"diagnosing: {what}", getattr(batches, "total", None), self.progress) as advance:
-            state = None
-            for batch in batches:
-                advance(1)
-                outputs = predict(batch)
-                if self.metrics is None:
-                    self.metrics = self.adapter.metrics(self.model, batch, outputs, **self.metric_options)
+        index = -1
+        try:
+            with self.adapter.predictor(self.model, mode, layers, stats) as predict, \
+                    progress_bar(f"diagnosing: {what}", getattr(batches, "total", None), self.progress) as advance:
+                state = None
+                for index, batch in enumerate(batches):
+                    advance(1)
+                    outputs = predict(batch)
+                    if self.metrics is None:
+                        self.metrics = self.adapter.metrics(self.model, batch, outputs, **self.metric_options)
+                    if state is None:
+                        state = self.metrics.new()
+                    state.update(batch, outputs)
                 if state is None:
-                    state = self.metrics.new()
-                state.update(batch, outputs)
-        if state is None:
-            raise DataError("the data yielded no batch: pass the training data with targets.")
-        return state.result()
+                    raise DataError("the data yielded no batch: pass the training data with targets.")
+                return state.result()
+        except Exception as exc:
+            if isinstance(exc, EvalgapError):
+                raise
+            where = f"batch {index}" if index >= 0 else "the start of the pass"
+            hint = getattr(self.adapter, "hint", lambda e: None)(exc)
+            raise RecalibrationError(
+                f"diagnose's {what} pass failed at {where} ({type(exc).__name__}: {exc}); the model was restored exactly as "
+                "it was." + (" " + hint if hint else "") + " Check that the data fit the model and that loss_fn/metrics "
+                "return one number per batch."
+            ) from exc
 
 
 def diagnose(
@@ -91,7 +125,9 @@ def diagnose(
         if max_samples < 1:
             raise DataError(f"max_samples must be >= 1 (or None for all), got {max_samples}.")
         source = source.take(max_samples)
-    probe = materialize(source)
+    elif getattr(source, "infinite", False):
+        raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_samples= to say how much to probe.")
+    probe = without_singleton_batch(materialize(source))
     first, probe = peek(probe)
     if first is None:
         raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")
@@ -115,11 +151,11 @@ def _measure_and_explain(run: "_Run", collective, probe, training: Training, pri
     measured = _batch_statistic_modes(run, collective)
     facts = adapter.facts(model)
     run.by_mode["T"] = run.score("T") if facts.training_only else run.by_mode["Td"]
-    frozen_effect = _frozen_effect(run, measured)
+    frozen_effect = _frozen_effect(run, measured, collective)
     if val_source is not None:
         val = val_source.take(max_samples) if max_samples is not None else val_source
         run.by_mode["E_val"] = run.score("E", batches=val)
-    decompositions = _decompositions(run, training.fit)
+    decompositions = _decompositions(run, training.fit, primary)
     recal = None if measured is None else assemble(measured, written=False)
     ctx = _context(run, recal, facts, training, frozen_effect, probe)
     report = build_report(decompositions, recal, ctx, primary=choose_primary(list(decompositions), run.metrics.given, primary))
@@ -147,21 +183,21 @@ def _batch_statistic_modes(run: _Run, collective):
     return measured
 
 
-def _frozen_effect(run: _Run, measured) -> dict[str, float]:
-    """How P would change if the frozen layers were recalibrated too."""
+def _frozen_effect(run: _Run, measured, collective) -> dict[str, float]:
+    """How P would change with ``recalibrate(..., include_frozen=True)``: a moments pass with the frozen
+    layers on batch statistics too (what that call measures), then P with all of its statistics."""
     if measured is None or all(measured.batch_statistics):
         return {}
-    layers, stats = measured.population(include_frozen=True)
-    if len(layers) == len(measured.population()[0]):
-        return {}
-    pf = run.score("P", layers, stats)
+    again = measure(run.adapter, run.model, run.probe, run.layers, include_frozen=True, collective=collective,
+                    progress=run.progress, description="diagnosing: frozen layers included")
+    pf = run.score("P", *again.population(include_frozen=True))
     return {k: pf[k] - run.by_mode["P"][k] for k in pf}
 
 
-def _decompositions(run: _Run, fit: Mapping[str, float] | float | None) -> dict:
+def _decompositions(run: _Run, fit: Mapping[str, float] | float | None, primary: str | None) -> dict:
     names = list(run.by_mode["E"])
-    if fit is not None and not isinstance(fit, Mapping):
-        fit = {choose_primary(names, run.metrics.given, None): float(fit)}
+    if fit is not None and not isinstance(fit, Mapping):  # one number: fit's value of the primary metric
+        fit = {choose_primary(names, run.metrics.given, primary): float(fit)}
     out = {}
     for name in names:
         values = {mode: run.by_mode[mode][name] for mode in run.by_mode}
@@ -179,6 +215,8 @@ def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) 
     notes += run.notes + list(run.metrics.notes)
     size_note = f"batch size {probe.batch_size} ({probe.size_note})" if probe.size_note else None
     notes += [n for n in (size_note, f"probe: {probe.order}") if n]
+    if getattr(probe, "left_out", 0):
+        notes.append("left out the last sample: a batch of one sample has no batch statistics.")
     sizes = [b.size or 0 for b in probe]
     mix = label_mix(probe, adapter.to_host)
     info = {"order": probe.order, "batches": len(sizes), "samples": sum(sizes), "batch_size": probe.batch_size}

@@ -107,15 +107,19 @@ def measure(
     total = getattr(source, "total", None)
     total = min(total, max_batches) if total is not None and max_batches is not None else (total or max_batches)
     try:
+        batches = iter(source)
         with adapter.moments_pass(model, tracked, batch_statistics) as run, progress_bar(description, total, progress) as advance:
-            for batch in source:
-                if max_batches is not None and index + 1 >= max_batches:
-                    break
-                index += 1
-                _run_batch(run, batch, result, acc, drop_ragged, on_output)
-                if result.batches % FLUSH_EVERY == 0:
-                    acc.flush()
-                advance(1)
+            try:
+                for batch in batches:
+                    if max_batches is not None and index + 1 >= max_batches:
+                        break
+                    index += 1
+                    _run_batch(run, batch, result, acc, drop_ragged, on_output)
+                    if result.batches % FLUSH_EVERY == 0:
+                        acc.flush()
+                    advance(1)
+            finally:
+                getattr(batches, "close", lambda: None)()  # a data loader puts its RNG state back now
             acc.flush()
         if collective is not None:
             _combine(acc, collective, result, tracked, before)
@@ -222,6 +226,8 @@ def recalibrate(
 ) -> Recalibration:
     """Measure and write exact population statistics (see the module docstring)."""
     start = time.perf_counter()
+    if max_batches is None and getattr(source, "infinite", False):
+        raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_batches= (max_samples= for a callback).")
     first, source = peek(source)
     if first is None:
         raise DataError("the data yielded no batch: give at least one batch of the training batch size.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 
 from .. import engine
 from ..recalibration import Recalibration
@@ -23,6 +22,7 @@ def recalibrate(
     drop_ragged: bool = True,
     shuffle: bool = True,
     seed: int = 0,
+    max_samples: int | None = None,
 ) -> Recalibration:
     """Set every BatchNormalization layer's moving statistics to the exact population statistics.
 
@@ -49,6 +49,8 @@ def recalibrate(
         progress: show a progress bar.
         drop_ragged: leave out batches smaller than the first (counted in the result).
         shuffle, seed: how array data are drawn into batches.
+        max_samples: use at most this many samples: whole batches drawn at random from all
+            of the arrays (the first batches of a stream).
 
     Returns:
         :class:`evalgap.Recalibration`, per layer: statistics before and after, drift.
@@ -57,21 +59,8 @@ def recalibrate(
     (the pass runs through ``stateless_call``); on failure or Ctrl-C, nothing.
     """
     source = ADAPTER.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    source = source.take(max_samples) if max_samples is not None else source
     return engine.recalibrate(ADAPTER, model, source, max_batches=max_batches, include_frozen=include_frozen, progress=progress, drop_ragged=drop_ragged)
-
-
-def history_parts(history: Any) -> engine.Training:
-    """F (the last epoch's averaged training metrics), the steps per epoch and the epochs trained, from fit's History."""
-    if history is None:
-        return engine.Training()
-    hist = getattr(history, "history", history)
-    params = getattr(history, "params", None) or {}
-    last = {
-        k: float(v[-1]) for k, v in hist.items()
-        if not k.startswith("val_") and len(v) and isinstance(v[-1], (int, float, np.floating)) and np.ndim(v[-1]) == 0
-    }
-    epochs = len(next(iter(hist.values()))) if hist else None
-    return engine.Training(fit=last, steps_per_epoch=params.get("steps"), epochs=epochs)
 
 
 def diagnose(
@@ -119,7 +108,7 @@ def diagnose(
     """
     source = ADAPTER.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)
     val = None if val_data is None else ADAPTER.batches(val_data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)
-    training = history_parts(history)
+    training = engine.Training.from_history(history)
     training.steps_per_epoch = steps_per_epoch or training.steps_per_epoch
     training.epochs = epochs or training.epochs
     training.bn_updates = bn_updates

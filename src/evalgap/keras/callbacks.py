@@ -1,186 +1,26 @@
-"""Keras callbacks: :class:`PreciseBN` recalibrates before each validation, :class:`GapMonitor` logs the gap."""
+"""Keras 3 callbacks: :class:`PreciseBN` recalibrates before each validation, :class:`GapMonitor` logs the gap.
+
+The logic is shared with the other Keras version (:mod:`evalgap._keras_callbacks`); these
+classes bind it to this version's ``Callback`` class and adapter.
+"""
 
 from __future__ import annotations
 
-import logging
-import sys
-import time
-from typing import Any
-
 import keras
 
-from .. import engine
+from .._keras_callbacks import GapMonitorLogic, PreciseBNLogic, doc, run_first
 from .adapter import ADAPTER
 from .data import is_array_structure
 
-logger = logging.getLogger("evalgap.keras")
+__all__ = ["PreciseBN", "GapMonitor", "run_first"]
 
 
-def run_first(callback: keras.callbacks.Callback) -> None:
-    """Move evalgap's callbacks to the front of the ``CallbackList`` that is calling ``on_train_begin``.
-
-    Keras passes one logs dict to every callback's ``on_epoch_end`` in list order, so a
-    ``CSVLogger`` or ``TensorBoard`` listed before an evalgap callback would write the epoch
-    before evalgap adds its values. Called from ``on_train_begin``: the caller's frame is the
-    ``CallbackList`` (found by inspection; if it is not there, nothing changes). The relative
-    order of the other callbacks, and of evalgap's, is kept.
-    """
-    frame, callbacks = sys._getframe(1), None
-    for _ in range(6):  # our on_train_begin (or a subclass's), then the CallbackList
-        frame = frame.f_back if frame is not None else None
-        candidate = getattr(frame.f_locals.get("self") if frame is not None else None, "callbacks", None)
-        if isinstance(candidate, list) and any(c is callback for c in candidate):
-            callbacks = candidate
-            break
-    if callbacks is None:
-        return
-    ours = [c for c in callbacks if isinstance(c, (PreciseBN, GapMonitor))]
-    callbacks[:] = ours + [c for c in callbacks if not isinstance(c, (PreciseBN, GapMonitor))]
+class PreciseBN(PreciseBNLogic, keras.callbacks.Callback):
+    __doc__ = doc(PreciseBNLogic, "evalgap.keras")
+    _adapter, _callback_base = ADAPTER, keras.callbacks.Callback
+    _is_array_structure = staticmethod(is_array_structure)
 
 
-class PreciseBN(keras.callbacks.Callback):
-    """Exact BatchNorm population statistics after every ``every``-th epoch, before validation.
-
-    ``fit`` runs validation (``on_test_begin``) before ``on_epoch_end``; this callback
-    recalibrates at that point, so the epoch's ``val_*`` metrics in the logs and the
-    History are computed with exact statistics. Without validation it recalibrates at
-    ``on_epoch_end``. A standalone ``model.evaluate`` does not trigger it. Once more at
-    the end of training if the weights changed since the last run.
-
-    Args:
-        data: training data as :func:`evalgap.keras.recalibrate` takes it (arrays are
-            drawn into shuffled batches like fit's; batched sources keep their batches).
-        max_samples: use at most this many samples, whole batches only (default: all).
-        every: recalibrate after every ``every``-th epoch.
-        verbose: 1 prints one line per run (time, largest drift corrected); 0 is silent.
-        batch_size: for array data, the batch size ``fit`` uses (a callback cannot see
-            it); without it, Keras's default 32, with a warning.
-        shuffle, seed: how array data are drawn into batches.
-
-    Adds ``precise_bn_seconds`` to the epoch logs; runs before the other callbacks whatever
-    their order in the list (:func:`run_first`), so ``CSVLogger`` and ``TensorBoard`` see it.
-    Side effects: the model's moving statistics, which is the point; training continues from them.
-    """
-
-    def __init__(
-        self, data: Any, *, max_samples: int | None = None, every: int = 1, verbose: int = 1, batch_size: int | None = None,
-        shuffle: bool = True, seed: int = 0,
-    ):
-        super().__init__()
-        engine.check_schedule(every, max_samples)
-        engine.check_reiterable(data, "PreciseBN")
-        self.data, self.max_samples, self.every, self.verbose = data, max_samples, int(every), verbose
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.last = None
-        self._epoch: int | None = None
-        self._done_this_epoch = False
-        self._seconds = 0.0
-        self._stale = False
-        self._warned = False
-
-    # ---- fit hooks ----------------------------------------------------------------
-    def on_train_begin(self, logs=None):
-        run_first(self)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-        self._done_this_epoch = False
-        self._seconds = 0.0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._stale = True
-
-    def on_test_begin(self, logs=None):
-        if self._epoch is not None and self._due():  # validation inside fit
-            self._run()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._due():
-            self._run()
-        if logs is not None:
-            logs["precise_bn_seconds"] = self._seconds
-        self._epoch = None
-
-    def on_train_end(self, logs=None):
-        if self._stale:
-            self._run()
-        self._epoch = None
-
-    # ---- work ---------------------------------------------------------------------
-    def _due(self) -> bool:
-        return not self._done_this_epoch and (self._epoch + 1) % self.every == 0
-
-    def _run(self) -> None:
-        t = time.perf_counter()
-        source = ADAPTER.batches(self.data, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed)
-        if self.max_samples is not None:
-            source = source.take(self.max_samples)
-        self.last = engine.recalibrate(ADAPTER, self.model, source, progress=False)
-        if self.batch_size is None and is_array_structure(self.data) and not self._warned:
-            logger.warning("PreciseBN: array data without batch_size, so batches of 32 (Keras's default); "
-                           "pass PreciseBN(..., batch_size=<fit's batch_size>) to match training.")
-            self._warned = True
-        self._seconds += time.perf_counter() - t
-        self._done_this_epoch = True
-        self._stale = False
-        if self.verbose:
-            where = "end of training" if self._epoch is None else f"epoch {self._epoch + 1}"
-            print(f"PreciseBN ({where}): {self.last.summary()}")
-
-
-class GapMonitor(keras.callbacks.Callback):
-    """After every ``every``-th epoch, measure E, P and Td (and T) on a fixed probe subset.
-
-    Adds to the epoch logs (so History, CSVLogger and TensorBoard carry them, whatever the order
-    of the callbacks list: :func:`run_first`):
-
-    - ``gap_bn_stale``: P - E of the primary metric: what stale moving statistics cost validation;
-    - ``gap_batch_stats``: Td - P: batch statistics vs population statistics;
-    - ``precise_val_<metric>``: each compiled metric in evaluation mode with exact statistics.
-
-    Prints one plain sentence when the validation numbers are distorted by BatchNorm
-    statistics. It counts the training steps (each one a BatchNorm update), so the EMA
-    arithmetic in :attr:`last` (the latest :class:`evalgap.Report`) uses real step counts.
-    The model is never changed.
-
-    Args:
-        data: training data with targets, as :func:`evalgap.keras.diagnose` takes it.
-        max_samples: size of the probe subset (whole batches, drawn at random from arrays;
-            at least one batch).
-        every: measure after every ``every``-th epoch.
-        batch_size: the training batch size, for array data.
-        verbose: 1 prints the sentence when the gap is significant; 0 is silent.
-        primary: the metric of ``gap_*`` (default: accuracy-like, else the first compiled
-            metric, else the loss).
-        shuffle, seed: how array data are drawn into batches.
-    """
-
-    def __init__(
-        self, data: Any, *, max_samples: int = 256, every: int = 1, batch_size: int | None = None, verbose: int = 1,
-        primary: str | None = None, shuffle: bool = True, seed: int = 0,
-    ):
-        super().__init__()
-        self.data, self.batching = data, {"batch_size": batch_size, "shuffle": shuffle, "seed": seed}
-        self.core = engine.GapProbe(max_samples=max_samples, every=every, verbose=verbose, primary=primary, fix=ADAPTER.remedies.monitor_fix())
-
-    @property
-    def updates(self) -> int:
-        return self.core.updates
-
-    @property
-    def last(self):
-        return self.core.last
-
-    def on_train_begin(self, logs=None):
-        run_first(self)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.core.step()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.core.due(epoch):
-            return
-        source = lambda: ADAPTER.batches(self.data, targets=True, **self.batching)  # noqa: E731
-        epoch_logs = self.core.measure(ADAPTER, self.model, source, epoch, steps_per_epoch=(self.params or {}).get("steps"))
-        if logs is not None:
-            logs.update(epoch_logs)
+class GapMonitor(GapMonitorLogic, keras.callbacks.Callback):
+    __doc__ = doc(GapMonitorLogic, "evalgap.keras")
+    _adapter, _callback_base = ADAPTER, keras.callbacks.Callback

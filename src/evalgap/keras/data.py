@@ -119,4 +119,19 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
                 "a tf.data.Dataset, a keras.utils.PyDataset, a generator or an iterable of batches."
             ) from None
         make, total = (lambda: data), None
-    return StreamBatches(make, to_batch=_unpacked, reiterable=True, total=total)
+    source = StreamBatches(make, to_batch=_unpacked, reiterable=True, total=total)
+    source.infinite = repeats_forever(data)
+    return source
+
+
+def repeats_forever(data: Any) -> bool:
+    """A ``tf.data.Dataset`` whose cardinality is infinite (``.repeat()`` without a count)."""
+    cardinality = getattr(data, "cardinality", None)
+    if cardinality is None or not hasattr(data, "element_spec"):
+        return False
+    try:
+        import tensorflow as tf
+
+        return int(cardinality()) == int(tf.data.INFINITE_CARDINALITY)
+    except Exception:  # not TensorFlow's
+        return False

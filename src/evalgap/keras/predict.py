@@ -34,8 +34,8 @@ class _Predictor:
         backend = keras.backend.backend()
 
         def fn(tv, ntv, x, training):
-            y_pred, _, losses = self._model().stateless_call(tv, ntv, x, training=training, return_losses=True)
-            return y_pred, list(losses)
+            y_pred, new_ntv, losses = self._model().stateless_call(tv, ntv, x, training=training, return_losses=True)
+            return y_pred, list(losses), new_ntv
 
         if backend == "jax":
             import jax
@@ -71,11 +71,32 @@ def _substituted(model, layers: Sequence[NormLayer], stats: Sequence[tuple[np.nd
 
 @contextlib.contextmanager
 def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> Iterator[Any]:
+    """``run(batch) -> (y_pred, losses)`` in mode E, P or T; the model's variables are never assigned.
+
+    In T the non-trainable state a call returns (the dropout seed generators' state, and moving
+    statistics nobody reads in training mode) feeds the next batch's call, so every batch draws
+    its own dropout masks, as in fit; on the torch backend torch's global RNG is put back after.
+    """
     predict = _predictor(model)
     values = _substituted(model, layers, stats) if mode == "P" else [v.value for v in model.non_trainable_variables]
     training = mode == "T"
+    state = {"values": values}
 
     def run(batch: Batch):
-        return predict(batch.inputs, values, training)
+        y_pred, losses, new_values = predict(batch.inputs, state["values"], training)
+        if training:
+            state["values"] = list(new_values)
+        return y_pred, losses
 
-    yield run
+    rng = None
+    if training and keras.backend.backend() == "torch":
+        import torch
+
+        rng = torch.random.get_rng_state()
+    try:
+        yield run
+    finally:
+        if rng is not None:
+            import torch
+
+            torch.random.set_rng_state(rng)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..engine import Batch, NormLayer
 from ..engine.moments import captures_to_host
-from ..errors import ModelError
+from ..errors import ModelError, RecalibrationError
 from . import data, distributed, layers, moments, predict
 from .layers import keras
 from .metrics import TfKerasMetrics
@@ -47,8 +47,11 @@ class TfKerasAdapter:
             model(first.inputs, training=False)
         try:
             layers.remember_inference_only(model, first.inputs)
-        except Exception as exc:  # the model cannot take these inputs: the pass says so, naming the batch
-            logger.debug("tracing %s in training mode failed: %s", model.name, exc)
+        except Exception as exc:  # never guess which layers are frozen: say it, as a pass failing at batch 0 would
+            raise RecalibrationError(
+                f"the statistics pass failed at batch 0: {model.name} cannot be traced in training mode on it "
+                f"({type(exc).__name__}: {exc}); the model was restored exactly as it was. Check that the data fit the model."
+            ) from exc
         return model
 
     def layers(self, model) -> list[NormLayer]:

@@ -85,8 +85,12 @@ def _arrays(data: Any) -> tuple[Any, Any, Any]:
 
 
 def _dataset_batches(data: Any) -> StreamBatches:
+    import tensorflow as tf
+
     size = int(data.cardinality().numpy())
-    return StreamBatches(lambda: data.as_numpy_iterator(), to_batch=_unpacked, reiterable=True, total=size if size >= 0 else None)
+    source = StreamBatches(lambda: data.as_numpy_iterator(), to_batch=_unpacked, reiterable=True, total=size if size >= 0 else None)
+    source.infinite = size == int(tf.data.INFINITE_CARDINALITY)
+    return source
 
 
 def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, seed: int = 0, targets: bool = False):

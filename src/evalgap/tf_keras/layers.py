@@ -188,13 +188,13 @@ def autograph_off(fn: Callable) -> Callable:
     return tf.autograph.experimental.do_not_convert(fn)
 
 
-def input_specs(inputs: Any) -> Any:
-    """``tf.TensorSpec`` s of a batch's inputs with the batch dimension left open."""
+def input_specs(inputs: Any, open_batch: bool = True) -> Any:
+    """``tf.TensorSpec`` s of a batch's inputs, the batch dimension left open unless ``open_batch=False``."""
     import tensorflow as tf
 
     def spec(a):
         a = np.asarray(a) if not hasattr(a, "dtype") or not hasattr(a, "shape") else a
-        return tf.TensorSpec((None, *tuple(a.shape)[1:]), tf.as_dtype(a.dtype))
+        return tf.TensorSpec(((None,) if open_batch else tuple(a.shape)[:1]) + tuple(a.shape)[1:], tf.as_dtype(a.dtype))
 
     return tree_map(spec, inputs)
 
@@ -228,7 +228,13 @@ def remember_inference_only(model, inputs: Any) -> frozenset[int]:
     for bn in bns:
         patches.add(bn, "call", recorder(bn))
     with patches:
-        tf.function(autograph_off(lambda x: model(x, training=True))).get_concrete_function(input_specs(inputs))
+        trace = tf.function(autograph_off(lambda x: model(x, training=True)))
+        try:
+            trace.get_concrete_function(input_specs(inputs))
+        except Exception:  # a model that needs the batch size (x.shape[0] in call): trace with the batch's own shape
+            for values in received.values():
+                values.clear()
+            trace.get_concrete_function(input_specs(inputs, open_batch=False))
     found = frozenset(i for i, values in received.items() if values and all(v is False or (isinstance(v, int) and v == 0) for v in values))
     _INFERENCE_ONLY[model] = (len(bns), found)
     return found

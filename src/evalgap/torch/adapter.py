@@ -29,7 +29,7 @@ class TorchAdapter:
     def __init__(self, *, forward=None, process_group=None):
         self.forward, self.process_group = forward, process_group
         self.device = torch.device("cpu")
-        self._collective = collective(process_group)
+        self._collective = None
 
     def framework(self, model: Any) -> str:
         return "torch"
@@ -42,6 +42,7 @@ class TorchAdapter:
         if not isinstance(model, nn.Module):
             raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}.")
         self.device = data.model_device(model)
+        self._collective = collective(self.process_group)  # now, not at construction: the group may start later
         return model
 
     def layers(self, model: nn.Module) -> list[NormLayer]:
@@ -102,7 +103,7 @@ class TorchAdapter:
             x = batch.inputs
             if not isinstance(x, torch.Tensor) or not (torch.is_floating_point(x) or x.dtype == torch.uint8):
                 return None
-            xs.append(x.detach().cpu())
+            xs.append(x.detach().cpu().float() if x.dtype not in (torch.float32, torch.float64, torch.uint8) else x.detach().cpu())
             seen += int(x.shape[0]) if x.dim() else 1
             if seen >= 2048:
                 break

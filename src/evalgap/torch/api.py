@@ -27,6 +27,7 @@ def recalibrate(
     batch_size: int | None = None,
     shuffle: bool = True,
     seed: int = 0,
+    max_samples: int | None = None,
 ) -> Recalibration:
     """Set every BatchNorm layer's running statistics to the exact population statistics.
 
@@ -59,6 +60,8 @@ def recalibrate(
             different numbers of batches; SyncBatchNorm layers use local batch statistics
             during the pass. Collective: every rank must call it.
         batch_size, shuffle, seed: for array data and Datasets (see ``data``).
+        max_samples: use at most this many samples: whole batches drawn at random from all
+            of the arrays (the first batches of a loader).
 
     Returns:
         :class:`evalgap.Recalibration`, per layer: statistics before and after, drift.
@@ -69,6 +72,7 @@ def recalibrate(
     """
     adapter = TorchAdapter(forward=forward, process_group=process_group)
     source = adapter.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    source = source.take(max_samples) if max_samples is not None else source
     return engine.recalibrate(
         adapter, model, source, max_batches=max_batches, include_frozen=include_frozen, progress=progress, drop_ragged=drop_ragged,
     )

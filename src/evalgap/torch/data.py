@@ -152,8 +152,11 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
     if batch_size is not None and isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") \
             and not isinstance(data, torch.utils.data.IterableDataset):
         return _dataset_batches(data, batch_size, shuffle, seed)
-    if _arrays(data) is not None and isinstance(data, torch.Tensor):
-        raise DataError("a single tensor of samples needs batch_size= to be cut into batches (or pass a DataLoader).")
+    if _arrays(data) is not None and isinstance(data, (torch.Tensor, np.ndarray, tuple)):
+        raise DataError(
+            "these look like arrays of samples (x or (x, y)): pass batch_size= (the training batch size) to cut them into "
+            "batches, or pass a DataLoader / a list of (input, target) batches."
+        )
     if batch_size is not None:
         logger.info("batch_size=%s is ignored: the data are already batched", batch_size)
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, Mapping) else None
@@ -192,7 +195,7 @@ def _dataset_batches(dataset, batch_size: int, shuffle: bool, seed: int):
 
     order = np.random.default_rng(seed).permutation(len(dataset)).tolist() if shuffle else list(range(len(dataset)))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order)
-    source = StreamBatches(lambda: loader, to_batch=_stream_batch, reiterable=True, total=len(loader))
+    source = StreamBatches(lambda: _rng_preserved(loader), to_batch=_stream_batch, reiterable=True, total=len(loader))
     source.batch_size, source.size_note = batch_size, None
     how = f"shuffled with seed {seed}" if shuffle else "in the dataset's order"
     source.describe = f"dataset samples cut into batches of {batch_size} {how}"

@@ -19,6 +19,14 @@ def unwrap(model):
     return model
 
 
+def set_modes(model: nn.Module, training: bool, *, except_eval: set[int] = frozenset()) -> None:
+    """Set every module's ``training`` flag directly, without calling ``train()``/``eval()``: a hook the user
+    attached to those (``evalgap.torch.PreciseBN.attach``, a framework's) must not fire inside evalgap's
+    passes. Modules whose ``id`` is in ``except_eval`` are set to eval mode."""
+    for m in model.modules():
+        m.training = training and id(m) not in except_eval
+
+
 def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """Every ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants, subclasses), by name."""
     return [(name or type(model).__name__, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]

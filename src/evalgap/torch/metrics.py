@@ -130,6 +130,11 @@ class _State:
             m.reset()
 
     def update(self, batch: Batch, outputs: Any) -> None:
+        if batch.weights is not None:
+            raise DataError(
+                "sample weights were given, but PyTorch losses and metrics here are batch means: weight the loss in "
+                "loss_fn (e.g. with reduction='none') and pass (x, y) without weights."
+            )
         out = prediction(outputs)
         out = out.float() if torch.is_floating_point(out) else out
         target = to_device(batch.targets, out.device)

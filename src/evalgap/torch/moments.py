@@ -27,6 +27,7 @@ from torch.nn.parameter import is_lazy
 
 from ..engine import Batch, NormLayer
 from .data import Forward, call_model, to_device
+from .layers import set_modes
 
 
 @dataclass
@@ -105,19 +106,21 @@ def moments_pass(
     saved = {layer.handle: _save(layer.handle) for layer in layers}
     captures: list = []
     handles = []
+    patched = []
     try:
-        model.eval()
+        set_modes(model, False)
         with torch.no_grad():
             for index, (layer, on_batch) in enumerate(zip(layers, batch_statistics)):
                 bn = layer.handle
                 if on_batch:
-                    bn.train()
+                    bn.training = True
                     bn.momentum = 1.0
                     if not is_lazy(bn.running_mean):  # stale values could be non-finite; 0 * inf = nan
                         bn.running_mean.zero_()
                         bn.running_var.fill_(1.0)
                     handles.append(bn.register_forward_hook(_batch_hook(index, captures)))
                     if local_sync and isinstance(bn, nn.SyncBatchNorm):
+                        patched.append((bn, bn.__dict__.get("forward")))
                         bn.forward = types.MethodType(_BatchNorm.forward, bn)
                 else:
                     handles.append(bn.register_forward_pre_hook(_input_hook(index, captures)))
@@ -132,8 +135,11 @@ def moments_pass(
     finally:
         for h in handles:
             h.remove()
-        for bn, s in saved.items():
+        for bn, own in patched:  # only what was patched: a user's own instance-level forward stays
             bn.__dict__.pop("forward", None)
+            if own is not None:
+                bn.__dict__["forward"] = own
+        for bn, s in saved.items():
             _restore(bn, s)
         for m, mode in modes.items():
             m.training = mode

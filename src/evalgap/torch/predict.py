@@ -17,11 +17,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..engine import Batch, NormLayer
 from ..errors import EvalgapError
 from .data import Forward, call_model, to_device
-from .layers import find_batchnorms, is_frozen
+from .layers import is_frozen, set_modes
 
 
 def _runner(model: nn.Module, forward: Forward | None, device: torch.device):
@@ -46,7 +47,7 @@ def predictor(
                     bn = layer.handle
                     bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
                     bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
-            model.eval()
+            set_modes(model, False)
             yield _runner(model, forward, device)
         finally:
             with torch.no_grad():
@@ -58,12 +59,9 @@ def predictor(
         return
     if mode != "T":
         raise EvalgapError(f"unknown mode {mode!r}: E, P or T.")
-    frozen = {id(bn) for _, bn in find_batchnorms(model) if is_frozen(bn, model)}
+    frozen = {i for i, m in enumerate(model.modules()) if isinstance(m, _BatchNorm) and is_frozen(m, model)}
     side = copy.deepcopy(model)
-    side.train()
-    for original, copied in zip(model.modules(), side.modules()):
-        if id(original) in frozen:
-            copied.eval()
+    set_modes(side, True, except_eval={id(m) for i, m in enumerate(side.modules()) if i in frozen})
     rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:

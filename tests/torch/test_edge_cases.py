@@ -1,0 +1,152 @@
+"""Cases users hit that a first implementation got wrong: attached hooks, ragged tails, odd inputs, RNG."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import evalgap.torch as eg  # noqa: E402
+from evalgap import DataError, EvalgapError, RecalibrationError  # noqa: E402
+
+from ._reference import modes, state_snapshot  # noqa: E402
+
+
+def net(dropout=0.0):
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 8), nn.BatchNorm1d(8, momentum=0.01), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(8, 3))
+
+
+def data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g) * 3 + 20
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+def batches(x, y, size=16):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def trained(model, x, y, steps=5):
+    opt = torch.optim.SGD(model.parameters(), 0.05)
+    model.train()
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x[:32]), y[:32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_an_attached_precise_bn_neither_fires_inside_diagnose_nor_changes_modes():
+    x, y = data()
+    model = net(dropout=0.5)
+    hook = eg.PreciseBN(batches(x, y), verbose=0).attach(model)
+    trained(model, x, y)  # training steps after attach: model.eval() would fire it
+    before, before_modes = state_snapshot(model), modes(model)
+    report = eg.diagnose(model, batches(x, y), progress=False)
+    assert hook.last is None and state_snapshot(model) == before and modes(model) == before_modes
+    # T ran in training mode (dropout on): it differs from Td
+    assert report.decompositions["loss"].values["T"] != report.decompositions["loss"].values["Td"]
+    monitor = eg.GapMonitor(batches(x, y), verbose=0)
+    logs = monitor(model, 0)
+    assert hook.last is None and state_snapshot(model) == before and logs["gap_bn_stale"] != 0.0
+    model.eval()  # the user's own switch still fires it
+    assert hook.last is not None
+
+
+def test_a_users_own_forward_on_a_bn_layer_survives_the_pass():
+    x, y = data()
+    model = trained(net(), x, y)
+    bn = model[1]
+    calls = []
+
+    def forward(inp, _orig=bn.forward):
+        calls.append(1)
+        return _orig(inp)
+
+    bn.forward = forward
+    eg.recalibrate(model, batches(x, y), progress=False)
+    assert bn.__dict__.get("forward") is forward and calls  # still there, and it ran in the pass
+
+
+def test_a_last_batch_of_one_sample_is_left_out_of_every_mode_and_said():
+    x, y = data(65)
+    model = trained(net(), x, y)
+    r = eg.recalibrate(model, batches(x, y, 32), progress=False)
+    assert r.skipped_samples == 1
+    report = eg.diagnose(model, batches(x, y, 32), progress=False)
+    assert report.probe["samples"] == 64 and any("batch of one sample" in n for n in report.notes)
+    arrays = eg.diagnose(model, (x, y), batch_size=32, progress=False)
+    assert arrays.probe["samples"] == 64
+
+
+def test_a_failing_pass_is_an_evalgap_error_naming_the_pass():
+    x, y = data()
+    model = trained(net(), x, y)
+    before = state_snapshot(model)
+    wrong = [(torch.randn(16, 5), torch.zeros(16, dtype=torch.long))]  # 5 features for a Linear(6, ...)
+    with pytest.raises(RecalibrationError, match="evaluation mode pass failed at batch 0"):
+        eg.diagnose(model, wrong, progress=False)
+    per_sample = lambda o, t: nn.functional.cross_entropy(o, t, reduction="none")  # noqa: E731
+    with pytest.raises(EvalgapError, match="one number per batch"):
+        eg.diagnose(model, batches(x, y), loss_fn=per_sample, progress=False)
+    assert state_snapshot(model) == before
+
+
+def test_one_fit_number_goes_to_the_primary_metric_asked_for():
+    x, y = data()
+    model = trained(net(), x, y)
+    report = eg.diagnose(model, batches(x, y), fit_metric=0.25, primary="loss", progress=False)
+    assert report.decompositions["loss"].values["F"] == 0.25 and "F" not in report.decompositions["accuracy"].values
+
+
+def test_frozen_effect_is_what_the_pasted_remedy_does():
+    x, y = data(96)
+    model = trained(net(), x, y)
+    with torch.no_grad():
+        model[1].running_mean += 2 * model[1].running_var.sqrt()
+    model.train()
+    model[1].eval()  # frozen
+    report = eg.diagnose(model, batches(x, y), progress=False)
+    effect = report.finding("frozen").numbers["effect"]
+    fixed = copy.deepcopy(model)
+    eg.recalibrate(fixed, batches(x, y), include_frozen=True, progress=False)
+    fixed.eval()
+    with torch.no_grad():  # an independent evaluation loop after the remedy
+        acc = np.mean([float((fixed(xb).argmax(1) == yb).float().mean()) for xb, yb in batches(x, y)])
+    p = report.decompositions["accuracy"].values["P"]
+    assert effect == pytest.approx(acc - p, abs=1e-6)
+
+
+def test_reading_a_dataset_leaves_torch_rng_as_it_was():
+    x, y = data()
+    model = trained(net(), x, y)
+    state = torch.random.get_rng_state()
+    eg.recalibrate(model, torch.utils.data.TensorDataset(x, y), batch_size=16, progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    eg.recalibrate(model, loader, max_batches=2, progress=False)  # stopped early: put back at once
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_arrays_without_batch_size_and_sample_weights_are_refused_with_the_fix():
+    x, y = data()
+    model = trained(net(), x, y)
+    with pytest.raises(DataError, match="batch_size="):
+        eg.recalibrate(model, (x, y), progress=False)
+    with pytest.raises(DataError, match="sample weights"):
+        eg.diagnose(model, (x, y, torch.ones(len(y))), batch_size=16, progress=False)
+
+
+def test_bfloat16_models_are_diagnosed():
+    x, y = data()
+    model = trained(net(), x, y).to(torch.bfloat16)
+    report = eg.diagnose(model, [(xb.to(torch.bfloat16), yb) for xb, yb in batches(x, y)], progress=False)
+    assert report.finding("input_scale") is not None or report.samples == 64
