@@ -12,13 +12,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .stats import Drift, drift
+from .stats import LARGE_DRIFT, Drift, drift
 
 Status = Literal["recalibrated", "measured", "frozen", "unreached", "no-running-stats"]
 
-#: A drift above this (in standard deviations of the mean, or in |log| of the variance
-#: ratio) is reported as large.
-LARGE_DRIFT = 0.5
 
 
 @dataclass

@@ -13,8 +13,7 @@ import numpy as np
 
 from .attribution import MODE_NAMES
 from .plots import _pyplot
-from .recalibration import LARGE_DRIFT
-from .stats import EMA
+from .stats import EMA, LARGE_DRIFT
 
 BLUE, GREEN, RED, GREY = "#4c72b0", "#55a868", "#c44e52", "#8c8c8c"
 #: Above this many layers the drift figure shows the first drifting layer, its neighbours and

@@ -360,6 +360,11 @@ def momentum_for_memory(steps_per_epoch: int, epochs: float = 0.5, convention: C
 # ---------------------------------------------------------------------------------
 # Drift
 # ---------------------------------------------------------------------------------
+#: A drift above this (in standard deviations of the mean, or in |log| of the variance
+#: ratio) is reported as large.
+LARGE_DRIFT = 0.5
+
+
 @dataclass(frozen=True)
 class Drift:
     """Per-channel drift of moving statistics from population statistics (see module doc)."""
