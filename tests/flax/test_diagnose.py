@@ -12,7 +12,6 @@ import pytest
 from ._reference import changed, far_batches, forward, linen_model, nnx_model, nnx_snapshot, nnx_weights, snapshot
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 

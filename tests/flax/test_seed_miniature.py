@@ -8,7 +8,6 @@ import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("flax")
-import jax  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from ..engine import Batch, NormLayer
-from . import data, distributed, layers, moments, predict
+from . import data, distributed, forward, layers, moments, predict
 from .layers import LinenModel, NnxModel
 from .metrics import FlaxMetrics
 from .remedies import REMEDIES
@@ -42,7 +42,7 @@ class FlaxAdapter:
     def prepare(self, model: Any, first: Batch) -> NnxModel | LinenModel:
         target = layers.wrap(model, train_arg=self.train_arg)
         if isinstance(target, LinenModel) and not target.batchnorms:
-            target.discover(first.inputs)
+            forward.discover(target, first.inputs)
         self.target, self._first = target, first.inputs
         return target
 

@@ -35,7 +35,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from .layers import Flag, LinenLayer, LinenModel, NnxModel, Path
+import numpy as np
+
+from ..errors import ModelError
+from .layers import Flag, LinenLayer, LinenModel, NnxModel, Path, like, linen_stats, replace_stats
 
 #: One BN layer in a plan: (path, normalize by batch statistics, capture index or None).
 Entry = tuple[Path, bool, "int | None"]
@@ -250,8 +253,37 @@ class LinenProgram:
         return self.fn(variables, x, jax.random.key(0) if key is None else key)
 
 
-def linen_discover(target: LinenModel, variables, x, seen: dict, others: dict, collections: set):
-    """The training-mode call traced by :meth:`LinenModel.discover`: records, changes no behaviour but dropout."""
+def discover(target: LinenModel, x: Any) -> None:
+    """Trace the Linen model once in training mode (shapes only, :func:`jax.eval_shape`) and record its layers.
+
+    Fills ``target.batchnorms`` (the BatchNorm layers called, in call order, then those of
+    ``batch_stats`` the call did not reach), ``target.others`` and ``target.rng_collections``.
+    """
+    seen: dict[Path, LinenLayer] = {}
+    others: dict[Path, LinenLayer] = {}
+    collections: set[str] = set()
+    try:
+        jax.eval_shape(lambda v, x: _linen_discover(target, v, x, seen, others, collections), target.variables, x)
+    except Exception as exc:
+        raise ModelError(_discover_failure(target, exc)) from exc
+    stats = linen_stats(target.variables)
+    missing = [LinenLayer(p, "BatchNorm (not called on this data)", int(np.shape(mv[0])[0])) for p, mv in stats.items() if p not in seen]
+    target.batchnorms = list(seen.values()) + missing
+    target.others = list(others.values())
+    target.rng_collections = tuple(sorted(collections))
+
+
+def _discover_failure(model: LinenModel, exc: Exception) -> str:
+    how = f"{model.flag.name}={model.flag.kwargs(True)[model.flag.name]}" if model.flag else "no training flag"
+    hint = "" if model.flag else (
+        " If the module's __call__ takes a training flag under another name, pass train_arg='<its name>'."
+    )
+    return (f"calling {model.name}.apply(variables, x, {how}) on the first batch failed ({type(exc).__name__}: {exc}); "
+            f"check the input shape and the variables.{hint}")
+
+
+def _linen_discover(target: LinenModel, variables, x, seen: dict, others: dict, collections: set):
+    """The training-mode call traced by :func:`discover`: records, changes no behaviour but dropout's."""
     import flax.linen as nn
 
     def interceptor(next_fun, args, kwargs, context):
@@ -285,8 +317,6 @@ def bind(target: NnxModel | LinenModel, plan: Plan, stats: dict[Path, tuple[Any,
     NNX: the statistics are written into the private copy inside the trace; Linen: into a
     new variables tree (the given one is shared, not modified).
     """
-    from .layers import like, linen_stats, replace_stats
-
     if isinstance(target, NnxModel):
         plan = Plan(plan.layers, plan.dropout, plan.training, tuple(stats or ()))
         program = NnxProgram(target, plan)

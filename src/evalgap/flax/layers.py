@@ -5,7 +5,7 @@ variables) and its modes (``use_running_average``, ``deterministic``) as attribu
 model is a module (a description) and a variables tree; its BatchNorm statistics live in
 ``variables["batch_stats"]`` under each layer's scope path, and its modes are call arguments
 (usually a ``train`` flag) or module attributes, so its layers are found by one abstract
-trace of the model in training mode (:func:`jax.eval_shape`: shapes only, nothing computed).
+trace of the model in training mode (:func:`evalgap.flax.forward.discover`: shapes only).
 
 Frozen: a BatchNorm layer that normalizes with its moving statistics during training. NNX:
 ``use_running_average=True`` while the model is in training mode (another BatchNorm or a
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..engine import ModelFacts, NormLayer
-from ..errors import DataError, ModelError
+from ..errors import ModelError
 
 Path = tuple
 
@@ -191,32 +191,6 @@ class LinenModel:
             other_normalization=[path_name(o.path) for o in self.others if o.kind in OTHER_NORMALIZATION],
         )
 
-    def discover(self, x: Any) -> None:
-        """Trace the model once in training mode (shapes only) and record its BatchNorm layers."""
-        from . import forward
-
-        seen: dict[Path, LinenLayer] = {}
-        others: dict[Path, LinenLayer] = {}
-        collections: set[str] = set()
-        try:
-            jax.eval_shape(lambda v, x: forward.linen_discover(self, v, x, seen, others, collections), self.variables, x)
-        except Exception as exc:
-            raise ModelError(_discover_failure(self, exc)) from exc
-        stats = linen_stats(self.variables)
-        missing = [LinenLayer(p, "BatchNorm (not called on this data)", int(np.shape(mv[0])[0])) for p, mv in stats.items() if p not in seen]
-        self.batchnorms = list(seen.values()) + missing
-        self.others = list(others.values())
-        self.rng_collections = tuple(sorted(collections))
-
-
-def _discover_failure(model: LinenModel, exc: Exception) -> str:
-    how = f"{model.flag.name}={model.flag.kwargs(True)[model.flag.name]}" if model.flag else "no training flag"
-    hint = "" if model.flag else (
-        " If the module's __call__ takes a training flag under another name, pass train_arg='<its name>'."
-    )
-    return (f"calling {model.name}.apply(variables, x, {how}) on the first batch failed ({type(exc).__name__}: {exc}); "
-            f"check the input shape and the variables.{hint}")
-
 
 def linen_stats(variables: Mapping) -> dict[Path, tuple[Any, Any]]:
     """``{path: (mean, var)}`` of every layer in ``variables["batch_stats"]``."""
@@ -278,11 +252,6 @@ def find_batchnorms(model: Any) -> list[tuple[str, Any]]:
     if isinstance(target, NnxModel):
         return [(path_name(p) or type(bn).__name__, bn) for p, bn in _nnx_batchnorms(target.module)]
     return [(path_name(p), {"mean": m, "var": v}) for p, (m, v) in linen_stats(target.variables).items()]
-
-
-def check_stats_shape(name: str, channels: int, mean: np.ndarray) -> None:
-    if mean.shape != (channels,):
-        raise DataError(f"{name}: statistics of shape {mean.shape} do not fit its {channels} channels.")
 
 
 def as_float_array(value: Any) -> np.ndarray:
