@@ -1,11 +1,11 @@
 # Two entry points that work on a fresh machine with only Python 3.10+:
 #   make demo   the seed's symptom and its fix on embedded data (CPU, < 2 minutes)
-#   make test   the whole test suite: core + PyTorch, then Keras on each backend in its own process
+#   make test   the whole test suite: core + PyTorch, then Flax and Keras (each backend) in their own processes
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evalgap-installed
-EXTRAS := torch,keras,tensorflow,jax,demo,dev
+EXTRAS := torch,keras,tensorflow,jax,flax,demo,dev
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
 .PHONY: demo test test-core test-keras bench clean
@@ -23,10 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(MAKE) --no-print-directory test-core
+	$(PYTEST) tests/flax
 	$(MAKE) --no-print-directory test-keras
 
 test-core: $(STAMP)
-	$(PYTEST) tests --ignore=tests/keras
+	$(PYTEST) tests --ignore=tests/keras --ignore=tests/flax
 
 test-keras: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PYTEST) tests/keras
