@@ -58,10 +58,10 @@ class FlaxAdapter:
     def read(self, norm_layers: Sequence[NormLayer]):
         if isinstance(self.target, LinenModel):
             stats = layers.linen_stats(self.target.variables)
-            found = [stats.get(layer.handle.path) for layer in norm_layers]
-            return [None if s is None else (layers.as_float_array(s[0]), layers.as_float_array(s[1])) for s in found]
-        return [(layers.as_float_array(layer.handle.module.mean.get_value()), layers.as_float_array(layer.handle.module.var.get_value()))
-                for layer in norm_layers]
+            found = jax.device_get([stats.get(layer.handle.path) for layer in norm_layers])
+            return [None if s is None else (np.asarray(s[0], dtype=np.float64), np.asarray(s[1], dtype=np.float64)) for s in found]
+        host = jax.device_get([(layer.handle.module.mean.get_value(), layer.handle.module.var.get_value()) for layer in norm_layers])
+        return [(np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64)) for mean, var in host]
 
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
         if isinstance(self.target, LinenModel):

@@ -59,10 +59,21 @@ MAX_COMPILED = 64
 _CACHE: "OrderedDict[tuple, Callable]" = OrderedDict()
 
 
+class _Key(tuple):
+    """A cache key that hashes once (a large model's GraphDef is slow to hash)."""
+
+    def __hash__(self) -> int:
+        if "_hash" not in self.__dict__:
+            self.__dict__["_hash"] = tuple.__hash__(self)
+        return self.__dict__["_hash"]
+
+
 def _cached(key: tuple, build: Callable[[], Callable]) -> Callable:
-    if key in _CACHE:
+    key = _Key(key)
+    fn = _CACHE.get(key)
+    if fn is not None:
         _CACHE.move_to_end(key)
-        return _CACHE[key]
+        return fn
     fn = _CACHE[key] = build()
     while len(_CACHE) > MAX_COMPILED:
         _CACHE.popitem(last=False)

@@ -94,25 +94,25 @@ def nnx_modules(model: Any) -> Iterator[tuple[Path, Any]]:
     return _nnx().iter_modules(model)
 
 
-def _nnx_batchnorms(model: Any) -> list[tuple[Path, Any]]:
-    nnx = _nnx()
-    return [(path, m) for path, m in nnx_modules(model) if isinstance(m, nnx.BatchNorm)]
+def _nnx_batchnorms(model: Any) -> tuple[list[tuple[Path, Any]], bool]:
+    """The ``nnx.BatchNorm`` layers with their paths, and whether the model is set up for training.
 
-
-def _nnx_in_training_mode(model: Any) -> bool:
-    """Some BatchNorm uses batch statistics, or some Dropout is on: the model is set up for training."""
+    Training: some BatchNorm uses batch statistics, or some Dropout is on (one walk of the graph).
+    """
     nnx = _nnx()
-    for _, m in nnx_modules(model):
-        if isinstance(m, nnx.BatchNorm) and m.use_running_average is False:
-            return True
-        if isinstance(m, nnx.Dropout) and m.deterministic is False and m.rate > 0:
-            return True
-    return False
+    found, training = [], False
+    for path, m in nnx_modules(model):
+        if isinstance(m, nnx.BatchNorm):
+            found.append((path, m))
+            training = training or m.use_running_average is False
+        elif isinstance(m, nnx.Dropout) and m.deterministic is False and m.rate > 0:
+            training = True
+    return found, training
 
 
 def is_frozen(bn: Any, model: Any) -> bool:
     """An ``nnx.BatchNorm`` is frozen when it uses its moving statistics while the model is in training mode."""
-    return bn.use_running_average is True and _nnx_in_training_mode(model)
+    return bn.use_running_average is True and _nnx_batchnorms(model)[1]
 
 
 @dataclass
@@ -127,14 +127,14 @@ class NnxModel:
         return type(self.module).__name__
 
     def norm_layers(self) -> list[NormLayer]:
-        training = _nnx_in_training_mode(self.module)
+        batchnorms, training = _nnx_batchnorms(self.module)
         return [
             NormLayer(
                 name=path_name(path) or type(bn).__name__, handle=BNRef(path, bn), kind=type(bn).__name__,
                 channels=int(bn.num_features), eps=float(bn.epsilon), momentum=float(bn.momentum),
                 frozen=bn.use_running_average is True and training,
             )
-            for path, bn in _nnx_batchnorms(self.module)
+            for path, bn in batchnorms
         ]
 
     def facts(self) -> ModelFacts:
@@ -250,12 +250,8 @@ def find_batchnorms(model: Any) -> list[tuple[str, Any]]:
     """The BatchNorm layers by path name: NNX ``nnx.BatchNorm`` objects; Linen ``{'mean', 'var'}`` of ``batch_stats``."""
     target = wrap(model)
     if isinstance(target, NnxModel):
-        return [(path_name(p) or type(bn).__name__, bn) for p, bn in _nnx_batchnorms(target.module)]
+        return [(path_name(p) or type(bn).__name__, bn) for p, bn in _nnx_batchnorms(target.module)[0]]
     return [(path_name(p), {"mean": m, "var": v}) for p, (m, v) in linen_stats(target.variables).items()]
-
-
-def as_float_array(value: Any) -> np.ndarray:
-    return np.asarray(jax.device_get(value), dtype=np.float64)
 
 
 def like(value: np.ndarray, old: Any) -> Any:
