@@ -70,3 +70,17 @@ def test_sharded_global_batches_give_the_statistics_of_one_device():
     assert r["rel_per_device"] > 1e-3  # per-device batches would give other statistics: the pass saw the global batch
     assert r["written_devices"] == 2  # the written statistics stay replicated like the rest of the state
     assert r["replicas"] and r["replicas"][0]["numbers"]["replicas"] == 2 and r["replicas"][0]["numbers"]["synchronized"]
+
+
+def test_process_collective_carries_float64_bit_for_bit():
+    """Between JAX processes the shifted sums travel as uint32 pairs: float64 survives without x64 (here, 1 process)."""
+    import numpy as np
+
+    from evalgap.flax import distributed
+
+    vector = np.array([1e300, -3.141592653589793, 1 / 3, 2.0**-1074, 123456789.123456789])
+    c = distributed.ProcessCollective()
+    assert c.world == 1 and c.rank == 0
+    assert c.sum(vector).tobytes() == vector.tobytes()
+    assert c.broadcast(vector).tobytes() == vector.tobytes()
+    assert distributed.collective(np.ones((4, 2))) is None  # one process: nothing to combine

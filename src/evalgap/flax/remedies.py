@@ -31,8 +31,7 @@ class FlaxRemedies:
         return f"x = (x - jnp.array({_vec(mean)})) / jnp.array({_vec(std)})  # channels last, before the model"
 
     def synchronized(self) -> str:
-        return ("jit the training step over batches sharded along a data axis (NamedSharding), which normalizes the "
-                "global batch; under pmap/shard_map: nnx.BatchNorm(C, axis_name='data', rngs=rngs)")
+        return "nnx.BatchNorm(C, axis_name='data', rngs=rngs) under pmap/shard_map (jit over sharded batches already normalizes the global batch)"
 
     def monitor_fix(self) -> str:
         return "call evalgap.flax.recalibrate(model, train_data) before validating"
