@@ -194,6 +194,14 @@ class NnxProgram:
 
 
 # ---- Linen -------------------------------------------------------------------------------
+def _owner(module: Any) -> tuple:
+    """A Linen module as a cache key: the module itself (a hashable description), else its identity."""
+    try:
+        return (module, hash(module))
+    except TypeError:  # unhashable fields: by identity (the cached function holds the module, so the id stays unique)
+        return (id(module), module.__class__)
+
+
 def _call_with(module: Any, attributes: dict, call: Callable[[], Any]) -> Any:
     """``call()`` with ``attributes`` set on the (bound, per-call) Linen module, then put back."""
     saved = {k: getattr(module, k) for k in attributes}
@@ -253,11 +261,7 @@ class LinenProgram:
     def __init__(self, target: LinenModel, plan: Plan):
         args = (plan, target.flag, target.mutable, target.rng_collections)
         build = lambda: jax.jit(partial(_linen_forward, target.module, *args))  # noqa: E731
-        try:
-            owner = (target.module, hash(target.module))
-        except TypeError:  # a module with unhashable fields: cached by identity (the cache holds it)
-            owner = (id(target.module), target.module.__class__)
-        self.fn = _cached(("linen", owner, *args), build)
+        self.fn = _cached(("linen", _owner(target.module), *args), build)
 
     def __call__(self, variables: Any, x: Any, key: Any = None):
         return self.fn(variables, x, jax.random.key(0) if key is None else key)
@@ -268,7 +272,16 @@ def discover(target: LinenModel, x: Any) -> None:
 
     Fills ``target.batchnorms`` (the BatchNorm layers called, in call order, then those of
     ``batch_stats`` the call did not reach), ``target.others`` and ``target.rng_collections``.
+    Cached per module, variable shapes and input shapes (PreciseBN traces once per model).
     """
+    leaves, structure = jax.tree.flatten((target.variables, x))
+    shapes = tuple((np.shape(a), str(getattr(a, "dtype", type(a).__name__))) for a in leaves)
+    key = ("discover", _owner(target.module), target.flag, structure, shapes)
+    found, _ = _cached(key, lambda: (_discover(target, x), target.module))  # the entry holds the module (see _owner)
+    target.batchnorms, target.others, target.rng_collections = list(found[0]), list(found[1]), found[2]
+
+
+def _discover(target: LinenModel, x: Any) -> tuple:
     seen: dict[Path, LinenLayer] = {}
     others: dict[Path, LinenLayer] = {}
     collections: set[str] = set()
@@ -278,9 +291,7 @@ def discover(target: LinenModel, x: Any) -> None:
         raise ModelError(_discover_failure(target, exc)) from exc
     stats = linen_stats(target.variables)
     missing = [LinenLayer(p, "BatchNorm (not called on this data)", int(np.shape(mv[0])[0])) for p, mv in stats.items() if p not in seen]
-    target.batchnorms = list(seen.values()) + missing
-    target.others = list(others.values())
-    target.rng_collections = tuple(sorted(collections))
+    return tuple(seen.values()) + tuple(missing), tuple(others.values()), tuple(sorted(collections))
 
 
 def _discover_failure(model: LinenModel, exc: Exception) -> str:
