@@ -128,3 +128,14 @@ def test_shared_layer_is_pooled_over_its_calls():
     pooled = np.concatenate(first + second)
     assert result["bn"].calls_per_batch == 2
     np.testing.assert_allclose(np.asarray(model.bn.var[...], np.float64), pooled.var(0), rtol=1e-5)
+
+
+def test_linen_frozen_dict_variables_come_back_frozen():
+    from flax.core import freeze
+
+    module, variables = linen_model()
+    data = far_batches(2)
+    _, plain = eg.recalibrate((module, variables), data, progress=False)
+    result, frozen = eg.recalibrate((module, freeze(variables)), data, progress=False)
+    assert type(frozen).__name__ == "FrozenDict" and result.recalibrated
+    assert snapshot(dict(frozen)) == snapshot(plain)

@@ -208,11 +208,16 @@ def linen_stats(variables: Mapping) -> dict[Path, tuple[Any, Any]]:
     return out
 
 
-def replace_stats(variables: Mapping, updates: Mapping[Path, tuple[Any, Any]]) -> dict:
-    """A new variables tree with ``batch_stats`` of the given paths replaced (the rest shared, nothing modified)."""
+def replace_stats(variables: Mapping, updates: Mapping[Path, tuple[Any, Any]]) -> Mapping:
+    """A new variables tree with ``batch_stats`` of the given paths replaced (the rest shared, nothing modified).
+
+    A ``FrozenDict`` gives a ``FrozenDict``, a dict a dict.
+    """
 
     def copy(tree: Any) -> Any:
         return {k: copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+    from flax.core import FrozenDict, freeze
 
     out = {k: (copy(v) if k == "batch_stats" else v) for k, v in variables.items()}
     out.setdefault("batch_stats", {})
@@ -221,7 +226,7 @@ def replace_stats(variables: Mapping, updates: Mapping[Path, tuple[Any, Any]]) -
         for key in path:
             node = node.setdefault(key, {})
         node["mean"], node["var"] = mean, var
-    return out
+    return freeze(out) if isinstance(variables, FrozenDict) else out
 
 
 # ---- both --------------------------------------------------------------------------------
