@@ -139,3 +139,34 @@ def test_linen_frozen_dict_variables_come_back_frozen():
     result, frozen = eg.recalibrate((module, freeze(variables)), data, progress=False)
     assert type(frozen).__name__ == "FrozenDict" and result.recalibrated
     assert snapshot(dict(frozen)) == snapshot(plain)
+
+
+@pytest.mark.parametrize("kind", ["nnx", "linen"])
+def test_inputs_near_1e3_with_a_spread_of_1(kind):
+    """Where E[x^2] - E[x]^2 in float32 loses every digit (Flax's own fast variance), the statistics stay exact."""
+    import jax
+    import flax.linen as nn
+    from flax import nnx
+
+    rng = np.random.default_rng(4)
+    data = [(1e3 + rng.normal(0, 1, (16, 8, 8, 3))).astype(np.float32) for _ in range(3)]
+    x = np.concatenate(data).astype(np.float64).reshape(-1, 3)
+    if kind == "nnx":
+        model = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+        eg.recalibrate(model, data, progress=False)
+        mean, var = model.mean[...], model.var[...]
+        flax_own = nnx.BatchNorm(3, momentum=0.0, rngs=nnx.Rngs(0))
+        flax_own(data[0])  # training mode: its moving variance is this batch's fast variance
+        fast = np.asarray(flax_own.var[...], np.float64)
+    else:
+        module = nn.BatchNorm(use_running_average=False)
+        variables = module.init(jax.random.key(0), data[0])
+        _, new = eg.recalibrate((module, variables), data, progress=False)
+        mean, var = new["batch_stats"]["mean"], new["batch_stats"]["var"]
+        _, updated = nn.BatchNorm(use_running_average=False, momentum=0.0).apply(variables, data[0], mutable=["batch_stats"])
+        fast = np.asarray(updated["batch_stats"]["var"], np.float64)
+    # the mean as close as a float32 near 1e3 gets (its spacing there is 6e-5 of the spread), the variance to 1e-5
+    np.testing.assert_array_less(np.abs(np.asarray(mean, np.float64) - x.mean(0)), np.spacing(np.float32(1e3)))
+    np.testing.assert_allclose(np.asarray(var, np.float64), x.var(0), rtol=1e-5)
+    first = data[0].astype(np.float64).reshape(-1, 3).var(0)
+    assert np.max(np.abs(fast / first - 1)) > 0.01  # the cancellation this test is about

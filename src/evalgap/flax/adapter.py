@@ -53,7 +53,7 @@ class FlaxAdapter:
         return moments.moments_pass(model, norm_layers, batch_statistics)
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
-        return [np.asarray(v) for v in jax.device_get(list(values))]
+        return forward.to_host(list(values))
 
     def read(self, norm_layers: Sequence[NormLayer]):
         if isinstance(self.target, LinenModel):

@@ -13,11 +13,12 @@ the model's own training flag. The model never changes:
   call runs with the plan's attributes and the updated collections are dropped.
 
 Captured moments, per BatchNorm call, over every axis but the feature axis, in at least
-float32, two-pass (``mean(x)``, then ``mean((x - mean)^2)``, the biased variance; never
-``E[x^2] - E[x]^2``). Layers on batch statistics are switched to Flax's two-pass variance
-too, so the layer's own statistics and the captured ones are the same expression and XLA
-computes them once. On a batch sharded over several devices the reductions run over the
-global batch (XLA inserts the cross-device sums), as a jitted training step normalizes it.
+float32 (:func:`moments`: two-pass, never ``E[x^2] - E[x]^2``). A layer on batch statistics
+then normalizes by exactly these statistics: they are put in the place of its moving
+statistics (in the private copy / the dropped collection) and the layer runs Flax's own
+normalization on them, so nothing is computed twice. On a batch sharded over several devices
+the reductions run over the global batch (XLA inserts the cross-device sums), as a jitted
+training step normalizes it.
 
 Compiled functions are cached per model structure and plan (NNX: the ``GraphDef``, which
 holds the module's structure and static attributes; Linen: the module, a hashable
@@ -85,8 +86,19 @@ def feature_axes(ndim: int, axis: Any) -> tuple[int, ...]:
     return tuple(sorted({a % ndim for a in axes}))
 
 
-def moments(x: jax.Array, axis: Any, mask: Any = None) -> tuple[Any, jax.Array, jax.Array]:
-    """``(count per channel, mean, biased variance)`` of ``x`` over every axis but ``axis``, two-pass."""
+def moments(x: jax.Array, axis: Any, mask: Any = None) -> tuple[Any, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """``(count per channel, mean, biased variance, (s, d))`` of ``x`` over every axis but ``axis``, in at least float32.
+
+    Two-pass: the mean, then ``var = mean((x - mean)^2)``; never ``E[x^2] - E[x]^2``, which in
+    float32 loses ``eps * mean^2 / var`` of the variance (all of it for inputs near 1e4 with a
+    spread of 1), where an error ``e`` in the mean costs the two-pass variance only ``e^2``.
+    The first pass sums ``x - s`` with ``s`` the first value of each channel, so that the
+    mean travels to the host as ``s + d`` in float64 (``(s, d)``, both float32, ``d`` of the
+    order of the spread): exact to float32 precision of the spread even where a float32 mean
+    is not (values near 1e3 or 1e4), which the exact merge of batches needs. Each input is read
+    once more than by Flax's own one-pass statistics. ``mask`` (as Flax's ``BatchNorm(mask=...)``)
+    restricts both passes to the masked values.
+    """
     x = jnp.asarray(x)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     features = feature_axes(x.ndim, axis)
@@ -95,10 +107,18 @@ def moments(x: jax.Array, axis: Any, mask: Any = None) -> tuple[Any, jax.Array, 
     for a in features:
         channels *= x.shape[a]
     where = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
-    mean = x.mean(axes, where=where)
+    first = jax.lax.stop_gradient(x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))])
+    d = (x - first).mean(axes, where=where)
+    mean = first.reshape(d.shape) + d
     var = jnp.square(x - jnp.expand_dims(mean, axes)).mean(axes, where=where)
     count = x.size // channels if where is None else jnp.sum(where) // channels
-    return count, mean.reshape(-1), var.reshape(-1)
+    return count, mean.reshape(-1), var.reshape(-1), (first.reshape(-1), d.reshape(-1))
+
+
+def to_host(values: list) -> list[np.ndarray]:
+    """Device values as NumPy in one transfer; a captured mean ``(s, d)`` as the float64 ``s + d``."""
+    host = jax.device_get(list(values))
+    return [np.asarray(v[0], np.float64) + np.asarray(v[1], np.float64) if isinstance(v, tuple) else np.asarray(v) for v in host]
 
 
 def pack(sink: list) -> dict[str, tuple]:
@@ -133,9 +153,14 @@ def _nnx_subclass(cls: type) -> type:
 
             def __call__(self, x, use_running_average=None, *, mask=None):
                 batch, index, sink = self.__dict__["_evalgap"]
-                if index is not None:
-                    sink.append((index, *moments(x, self.axis, mask)))
-                return cls.__call__(self, x, use_running_average=not batch, mask=mask)
+                if index is None:  # mode T (Flax's own batch statistics) or E/P (moving statistics)
+                    return cls.__call__(self, x, use_running_average=not batch, mask=mask)
+                count, mean, var, exact = moments(x, self.axis, mask)
+                sink.append((index, count, exact, var))
+                if batch:  # normalize by exactly these batch statistics (the private copy's moving ones are free)
+                    self.mean[...] = mean.reshape(self.mean[...].shape).astype(self.mean[...].dtype)
+                    self.var[...] = var.reshape(self.var[...].shape).astype(self.var[...].dtype)
+                return cls.__call__(self, x, use_running_average=True, mask=mask)
 
         else:
 
@@ -154,8 +179,6 @@ def _nnx_apply_plan(model: Any, plan: Plan, sink: list, overrides: tuple, key: A
     for path, batch, index in plan.layers:
         bn = modules[path]
         object.__setattr__(bn, "axis_name", None)  # a jitted pass over sharded data sees the global batch
-        if batch:
-            object.__setattr__(bn, "use_fast_variance", False)
         object.__setattr__(bn, "_evalgap", (batch, index, sink))
         object.__setattr__(bn, "__class__", _nnx_subclass(type(bn)))
     for path, (mean, var) in zip(plan.overrides, overrides):
@@ -215,13 +238,19 @@ def _call_with(module: Any, attributes: dict, call: Callable[[], Any]) -> Any:
 
 
 def _linen_batchnorm(next_fun, args, kwargs, module, batch: bool, index, sink: list):
+    """One Linen BatchNorm call under the plan (as the NNX subclass: captured statistics normalize)."""
     args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k != "use_running_average"}
-    if index is not None:
-        sink.append((index, *moments(args[0], module.axis, kwargs.get("mask"))))
-    attributes = {"use_running_average": not batch, "axis_name": None}
-    if batch:
-        attributes["use_fast_variance"] = False
-    return _call_with(module, attributes, lambda: next_fun(*args, **kwargs))
+    if index is None:
+        return _call_with(module, {"use_running_average": not batch, "axis_name": None}, lambda: next_fun(*args, **kwargs))
+    count, mean, var, exact = moments(args[0], module.axis, kwargs.get("mask"))
+    sink.append((index, count, exact, var))
+    if batch:  # the collection is mutable in the pass, and what it holds afterwards is dropped
+        x = args[0]
+        shape = tuple(x.shape[a] for a in feature_axes(x.ndim, module.axis))
+        dtype = jnp.float32 if getattr(module, "force_float32_reductions", True) else module.param_dtype
+        module.put_variable("batch_stats", "mean", mean.reshape(shape).astype(dtype))
+        module.put_variable("batch_stats", "var", var.reshape(shape).astype(dtype))
+    return _call_with(module, {"use_running_average": True, "axis_name": None}, lambda: next_fun(*args, **kwargs))
 
 
 def _linen_dropout(next_fun, args, kwargs, module, on: bool):

@@ -244,7 +244,10 @@ def wrap(model: Any, *, train_arg: str | None = None) -> NnxModel | LinenModel:
         if not isinstance(variables, Mapping) or "params" not in variables and "batch_stats" not in variables:
             raise ModelError("a Linen model is passed as (module, variables), where variables = module.init(...) "
                              f"holds 'params' and 'batch_stats'; got {type(variables).__name__} as variables.")
-        return LinenModel(module, variables, call_flag(module.__call__, train_arg))
+        flag = call_flag(module.__call__, train_arg)
+        if flag is not None and train_arg is None and getattr(module, flag.name, None) is not None:
+            flag = None  # set as an attribute (nn.BatchNorm(use_running_average=...)): Linen refuses it twice
+        return LinenModel(module, variables, flag)
     if isinstance(model, nn.Module):
         raise ModelError("a Linen module holds no variables: pass (module, variables), e.g. "
                          "(model, {'params': state.params, 'batch_stats': state.batch_stats}).")
