@@ -66,17 +66,18 @@ class FlaxAdapter:
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
         if isinstance(self.target, LinenModel):
             old = layers.linen_stats(self.target.variables)
-            updates = {}
-            for layer, (mean, var) in zip(norm_layers, stats):
-                was = old.get(layer.handle.path, (None, None))
-                updates[layer.handle.path] = (layers.like(mean, was[0]), layers.like(var, was[1]))
+            was = [old.get(layer.handle.path, (None, None)) for layer in norm_layers]
+        else:
+            was = [(layer.handle.module.mean.get_value(), layer.handle.module.var.get_value()) for layer in norm_layers]
+        new = layers.like([v for pair in stats for v in pair], [o for pair in was for o in pair])  # all converted first
+        pairs = list(zip(new[::2], new[1::2]))
+        if isinstance(self.target, LinenModel):
+            updates = {layer.handle.path: pair for layer, pair in zip(norm_layers, pairs)}
             self.target.variables = layers.replace_stats(self.target.variables, updates)
             return
-        new = [(layer.handle.module, layers.like(mean, layer.handle.module.mean.get_value()),
-                layers.like(var, layer.handle.module.var.get_value())) for layer, (mean, var) in zip(norm_layers, stats)]
-        for bn, mean, var in new:  # every value is converted first: the assignments themselves cannot fail halfway
-            bn.mean.set_value(mean)
-            bn.var.set_value(var)
+        for layer, (mean, var) in zip(norm_layers, pairs):  # the assignments themselves cannot fail halfway
+            layer.handle.module.mean.set_value(mean)
+            layer.handle.module.var.set_value(var)
 
     def predictor(self, model, mode: str, norm_layers=(), stats=()):
         return predict.predictor(model, mode, norm_layers, stats)

@@ -375,7 +375,8 @@ def bind(target: NnxModel | LinenModel, plan: Plan, stats: dict[Path, tuple[Any,
     variables = target.variables
     if stats:
         old = linen_stats(variables)
-        variables = replace_stats(variables, {p: (like(m, old.get(p, (None, None))[0]), like(v, old.get(p, (None, None))[1]))
-                                              for p, (m, v) in stats.items()})
+        paths = list(stats)
+        new = like([v for p in paths for v in stats[p]], [o for p in paths for o in old.get(p, (None, None))])
+        variables = replace_stats(variables, {p: (new[2 * i], new[2 * i + 1]) for i, p in enumerate(paths)})
     program = LinenProgram(target, plan)
     return lambda x, key=None: program(variables, x, key)

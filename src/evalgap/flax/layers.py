@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..engine import ModelFacts, NormLayer
@@ -262,8 +261,16 @@ def find_batchnorms(model: Any) -> list[tuple[str, Any]]:
     return [(path_name(p), {"mean": m, "var": v}) for p, (m, v) in linen_stats(target.variables).items()]
 
 
-def like(value: np.ndarray, old: Any) -> Any:
-    """``value`` as a JAX array of ``old``'s dtype, placed as ``old`` is when it spans several devices (its sharding)."""
-    new = jnp.asarray(np.asarray(value), dtype=getattr(old, "dtype", jnp.float32))
-    sharding = getattr(old, "sharding", None)
-    return jax.device_put(new, sharding) if sharding is not None and len(sharding.device_set) > 1 else new
+def like(values: list[np.ndarray], olds: list[Any]) -> list[Any]:
+    """Each value as a JAX array of the matching old array's dtype, in one transfer per placement.
+
+    A value whose old array spans several devices gets its sharding (replicated statistics
+    stay replicated); the others go to the default device, uncommitted, as initialized arrays are.
+    """
+    host = [np.asarray(v).astype(np.dtype(getattr(o, "dtype", np.float32))) for v, o in zip(values, olds)]
+    spread = {i for i, o in enumerate(olds) if getattr(o, "sharding", None) is not None and len(o.sharding.device_set) > 1}
+    local = [i for i in range(len(host)) if i not in spread]
+    placed = dict(zip(local, jax.device_put([host[i] for i in local])))
+    if spread:
+        placed.update(zip(sorted(spread), jax.device_put([host[i] for i in sorted(spread)], [olds[i].sharding for i in sorted(spread)])))
+    return [placed[i] for i in range(len(host))]
