@@ -8,7 +8,8 @@ combine: :func:`data_shards` only tells the report how many devices shared each 
 
 Several processes (``jax.distributed.initialize``): with global arrays (each process holds
 its shards of one ``jax.Array``) the pass again sees the global batch and needs no
-combination. With process-local batches each process measures its own share and
+combination. With process-local batches (and the model's variables on the process's own
+devices, as for independent replicas) each process measures its own share and
 :class:`ProcessCollective` combines them exactly (the engine's shifted sums, one SUM). Its
 float64 vectors travel bit for bit as pairs of ``uint32`` (JAX computes in float32 unless
 x64 is on): gathered from every process, summed on the host in float64.
