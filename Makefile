@@ -1,11 +1,11 @@
 # Two entry points that work on a fresh machine with only Python 3.10+:
 #   make demo   the seed's symptom and its fix on embedded data (CPU, < 2 minutes)
-#   make test   the whole test suite: core + PyTorch, then Keras on each backend in its own process
+#   make test   the whole test suite: core + PyTorch + Lightning, then Flax, Keras 3 (each backend) and Keras 2 in their own processes
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evalgap-installed
-EXTRAS := torch,keras,tf-keras,tensorflow,jax,lightning,demo,dev
+EXTRAS := torch,keras,tf-keras,tensorflow,jax,flax,lightning,demo,dev
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
 .PHONY: demo test test-core test-keras bench clean
@@ -23,11 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(MAKE) --no-print-directory test-core
+	$(PYTEST) tests/flax
 	$(MAKE) --no-print-directory test-keras
 	TF_USE_LEGACY_KERAS=1 $(PYTEST) tests/tf_keras
 
 test-core: $(STAMP)
-	$(PYTEST) tests --ignore=tests/keras --ignore=tests/tf_keras
+	$(PYTEST) tests --ignore=tests/keras --ignore=tests/tf_keras --ignore=tests/flax
 
 test-keras: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PYTEST) tests/keras

@@ -1,0 +1,120 @@
+"""The Flax adapter (NNX and Linen): answers the engine's framework questions (:mod:`evalgap.engine.protocol`)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from ..engine import Batch, NormLayer
+from . import data, distributed, forward, layers, moments, predict
+from .layers import LinenModel, NnxModel
+from .metrics import FlaxMetrics
+from .remedies import REMEDIES
+
+
+class FlaxAdapter:
+    """One call's Flax options: ``train_arg`` (the name of the model's training flag, if not detected).
+
+    NNX statistics are read and written on the module's ``nnx.BatchNorm`` objects (in place);
+    Linen statistics on :attr:`target`'s variables, which a write replaces by a new tree
+    (the user's variables are never modified): the api returns ``target.variables``.
+    """
+
+    api = "evalgap.flax"
+    convention = "keras"  # moving = momentum * moving + (1 - momentum) * batch, default 0.99
+    frozen_means = "use_running_average=True while the model trains"
+    remedies = REMEDIES
+    bn_kind = "BatchNorm layer (flax.nnx.BatchNorm, or flax.linen.BatchNorm with variables['batch_stats'])"
+
+    def __init__(self, *, train_arg: str | None = None):
+        self.train_arg = train_arg
+        self.target: NnxModel | LinenModel | None = None
+        self._first: Any = None
+
+    def framework(self, model: Any) -> str:
+        return "flax/linen" if isinstance(model, LinenModel) else "flax/nnx"
+
+    def batches(self, source: Any, *, batch_size=None, shuffle=True, seed=0, targets=False):
+        return data.batches(source, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=targets)
+
+    def prepare(self, model: Any, first: Batch) -> NnxModel | LinenModel:
+        target = layers.wrap(model, train_arg=self.train_arg)
+        if isinstance(target, LinenModel) and not target.batchnorms:
+            forward.discover(target, first.inputs)
+        self.target, self._first = target, first.inputs
+        return target
+
+    def layers(self, model: NnxModel | LinenModel) -> list[NormLayer]:
+        return model.norm_layers()
+
+    def moments_pass(self, model, norm_layers: Sequence[NormLayer], batch_statistics: Sequence[bool]):
+        return moments.moments_pass(model, norm_layers, batch_statistics)
+
+    def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
+        return forward.to_host(list(values))
+
+    def read(self, norm_layers: Sequence[NormLayer]):
+        if isinstance(self.target, LinenModel):
+            stats = layers.linen_stats(self.target.variables)
+            found = jax.device_get([stats.get(layer.handle.path) for layer in norm_layers])
+            return [None if s is None else (np.asarray(s[0], dtype=np.float64), np.asarray(s[1], dtype=np.float64)) for s in found]
+        host = jax.device_get([(layer.handle.module.mean.get_value(), layer.handle.module.var.get_value()) for layer in norm_layers])
+        return [(np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64)) for mean, var in host]
+
+    def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
+        if isinstance(self.target, LinenModel):
+            old = layers.linen_stats(self.target.variables)
+            was = [old.get(layer.handle.path, (None, None)) for layer in norm_layers]
+        else:
+            was = [(layer.handle.module.mean.get_value(), layer.handle.module.var.get_value()) for layer in norm_layers]
+        new = layers.like([v for pair in stats for v in pair], [o for pair in was for o in pair])  # all converted first
+        pairs = list(zip(new[::2], new[1::2]))
+        if isinstance(self.target, LinenModel):
+            updates = {layer.handle.path: pair for layer, pair in zip(norm_layers, pairs)}
+            self.target.variables = layers.replace_stats(self.target.variables, updates)
+            return
+        for layer, (mean, var) in zip(norm_layers, pairs):  # the assignments themselves cannot fail halfway
+            layer.handle.module.mean.set_value(mean)
+            layer.handle.module.var.set_value(var)
+
+    def predictor(self, model, mode: str, norm_layers=(), stats=()):
+        return predict.predictor(model, mode, norm_layers, stats)
+
+    def metrics(self, model, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None) -> FlaxMetrics:
+        return FlaxMetrics.choose(batch, outputs, loss_fn=loss_fn, metrics=metrics, collective=self.collective(model))
+
+    def facts(self, model: NnxModel | LinenModel):
+        facts = model.facts()
+        shards = distributed.data_shards(self._first)
+        collective = self.collective(model)
+        facts.replicas = collective.world if collective is not None else shards
+        facts.synchronized = collective is None and shards > 1  # a jitted step normalizes the global batch
+        facts.per_process_batches = collective is not None
+        return facts
+
+    def collective(self, model: Any):
+        return distributed.collective(self._first)
+
+    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None:
+        xs, seen = [], 0
+        for batch in batches:
+            x = batch.inputs
+            if not hasattr(x, "dtype") or not (np.issubdtype(x.dtype, np.floating) or x.dtype == np.uint8):
+                return None
+            xs.append(np.asarray(jax.device_get(x)))
+            seen += int(x.shape[0]) if x.ndim else 1
+            if seen >= 2048:
+                break
+        return (np.concatenate(xs), -1) if xs else None
+
+    def hint(self, exc: Exception) -> str | None:
+        text = str(exc)
+        if "merge_param" in text or "use_running_average" in text or "deterministic" in text:
+            return ("The model's mode could not be set: pass train_arg='<name of its training flag>' if its __call__ "
+                    "takes one under another name.")
+        return None
+
+
+__all__ = ["FlaxAdapter"]

@@ -1,0 +1,164 @@
+"""The user's loss and metrics for Flax; defaults (optax) only where the shapes leave no doubt.
+
+``loss_fn`` and the values of ``metrics`` are ``(output, target) -> scalar`` callables, the
+scalar being the batch's mean (optax losses reduced with ``.mean()``, say). Each batch's value
+is weighted by its number of samples, summed on the device and fetched once, so every mode
+gives the per-sample mean over all batches, as an evaluation loop that averages per sample
+does. The callables are compiled together with ``jax.jit`` when they allow it (else they run
+as they are). Without ``loss_fn``/``metrics`` the defaults of :mod:`evalgap.engine.tasks`
+apply with Flax's channels-last layout (class scores on the last axis):
+
+- classification and segmentation: ``optax.softmax_cross_entropy_with_integer_labels``, accuracy;
+- binary (one logit, 0/1 targets): ``optax.sigmoid_binary_cross_entropy``, accuracy at logit 0;
+- regression (float targets shaped like the output): mean squared error (``optax.squared_error``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._checks import check_labels
+from ..engine import Batch, Collective
+from ..engine.tasks import NOTES, default_task
+from ..errors import DataError, ModelError
+
+Metric = Callable[[Any, Any], Any]
+
+
+def prediction(output: Any) -> Any:
+    """The prediction in a model's output: the array, a dict's logits/output/out, a tuple's first element."""
+    if isinstance(output, (jax.Array, np.ndarray)):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("logits", "output", "out"):
+            if key in output:
+                return output[key]
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], (jax.Array, np.ndarray)):
+        return output[0]
+    raise ModelError(f"cannot find the model's prediction in an output of type {type(output).__name__}: return an array "
+                     "(or a dict with 'logits').")
+
+
+def _ce(output, target):
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(output.astype(jnp.float32), target.astype(jnp.int32)).mean()
+
+
+def _accuracy(output, target):
+    return (jnp.argmax(output, -1) == target).mean()
+
+
+def _bce(output, target):
+    import optax
+
+    return optax.sigmoid_binary_cross_entropy(output.astype(jnp.float32), target.reshape(output.shape).astype(jnp.float32)).mean()
+
+
+def _binary_accuracy(output, target):
+    return ((output > 0) == (target.reshape(output.shape) > 0.5)).mean()
+
+
+def _mse(output, target):
+    import optax
+
+    return optax.squared_error(output.astype(jnp.float32), target.reshape(output.shape).astype(jnp.float32)).mean()
+
+
+DEFAULTS: dict[str, tuple[Metric, dict[str, Metric]]] = {
+    "classification": (_ce, {"accuracy": _accuracy}),
+    "segmentation": (_ce, {"accuracy": _accuracy}),
+    "binary": (_bce, {"accuracy": _binary_accuracy}),
+    "regression": (_mse, {}),
+}
+
+
+def _task(output: Any, target: Any) -> str:
+    """The default task for a channels-last output (the engine's table is written channels-first)."""
+    if target is None or not hasattr(target, "shape"):
+        raise DataError(f"the targets are {type(target).__name__}, not an array: pass loss_fn= and metrics= that take them.")
+    t = np.asarray(jax.device_get(target))
+    if t.dtype.kind in "USO":
+        check_labels(t, 2)
+    shape = tuple(output.shape)
+    first = (shape[0], shape[-1], *shape[1:-1]) if len(shape) >= 3 else shape
+    binary = bool(t.size) and bool(np.isin(t, (0, 1)).all())
+    task = default_task(first, t.shape, t.dtype.kind in "iub", binary)
+    if task is None:
+        raise DataError(
+            f"cannot choose a loss for outputs of shape {shape} and {t.dtype} targets of shape {t.shape}: pass "
+            "loss_fn=(output, target) -> scalar (e.g. lambda o, t: optax.sigmoid_binary_cross_entropy(o, t).mean()) "
+            "and metrics={'name': (output, target) -> scalar}."
+        )
+    if task in ("classification", "segmentation"):
+        check_labels(t, int(shape[-1]))
+        p = np.asarray(jax.device_get(output), dtype=np.float64)
+        if (p >= 0).all() and np.allclose(p.sum(-1), 1.0, atol=1e-4):
+            raise DataError("the outputs look like probabilities (non-negative, summing to 1), and cross-entropy expects "
+                            "logits: return logits, or pass loss_fn= (e.g. lambda p, t: -jnp.log(p[jnp.arange(len(t)), t]).mean()).")
+    return task
+
+
+class FlaxMetrics:
+    """:class:`evalgap.engine.Metrics` for Flax (see the module docstring)."""
+
+    def __init__(self, loss_fn: Metric, metrics: Mapping[str, Metric], *, given: list[str], notes: list[str], collective: Collective | None):
+        self.loss_fn, self.metrics, self.collective = loss_fn, dict(metrics), collective
+        self.names = ["loss", *self.metrics]
+        self.given, self.notes = given, notes
+        fns = [loss_fn, *self.metrics.values()]
+        self._eager = lambda out, y: tuple(jnp.asarray(fn(out, y), jnp.float32) for fn in fns)
+        self._jitted = jax.jit(self._eager)
+        self._compiled: bool | None = None
+
+    @classmethod
+    def choose(cls, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None, collective=None) -> "FlaxMetrics":
+        """The user's loss and metrics, completed with the defaults the shapes imply."""
+        if metrics is not None and not isinstance(metrics, Mapping):
+            raise DataError("metrics must be a dict {'name': (output, target) -> scalar}.")
+        notes: list[str] = []
+        given = list(metrics) if metrics else []
+        if loss_fn is None or metrics is None:
+            task = _task(prediction(outputs), batch.targets)
+            default_loss, default_metrics = DEFAULTS[task]
+            which = "loss and metrics" if loss_fn is None and metrics is None else "loss" if loss_fn is None else "metrics"
+            notes.append(f"{which}: {NOTES[task]}; pass loss_fn=/metrics= to measure your own.")
+            loss_fn = loss_fn or default_loss
+            metrics = metrics if metrics is not None else default_metrics
+        return cls(loss_fn, metrics, given=given, notes=notes, collective=collective)
+
+    def values(self, out: Any, target: Any) -> tuple:
+        """Every callable's value on one batch: compiled together when they allow it, else as they are."""
+        if self._compiled is None:
+            try:
+                result = self._jitted(out, target)
+                self._compiled = True
+                return result
+            except Exception:  # a callable that cannot be traced (NumPy inside, Python branches on values)
+                self._compiled = False
+        return self._jitted(out, target) if self._compiled else self._eager(out, target)
+
+    def new(self) -> "_State":
+        return _State(self)
+
+
+class _State:
+    def __init__(self, spec: FlaxMetrics):
+        self.spec = spec
+        self.batches: list[tuple[int, Any]] = []  # (samples, device values): fetched once, summed in float64
+
+    def update(self, batch: Batch, outputs: Any) -> None:
+        out = prediction(outputs)
+        self.batches.append((int(out.shape[0]), jnp.stack(self.spec.values(out, batch.targets))))
+
+    def result(self) -> dict[str, float]:
+        values = np.asarray(jax.device_get([v for _, v in self.batches]), dtype=np.float64).reshape(len(self.batches), len(self.spec.names))
+        counts = np.array([k for k, _ in self.batches], dtype=np.float64)
+        totals = np.concatenate([counts @ values, [counts.sum()]])
+        if self.spec.collective is not None:  # per-sample sums and counts over every process
+            totals = self.spec.collective.sum(totals)
+        return {name: float(v / totals[-1]) for name, v in zip(self.spec.names, totals[:-1])}
