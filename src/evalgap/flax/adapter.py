@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from ..engine import Batch, NormLayer
+from ..engine.moments import captures_to_host
 from . import data, distributed, forward, layers, moments, predict
 from .layers import LinenModel, NnxModel
 from .metrics import FlaxMetrics
@@ -51,6 +52,9 @@ class FlaxAdapter:
 
     def moments_pass(self, model, norm_layers: Sequence[NormLayer], batch_statistics: Sequence[bool]):
         return moments.moments_pass(model, norm_layers, batch_statistics)
+
+    def host_captures(self, captures):
+        return captures_to_host(captures, self.to_host)
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         return forward.to_host(list(values))
