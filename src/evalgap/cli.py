@@ -14,6 +14,7 @@ EXIT_CODES = """exit status:
   0  success
   1  diagnose: the gap exceeds --fail-over
   2  bad input (the message names the problem and the fix)
+  3  unexpected error (the traceback follows; please report it)
   130  interrupted (Ctrl-C); nothing was written"""
 
 
@@ -271,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evalgap: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # not exit 1, which means "the gap exceeds --fail-over"
+        import traceback
+
+        traceback.print_exc()
+        print("evalgap: unexpected error (above); please report it with the command that gave it.", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover
