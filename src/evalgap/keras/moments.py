@@ -5,8 +5,9 @@ gets ``training=True``) while the model itself runs with ``training=False``, so 
 and other training-only layers are off. Each layer's own ``_moments`` (what it
 normalizes with in training) is wrapped to
 hand the per-channel ``(count, mean, biased variance)`` back as outputs of the pass
-(``synchronized=True`` layers, and every layer on the torch backend, compute
-``E[x^2] - E[x]^2`` in float32, so for them the pass measures the variance again, two-pass).
+(``synchronized=True`` layers compute ``E[x^2] - E[x]^2`` in float32, so for them the pass
+measures the variance again, two-pass; on the torch backend, where every layer computes it
+that way, the layer's moments come from ``torch.var_mean`` instead).
 *Observed* layers (frozen, not recalibrated) run as in training, in inference mode, and
 only have their input's moments measured.
 
@@ -83,13 +84,21 @@ class MomentsPass:
     def _patch(self, index: int, layer) -> None:
         orig_call, orig_moments, captures = layer.call, layer._moments, self._captures
 
-        two_pass = getattr(layer, "synchronized", False) or keras.backend.backend() == "torch"
+        synchronized = getattr(layer, "synchronized", False)
+        torch_backend = keras.backend.backend() == "torch"
 
         def moments(inputs, mask):
+            if torch_backend and mask is None:
+                # Keras's torch backend computes E[x^2] - E[x]^2 in float32, which loses digits when
+                # |mean| >> std: the layer normalizes with torch.var_mean's stable moments, captured
+                import torch
+
+                x = inputs if inputs.dtype in (torch.float32, torch.float64) else inputs.float()
+                var, mean = torch.var_mean(x, dim=tuple(layer._reduction_axes), correction=0)
+                captures.append((index, _count(inputs, mask, layer.axis), mean, var))
+                return mean, var
             mean, var = orig_moments(inputs, mask)
-            if two_pass and mask is None:
-                # E[x^2] - E[x]^2 in float32 (synchronized layers; every layer on the torch backend) loses
-                # digits when |mean| >> std: measure the variance two-pass
+            if synchronized and mask is None:  # E[x^2] - E[x]^2 in float32 on TensorFlow: measure two-pass
                 captures.append((index, _count(inputs, mask, layer.axis), mean, ops.var(inputs, axis=layer._reduction_axes)))
             else:
                 captures.append((index, _count(inputs, mask, layer.axis), mean, var))
