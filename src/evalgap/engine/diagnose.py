@@ -207,9 +207,24 @@ def _decompositions(run: _Run, fit: Mapping[str, float] | float | None, primary:
     return out
 
 
+def _input_sample(adapter: Adapter, batches, limit: int = 2048) -> tuple[np.ndarray, int] | None:
+    """Up to ``limit`` samples of what reaches the model's first layer, and their channel axis."""
+    xs, axis, seen = [], -1, 0
+    for batch in batches:
+        found = adapter.input_array(batch.inputs)
+        if found is None:
+            return None
+        x, axis = found
+        xs.append(x)
+        seen += len(x) if x.ndim else 1
+        if seen >= limit:
+            break
+    return (np.concatenate(xs), axis) if xs else None
+
+
 def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) -> Context:
     adapter = run.adapter
-    sample = adapter.input_sample(probe)
+    sample = _input_sample(adapter, probe)
     tracked = [layer for layer in run.layers if layer.tracks_statistics]
     notes = [] if recal is None else [n for n in recal.notes]
     notes += run.notes + list(run.metrics.notes)

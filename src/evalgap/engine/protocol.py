@@ -20,7 +20,7 @@ method                     answers
 ``metrics``                the model's / user's loss and metrics, fresh (:class:`Metrics`)
 ``facts``                  training-only layers, other normalization, replicas, sync BN
 ``collective``             sums across processes (:class:`Collective`), or None
-``input_sample``           the first layer's input as NumPy and its channel axis
+``input_array``            one batch's model input as NumPy and its channel axis (None: not an image-like array)
 ``remedies``               the code to paste for this framework (:class:`Remedies`)
 =========================  ===============================================================
 
@@ -32,7 +32,7 @@ findings) is the engine's: :mod:`evalgap.engine`. ``docs/architecture.md`` shows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -200,4 +200,4 @@ class Adapter(Protocol):
 
     def collective(self, model: Any) -> Collective | None: ...
 
-    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None: ...
+    def input_array(self, inputs: Any) -> tuple[np.ndarray, int] | None: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -101,17 +101,11 @@ class FlaxAdapter:
     def collective(self, model: Any):
         return distributed.collective(self._first)
 
-    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None:
-        xs, seen = [], 0
-        for batch in batches:
-            x = batch.inputs
-            if not hasattr(x, "dtype") or not (np.issubdtype(x.dtype, np.floating) or x.dtype == np.uint8):
-                return None
-            xs.append(np.asarray(jax.device_get(x)))
-            seen += int(x.shape[0]) if x.ndim else 1
-            if seen >= 2048:
-                break
-        return (np.concatenate(xs), -1) if xs else None
+    def input_array(self, inputs: Any) -> tuple[np.ndarray, int] | None:
+        x = inputs
+        if not hasattr(x, "dtype") or not (np.issubdtype(x.dtype, np.floating) or x.dtype == np.uint8):
+            return None
+        return np.asarray(jax.device_get(x)), -1
 
     def hint(self, exc: Exception) -> str | None:
         text = str(exc)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -81,17 +81,10 @@ class KerasAdapter:
     def collective(self, model):
         return distributed.collective(model)
 
-    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None:
-        xs, seen = [], 0
-        for batch in batches:
-            if isinstance(batch.inputs, (dict, list, tuple)):
-                return None
-            x = np.asarray(keras.ops.convert_to_numpy(batch.inputs))
-            xs.append(x)
-            seen += len(x)
-            if seen >= 2048:
-                break
-        return (np.concatenate(xs), -1) if xs else None
+    def input_array(self, inputs: Any) -> tuple[np.ndarray, int] | None:
+        if isinstance(inputs, (dict, list, tuple)):
+            return None
+        return np.asarray(keras.ops.convert_to_numpy(inputs)), -1
 
     def hint(self, exc: Exception) -> str | None:
         return None

@@ -20,37 +20,9 @@ import numpy as np
 from keras import ops
 
 from .._checks import check_labels
+from .._keras_common import classifier_defaults, metric_copies
 from ..engine import Batch
 from ..errors import ModelError
-
-
-def _copies(spec: Any, borrowed: list) -> Any:
-    """``spec`` with every Metric object re-created from its config (or borrowed when it cannot be)."""
-    if isinstance(spec, dict):
-        return {k: _copies(v, borrowed) for k, v in spec.items()}
-    if isinstance(spec, (list, tuple)):
-        return type(spec)(_copies(v, borrowed) for v in spec)
-    if isinstance(spec, keras.metrics.Metric):
-        try:
-            return type(spec).from_config(spec.get_config())
-        except Exception:
-            borrowed.append(spec)
-            return spec
-    return spec
-
-
-def _classifier_defaults(y: Any, pred: Any) -> tuple[Any, list[str]]:
-    """What an uncompiled classifier is measured with: cross-entropy (logits or probabilities) and accuracy."""
-    p = np.asarray(ops.convert_to_numpy(pred))
-    y = np.asarray(y)
-    if y is None or p.ndim < 2 or p.shape[-1] < 2 or not (np.issubdtype(y.dtype, np.integer) or y.shape == p.shape):
-        raise ModelError(
-            "the model is not compiled and its outputs are not class scores: compile it with its training loss and "
-            "metrics (model.compile(loss=..., metrics=[...])) so that diagnose can measure them."
-        )
-    probs = bool(np.all(p >= 0) and np.allclose(p.sum(-1), 1.0, atol=1e-3))
-    loss = keras.losses.CategoricalCrossentropy if y.shape == p.shape else keras.losses.SparseCategoricalCrossentropy
-    return loss(from_logits=not probs), ["accuracy"]
 
 
 class KerasMetrics:
@@ -65,7 +37,10 @@ class KerasMetrics:
         self.loss = None if compiled_loss is None else (compiled_loss._user_loss, compiled_loss._user_loss_weights)
         self.metrics = None if compiled_metrics is None else (compiled_metrics._user_metrics, compiled_metrics._user_weighted_metrics)
         if self.loss is None and not getattr(model, "losses", None):
-            loss, metrics = _classifier_defaults(batch.targets, outputs[0])
+            loss, metrics = classifier_defaults(
+                batch.targets, np.asarray(ops.convert_to_numpy(outputs[0])), keras.losses.SparseCategoricalCrossentropy,
+                keras.losses.CategoricalCrossentropy, ModelError,
+            )
             self.loss, self.metrics = (loss, None), (metrics, None)
             self.notes.append("the model is not compiled: measured with cross-entropy and accuracy; compile it to measure your own.")
         self.borrowed: list = []
@@ -89,7 +64,7 @@ class KerasMetrics:
         if self.metrics is not None:
             from keras.src.trainers.compile_utils import CompileMetrics
 
-            metrics = CompileMetrics(_copies(self.metrics[0], borrowed), _copies(self.metrics[1], borrowed), output_names=self.output_names)
+            metrics = CompileMetrics(metric_copies(self.metrics[0], keras.metrics.Metric, borrowed), metric_copies(self.metrics[1], keras.metrics.Metric, borrowed), output_names=self.output_names)
         if borrowed and self._saved is None:
             self._saved = [(v, np.array(v.numpy())) for m in borrowed for v in m.variables]
         for m in borrowed:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -103,17 +103,10 @@ class TfKerasAdapter:
     def collective(self, model):
         return distributed.collective(model)
 
-    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None:
-        xs, seen = [], 0
-        for batch in batches:
-            if isinstance(batch.inputs, (dict, list, tuple)):
-                return None
-            x = np.asarray(batch.inputs)
-            xs.append(x)
-            seen += len(x)
-            if seen >= 2048:
-                break
-        return (np.concatenate(xs), -1) if xs else None
+    def input_array(self, inputs: Any) -> tuple[np.ndarray, int] | None:
+        if isinstance(inputs, (dict, list, tuple)):
+            return None
+        return np.asarray(inputs), -1
 
     def hint(self, exc: Exception) -> str | None:
         text = str(exc)

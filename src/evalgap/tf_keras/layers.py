@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from .._keras_common import facts as _facts
+from .._keras_common import walk
 from ..engine import ModelFacts, NormLayer, tree_map
 
 
@@ -51,8 +53,6 @@ def _import_keras2():
 keras = _import_keras2()
 
 #: Layer class names that make training mode differ from evaluation mode besides BatchNorm.
-TRAINING_ONLY_TOKENS = ("Dropout", "Noise", "Random")
-NON_BN_NORMALIZATION = ("LayerNormalization", "GroupNormalization", "UnitNormalization")
 
 
 def _bn_base() -> type:
@@ -64,26 +64,6 @@ def _bn_base() -> type:
 
 
 BN_BASE = _bn_base()
-
-
-def _children(layer) -> list:
-    return list(layer._flatten_layers(include_self=False, recursive=False))
-
-
-def walk(model, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Every sub-layer with a path name (``outer/inner/layer``), depth first, each once."""
-    seen: set[int] = set()
-
-    def visit(layer, path):
-        for child in _children(layer):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            name = f"{path}/{child.name}" if path else child.name
-            yield name, child
-            yield from visit(child, name)
-
-    yield from visit(model, prefix)
 
 
 def find_batchnorms(model) -> list[tuple[str, Any]]:
@@ -251,27 +231,12 @@ def norm_layers(model) -> list[NormLayer]:
     ]
 
 
-def replicas(model) -> int:
-    strategy = getattr(model, "distribute_strategy", None)
-    try:
-        return int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
-    except Exception:  # pragma: no cover - strategy objects vary
-        return 1
+#: BatchNormalization's statistics variables (Batch Renormalization adds the last three).
+STAT_ATTRS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 def facts(model) -> ModelFacts:
-    bns = find_batchnorms(model)
-    layers = list(walk(model))
-    return ModelFacts(
-        training_only=[name for name, layer in layers if any(t in type(layer).__name__ for t in TRAINING_ONLY_TOKENS)],
-        other_normalization=[name for name, layer in layers if type(layer).__name__ in NON_BN_NORMALIZATION],
-        replicas=replicas(model),
-        synchronized=bool(bns) and all(getattr(bn, "synchronized", False) for _, bn in bns),
-    )
-
-
-#: BatchNormalization's statistics variables (Batch Renormalization adds the last three).
-STAT_ATTRS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+    return _facts(model, find_batchnorms(model))
 
 
 def stat_attrs(bn) -> list[str]:

@@ -23,38 +23,10 @@ import numpy as np
 import tensorflow as tf
 
 from .._checks import check_labels
+from .._keras_common import classifier_defaults, metric_copies
 from ..engine import Batch, tree_map
 from ..errors import ModelError
 from .layers import keras, walk
-
-
-def _copies(spec: Any, borrowed: list) -> Any:
-    """``spec`` with every Metric object re-created from its config (or borrowed when it cannot be)."""
-    if isinstance(spec, dict):
-        return {k: _copies(v, borrowed) for k, v in spec.items()}
-    if isinstance(spec, (list, tuple)):
-        return type(spec)(_copies(v, borrowed) for v in spec)
-    if isinstance(spec, keras.metrics.Metric):
-        try:
-            return type(spec).from_config(spec.get_config())
-        except Exception:
-            borrowed.append(spec)
-            return spec
-    return spec
-
-
-def _classifier_defaults(y: Any, pred: Any) -> tuple[Any, list[str]]:
-    """What an uncompiled classifier is measured with: cross-entropy (logits or probabilities) and accuracy."""
-    p = np.asarray(pred)
-    y = None if y is None else np.asarray(y)
-    if y is None or p.ndim < 2 or p.shape[-1] < 2 or not (np.issubdtype(y.dtype, np.integer) or y.shape == p.shape):
-        raise ModelError(
-            "the model is not compiled and its outputs are not class scores: compile it with its training loss and "
-            "metrics (model.compile(loss=..., metrics=[...])) so that diagnose can measure them."
-        )
-    probs = bool(np.all(p >= 0) and np.allclose(p.sum(-1), 1.0, atol=1e-3))
-    loss = keras.losses.CategoricalCrossentropy if y.shape == p.shape else keras.losses.SparseCategoricalCrossentropy
-    return loss(from_logits=not probs), ["accuracy"]
 
 
 def _tensors(tree: Any) -> Any:
@@ -75,7 +47,7 @@ class TfKerasMetrics:
         m = self.model_metrics
         self.metrics = None if m is None else (m._user_metrics, m._user_weighted_metrics, getattr(m, "_from_serialized", False))
         if not compiled:
-            loss, metrics = _classifier_defaults(batch.targets, outputs[0])
+            loss, metrics = classifier_defaults(batch.targets, outputs[0], keras.losses.SparseCategoricalCrossentropy, keras.losses.CategoricalCrossentropy, ModelError)
             self.loss, self.metrics = (loss, None), (metrics, None, False)
             self.notes.append("the model is not compiled: measured with cross-entropy and accuracy; compile it to measure your own.")
         added = [m.name for layer in [model, *(layer for _, layer in walk(model))] for m in getattr(layer, "_metrics", None) or []]
@@ -102,7 +74,7 @@ class TfKerasMetrics:
         if self.metrics is not None:
             user, weighted, serialized = self.metrics
             metrics = from_compile.MetricsContainer(
-                _copies(user, borrowed), _copies(weighted, borrowed), output_names=self.output_names, from_serialized=serialized,
+                metric_copies(user, keras.metrics.Metric, borrowed), metric_copies(weighted, keras.metrics.Metric, borrowed), output_names=self.output_names, from_serialized=serialized,
             )
         if borrowed and self._saved is None:
             self._saved = [(v, np.array(v.numpy())) for m in borrowed for v in m.variables]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -97,19 +97,12 @@ class TorchAdapter:
     def collective(self, model: Any):
         return self._collective
 
-    def input_sample(self, batches: Iterable[Batch]) -> tuple[np.ndarray, int] | None:
-        xs, seen = [], 0
-        for batch in batches:
-            x = batch.inputs
-            if not isinstance(x, torch.Tensor) or not (torch.is_floating_point(x) or x.dtype == torch.uint8):
-                return None
-            xs.append(x.detach().cpu().float() if x.dtype not in (torch.float32, torch.float64, torch.uint8) else x.detach().cpu())
-            seen += int(x.shape[0]) if x.dim() else 1
-            if seen >= 2048:
-                break
-        if not xs:
+    def input_array(self, inputs: Any) -> tuple[np.ndarray, int] | None:
+        x = inputs
+        if not isinstance(x, torch.Tensor) or not (torch.is_floating_point(x) or x.dtype == torch.uint8):
             return None
-        x = torch.cat(xs)
+        x = x.detach().cpu()
+        x = x if x.dtype in (torch.float32, torch.float64, torch.uint8) else x.float()  # bf16/fp16: NumPy has no bf16
         return x.numpy(), (1 if x.dim() >= 3 else -1)
 
     def hint(self, exc: Exception) -> str | None:

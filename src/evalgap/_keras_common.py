@@ -1,0 +1,87 @@
+"""What the Keras 3 (``evalgap.keras``) and Keras 2 (``evalgap.tf_keras``) adapters share.
+
+Both Keras versions have the same layer tree (``_flatten_layers``), the same compile-time
+metric objects (``from_config``/``get_config``) and the same distribution attribute, so these
+helpers are written once; each adapter passes in what differs (its ``Metric`` class, its loss
+classes). Framework-free: nothing here imports Keras.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .engine import ModelFacts
+
+#: Layer class names that make training mode differ from evaluation mode besides BatchNorm.
+TRAINING_ONLY_TOKENS = ("Dropout", "Noise", "Random")
+#: Per-sample normalization layers: the same in both modes.
+NON_BN_NORMALIZATION = ("LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization")
+
+
+def walk(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every sub-layer with a path name (``outer/inner/layer``), depth first, each once."""
+    seen: set[int] = set()
+
+    def visit(layer, path):
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            name = f"{path}/{child.name}" if path else child.name
+            yield name, child
+            yield from visit(child, name)
+
+    yield from visit(model, prefix)
+
+
+def replicas(model: Any) -> int:
+    """Replicas of the model's ``tf.distribute`` strategy (1 without one)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    try:
+        return int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
+    except Exception:  # pragma: no cover - strategy objects vary
+        return 1
+
+
+def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
+    """Training-only layers, per-sample normalization, replicas and synchronized BN of a Keras model."""
+    layers = list(walk(model))
+    return ModelFacts(
+        training_only=[name for name, layer in layers if any(t in type(layer).__name__ for t in TRAINING_ONLY_TOKENS)],
+        other_normalization=[name for name, layer in layers if type(layer).__name__ in NON_BN_NORMALIZATION],
+        replicas=replicas(model),
+        synchronized=bool(bns) and all(getattr(bn, "synchronized", False) for _, bn in bns),
+    )
+
+
+def metric_copies(spec: Any, metric_class: type, borrowed: list) -> Any:
+    """``spec`` (metrics as compiled: nested lists and dicts) with every Metric re-created from its config;
+    one that cannot be is appended to ``borrowed`` and used as it is (its state is put back afterwards)."""
+    if isinstance(spec, dict):
+        return {k: metric_copies(v, metric_class, borrowed) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(metric_copies(v, metric_class, borrowed) for v in spec)
+    if isinstance(spec, metric_class):
+        try:
+            return type(spec).from_config(spec.get_config())
+        except Exception:
+            borrowed.append(spec)
+            return spec
+    return spec
+
+
+def classifier_defaults(y: Any, pred: np.ndarray, sparse: Callable[..., Any], categorical: Callable[..., Any], error: type) -> tuple[Any, list[str]]:
+    """What an uncompiled classifier is measured with: cross-entropy (from logits unless the outputs are
+    probabilities) and accuracy; ``error`` is raised for anything that is not class scores."""
+    p = np.asarray(pred)
+    y = None if y is None else np.asarray(y)
+    if y is None or p.ndim < 2 or p.shape[-1] < 2 or not (np.issubdtype(y.dtype, np.integer) or y.shape == p.shape):
+        raise error(
+            "the model is not compiled and its outputs are not class scores: compile it with its training loss and "
+            "metrics (model.compile(loss=..., metrics=[...])) so that diagnose can measure them."
+        )
+    probs = bool(np.all(p >= 0) and np.allclose(p.sum(-1), 1.0, atol=1e-3))
+    loss = categorical if y.shape == p.shape else sparse
+    return loss(from_logits=not probs), ["accuracy"]
