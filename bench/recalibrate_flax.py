@@ -20,6 +20,7 @@ processes then disturb the ratio less (on a GPU use the wall clock).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -159,6 +160,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     rng = np.random.default_rng(0)
@@ -167,10 +169,16 @@ def main() -> None:
     print(f"ResNet-18, {args.batches} batches of {args.batch_size}x{args.image_size}x{args.image_size}x3, {args.runs} "
           f"paired runs ({args.clock} clock), {jax.devices()[0].platform}, jax {jax.__version__}")
     print("| model | forward s | recalibrate s | ratio | fwd again | compile s (ours / fwd) |\n|---|---:|---:|---:|---:|---|")
+    results = []
     for kind in args.kinds.split(","):
         r = measure(kind, xs, args.runs, clock)
+        results.append(r)
         print(f"| {kind} | {r['baseline_s']:.3f} | {r['recalibrate_s']:.3f} | {r['ratio']:.3f}x | {r['noise']:.3f}x | "
               f"{r['compile_ours_s']:.1f} / {r['compile_base_s']:.1f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"framework": "flax", "setting": f"ResNet-18, {args.batches} batches of {args.batch_size}x{args.image_size}x{args.image_size}x3",
+                       "device": jax.devices()[0].device_kind, "runs": args.runs, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args)))
@@ -110,6 +111,7 @@ def main() -> None:
     print(f"ResNet50 (weights=None), {args.batches} batches of {args.batch_size}x{args.image_size}x{args.image_size}x3, "
           f"median of {args.runs} runs")
     print(f"{'backend':12s} {'forward s':>10s} {'recalib. s':>10s} {'ratio':>7s} {'compile s (ours / fwd)':>24s}")
+    results = []
     for backend in args.backends.split(","):
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         cmd = [sys.executable, __file__, "--child", "--batches", str(args.batches), "--batch-size", str(args.batch_size),
@@ -117,10 +119,16 @@ def main() -> None:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{backend:12s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            results.append({"backend": backend, "failed": (out.stderr.strip().splitlines() or [str(out.returncode)])[-1]})
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append({"backend": backend, **r})
         print(f"{backend:12s} {r['baseline_s']:10.3f} {r['recalibrate_s']:10.3f} {r['ratio']:6.3f}x "
               f"{r['first_call_extra_s']:11.1f} / {r['baseline_first_call_extra_s']:.1f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"framework": "keras", "setting": f"ResNet50, {args.batches} batches of {args.batch_size}x{args.image_size}x{args.image_size}x3",
+                       "runs": args.runs, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

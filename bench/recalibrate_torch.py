@@ -5,13 +5,18 @@ forward pass (``model.train()`` under ``torch.no_grad()``) over those batches, m
 side by side in this process, interleaved, median of R runs. Methods: evalgap, fvcore's
 ``update_bn_stats`` and ``torch.optim.swa_utils.update_bn`` (when installed).
 
-    python bench/recalibrate_torch.py [--batches 4] [--batch-size 16] [--image-size 128] [--runs 5] [--device cpu]
+    python bench/recalibrate_torch.py [--model resnet50|mobilenet_v2] [--batches 4] [--batch-size 16]
+        [--image-size 128] [--runs 5] [--device cpu] [--channels-last] [--autocast bf16] [--json FILE]
+
+``--autocast bf16`` runs every method (the baseline too) under ``torch.autocast`` with bfloat16.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import os
 import platform
 import statistics
@@ -21,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _torch_mobilenet import mobilenet_v2  # noqa: E402
 from _torch_resnet import resnet50  # noqa: E402
 
 import evalgap.torch as eg  # noqa: E402
@@ -39,10 +45,13 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--model", choices=["resnet50", "mobilenet_v2"], default="resnet50")
+    p.add_argument("--autocast", choices=["bf16"], default=None, help="run every method under torch.autocast(bfloat16)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = resnet50().to(device)
+    model = {"resnet50": resnet50, "mobilenet_v2": mobilenet_v2}[args.model]().to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     batches = [torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt) * 50 + 120 for _ in range(args.batches)]
@@ -73,26 +82,40 @@ def main() -> None:
 
     methods["torch swa_utils.update_bn"] = swa_run
 
+    def precision():
+        if args.autocast:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     snapshot = copy.deepcopy(model.state_dict())
-    for fn in methods.values():  # warm-up
-        fn()
+    with precision():
+        for fn in methods.values():  # warm-up
+            fn()
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(args.runs):
         for name, fn in methods.items():
             model.load_state_dict(snapshot)
             sync(device)
             t = time.perf_counter()
-            fn()
+            with precision():
+                fn()
             sync(device)
             times[name].append(time.perf_counter() - t)
     base = statistics.median(times["training-mode forward (baseline)"])
-    print(f"ResNet50, {args.batches} batches of {args.batch_size}x3x{args.image_size}x{args.image_size}, device {device}"
-          f" ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or platform.machine()},"
-          f" {torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.runs} runs")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    setting = (f"{args.model}, {args.batches} batches of {args.batch_size}x3x{args.image_size}x{args.image_size}"
+               f"{', channels-last' if args.channels_last else ''}{', autocast bf16' if args.autocast else ', fp32'}")
+    print(f"{setting}, device {device} ({where}, {torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.runs} runs")
     print(f"{'method':36s} {'seconds':>9s} {'ratio':>7s}")
+    results = []
     for name, ts in times.items():
         med = statistics.median(ts)
+        results.append({"method": name, "seconds": med, "ratio": med / base})
         print(f"{name:36s} {med:9.3f} {med / base:7.3f}x")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"framework": "torch", "setting": setting, "device": where, "torch": torch.__version__, "runs": args.runs,
+                       "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     x, y, note = load_arrays(args)
     classes = int(y.max()) + 1
     reproduce(x, y, classes, variants=variants, epochs=args.epochs, batch_size=args.batch_size, out=args.out, source=note,
-              console=demo_console(), precise_every=args.precise_every, keras_version=args.keras)
+              console=demo_console(), precise_every=args.precise_every, keras_version=args.keras,
+              precise_samples=args.precise_samples)
     return 0
 
 
@@ -177,7 +178,19 @@ def _add_recalibrate(sub) -> None:
     rec.set_defaults(func=_recalibrate)
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 (0: all images), got {text!r}")
+    return value
+
+
 def _add_reproduce(sub) -> None:
+    from .seed.common import DEFAULT_PRECISE_SAMPLES
+
     rep = sub.add_parser("reproduce", help="the seed's training job (ResNet50 on UC Merced) with its remedies and the fix")
     src = rep.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="UC Merced folder (UCMerced_LandUse/Images) or the official zip")
@@ -194,6 +207,10 @@ def _add_reproduce(sub) -> None:
     rep.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
     rep.add_argument("--precise-every", type=int, default=1, metavar="N",
                      help="measure precise_val_* every N epochs (0: never; each costs a recalibration and an evaluation)")
+    rep.add_argument("--precise-samples", type=_non_negative, default=DEFAULT_PRECISE_SAMPLES, metavar="N",
+                     help="take precise_val_*'s statistics from a fixed class-stratified sample of N training images, rounded up "
+                          f"to whole batches (default {DEFAULT_PRECISE_SAMPLES}: all; a sample is faster but reads low); "
+                          "the evaluation is always on all the data")
     rep.add_argument("--keras", type=int, choices=[2, 3], default=3,
                      help="3: Keras 3 (KERAS_BACKEND); 2: Keras 2 (tf_keras), the question's tf.data and MirroredStrategy code")
     rep.add_argument("--out", default="evalgap-out/reproduce", help="output folder (JSON, CSV, PNG)")

@@ -1,10 +1,13 @@
-"""A measuring callback for the seed's job: validation with exact statistics, trajectory untouched."""
+"""Measuring callbacks for the seed's job: validation with exact statistics, trajectory untouched."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import random
+from typing import Any, Iterator
 
 import keras
+import numpy as np
 
 from ..keras import find_batchnorms, recalibrate
 
@@ -13,9 +16,11 @@ class PreciseValidation(keras.callbacks.Callback):
     """After each epoch, evaluate ``val_data`` with exact population statistics of ``data``.
 
     The moving statistics are saved, recalibrated, used for ``evaluate`` and then restored
-    bitwise, so training goes on exactly as without this callback (in Keras, moving
-    statistics never feed the gradient). Adds ``precise_val_<metric>`` to the epoch logs after
-    every ``every``-th epoch (each measurement costs a recalibration and an evaluation pass).
+    bitwise, and the global random states (Python, NumPy, torch on the torch backend, whose
+    data loaders draw a seed from it) are put back, so training goes on exactly as without
+    this callback (in Keras, moving statistics never feed the gradient). Adds
+    ``precise_val_<metric>`` to the epoch logs after every ``every``-th epoch (each measurement
+    costs a recalibration and an evaluation pass).
     """
 
     def __init__(self, data: Any, val_data: Any, *, batch_size: int | None = None, every: int = 1):
@@ -28,6 +33,12 @@ class PreciseValidation(keras.callbacks.Callback):
             return
         bns = [bn for _, bn in find_batchnorms(self.model)]
         saved = [(v, v.numpy()) for bn in bns for v in (bn.moving_mean, bn.moving_variance)]
+        with random_states_kept():
+            metrics = self._measure(saved)
+        if logs is not None:
+            logs.update({f"precise_val_{k}": float(v) for k, v in metrics.items()})
+
+    def _measure(self, saved) -> dict[str, Any]:
         try:
             self.last = recalibrate(self.model, self.data, batch_size=self.batch_size, progress=False)
             x, y = self.val_data
@@ -35,5 +46,39 @@ class PreciseValidation(keras.callbacks.Callback):
         finally:
             for v, value in saved:
                 v.assign(value)
+        return metrics
+
+
+@contextlib.contextmanager
+def random_states_kept() -> Iterator[None]:
+    """Put back Python's, NumPy's and (torch backend) torch's global random states on exit."""
+    states = (random.getstate(), np.random.get_state())
+    torch_state = None
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch_state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        if torch_state is not None:
+            import torch
+
+            torch.set_rng_state(torch_state[0])
+            if torch_state[1] is not None:
+                torch.cuda.set_rng_state_all(torch_state[1])
+
+
+class ValidationIsPrecise(keras.callbacks.Callback):
+    """Log ``precise_val_<metric>`` = ``val_<metric>`` for a model trained with ``PreciseBN``.
+
+    ``PreciseBN`` recalibrates on all the training data before fit's validation pass, so that
+    pass already is the precise measurement; a second one would cost a recalibration and an
+    evaluation for the same numbers. Place it after ``PreciseBN`` in the callbacks.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs.update({f"precise_val_{k}": float(v) for k, v in metrics.items()})
+            logs.update({f"precise_{k}": float(v) for k, v in list(logs.items()) if k.startswith("val_")})

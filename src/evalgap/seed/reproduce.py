@@ -18,7 +18,10 @@ variant                    batch    momentum  inputs / callbacks
 
 Every epoch logs Keras's loss/accuracy/val_loss/val_accuracy, and ``precise_val_*``: the
 validation metrics with exact population statistics measured on the side (statistics saved,
-recalibrated, evaluated, restored), so the trajectory is the one the variant trains.
+recalibrated on a fixed class-stratified sample of ``precise_samples`` training images,
+evaluated on all the validation data, restored), so the trajectory is the one the variant
+trains. With ``PreciseBN`` (``precise-bn`` variants) fit's own validation pass already uses
+exact statistics of all the data: ``precise_val_*`` is that pass, at no extra cost.
 Normalization (``/255`` or standardization) is a first layer of the model, so the cached
 uint8 images feed every variant.
 """
@@ -38,6 +41,7 @@ from rich.table import Table
 
 from .._files import atomic_write, atomic_write_text
 from ..errors import DataError
+from .common import DEFAULT_PRECISE_SAMPLES, precise_subsample, whole_batches
 
 SEED_EPOCHS = (1, 2, 3, 4, 5, 6, 7)
 
@@ -110,19 +114,24 @@ def run_variant(
     precise_every: int = 1,
     info: dict[str, Any] | None = None,
     on_step=None,
+    precise_samples: int | None = DEFAULT_PRECISE_SAMPLES,
 ) -> list[dict[str, float]]:
     """Train one variant with validation data = training data; return its per-epoch logs.
 
+    ``precise_val_*`` every ``precise_every`` epochs (0: never): statistics from
+    :func:`~evalgap.seed.common.precise_subsample` of ``precise_samples`` images (``None``/0:
+    all), evaluation on all the data; for a ``PreciseBN`` variant, fit's validation itself.
     ``info`` (a dict, if given) receives how PreciseBN and the precise measurement drew their
-    batches (``batching``): shuffled as fit draws them, with seed 0. ``on_step(variant, epoch,
-    advance, total)`` follows the training steps (for a progress bar).
+    batches (``batching``): shuffled as fit draws them, with seed 0, and ``precise_val``, what
+    the measurement used. ``on_step(variant, epoch, advance, total)`` follows the training
+    steps (for a progress bar).
     """
     import contextlib
 
     import keras
 
     from ..keras import PreciseBN
-    from .keras_callbacks import PreciseValidation
+    from .keras_callbacks import PreciseValidation, ValidationIsPrecise
 
     keras.utils.set_random_seed(seed)
     bs = batch_size if batch_size and variant.batch_size == 96 else variant.batch_size
@@ -145,11 +154,22 @@ def run_variant(
                 on_epoch(variant, row)
 
     measuring: dict[str, Any] = {}
+    extra: list[Any] = []
     if variant.precise_bn:
         measuring["precise_bn"] = PreciseBN((images, labels), batch_size=bs, verbose=0)
-    if precise_every > 0:
-        measuring["precise_val"] = PreciseValidation((images, labels), (images, labels), batch_size=bs, every=precise_every)
-    callbacks = [*measuring.values(), Collect()]
+    if variant.precise_bn and precise_every > 0:
+        extra.append(ValidationIsPrecise())
+        precise = f"fit's validation pass: PreciseBN recalibrated on all {len(images)} images before it"
+    elif precise_every > 0:
+        pick = precise_subsample(labels, whole_batches(precise_samples, bs, len(images)), seed)
+        measuring["precise_val"] = PreciseValidation((images[pick], labels[pick]), (images, labels), batch_size=bs, every=precise_every)
+        precise = (f"statistics from {len(pick)} of {len(images)} images (class-stratified, seed {seed}), "
+                   f"evaluated on all {len(images)}, every {precise_every} epoch(s)")
+    else:
+        precise = "not measured"
+    if info is not None:
+        info["precise_val"] = precise
+    callbacks = [*measuring.values(), *extra, Collect()]
     if on_step is not None:  # only on a terminal: a per-step callback makes Keras sync after every step
         callbacks.append(_steps(variant, on_step))
     model.fit(images, labels, batch_size=bs, epochs=epochs, validation_data=(images, labels), callbacks=callbacks, verbose=0, shuffle=True)
@@ -250,6 +270,7 @@ def reproduce(
     console: Console | None = None,
     precise_every: int = 1,
     keras_version: int = 3,
+    precise_samples: int | None = DEFAULT_PRECISE_SAMPLES,
 ) -> "Reproduction":
     """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary.
 
@@ -293,7 +314,7 @@ def reproduce(
             infos[name] = {}
             steps = {"on_step": bar.step} if bar.progress is not None and keras_version != 2 else {}
             results[name] = runner(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
-                                   precise_every=precise_every, info=infos[name], **steps)
+                                   precise_every=precise_every, precise_samples=precise_samples, info=infos[name], **steps)
     data = Reproduction({
         "source": source,
         "backend": backend,

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .common import DEFAULT_PRECISE_SAMPLES, precise_subsample, whole_batches
+
 FRAMEWORK = "tf_keras"
 
 
@@ -101,9 +103,23 @@ def _precise_validation():
     return PreciseValidation
 
 
+def _validation_is_precise():
+    import tf_keras as keras
+
+    class ValidationIsPrecise(keras.callbacks.Callback):
+        """``precise_val_<metric>`` = ``val_<metric>``: after PreciseBN, fit's validation is the precise measurement."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs.update({f"precise_{k}": float(v) for k, v in list(logs.items()) if k.startswith("val_")})
+
+    return ValidationIsPrecise
+
+
 def run_variant(
     variant, images: np.ndarray, labels: np.ndarray, classes: int, epochs: int, *, batch_size: int | None = None,
     on_epoch=None, seed: int = 0, precise_every: int = 1, info: dict[str, Any] | None = None,
+    precise_samples: int | None = DEFAULT_PRECISE_SAMPLES,
 ) -> list[dict[str, float]]:
     """Train one variant (Keras 2) with validation data = training data; return its per-epoch logs (as ``reproduce.run_variant``)."""
     import tensorflow as tf
@@ -134,11 +150,23 @@ def run_variant(
                 on_epoch(variant, row)
 
     measuring: dict[str, Any] = {}
+    extra: list[Any] = []
     if variant.precise_bn:
         measuring["precise_bn"] = PreciseBN(train_data, verbose=0)
-    if precise_every > 0:
-        measuring["precise_val"] = _precise_validation()(train_data, test_data, every=precise_every)
-    model.fit(train_data, epochs=epochs, verbose=0, validation_data=test_data, callbacks=[*measuring.values(), Collect()])
+    if variant.precise_bn and precise_every > 0:  # fit's validation runs after PreciseBN's recalibration: it is the measurement
+        extra.append(_validation_is_precise()())
+        precise = f"fit's validation pass: PreciseBN recalibrated on all {len(images)} images before it"
+    elif precise_every > 0:
+        pick = precise_subsample(labels, whole_batches(precise_samples, bs, len(images)), seed)
+        stats_data = pipeline(images[pick], labels[pick], bs, variant.inputs, np.random.default_rng(seed).permutation(len(pick)), mean, std)
+        measuring["precise_val"] = _precise_validation()(stats_data, test_data, every=precise_every)
+        precise = (f"statistics from {len(pick)} of {len(images)} images (class-stratified, seed {seed}), "
+                   f"evaluated on all {len(images)}, every {precise_every} epoch(s)")
+    else:
+        precise = "not measured"
+    if info is not None:
+        info["precise_val"] = precise
+    model.fit(train_data, epochs=epochs, verbose=0, validation_data=test_data, callbacks=[*measuring.values(), *extra, Collect()])
     if info is not None:
         info["batching"] = {name: cb.last.batching for name, cb in measuring.items() if cb.last is not None}
     return logs

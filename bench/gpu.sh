@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU acceptance run in one call (issues: performance item 4, GPU acceptance).
+#
+#   bash bench/gpu.sh OUT            full size, < 8 minutes on one H100
+#   bash bench/gpu.sh OUT --smoke    the same code path with tiny sizes (CPU; tests/test_bench_gpu.py)
+#
+# (a) the seed's job at full size: UC Merced (2100 images, resize_with_pad 256, batch 96),
+#     ResNet50(weights=None), Adam, validation = training data, 10 epochs, variants seed,
+#     precise-bn, momentum0.9 (`evalgap reproduce`), and plain model.fit vs reproduce in images/s;
+# (b) recalibration ratios to a training-mode forward: PyTorch fp32 / channels-last / bf16
+#     autocast against update_bn and fvcore (ResNet50, and MobileNetV2 at batch 16 and 64),
+#     Keras per backend present, Flax if present.
+# Writes under OUT: summary.md (the tables, GPU named), results.json, ratios.csv, ratios.png,
+# reproduce.json, reproduce.csv, reproduce.png and log.txt (8 files, the most a device call returns).
+#
+# No network: Python packages missing on the GPU machine travel as wheels in .gpu/whl and the
+# images in .gpu/data (bash bench/gpu_prepare.sh fills both; .gpu/ is git-ignored).
+# Environment: PYTHON (python3), EVALGAP_GPU_DATA (.gpu/data/UCMerced_LandUse),
+# EVALGAP_GPU_KERAS_BACKEND (jax: the fastest Keras backend there, TensorFlow is not installed),
+# EVALGAP_GPU_KERAS_BACKENDS (the backends to time recalibration on; default: every one importable).
+set -uo pipefail
+OUT=${1:?usage: bash bench/gpu.sh OUT [--smoke]}
+MODE=${2:-full}
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/evalgap-gpu.XXXXXX")
+LOG=$OUT/log.txt
+: >"$LOG"
+PY=${PYTHON:-python3}
+if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .gpu/whl/*.whl >>"$LOG" 2>&1
+  export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=Agg TF_CPP_MIN_LOG_LEVEL=3
+export EVALGAP_CACHE=$WORK/cache
+BACKEND=${EVALGAP_GPU_KERAS_BACKEND:-jax}
+DATA=${EVALGAP_GPU_DATA:-.gpu/data/UCMerced_LandUse}
+
+if [ "$MODE" = "--smoke" ]; then
+  IMG=32; LIMIT=(--limit-per-class 2); EPOCHS=1; RUNS=1
+  TORCH=(--batches 1 --batch-size 2 --image-size 32)
+  KERAS=(--batches 1 --batch-size 2 --image-size 32); FLAX=(--batches 1 --batch-size 2 --image-size 16)
+  FIT_EPOCHS=1; T_JOB=600; T_FIT=600; T_BENCH=300
+  VARIANTS=seed,precise-bn; SETTINGS=default  # momentum0.9 and precise-every 0 take the same code path
+else
+  IMG=256; LIMIT=(); EPOCHS=10; RUNS=5
+  TORCH=(--batches 8 --batch-size 64 --image-size 224)
+  KERAS=(--batches 8 --batch-size 64 --image-size 224); FLAX=(--batches 8 --batch-size 64 --image-size 224)
+  FIT_EPOCHS=3; T_JOB=240; T_FIT=120; T_BENCH=60
+  VARIANTS=seed,precise-bn,momentum0.9; SETTINGS=none,default
+fi
+
+step() {  # step NAME TIMEOUT COMMAND...: run, log, never stop the script
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*" >>"$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" >>"$LOG"
+  echo "{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0))}" >>"$WORK/steps.jsonl"
+}
+
+step environment 60 "$PY" bench/gpu_summary.py --environment "$WORK/environment.json"
+step seed-job "$T_JOB" env KERAS_BACKEND="$BACKEND" "$PY" -m evalgap reproduce --data "$DATA" --image-size "$IMG" "${LIMIT[@]}" \
+  --epochs "$EPOCHS" --variants "$VARIANTS" --out "$WORK/reproduce"
+step fit-vs-reproduce "$T_FIT" env KERAS_BACKEND="$BACKEND" "$PY" bench/reproduce_keras.py --data "$DATA" --image-size "$IMG" "${LIMIT[@]}" \
+  --epochs "$FIT_EPOCHS" --settings "$SETTINGS" --json "$WORK/fit_vs_reproduce.json"
+for setting in "resnet50 fp32::" "resnet50 channels-last:--channels-last:" "resnet50 bf16:--autocast bf16:" \
+               "mobilenet_v2 fp32 b16::--model mobilenet_v2 --batch-size 16" "mobilenet_v2 fp32 b64::--model mobilenet_v2"; do
+  IFS=: read -r name flags model <<<"$setting"
+  file=$WORK/torch_$(echo "$name" | tr ' ' '_').json
+  # shellcheck disable=SC2086
+  step "torch $name" "$T_BENCH" "$PY" bench/recalibrate_torch.py "${TORCH[@]}" --runs "$RUNS" $flags $model --json "$file"
+done
+BACKENDS=${EVALGAP_GPU_KERAS_BACKENDS:-$("$PY" bench/gpu_summary.py --keras-backends)}
+step keras-recalibrate $((T_BENCH * 3)) "$PY" bench/recalibrate_keras.py --backends "$BACKENDS" "${KERAS[@]}" --runs "$RUNS" --json "$WORK/keras.json"
+if "$PY" -c "import flax" 2>/dev/null; then
+  step flax-recalibrate $((T_BENCH * 2)) "$PY" bench/recalibrate_flax.py "${FLAX[@]}" --runs "$RUNS" --json "$WORK/flax.json"
+fi
+"$PY" bench/gpu_summary.py --collect "$WORK" --out "$OUT" >>"$LOG" 2>&1
+rc=$?
+cat "$OUT/summary.md" 2>/dev/null
+exit $rc
