@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from evalgap.data import load_image_folder
 from evalgap.seed.common import precise_subsample, whole_batches

@@ -48,3 +48,16 @@ def test_sample_sizes_round_up_to_whole_batches():
     assert whole_batches(512, 96, 2100) == 576 and whole_batches(480, 96, 2100) == 480
     assert whole_batches(2000, 96, 2100) == 2016 and whole_batches(2090, 96, 2100) == 2100
     assert whole_batches(0, 96, 2100) == 0 and whole_batches(None, 96, 2100) is None and whole_batches(5000, 96, 2100) == 5000
+
+
+def test_plan_says_how_each_variant_measures():
+    from evalgap.seed.common import precise_plan
+
+    labels = np.repeat(np.arange(21), 100)
+    mode, pick, text = precise_plan(labels, precise_bn=True, every=1, samples=512, batch_size=96)
+    assert mode == "validation" and pick is None and "all 2100" in text
+    mode, pick, text = precise_plan(labels, precise_bn=False, every=2, samples=512, batch_size=96)
+    assert mode == "side" and len(pick) == 576 and text.startswith("statistics from 576 of 2100") and "every 2" in text
+    mode, pick, _ = precise_plan(labels, precise_bn=False, every=1, samples=0, batch_size=96)
+    assert mode == "side" and np.array_equal(pick, np.arange(2100))
+    assert precise_plan(labels, precise_bn=False, every=0, samples=0, batch_size=96)[0] == "off"

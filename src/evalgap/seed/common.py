@@ -93,3 +93,21 @@ def precise_subsample(labels, n: int | None, seed: int = 0):
     quota[np.argsort(-(share - quota), kind="stable")[: n - int(quota.sum())]] += 1
     picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
     return np.sort(np.concatenate(picked))
+
+
+def precise_plan(labels, *, precise_bn: bool, every: int, samples: int | None, batch_size: int, seed: int = 0):
+    """How a variant measures ``precise_val_*``: ``(mode, pick, description)``.
+
+    ``mode`` is ``"validation"`` (PreciseBN recalibrates on all the data before fit's validation,
+    which then is the measurement), ``"side"`` (a recalibration on ``labels[pick]``, the
+    :func:`precise_subsample` of ``samples`` rounded up to whole batches, then an evaluation on
+    all the data, every ``every`` epochs) or ``"off"`` (``every`` is 0).
+    """
+    total = len(labels)
+    if every <= 0:
+        return "off", None, "not measured"
+    if precise_bn:
+        return "validation", None, f"fit's validation pass: PreciseBN recalibrated on all {total} images before it"
+    pick = precise_subsample(labels, whole_batches(samples, batch_size, total), seed)
+    return "side", pick, (f"statistics from {len(pick)} of {total} images (class-stratified, seed {seed}), "
+                          f"evaluated on all {total}, every {every} epoch(s)")

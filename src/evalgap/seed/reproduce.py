@@ -41,7 +41,7 @@ from rich.table import Table
 
 from .._files import atomic_write, atomic_write_text
 from ..errors import DataError
-from .common import DEFAULT_PRECISE_SAMPLES, precise_subsample, whole_batches
+from .common import DEFAULT_PRECISE_SAMPLES, precise_plan
 
 SEED_EPOCHS = (1, 2, 3, 4, 5, 6, 7)
 
@@ -157,16 +157,12 @@ def run_variant(
     extra: list[Any] = []
     if variant.precise_bn:
         measuring["precise_bn"] = PreciseBN((images, labels), batch_size=bs, verbose=0)
-    if variant.precise_bn and precise_every > 0:
+    mode, pick, precise = precise_plan(labels, precise_bn=variant.precise_bn, every=precise_every, samples=precise_samples,
+                                       batch_size=bs, seed=seed)
+    if mode == "validation":
         extra.append(ValidationIsPrecise())
-        precise = f"fit's validation pass: PreciseBN recalibrated on all {len(images)} images before it"
-    elif precise_every > 0:
-        pick = precise_subsample(labels, whole_batches(precise_samples, bs, len(images)), seed)
+    elif mode == "side":
         measuring["precise_val"] = PreciseValidation((images[pick], labels[pick]), (images, labels), batch_size=bs, every=precise_every)
-        precise = (f"statistics from {len(pick)} of {len(images)} images (class-stratified, seed {seed}), "
-                   f"evaluated on all {len(images)}, every {precise_every} epoch(s)")
-    else:
-        precise = "not measured"
     if info is not None:
         info["precise_val"] = precise
     callbacks = [*measuring.values(), *extra, Collect()]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import DEFAULT_PRECISE_SAMPLES, precise_subsample, whole_batches
+from .common import DEFAULT_PRECISE_SAMPLES, precise_plan
 
 FRAMEWORK = "tf_keras"
 
@@ -153,17 +153,13 @@ def run_variant(
     extra: list[Any] = []
     if variant.precise_bn:
         measuring["precise_bn"] = PreciseBN(train_data, verbose=0)
-    if variant.precise_bn and precise_every > 0:  # fit's validation runs after PreciseBN's recalibration: it is the measurement
+    mode, pick, precise = precise_plan(labels, precise_bn=variant.precise_bn, every=precise_every, samples=precise_samples,
+                                       batch_size=bs, seed=seed)
+    if mode == "validation":  # fit's validation runs after PreciseBN's recalibration: it is the measurement
         extra.append(_validation_is_precise()())
-        precise = f"fit's validation pass: PreciseBN recalibrated on all {len(images)} images before it"
-    elif precise_every > 0:
-        pick = precise_subsample(labels, whole_batches(precise_samples, bs, len(images)), seed)
+    elif mode == "side":
         stats_data = pipeline(images[pick], labels[pick], bs, variant.inputs, np.random.default_rng(seed).permutation(len(pick)), mean, std)
         measuring["precise_val"] = _precise_validation()(stats_data, test_data, every=precise_every)
-        precise = (f"statistics from {len(pick)} of {len(images)} images (class-stratified, seed {seed}), "
-                   f"evaluated on all {len(images)}, every {precise_every} epoch(s)")
-    else:
-        precise = "not measured"
     if info is not None:
         info["precise_val"] = precise
     model.fit(train_data, epochs=epochs, verbose=0, validation_data=test_data, callbacks=[*measuring.values(), *extra, Collect()])
