@@ -43,7 +43,7 @@ if [ "$MODE" = "--smoke" ]; then
   TORCH=(--batches 1 --batch-size 2 --image-size 32)
   KERAS=(--batches 1 --batch-size 2 --image-size 32); FLAX=(--batches 1 --batch-size 2 --image-size 16)
   FIT_EPOCHS=1; T_JOB=600; T_FIT=600; T_BENCH=300
-  VARIANTS=seed,precise-bn; SETTINGS=default  # momentum0.9 and precise-every 0 take the same code path
+  VARIANTS=seed,precise-bn; SETTINGS=""  # momentum0.9 and reproduce's settings take code paths the seed job runs
 else
   IMG=256; LIMIT=(); EPOCHS=10; RUNS=5
   TORCH=(--batches 8 --batch-size 64 --image-size 224)

@@ -70,7 +70,7 @@ def main() -> None:
                 "default": (f"precise-every 1, precise-samples {DEFAULT_PRECISE_SAMPLES} (default)", 1, DEFAULT_PRECISE_SAMPLES),
                 "sample768": ("precise-every 1, precise-samples 768", 1, 768),
                 "every2": ("precise-every 2", 2, DEFAULT_PRECISE_SAMPLES)}
-    for key in args.settings.split(","):
+    for key in filter(None, args.settings.split(",")):
         label, every, samples = settings[key]
         logs = run_variant(VARIANTS["seed"], x, y, classes, args.epochs, precise_every=every, precise_samples=samples)
         secs = [r["seconds"] for r in logs]

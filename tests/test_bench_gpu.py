@@ -42,8 +42,10 @@ def _image_folder(root: Path, classes: int = 21, per_class: int = 2) -> Path:
 def test_gpu_script_smoke_writes_every_table(tmp_path):
     data = _image_folder(tmp_path / "data")
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, EVALGAP_GPU_DATA=str(data), EVALGAP_GPU_KERAS_BACKEND="tensorflow",
-               EVALGAP_GPU_KERAS_BACKENDS="tensorflow", TMPDIR=str(tmp_path))
+    # Keras on torch: eager, so the tiny run does not pay for tracing ResNet50 (TensorFlow's graphs took 3 of 4 minutes);
+    # the job's code is the same on every Keras 3 backend
+    env = dict(os.environ, PYTHON=sys.executable, EVALGAP_GPU_DATA=str(data), EVALGAP_GPU_KERAS_BACKEND="torch",
+               EVALGAP_GPU_KERAS_BACKENDS="torch", TMPDIR=str(tmp_path))
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--smoke"], env=env, capture_output=True, text=True, timeout=1200)
     log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{log[-4000:]}"
@@ -65,7 +67,7 @@ def test_gpu_script_smoke_writes_every_table(tmp_path):
     assert [float(r["val_accuracy"]) for r in rows if r["variant"] == "seed"] == pytest.approx([r["val_accuracy"] for r in seed])
 
     fit = results["fit_vs_reproduce"]["results"]
-    assert [r["run"].split(" (")[0] for r in fit] == ["plain model.fit", "evalgap reproduce seed"]
+    assert [r["run"] for r in fit] == ["plain model.fit"]  # the smoke run times plain fit only (reproduce ran above)
     for r in fit:
         assert r["images_per_second"] == pytest.approx(42 / r["epoch_seconds"]) and r["ratio"] > 0
 
@@ -79,7 +81,7 @@ def test_gpu_script_smoke_writes_every_table(tmp_path):
         assert {"training-mode forward (baseline)", "evalgap.torch.recalibrate", "torch swa_utils.update_bn"} <= methods
         base = next(r for r in ratios if r["setting"] == s and "baseline" in r["method"])
         assert float(base["ratio"]) == 1.0
-    assert any(r["framework"] == "keras/tensorflow" for r in ratios)
+    assert any(r["framework"] == "keras/torch" for r in ratios)
     if __import__("importlib").util.find_spec("flax") is not None:
         assert {"flax/nnx", "flax/linen"} <= {r["framework"] for r in ratios}
     summary = (out / "summary.md").read_text()
