@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import keras
 import numpy as np
 
+from .._random import random_states_kept
 from ..engine import Batch, NormLayer
 
 _PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
@@ -88,15 +89,6 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
             state["values"] = list(new_values)
         return y_pred, losses
 
-    rng = None
-    if training and keras.backend.backend() == "torch":
-        import torch
-
-        rng = torch.random.get_rng_state()
-    try:
+    # training mode on the torch backend draws from torch's global generators: put them back
+    with random_states_kept(python=False, numpy=False) if training else contextlib.nullcontext():
         yield run
-    finally:
-        if rng is not None:
-            import torch
-
-            torch.random.set_rng_state(rng)

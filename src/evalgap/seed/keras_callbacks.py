@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import random
-from typing import Any, Iterator
+from typing import Any
 
 import keras
-import numpy as np
 
+from .._random import random_states_kept
 from ..keras import find_batchnorms, recalibrate
 
 
@@ -47,28 +45,6 @@ class PreciseValidation(keras.callbacks.Callback):
             for v, value in saved:
                 v.assign(value)
         return metrics
-
-
-@contextlib.contextmanager
-def random_states_kept() -> Iterator[None]:
-    """Put back Python's, NumPy's and (torch backend) torch's global random states on exit."""
-    states = (random.getstate(), np.random.get_state())
-    torch_state = None
-    if keras.backend.backend() == "torch":
-        import torch
-
-        torch_state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        if torch_state is not None:
-            import torch
-
-            torch.set_rng_state(torch_state[0])
-            if torch_state[1] is not None:
-                torch.cuda.set_rng_state_all(torch_state[1])
 
 
 class ValidationIsPrecise(keras.callbacks.Callback):

@@ -71,13 +71,14 @@ def build_model(classes: int, image_size: int, momentum: float | None):
 def _precise_validation():
     import tf_keras as keras
 
+    from .._random import random_states_kept
     from ..tf_keras import find_batchnorms, recalibrate
 
     class PreciseValidation(keras.callbacks.Callback):
         """After every ``every``-th epoch, evaluate ``val_data`` with exact population statistics of ``data``.
 
         The moving statistics (every replica's copy) are saved, recalibrated, used for
-        ``evaluate`` and put back bitwise, so training goes on exactly as without this
+        ``evaluate`` and put back bitwise, and the global random states are kept, so training goes on exactly as without this
         callback. Adds ``precise_val_<metric>`` to the epoch logs.
         """
 
@@ -92,8 +93,9 @@ def _precise_validation():
             variables = [v for _, bn in find_batchnorms(self.model) for v in (bn.moving_mean, bn.moving_variance)]
             saved = [(part, part.numpy()) for v in variables for part in (getattr(v, "values", None) or (v,))]
             try:
-                self.last = recalibrate(self.model, self.data, progress=False)
-                metrics = self.model.evaluate(self.val_data, verbose=0, return_dict=True)
+                with random_states_kept():
+                    self.last = recalibrate(self.model, self.data, progress=False)
+                    metrics = self.model.evaluate(self.val_data, verbose=0, return_dict=True)
             finally:
                 for part, value in saved:
                     part.assign(value)

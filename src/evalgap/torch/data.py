@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._random import random_states_kept
 from ..engine import ArrayBatches, Batch, StreamBatches, tree_leaves
 from ..errors import DataError
 
@@ -178,15 +179,8 @@ def _rng_preserved(loader):
     """Iterate ``loader`` and put back every random state the iteration drew from (its generators and
     torch's global RNG, which a sampler without a generator and the worker seeds use): reading the
     training loader for statistics must not change the order training draws next."""
-    generators = _generators(loader)
-    states = [g.get_state() for g in generators]
-    global_state = torch.random.get_rng_state()
-    try:
+    with random_states_kept(python=False, numpy=False, generators=_generators(loader)):
         yield from loader
-    finally:
-        torch.random.set_rng_state(global_state)
-        for g, state in zip(generators, states):
-            g.set_state(state)
 
 
 def _dataset_batches(dataset, batch_size: int, shuffle: bool, seed: int):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._random import random_states_kept
 from ..engine import Batch, NormLayer
 from ..errors import EvalgapError
 from .data import Forward, call_model, to_device
@@ -62,11 +63,5 @@ def predictor(
     frozen = {i for i, m in enumerate(model.modules()) if isinstance(m, _BatchNorm) and is_frozen(m, model)}
     side = copy.deepcopy(model)
     set_modes(side, True, except_eval={id(m) for i, m in enumerate(side.modules()) if i in frozen})
-    rng = torch.random.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
+    with random_states_kept(python=False, numpy=False):
         yield _runner(side, forward, device)
-    finally:
-        torch.random.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)

@@ -1,0 +1,45 @@
+"""Random states kept across a measurement, so that measuring never changes what a run draws next.
+
+A statistics pass that iterates the training loader, a training-mode forward with dropout, or an
+extra ``evaluate`` inside ``fit`` all draw from random generators that the user's run also draws
+from (a DataLoader's sampler and worker seeds, Keras's torch-backend loader, dropout masks).
+:func:`random_states_kept` records those states on entry and puts them back on exit, normal or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def random_states_kept(*, python: bool = True, numpy: bool = True, torch: bool = True, generators: Iterable[Any] = ()) -> Iterator[None]:
+    """Put back, on exit, the global random states asked for and each ``generators`` state.
+
+    ``python``: :mod:`random`; ``numpy``: the legacy global ``np.random`` state; ``torch``:
+    torch's CPU generator and every CUDA device's, if torch is already imported (a process that
+    never imported torch has no torch state to keep); ``generators``: objects with
+    ``get_state()`` / ``set_state(state)``, e.g. a ``torch.Generator`` of a DataLoader.
+    Side effects: none beyond restoring those states.
+    """
+    saved: list[tuple[Callable[[Any], Any], Any]] = []
+    if python:
+        saved.append((random.setstate, random.getstate()))
+    if numpy:
+        saved.append((np.random.set_state, np.random.get_state()))
+    t = sys.modules.get("torch") if torch else None
+    if t is not None:
+        saved.append((t.random.set_rng_state, t.random.get_rng_state()))
+        if t.cuda.is_available():
+            saved.append((t.cuda.set_rng_state_all, t.cuda.get_rng_state_all()))
+    for g in generators:
+        saved.append((g.set_state, g.get_state()))
+    try:
+        yield
+    finally:
+        for put_back, state in reversed(saved):
+            put_back(state)
