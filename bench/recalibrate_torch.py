@@ -2,7 +2,7 @@
 
 For each method, the time over the same K batches divided by the time of a training-mode
 forward pass (``model.train()`` under ``torch.no_grad()``) over those batches, measured
-side by side in this process, interleaved, median of R runs. Methods: evalgap, fvcore's
+side by side in this process, interleaved in a new random order each run, median of R runs. Methods: evalgap, fvcore's
 ``update_bn_stats`` and ``torch.optim.swa_utils.update_bn`` (when installed).
 
     python bench/recalibrate_torch.py [--model resnet50|mobilenet_v2] [--batches 4] [--batch-size 16]
@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -92,8 +93,9 @@ def main() -> None:
         for fn in methods.values():  # warm-up
             fn()
     times: dict[str, list[float]] = {k: [] for k in methods}
+    order = random.Random(0)
     for _ in range(args.runs):
-        for name, fn in methods.items():
+        for name, fn in order.sample(list(methods.items()), len(methods)):  # a new order each run: no method always goes first
             model.load_state_dict(snapshot)
             sync(device)
             t = time.perf_counter()

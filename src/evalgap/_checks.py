@@ -21,6 +21,9 @@ def check_count(count: int, layer: str) -> None:
 
 def check_finite(layers: Sequence[tuple[str, ChannelMoments | None]]) -> None:
     """Raise naming the first layer (forward order) whose statistics hold NaN or Inf."""
+    present = [m for _, m in layers if m is not None]
+    if not present or np.isfinite(np.concatenate([v for m in present for v in (m.mean, m.m2)])).all():
+        return  # one check for all (the common case); layer by layer only to name the first bad one
     for i, (name, m) in enumerate(layers):
         if m is None:
             continue

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -117,18 +117,42 @@ class ChannelMoments:
         """
         n = np.asarray(counts, dtype=np.float64).reshape(-1)
         mu = np.asarray(means, dtype=np.float64)
-        var = np.maximum(np.asarray(variances, dtype=np.float64), 0.0)
+        var = np.asarray(variances, dtype=np.float64)
         if mu.ndim != 2 or mu.shape != var.shape or mu.shape[0] != n.shape[0]:
             raise EvalgapError(f"from_batches needs counts (k,), means and variances (k, C); got {n.shape}, {mu.shape}, {var.shape}.")
-        for c in n:
-            _check_count(c)
-        total = float(n.sum())
-        if total == 0:
-            return cls.empty(mu.shape[1])
-        w = n[:, None]
-        mean = (w * mu).sum(axis=0) / total
-        m2 = (w * var).sum(axis=0) + (w * (mu - mean) ** 2).sum(axis=0)
-        return cls(int(total), mean, m2)
+        return cls.from_layer_batches(n[:, None], mu, var, [mu.shape[1]])[0]
+
+    @classmethod
+    def from_layer_batches(cls, counts: Any, means: Any, variances: Any, channels: Sequence[int]) -> "list[ChannelMoments]":
+        """:meth:`from_batches` for L layers at once, their channels side by side.
+
+        ``counts`` (k, L): values per channel of layer l in batch b; ``means`` and biased
+        ``variances`` (k, sum(channels)). Per channel of layer l, in float64,
+        ``mean = sum_b n_bl mu_b / N_l`` and ``M2 = sum_b n_bl var_b + sum_b n_bl (mu_b - mean)^2``:
+        one vector step (each sum one pass over the data) instead of L.
+        """
+        n = np.asarray(counts, dtype=np.float64)
+        mu = np.asarray(means, dtype=np.float64)
+        var = np.maximum(np.asarray(variances, dtype=np.float64), 0.0)
+        channels = [int(c) for c in channels]
+        if n.ndim != 2 or n.shape[1] != len(channels) or mu.shape != (n.shape[0], sum(channels)) or var.shape != mu.shape:
+            raise EvalgapError(
+                f"from_layer_batches needs counts (k, L), means and variances (k, sum of channels); got {n.shape}, {mu.shape}, "
+                f"{var.shape} for {len(channels)} layers of {sum(channels)} channels."
+            )
+        if not np.all((n >= 0) & (n == np.floor(n))):
+            _check_count(n.reshape(-1)[np.flatnonzero(~((n >= 0) & (n == np.floor(n))).reshape(-1))[0]])
+        totals = n.sum(axis=0)
+        w = np.repeat(n, channels, axis=1)
+        per_channel = np.repeat(totals, channels)
+        mean = np.einsum("bj,bj->j", w, mu) / np.where(per_channel > 0, per_channel, 1.0)
+        d = mu - mean
+        m2 = np.einsum("bj,bj->j", w, var) + np.einsum("bj,bj,bj->j", w, d, d)
+        bounds = np.cumsum(channels)[:-1]
+        return [
+            cls(int(total), part_mean, part_m2) if total else cls.empty(c)
+            for total, c, part_mean, part_m2 in zip(totals, channels, np.split(mean, bounds), np.split(m2, bounds))
+        ]
 
     @classmethod
     def from_sums(cls, count: int, total: Any, total_sq: Any, shift: Any = 0.0) -> "ChannelMoments":

@@ -55,6 +55,7 @@ def test_exact_population_statistics_and_nothing_else_changes():
     ref = reference_population_stats(net, data, bn_train=[n for n in bn_names if n != "body.2"])
     before_state, before_modes = state_snapshot(net), modes(net)
     momenta = {n: m.momentum for n, m in eg.find_batchnorms(net)}
+    buffers = {n: (b, b._version) for n, b in net.named_buffers()}  # the tensor objects and their in-place write counters
 
     result = eg.recalibrate(net, data, progress=False)
 
@@ -72,6 +73,9 @@ def test_exact_population_statistics_and_nothing_else_changes():
     assert changed == {f"{n}.{b}" for n in ("stem.1", "body.0.1", "head.2") for b in ("running_mean", "running_var")}
     assert modes(net) == before_modes
     assert {n: m.momentum for n, m in eg.find_batchnorms(net)} == momenta
+    # the same tensors, each recalibrated one written once (the result), none written by the pass
+    assert all(b is dict(net.named_buffers())[n] for n, (b, _) in buffers.items())
+    assert {n: b._version - v for n, (b, v) in buffers.items() if b._version != v} == {k: 1 for k in changed}
     # forward order in the result, drift reported
     assert [layer.name for layer in result.layers] == ["stem.1", "body.0.1", "body.2", "head.2"]
     assert result.max_drift > 1.0 and "stem.1" in str(result)
@@ -224,9 +228,12 @@ def test_failure_or_interrupt_restores_everything(exc, at):
                 raise exc("stop")
             yield b
 
+    buffers = {n: (b, b._version) for n, b in net.named_buffers()}
     expected = KeyboardInterrupt if exc is KeyboardInterrupt else RecalibrationError
     with pytest.raises(expected) as info:
         eg.recalibrate(net, gen(), progress=False)
+    # the pass never wrote the model's own tensors: the same objects are back, unwritten
+    assert all(b is dict(net.named_buffers())[n] and b._version == v for n, (b, v) in buffers.items())
     if expected is RecalibrationError:
         assert f"batch {at - 1}" in str(info.value) or at == 0
         assert "restored" in str(info.value)

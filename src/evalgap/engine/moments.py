@@ -16,24 +16,25 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._checks import check_count
+from ..errors import EvalgapError
 from ..stats import ChannelMoments, first_means, from_shifted_sums, shifted_sums
-from .protocol import Capture, Collective, NormLayer
+from .protocol import Capture, Collective, HostCaptures, NormLayer
 
 #: Per-batch moments stay on the device for this many batches, then move to the host.
 FLUSH_EVERY = 32
 
 
-def captures_to_host(captures: list[Capture], to_host: Callable[[list[Any]], list[np.ndarray]]) -> list[tuple[int, int, Any, Any]]:
-    """Captures as host ``(index, n, mean, var)`` with one bulk ``to_host`` of every count, mean and variance
+def captures_to_host(captures: list[Capture], to_host: Callable[[list[Any]], list[np.ndarray]]) -> HostCaptures:
+    """Captures on the host with one bulk ``to_host`` of every count, mean and variance
     (for adapters whose captures hold separate device values)."""
     host = iter(to_host([v for _, count, mean, var in captures for v in (count, mean, var)]))
-    return [(index, int(np.asarray(next(host)).reshape(())), next(host), next(host)) for index, *_ in captures]
+    return HostCaptures.from_list([(index, next(host), next(host), next(host)) for index, *_ in captures])
 
 
 class LayerMoments:
     """Float64 moments, call counts and first-call order of each layer of a pass."""
 
-    def __init__(self, layers: Sequence[NormLayer], host_captures: Callable[[list[Capture]], list[tuple[int, int, Any, Any]]]):
+    def __init__(self, layers: Sequence[NormLayer], host_captures: Callable[[list[Capture]], HostCaptures]):
         n = len(layers)
         self.names = [layer.name for layer in layers]
         self.host_captures = host_captures
@@ -54,20 +55,53 @@ class LayerMoments:
         self.pending.extend(captures)
 
     def flush(self) -> None:
-        """Move the pending captures to the host and merge them, per layer, in one vector step."""
+        """Move the pending captures to the host and merge them, per layer, in float64.
+
+        Layers with the same number of calls in this flush (usually all of them) are merged
+        together, their channels side by side (:meth:`ChannelMoments.from_layer_batches`):
+        the host work per flush grows with the number of distinct call counts, not with the
+        number of captures.
+        """
         if not self.pending:
             return
-        per_layer: dict[int, tuple[list, list, list]] = {}
-        for index, n, mean, var in self.host_captures(self.pending):
-            check_count(n, self.names[index])
-            counts, means, variances = per_layer.setdefault(index, ([], [], []))
-            counts.append(n)
-            means.append(np.asarray(mean, dtype=np.float64).reshape(-1))
-            variances.append(np.asarray(var, dtype=np.float64).reshape(-1))
+        caps = self.host_captures(self.pending)
         self.pending.clear()
-        for index, (counts, means, variances) in per_layer.items():
-            part = ChannelMoments.from_batches(counts, np.stack(means), np.stack(variances))
+        single = np.flatnonzero(caps.count == 1)
+        if single.size:
+            check_count(1, self.names[int(caps.index[single[0]])])
+        if self._merge_regular(caps):
+            return
+        starts = np.cumsum(caps.channels) - caps.channels  # where each capture's values begin
+        order = np.argsort(caps.index, kind="stable")  # by layer, each layer's calls in call order
+        calls = np.bincount(caps.index, minlength=len(self.names))
+        for k in np.unique(calls[calls > 0]):
+            layers = np.flatnonzero(calls == k)
+            at = order[np.isin(caps.index[order], layers)].reshape(len(layers), int(k))  # (layers, calls)
+            channels = caps.channels[at]
+            if np.any(channels != channels[:, :1]):
+                bad = int(layers[np.flatnonzero(np.any(channels != channels[:, :1], axis=1))[0]])
+                seen = sorted(set(channels[layers == bad].ravel().tolist()))
+                raise EvalgapError(f"{self.names[bad]} saw inputs with different numbers of channels in one pass: {seen}.")
+            c = channels[:, 0]
+            gather = np.repeat(starts[at].T, c, axis=1) + (np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c))  # (calls, sum c)
+            parts = ChannelMoments.from_layer_batches(caps.count[at].T, caps.mean[gather], caps.var[gather], c)
+            for index, part in zip(layers.tolist(), parts):
+                self.moments[index] = part if self.moments[index] is None else self.moments[index].merge(part)
+
+    def _merge_regular(self, caps: HostCaptures) -> bool:
+        """The common case: every batch called the same layers once each, in the same order. Then the
+        captures are a (batches, layers) grid and their values a (batches, channels) matrix as they lie."""
+        first = np.flatnonzero(caps.index == caps.index[0])
+        k = first.size
+        if k == 0 or caps.index.size % k or np.any(first != np.arange(k) * (caps.index.size // k)):
+            return False
+        grid, channels = caps.index.reshape(k, -1), caps.channels.reshape(k, -1)
+        if np.any(grid != grid[0]) or np.any(channels != channels[0]) or np.unique(grid[0]).size != grid.shape[1]:
+            return False
+        parts = ChannelMoments.from_layer_batches(caps.count.reshape(k, -1), caps.mean.reshape(k, -1), caps.var.reshape(k, -1), channels[0])
+        for index, part in zip(grid[0].tolist(), parts):
             self.moments[index] = part if self.moments[index] is None else self.moments[index].merge(part)
+        return True
 
     def order(self) -> list[int]:
         """Layer indices in forward order (first call), then the layers no data reached."""

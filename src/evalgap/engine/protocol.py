@@ -12,7 +12,7 @@ method                     answers
 ``moments_pass``           a context: one forward per batch, chosen BN layers on batch
                            statistics, everything else in inference mode; per call the
                            layer's (count, mean, biased var); on exit the model is as before
-``host_captures``          a pass's captures as host (index, n, mean, biased var), in bulk
+``host_captures``          a flush of captures on the host, in bulk: :class:`HostCaptures`
 ``to_host``                device values (targets) as NumPy
 ``read`` / ``write``       moving statistics out and in (the engine rolls back on failure)
 ``predictor``              a context giving outputs in mode E, P (given statistics) or T,
@@ -42,6 +42,40 @@ from ..stats import Convention
 #: channel, mean, biased variance), in whatever device form the adapter chooses;
 #: :meth:`Adapter.host_captures` turns a list of them into host values.
 Capture = tuple[int, Any, Any, Any]
+
+
+
+@dataclass(frozen=True)
+class HostCaptures:
+    """A flush of captures on the host, in call order, side by side (no per-capture objects).
+
+    Capture ``i`` is a call of layer ``index[i]`` with ``count[i]`` values per channel; its
+    ``channels[i]`` means and *biased* variances follow capture ``i - 1``'s in ``mean`` and
+    ``var`` (float64).
+    """
+
+    index: np.ndarray
+    count: np.ndarray
+    channels: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+    @classmethod
+    def from_list(cls, host: Sequence[tuple[int, Any, Any, Any]]) -> "HostCaptures":
+        """From host ``(index, n, mean, biased var)`` tuples."""
+        means = [np.asarray(m, dtype=np.float64).reshape(-1) for _, _, m, _ in host]
+        variances = [np.asarray(v, dtype=np.float64).reshape(-1) for _, _, _, v in host]
+        for (index, _, _, _), m, v in zip(host, means, variances):
+            if m.shape != v.shape:
+                raise ValueError(f"capture of layer {index}: {m.size} means but {v.size} variances.")
+        empty = np.zeros(0, dtype=np.float64)
+        return cls(
+            index=np.fromiter((h[0] for h in host), dtype=np.int64, count=len(host)),
+            count=np.fromiter((float(np.asarray(h[1]).reshape(())) for h in host), dtype=np.float64, count=len(host)),
+            channels=np.fromiter((m.size for m in means), dtype=np.int64, count=len(host)),
+            mean=np.concatenate(means) if means else empty, var=np.concatenate(variances) if variances else empty,
+        )
+
 
 #: Mode names, as in :mod:`evalgap.attribution`.
 MODES = ("T", "Td", "P", "E")
@@ -182,7 +216,7 @@ class Adapter(Protocol):
         self, model: Any, layers: Sequence[NormLayer], batch_statistics: Sequence[bool]
     ) -> ContextManager[Callable[[Batch], tuple[list[Capture], Any]]]: ...
 
-    def host_captures(self, captures: list[Capture]) -> list[tuple[int, int, np.ndarray, np.ndarray]]: ...
+    def host_captures(self, captures: list[Capture]) -> HostCaptures: ...
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]: ...
 

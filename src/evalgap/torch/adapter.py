@@ -60,7 +60,12 @@ class TorchAdapter:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         if not tensors:
             return [np.asarray(v) for v in values]
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).cpu().numpy()
+        # one concatenation on the device, one transfer; a model split over devices moves each tensor on its own
+        device = tensors[0].device if len({t.device for t in tensors}) == 1 else torch.device("cpu")
+        if len({t.dtype for t in tensors}) == 1:  # concatenate as they are, convert once
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
+        else:
+            flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]).cpu().numpy()
         out, offset = [], 0
         for v in values:
             if isinstance(v, torch.Tensor):
@@ -71,19 +76,27 @@ class TorchAdapter:
         return out
 
     def read(self, norm_layers: Sequence[NormLayer]):
-        out = []
-        for layer in norm_layers:
-            bn = layer.handle
-            lazy = bn.running_mean is None or is_lazy(bn.running_mean)
-            out.append(None if lazy else (bn.running_mean.detach().cpu().double().numpy(), bn.running_var.detach().cpu().double().numpy()))
-        return out
+        """Each layer's (running_mean, running_var) as float64 arrays (None if lazy): one transfer for all."""
+        bns = [layer.handle for layer in norm_layers]
+        lazy = [bn.running_mean is None or is_lazy(bn.running_mean) for bn in bns]
+        host = iter(self.to_host([t for bn, z in zip(bns, lazy) if not z for t in (bn.running_mean, bn.running_var)]))
+        return [None if z else (next(host), next(host)) for z in lazy]
 
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
+        """Copy float64 (mean, var) pairs into the running buffers: one host-to-device transfer per device."""
+        norm_layers = list(norm_layers)
+        if not norm_layers:
+            return
+        flat = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for pair in stats for v in pair])
+        on_device: dict[torch.device, torch.Tensor] = {}
+        offset = 0
         with torch.no_grad():
-            for layer, (mean, var) in zip(norm_layers, stats):
-                bn = layer.handle
-                bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
-                bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
+            for layer in norm_layers:
+                for buf in (layer.handle.running_mean, layer.handle.running_var):
+                    if buf.device not in on_device:
+                        on_device[buf.device] = torch.from_numpy(flat).to(buf.device)
+                    buf.copy_(on_device[buf.device][offset : offset + buf.numel()].view_as(buf))  # copy_ casts to buf's dtype
+                    offset += buf.numel()
 
     def predictor(self, model, mode, norm_layers=(), stats=()):
         return predict.predictor(model, mode, norm_layers, stats, forward=self.forward, device=self.device)

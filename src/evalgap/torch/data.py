@@ -9,6 +9,7 @@ tuple/list whose first element is the input (the second the target), or a dict.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Callable, Mapping
 
@@ -35,7 +36,7 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first materialized parameter or buffer (CPU if none)."""
     from torch.nn.parameter import is_lazy
 
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in itertools.chain(model.parameters(), model.buffers()):
         if not is_lazy(t):
             return t.device
     return torch.device("cpu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -24,7 +26,20 @@ def set_modes(model: nn.Module, training: bool, *, except_eval: set[int] = froze
     attached to those (``evalgap.torch.PreciseBN.attach``, a framework's) must not fire inside evalgap's
     passes. Modules whose ``id`` is in ``except_eval`` are set to eval mode."""
     for m in model.modules():
-        m.training = training and id(m) not in except_eval
+        set_training(m, training and id(m) not in except_eval)
+
+
+def set_modes_to(modes: Sequence[tuple[nn.Module, bool]]) -> None:
+    """Put back the ``training`` flags recorded as ``(module, flag)`` pairs (directly, as :func:`set_modes`)."""
+    for m, mode in modes:
+        set_training(m, mode)
+
+
+def set_training(m: nn.Module, mode: bool) -> None:
+    """``m.training = mode`` without calling ``train()`` (see :func:`set_modes`)."""
+    # a plain bool attribute: object.__setattr__ skips nn.Module.__setattr__'s parameter/buffer/module
+    # checks (a tenth of the cost, which adds up over every module of a large model, twice per pass)
+    object.__setattr__(m, "training", mode)
 
 
 def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
