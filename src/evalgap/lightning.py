@@ -27,7 +27,7 @@ from torch import nn
 from . import engine
 from .torch.adapter import TorchAdapter
 from .torch.api import recalibrate
-from .torch.layers import find_batchnorms, set_modes
+from .torch.layers import find_batchnorms, modes_kept, set_modes
 
 
 class _TrainingModes:
@@ -44,13 +44,9 @@ class _TrainingModes:
 
     @contextmanager
     def restored(self, module: nn.Module) -> Iterator[None]:
-        modes = {m: m.training for m in module.modules()}
-        try:
+        with modes_kept(module):
             set_modes(module, True, except_eval=self.frozen)
             yield
-        finally:
-            for m, was in modes.items():
-                m.training = was
 
 
 class PreciseBN(pl.Callback):

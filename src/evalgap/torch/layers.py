@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -29,10 +30,15 @@ def set_modes(model: nn.Module, training: bool, *, except_eval: set[int] = froze
         set_training(m, training and id(m) not in except_eval)
 
 
-def set_modes_to(modes: Sequence[tuple[nn.Module, bool]]) -> None:
-    """Put back the ``training`` flags recorded as ``(module, flag)`` pairs (directly, as :func:`set_modes`)."""
-    for m, mode in modes:
-        set_training(m, mode)
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module's ``training`` flag back on exit, normal or not (directly, as :func:`set_modes`)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            set_training(m, mode)
 
 
 def set_training(m: nn.Module, mode: bool) -> None:

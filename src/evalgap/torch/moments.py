@@ -29,7 +29,7 @@ from torch.nn.parameter import is_lazy
 
 from ..engine import Batch, HostCaptures, NormLayer
 from .data import Forward, call_model, to_device
-from .layers import set_modes, set_modes_to, set_training
+from .layers import modes_kept, set_modes, set_training
 
 _STATE = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -130,7 +130,12 @@ def moments_pass(
     ``local_sync``: SyncBatchNorm layers normalize by local batch statistics (no collective
     per batch; the engine combines processes once at the end).
     """
-    modes = [(m, m.training) for m in model.modules()]
+    with modes_kept(model), _pass(model, layers, batch_statistics, forward, device, local_sync) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _pass(model, layers, batch_statistics, forward, device, local_sync) -> Iterator[Any]:
     saved: list[tuple[_BatchNorm, tuple[Any, ...]]] = []
     captures: list = []
     handles = []
@@ -167,4 +172,3 @@ def moments_pass(
                 bn.__dict__["forward"] = own
         for bn, s in reversed(saved):
             _put_back(bn, s)
-        set_modes_to(modes)

@@ -23,7 +23,7 @@ from .._random import random_states_kept
 from ..engine import Batch, NormLayer
 from ..errors import EvalgapError
 from .data import Forward, call_model, to_device
-from .layers import is_frozen, set_modes
+from .layers import is_frozen, modes_kept, set_modes
 
 
 def _runner(model: nn.Module, forward: Forward | None, device: torch.device):
@@ -40,23 +40,21 @@ def predictor(
     forward: Forward | None, device: torch.device,
 ) -> Iterator[Any]:
     if mode in ("E", "P"):
-        modes = {m: m.training for m in model.modules()}
         saved = [(layer.handle.running_mean.detach().clone(), layer.handle.running_var.detach().clone()) for layer in layers]
-        try:
-            with torch.no_grad():
-                for layer, (mean, var) in zip(layers, stats):
-                    bn = layer.handle
-                    bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
-                    bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
-            set_modes(model, False)
-            yield _runner(model, forward, device)
-        finally:
-            with torch.no_grad():
-                for layer, (mean, var) in zip(layers, saved):
-                    layer.handle.running_mean.copy_(mean)
-                    layer.handle.running_var.copy_(var)
-            for m, was in modes.items():
-                m.training = was
+        with modes_kept(model):
+            try:
+                with torch.no_grad():
+                    for layer, (mean, var) in zip(layers, stats):
+                        bn = layer.handle
+                        bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
+                        bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
+                set_modes(model, False)
+                yield _runner(model, forward, device)
+            finally:
+                with torch.no_grad():
+                    for layer, (mean, var) in zip(layers, saved):
+                        layer.handle.running_mean.copy_(mean)
+                        layer.handle.running_var.copy_(var)
         return
     if mode != "T":
         raise EvalgapError(f"unknown mode {mode!r}: E, P or T.")
