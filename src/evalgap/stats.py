@@ -140,8 +140,9 @@ class ChannelMoments:
                 f"from_layer_batches needs counts (k, L), means and variances (k, sum of channels); got {n.shape}, {mu.shape}, "
                 f"{var.shape} for {len(channels)} layers of {sum(channels)} channels."
             )
-        if not np.all((n >= 0) & (n == np.floor(n))):
-            _check_count(n.reshape(-1)[np.flatnonzero(~((n >= 0) & (n == np.floor(n))).reshape(-1))[0]])
+        invalid = ~((n >= 0) & (n == np.floor(n)))
+        if invalid.any():
+            _check_count(n[invalid][0])  # raises, naming the first invalid count
         totals = n.sum(axis=0)
         w = np.repeat(n, channels, axis=1)
         per_channel = np.repeat(totals, channels)

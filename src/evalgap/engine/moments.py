@@ -84,9 +84,7 @@ class LayerMoments:
                 raise EvalgapError(f"{self.names[bad]} saw inputs with different numbers of channels in one pass: {seen}.")
             c = channels[:, 0]
             gather = np.repeat(starts[at].T, c, axis=1) + (np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c))  # (calls, sum c)
-            parts = ChannelMoments.from_layer_batches(caps.count[at].T, caps.mean[gather], caps.var[gather], c)
-            for index, part in zip(layers.tolist(), parts):
-                self.moments[index] = part if self.moments[index] is None else self.moments[index].merge(part)
+            self._merge(layers.tolist(), ChannelMoments.from_layer_batches(caps.count[at].T, caps.mean[gather], caps.var[gather], c))
 
     def _merge_regular(self, caps: HostCaptures) -> bool:
         """The common case: every batch called the same layers once each, in the same order. Then the
@@ -98,10 +96,13 @@ class LayerMoments:
         grid, channels = caps.index.reshape(k, -1), caps.channels.reshape(k, -1)
         if np.any(grid != grid[0]) or np.any(channels != channels[0]) or np.unique(grid[0]).size != grid.shape[1]:
             return False
-        parts = ChannelMoments.from_layer_batches(caps.count.reshape(k, -1), caps.mean.reshape(k, -1), caps.var.reshape(k, -1), channels[0])
-        for index, part in zip(grid[0].tolist(), parts):
-            self.moments[index] = part if self.moments[index] is None else self.moments[index].merge(part)
+        self._merge(grid[0].tolist(), ChannelMoments.from_layer_batches(
+            caps.count.reshape(k, -1), caps.mean.reshape(k, -1), caps.var.reshape(k, -1), channels[0]))
         return True
+
+    def _merge(self, indices: list[int], parts: list[ChannelMoments]) -> None:
+        for index, part in zip(indices, parts):
+            self.moments[index] = part if self.moments[index] is None else self.moments[index].merge(part)
 
     def order(self) -> list[int]:
         """Layer indices in forward order (first call), then the layers no data reached."""

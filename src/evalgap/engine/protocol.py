@@ -44,7 +44,6 @@ from ..stats import Convention
 Capture = tuple[int, Any, Any, Any]
 
 
-
 @dataclass(frozen=True)
 class HostCaptures:
     """A flush of captures on the host, in call order, side by side (no per-capture objects).

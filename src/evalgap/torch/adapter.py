@@ -60,12 +60,10 @@ class TorchAdapter:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         if not tensors:
             return [np.asarray(v) for v in values]
-        # one concatenation on the device, one transfer; a model split over devices moves each tensor on its own
-        device = tensors[0].device if len({t.device for t in tensors}) == 1 else torch.device("cpu")
-        if len({t.dtype for t in tensors}) == 1:  # concatenate as they are, convert once
+        if len({(t.device, t.dtype) for t in tensors}) == 1:  # one concatenation on the device, one transfer and conversion
             flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
-        else:
-            flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]).cpu().numpy()
+        else:  # mixed dtypes, or a model split over devices: each tensor moves on its own
+            flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors]).numpy()
         out, offset = [], 0
         for v in values:
             if isinstance(v, torch.Tensor):
