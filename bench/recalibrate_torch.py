@@ -2,7 +2,9 @@
 
 For each method, the time over the same K batches divided by the time of a training-mode
 forward pass (``model.train()`` under ``torch.no_grad()``) over those batches, measured
-side by side in this process, interleaved in a new random order each run, median of R runs. Methods: evalgap, fvcore's
+side by side in this process, interleaved in a new random order each run: the ratio of the medians
+of R runs, of the minimums, and the median of each run's own ratio (paired, which cancels the
+machine's drift between runs). Methods: evalgap, fvcore's
 ``update_bn_stats`` and ``torch.optim.swa_utils.update_bn`` (when installed).
 
     python bench/recalibrate_torch.py [--model resnet50|mobilenet_v2] [--batches 4] [--batch-size 16]
@@ -107,13 +109,17 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     setting = (f"{args.model}, {args.batches} batches of {args.batch_size}x3x{args.image_size}x{args.image_size}"
                f"{', channels-last' if args.channels_last else ''}{', autocast bf16' if args.autocast else ', fp32'}")
-    print(f"{setting}, device {device} ({where}, {torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.runs} runs")
-    print(f"{'method':36s} {'seconds':>9s} {'ratio':>7s}")
+    print(f"{setting}, device {device} ({where}, {torch.get_num_threads()} threads), torch {torch.__version__}, {args.runs} runs: "
+          "ratio of medians, of minimums, and the median of each run's own ratio (paired)")
+    print(f"{'method':36s} {'seconds':>9s} {'ratio':>7s} {'min':>8s} {'paired':>8s}")
     results = []
+    baseline = times["training-mode forward (baseline)"]
     for name, ts in times.items():
         med = statistics.median(ts)
-        results.append({"method": name, "seconds": med, "ratio": med / base})
-        print(f"{name:36s} {med:9.3f} {med / base:7.3f}x")
+        low = min(ts) / min(baseline)
+        paired = statistics.median(t / b for t, b in zip(ts, baseline))
+        results.append({"method": name, "seconds": med, "ratio": med / base, "ratio_min": low, "ratio_paired": paired})
+        print(f"{name:36s} {med:9.3f} {med / base:7.3f}x {low:7.3f}x {paired:7.3f}x")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"framework": "torch", "setting": setting, "device": where, "torch": torch.__version__, "runs": args.runs,

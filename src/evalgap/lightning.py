@@ -27,7 +27,7 @@ from torch import nn
 from . import engine
 from .torch.adapter import TorchAdapter
 from .torch.api import recalibrate
-from .torch.layers import find_batchnorms, modes_kept, set_modes
+from .torch.layers import find_batchnorms, modes_kept
 
 
 class _TrainingModes:
@@ -44,8 +44,7 @@ class _TrainingModes:
 
     @contextmanager
     def restored(self, module: nn.Module) -> Iterator[None]:
-        with modes_kept(module):
-            set_modes(module, True, except_eval=self.frozen)
+        with modes_kept(module, True, except_eval=self.frozen):
             yield
 
 

@@ -285,3 +285,119 @@ def test_every_layer_frozen_changes_nothing_and_says_so():
     assert state_snapshot(net) == before
     assert {layer.status for layer in result.layers} == {"frozen"} and not result.recalibrated
     assert any("include_frozen=True" in n for n in result.notes)
+
+
+def test_calls_of_different_sizes_and_counts_per_batch_pool_exactly():
+    """A layer called three times per batch on inputs of different sizes, one called once or twice
+    depending on the data, and a frozen one in between: each layer's statistics are those of every
+    input it saw, pooled (float64 NumPy reference)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.f, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            out = self.a(x) + self.f(x)
+            out = out + self.a(2 * x + 1).sum() + self.a(x[:3] - 4).sum()
+            if x[0, 0] > 0:
+                out = out + self.b(3 * x).sum()
+            return out + self.b(x[:5] * 0.5).sum()
+
+    torch.manual_seed(0)
+    net = Net().train()
+    net.f.eval()  # frozen
+    data = [torch.randn(8, 3) * 2 + 1 for _ in range(6)]
+    data[0][0, 0], data[1][0, 0] = 1.0, -1.0  # both branches taken
+    r = eg.recalibrate(net, data, progress=False)
+    seen_a = np.concatenate([np.concatenate([x, 2 * x + 1, x[:3] - 4]) for x in (d.double().numpy() for d in data)])
+    seen_b = np.concatenate([np.concatenate(([3 * x] if x[0, 0] > 0 else []) + [x[:5] * 0.5]) for x in (d.double().numpy() for d in data)])
+    np.testing.assert_allclose(net.a.running_mean.double().numpy(), seen_a.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.a.running_var.double().numpy(), seen_a.var(0), rtol=1e-5)
+    np.testing.assert_allclose(net.b.running_mean.double().numpy(), seen_b.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.b.running_var.double().numpy(), seen_b.var(0), rtol=1e-5)
+    assert r["a"].calls == 18 and r["a"].calls_per_batch == 3 and r["b"].calls_per_batch == 2
+    assert r["f"].status == "frozen"
+    np.testing.assert_allclose(r["f"].var_after, np.concatenate([d.double().numpy() for d in data]).var(0), rtol=1e-5)
+    assert [layer.name for layer in r.layers] == ["a", "f", "b"]
+
+
+def test_many_batches_of_a_plain_stack_take_the_gather_free_path_exactly(monkeypatch):
+    """40 batches (past one 32-batch flush) of a model whose layers each run once per batch, in
+    order: the snapshots are merged as they lie, and the statistics are the float64 reference."""
+    from evalgap.torch import moments
+
+    taken = []
+    whole = moments._whole_snapshots
+    monkeypatch.setattr(moments, "_whole_snapshots", lambda *a: taken.append(whole(*a) is not None) or whole(*a))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3), nn.BatchNorm1d(3)).train()
+    data = [torch.randn(8, 5) * 4 + 3 for _ in range(40)]
+    ref = reference_population_stats(net, data)
+    eg.recalibrate(net, data, progress=False)
+    assert taken == [True, True]  # two flushes, both without a gather
+    for name in ("1", "4"):
+        assert_stats_close(net[int(name)], ref[name])
+
+
+def test_layers_of_different_dtypes_keep_separate_blocks():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3).double()
+
+        def forward(self, x):
+            return self.a(x).sum() + self.b(x.double() * 2 - 1).sum()
+
+    torch.manual_seed(0)
+    net = Net().train()
+    data = [torch.randn(8, 3) * 3 + 5 for _ in range(35)]
+    eg.recalibrate(net, data, progress=False)
+    x = torch.cat(data).double().numpy()
+    np.testing.assert_allclose(net.a.running_var.double().numpy(), x.var(0), rtol=1e-5)
+    np.testing.assert_allclose(net.b.running_mean.numpy(), (2 * x - 1).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(net.b.running_var.numpy(), (2 * x - 1).var(0), rtol=1e-12)  # float64 all the way
+    assert net.b.running_var.dtype == torch.float64
+
+
+def test_a_subclass_that_replaces_its_buffers_is_still_measured():
+    class Replacing(nn.BatchNorm1d):
+        """Updates the running statistics out of place (new tensors), as some custom layers do."""
+
+        def forward(self, x):
+            if not self.training:
+                return super().forward(x)
+            m, v = x.mean(0), x.var(0, unbiased=True)
+            self.running_mean = (1 - self.momentum) * self.running_mean + self.momentum * m
+            self.running_var = (1 - self.momentum) * self.running_var + self.momentum * v
+            return (x - m) / torch.sqrt(x.var(0, unbiased=False) + self.eps)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Replacing(3)).train()
+    data = [torch.randn(8, 3) * 2 + 4 for _ in range(5)]
+    eg.recalibrate(net, data, progress=False)
+    x = torch.cat(data).double().numpy()
+    np.testing.assert_allclose(net[0].running_mean.double().numpy(), x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(net[0].running_var.double().numpy(), x.var(0), rtol=1e-5)
+
+
+def test_a_call_that_raises_inside_the_model_leaves_no_record():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            try:
+                self.bn(x[:1])  # one value per channel: BatchNorm raises, the model carries on
+            except ValueError:
+                pass
+            return self.bn(x)
+
+    torch.manual_seed(0)
+    net = Net().train()
+    data = [torch.randn(8, 3) + 2 for _ in range(4)]
+    r = eg.recalibrate(net, data, progress=False)
+    x = torch.cat(data).double().numpy()
+    np.testing.assert_allclose(net.bn.running_var.double().numpy(), x.var(0), rtol=1e-5)
+    assert r["bn"].calls == 4

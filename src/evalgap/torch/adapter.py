@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import numpy as np
@@ -58,12 +59,7 @@ class TorchAdapter:
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        if not tensors:
-            return [np.asarray(v) for v in values]
-        if len({(t.device, t.dtype) for t in tensors}) == 1:  # one concatenation on the device, one transfer and conversion
-            flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
-        else:  # mixed dtypes, or a model split over devices: each tensor moves on its own
-            flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors]).numpy()
+        flat = moments.flat_to_host(tensors)
         out, offset = [], 0
         for v in values:
             if isinstance(v, torch.Tensor):
@@ -81,20 +77,21 @@ class TorchAdapter:
         return [None if z else (next(host), next(host)) for z in lazy]
 
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
-        """Copy float64 (mean, var) pairs into the running buffers: one host-to-device transfer per device."""
-        norm_layers = list(norm_layers)
-        if not norm_layers:
+        """Copy float64 (mean, var) pairs into the running buffers: one host-to-device transfer per device,
+        one (foreach) copy, cast to each buffer's dtype."""
+        buffers = [buf for layer in norm_layers for buf in (layer.handle.running_mean, layer.handle.running_var)]
+        if not buffers:
             return
         flat = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for pair in stats for v in pair])
-        on_device: dict[torch.device, torch.Tensor] = {}
-        offset = 0
+        host = torch.from_numpy(flat)
+        on_device = {device: host.to(device) for device in {buf.device for buf in buffers}}
+        sizes = [buf.numel() for buf in buffers]
+        if len(on_device) == 1:
+            sources = [part.view(buf.shape) for buf, part in zip(buffers, on_device[buffers[0].device].split(sizes))]
+        else:
+            sources = [on_device[buf.device][a : a + n].view(buf.shape) for buf, a, n in zip(buffers, itertools.accumulate(sizes, initial=0), sizes)]
         with torch.no_grad():
-            for layer in norm_layers:
-                for buf in (layer.handle.running_mean, layer.handle.running_var):
-                    if buf.device not in on_device:
-                        on_device[buf.device] = torch.from_numpy(flat).to(buf.device)
-                    buf.copy_(on_device[buf.device][offset : offset + buf.numel()].view_as(buf))  # copy_ casts to buf's dtype
-                    offset += buf.numel()
+            torch._foreach_copy_(buffers, sources)
 
     def predictor(self, model, mode, norm_layers=(), stats=()):
         return predict.predictor(model, mode, norm_layers, stats, forward=self.forward, device=self.device)

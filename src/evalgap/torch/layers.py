@@ -26,19 +26,40 @@ def set_modes(model: nn.Module, training: bool, *, except_eval: set[int] = froze
     """Set every module's ``training`` flag directly, without calling ``train()``/``eval()``: a hook the user
     attached to those (``evalgap.torch.PreciseBN.attach``, a framework's) must not fire inside evalgap's
     passes. Modules whose ``id`` is in ``except_eval`` are set to eval mode."""
-    for m in model.modules():
+    for m in all_modules(model):
         set_training(m, training and id(m) not in except_eval)
 
 
 @contextlib.contextmanager
-def modes_kept(model: nn.Module) -> Iterator[None]:
-    """Put every module's ``training`` flag back on exit, normal or not (directly, as :func:`set_modes`)."""
-    modes = [(m, m.training) for m in model.modules()]
+def modes_kept(model: nn.Module, training: bool | None = None, *, except_eval: set[int] = frozenset()) -> Iterator[None]:
+    """Put every module's ``training`` flag back on exit, normal or not (directly, as :func:`set_modes`).
+
+    With ``training`` given, the modes are also set on entry as :func:`set_modes` sets them, in the
+    same walk over the modules."""
+    modes = [(m, m.training) for m in all_modules(model)]
     try:
+        if training is not None:
+            for m, _ in modes:
+                set_training(m, training and id(m) not in except_eval)
         yield
     finally:
         for m, mode in modes:
             set_training(m, mode)
+
+
+def all_modules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())``, in the same order, without building every module's name."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return out
 
 
 def set_training(m: nn.Module, mode: bool) -> None:

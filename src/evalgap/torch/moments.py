@@ -4,22 +4,31 @@ During the pass the model is in eval mode (dropout off); each layer that normali
 statistics is in training mode with ``momentum = 1.0`` and fresh scratch buffers in place of
 its ``running_mean`` / ``running_var`` / ``num_batches_tracked`` (views of one zeroed block), so
 after a call the scratch holds exactly that call's mean and Bessel-corrected variance,
-computed by the BN kernel that reads the activations anyway. A forward hook copies them (one
-(2, C) tensor, left on the device; :func:`host_captures` moves a whole flush of them in one
-transfer and converts the variance to the biased one with ``(n - 1) / n`` in float64). Frozen
-layers stay in eval mode; a pre-hook measures their input's moments with ``torch.var_mean``.
+computed by the BN kernel that reads the activations anyway. Each layer's ``forward`` is
+wrapped for the pass (an instance attribute, put back on exit; no hooks, whose dispatch
+costs more than the wrapper): it notes the call (layer, values per channel), and after the
+batch one ``clone`` of the scratch block keeps every layer's moments, left on the device. A
+layer called again within a batch has its earlier call's moments copied (one ``(2, C)``
+stack) before the kernel overwrites them, and a layer that replaces its buffers instead of
+updating them in place (a subclass) has what it holds copied after the call.
+:func:`host_captures` moves a whole flush in one transfer per device and converts the
+variance to the biased one with ``(n - 1) / n`` in float64. Lazy layers not yet materialized
+use their own buffers, copied after each call. Frozen layers stay in eval mode; their
+wrapper measures the input's moments with ``torch.var_mean``.
 
-Side effects during the pass: the layers' buffer entries, ``momentum`` and every module's
-mode. The model's own buffer tensors are never written (the scratch stands in for them), and
-on exit, normal or not, the same tensor objects, ``momentum`` values and modes are put back.
-Lazy layers not yet materialized keep what their first call materializes.
+Side effects during the pass: the layers' buffer entries, ``momentum``, ``forward`` and every
+module's mode. The model's own buffer tensors are never written (the scratch stands in for
+them), and on exit, normal or not, the same tensor objects, ``momentum`` values, ``forward``
+attributes and modes are put back. Lazy layers not yet materialized are the exception: their
+first call materializes their own buffers, which then hold the pass's last call.
 """
 
 from __future__ import annotations
 
 import contextlib
-import types
-from typing import Any, Iterator, Sequence
+import functools
+import itertools
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,28 +38,68 @@ from torch.nn.parameter import is_lazy
 
 from ..engine import Batch, HostCaptures, NormLayer
 from .data import Forward, call_model, to_device
-from .layers import modes_kept, set_modes, set_training
+from .layers import modes_kept, set_training
 
 _STATE = ("running_mean", "running_var", "num_batches_tracked")
 
 
-class _Scratch:
-    """Zeroed stand-ins for the running buffers of a pass: one allocation per (device, dtype), split into views."""
+class _Layout:
+    """Where the layers of one scratch block keep their moments: all means, then all variances.
 
-    def __init__(self, bns: Sequence[_BatchNorm]):
-        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for bn in bns:
-            if not is_lazy(bn.running_mean):
-                for t in (bn.running_mean, bn.running_var):
-                    groups.setdefault((t.device, t.dtype), []).append(t)
-        self.views: dict[int, torch.Tensor] = {}
-        for (device, dtype), ts in groups.items():
-            parts = torch.zeros(sum(t.numel() for t in ts), device=device, dtype=dtype).split([t.numel() for t in ts])
-            self.views.update((id(t), part if t.dim() == 1 else part.view(t.shape)) for t, part in zip(ts, parts))
+    ``slots[index] = (mean offset, variance offset, channels)``; ``order`` the layer indices in
+    block order, ``channels`` theirs, ``half`` the number of means."""
+
+    def __init__(self, indices: Sequence[int], sizes: Sequence[int]):
+        self.order = np.asarray(indices, dtype=np.int64)
+        self.channels = np.asarray(sizes, dtype=np.int64)
+        self.half = half = sum(sizes)
+        starts = itertools.accumulate(sizes, initial=0)
+        self.slots = {i: (a, half + a, c) for i, a, c in zip(indices, starts, sizes)}
+
+
+class _Snapshot:
+    """One batch's copy of a scratch block: the moments of each slot layer's last call of that batch."""
+
+    __slots__ = ("block", "layout", "single")
+
+    def __init__(self, block: torch.Tensor, layout: _Layout, single: bool):
+        self.block, self.layout, self.single = block, layout, single
+
+
+class _Scratch:
+    """Zeroed stand-ins for the running buffers of a pass: one block per (device, dtype), split into views.
+
+    A layer's mean and variance are views of its block (:class:`_Layout`), so one ``clone`` of the
+    blocks after a batch keeps every layer's last call of that batch."""
+
+    def __init__(self, bns: Sequence[tuple[int, _BatchNorm]]):
+        groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, _BatchNorm]]] = {}
+        for index, bn in bns:
+            mean, var = bn._buffers.get("running_mean"), bn._buffers.get("running_var")
+            if not is_lazy(mean) and (var.device, var.dtype, var.shape) == (mean.device, mean.dtype, mean.shape):
+                groups.setdefault((mean.device, mean.dtype), []).append((index, bn))
+        self.blocks: list[torch.Tensor] = []
+        self.layouts: list[_Layout] = []
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(bn) -> (mean, var)
+        self.group: dict[int, int] = {}  # layer index -> block
+        for g, ((device, dtype), members) in enumerate(groups.items()):
+            sizes = [bn._buffers["running_mean"].numel() for _, bn in members]
+            block = torch.zeros(2 * sum(sizes), device=device, dtype=dtype)
+            parts = block.split(sizes + sizes)
+            for k, (index, bn) in enumerate(members):
+                mean, var = parts[k], parts[len(members) + k]
+                shape = bn._buffers["running_mean"].shape
+                if len(shape) != 1:  # BN buffers are (C,); a subclass's may not be
+                    mean, var = mean.view(shape), var.view(shape)
+                self.views[id(bn)] = (mean, var)
+                self.group[index] = g
+            self.blocks.append(block)
+            self.layouts.append(_Layout([index for index, _ in members], sizes))
         self.counters: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def like(self, t: torch.Tensor) -> torch.Tensor:
-        return self.views[id(t)]
+    def snapshots(self) -> list[_Snapshot]:
+        single = len(self.blocks) == 1
+        return [_Snapshot(block.clone(), layout, single) for block, layout in zip(self.blocks, self.layouts)]
 
     def counter(self, t: torch.Tensor) -> torch.Tensor:
         """One counter every layer adds its calls to (the count is thrown away)."""
@@ -65,14 +114,16 @@ def _swap_in_scratch(bn: _BatchNorm, scratch: _Scratch) -> tuple[Any, ...]:
 
     The buffer dict is written directly (as ``torch.func.functional_call`` swaps tensors): no
     copy of the user's tensors is made, and none of them is written. The scratch starts at
-    zero: momentum 1.0 still reads the old value (``0 * stale inf = nan``)."""
-    saved = (*(bn._buffers.get(k) for k in _STATE), bn.momentum)
+    zero: momentum 1.0 still reads the old value (``0 * stale inf = nan``). A layer without a
+    slot (lazy, or odd buffers) keeps its own: a lazy one materializes them (in place) on its first call."""
+    buffers = bn._buffers
+    saved = (*(buffers.get(k) for k in _STATE), bn.momentum)
     object.__setattr__(bn, "momentum", 1.0)  # a plain float attribute; skip nn.Module.__setattr__'s checks
-    if not is_lazy(bn.running_mean):  # a lazy layer materializes (in place) its own on the first call
-        bn._buffers["running_mean"] = scratch.like(bn.running_mean)
-        bn._buffers["running_var"] = scratch.like(bn.running_var)
-    if bn._buffers.get("num_batches_tracked") is not None:
-        bn._buffers["num_batches_tracked"] = scratch.counter(bn.num_batches_tracked)
+    views = scratch.views.get(id(bn))
+    if views is not None:
+        buffers["running_mean"], buffers["running_var"] = views
+    if buffers.get("num_batches_tracked") is not None:
+        buffers["num_batches_tracked"] = scratch.counter(buffers["num_batches_tracked"])
     return saved
 
 
@@ -84,40 +135,145 @@ def _put_back(bn: _BatchNorm, saved: tuple[Any, ...]) -> None:
             bn._buffers[key] = value
 
 
-def _batch_hook(index: int, captures: list):
-    def hook(module, inputs, output):
-        x = inputs[0]
+class _Calls:
+    """One batch's BN calls in call order: ``[index, n, value, unbiased?]``, ``value`` None while the
+    layer's moments are only in its scratch slot."""
+
+    def __init__(self) -> None:
+        self.records: list[list[Any]] = []
+        self.latest: dict[int, int] = {}  # layer index -> its record still held by the scratch
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.latest.clear()
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: _Calls) -> Callable:
+    """Note the call; its moments stay in the scratch slot (``mean``, ``var``) until the batch ends."""
+    records, latest = calls.records, calls.latest
+    buffers = bn._buffers
+    where = (mean.data_ptr(), var.data_ptr())
+
+    def forward(*args, **kwargs):
+        x = _input_of(args, kwargs)
+        at = latest.get(index)
+        if at is not None:  # the slot holds this layer's earlier call of the batch, which the kernel is about to overwrite
+            records[at][2] = torch.stack((mean, var))
+            del latest[index]
+        out = call(*args, **kwargs)  # a call that raises leaves no record
+        n = x.numel() // x.shape[1]
+        if buffers["running_mean"] is mean and buffers["running_var"] is var and (mean.data_ptr(), var.data_ptr()) == where:
+            latest[index] = len(records)
+            records.append([index, n, None, True])
+        else:  # a subclass that replaced its buffers instead of updating them in place: copy what it holds now
+            records.append([index, n, torch.stack((buffers["running_mean"], buffers["running_var"])), True])
+        return out
+
+    return forward
+
+
+def _own_buffers_forward(index: int, call: Callable, bn: _BatchNorm, calls: _Calls) -> Callable:
+    """A layer without a slot (lazy): copy its own buffers after each call."""
+
+    def forward(*args, **kwargs):
+        x = _input_of(args, kwargs)
+        out = call(*args, **kwargs)
         # momentum 1.0: the buffers hold this call's mean and unbiased variance (made biased on the host)
-        captures.append((index, x.numel() // x.shape[1], torch.stack((module.running_mean, module.running_var)), True))
+        calls.records.append([index, x.numel() // x.shape[1], torch.stack((bn.running_mean, bn.running_var)), True])
+        return out
 
-    return hook
+    return forward
 
 
-def _input_hook(index: int, captures: list):
-    def hook(module, inputs):
-        x = inputs[0]
+def _observing_forward(index: int, call: Callable, calls: _Calls) -> Callable:
+    """A frozen layer: measure its input's moments, then run it as it is (eval mode)."""
+
+    def forward(*args, **kwargs):
+        x = _input_of(args, kwargs)
         var, mean = torch.var_mean(x.detach().float(), dim=[d for d in range(x.dim()) if d != 1], correction=0)
-        captures.append((index, x.numel() // x.shape[1], torch.stack((mean, var)), False))
+        calls.records.append([index, x.numel() // x.shape[1], torch.stack((mean, var)), False])
+        return call(*args, **kwargs)
 
-    return hook
+    return forward
+
+
+def flat_to_host(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """The tensors' values, flattened and concatenated, as one float64 NumPy array: one concatenation
+    on the device and one transfer when they share a device (mixed dtypes are cast on the device to
+    float64 if any is float64, else float32, which holds float16 and bfloat16 exactly), else one
+    transfer each."""
+    if not tensors:
+        return np.zeros(0)
+    if len({t.device for t in tensors}) == 1:
+        dtypes = {t.dtype for t in tensors}
+        common = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
+        return torch.cat([t.detach().reshape(-1).to(common) for t in tensors]).to("cpu", torch.float64).numpy()
+    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors]).numpy()
 
 
 def host_captures(captures: list) -> HostCaptures:
-    """Captures ``(index, n, (2, C) device tensor of mean and variance, unbiased?)`` on the host:
-    one concatenation and one transfer for all of them; the unbiased variances are multiplied
-    by ``(n - 1) / n`` in float64, all at once."""
+    """Captures ``(index, n, value, unbiased?)`` on the host, ``value`` a ``(2, C)`` device tensor of mean
+    and variance or a :class:`_Snapshot` holding the layer's slot: every tensor moves in one transfer, and
+    the unbiased variances are multiplied by ``(n - 1) / n`` in float64.
+
+    When every batch of the flush called each layer of one block once, in block order (the usual
+    case), the snapshots stacked are the means and variances in call order as they lie: no gather."""
     m = len(captures)
-    pairs = [pair for _, _, pair, _ in captures]
-    dtype = pairs[0].dtype if m and all(p.dtype == pairs[0].dtype for p in pairs) else torch.float32
-    flat = torch.cat([p if p.dtype == dtype else p.to(dtype) for p in pairs], dim=1).to("cpu", torch.float64).numpy() if m else np.zeros((2, 0))
-    count = np.fromiter((n for _, n, _, _ in captures), dtype=np.float64, count=m)
-    channels = np.fromiter((p.shape[1] for p in pairs), dtype=np.int64, count=m)
-    unbiased = np.fromiter((u for *_, u in captures), dtype=bool, count=m)
+    index = np.fromiter((c[0] for c in captures), dtype=np.int64, count=m)
+    count = np.fromiter((c[1] for c in captures), dtype=np.float64, count=m)
+    unbiased = np.fromiter((c[3] for c in captures), dtype=bool, count=m)
+    values = [c[2] for c in captures]
+    whole = _whole_snapshots(index, values)
+    if whole is not None:
+        mean, var, channels = whole
+    else:
+        mean, var, channels = _gathered(index, values)
     bessel = np.where(unbiased, (count - 1) / np.where(count > 0, count, 1), 1.0)
-    return HostCaptures(
-        index=np.fromiter((i for i, *_ in captures), dtype=np.int64, count=m), count=count, channels=channels,
-        mean=flat[0], var=flat[1] * np.repeat(bessel, channels),
-    )
+    return HostCaptures(index=index, count=count, channels=channels, mean=mean, var=var * np.repeat(bessel, channels))
+
+
+def _whole_snapshots(index: np.ndarray, values: list) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    if not values or not all(type(v) is _Snapshot for v in values) or not values[0].single:
+        return None
+    layout = values[0].layout
+    width = layout.order.size
+    if index.size % width or np.any(index.reshape(-1, width) != layout.order):
+        return None
+    rows = range(0, len(values), width)
+    if any(values[r] is not values[r + width - 1] for r in rows):  # a row of calls spans two batches
+        return None
+    host = torch.stack([values[r].block for r in rows]).to("cpu", torch.float64).numpy()
+    return host[:, : layout.half].reshape(-1), host[:, layout.half :].reshape(-1), np.tile(layout.channels, len(rows))
+
+
+def _gathered(index: np.ndarray, values: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Any mix of pairs and snapshots: each tensor moves once, each capture's values are gathered."""
+    m = len(values)
+    sources: list[torch.Tensor] = []
+    base: dict[int, int] = {}
+    size = 0
+    starts = np.empty((2, m), dtype=np.int64)
+    channels = np.empty(m, dtype=np.int64)
+    for k, (i, value) in enumerate(zip(index.tolist(), values)):
+        if type(value) is _Snapshot:
+            t = value.block
+            mean_at, var_at, c = value.layout.slots[i]
+        else:
+            t, c = value, value.shape[1]
+            mean_at, var_at = 0, c
+        b = base.get(id(t))
+        if b is None:
+            b = base[id(t)] = size
+            sources.append(t)
+            size += t.numel()
+        starts[0, k], starts[1, k], channels[k] = b + mean_at, b + var_at, c
+    flat = flat_to_host(sources)
+    within = np.arange(int(channels.sum())) - np.repeat(np.cumsum(channels) - channels, channels)
+    return flat[np.repeat(starts[0], channels) + within], flat[np.repeat(starts[1], channels) + within], channels
 
 
 @contextlib.contextmanager
@@ -130,43 +286,48 @@ def moments_pass(
     ``local_sync``: SyncBatchNorm layers normalize by local batch statistics (no collective
     per batch; the engine combines processes once at the end).
     """
-    with modes_kept(model), _pass(model, layers, batch_statistics, forward, device, local_sync) as run:
+    with modes_kept(model, False), _pass(model, layers, batch_statistics, forward, device, local_sync) as run:
         yield run
 
 
 @contextlib.contextmanager
 def _pass(model, layers, batch_statistics, forward, device, local_sync) -> Iterator[Any]:
     saved: list[tuple[_BatchNorm, tuple[Any, ...]]] = []
-    captures: list = []
-    handles = []
-    patched = []
+    calls = _Calls()
+    patched: list[tuple[_BatchNorm, Any]] = []
     try:
-        set_modes(model, False)
         with torch.no_grad():
-            scratch = _Scratch([layer.handle for layer, on_batch in zip(layers, batch_statistics) if on_batch])
+            scratch = _Scratch([(i, layer.handle) for i, (layer, on_batch) in enumerate(zip(layers, batch_statistics)) if on_batch])
             for index, (layer, on_batch) in enumerate(zip(layers, batch_statistics)):
                 bn = layer.handle
+                own = bn.__dict__.get("forward")  # a user's instance-level forward, put back on exit
+                if local_sync and on_batch and isinstance(bn, nn.SyncBatchNorm):
+                    call = functools.partial(_BatchNorm.forward, bn)  # local batch statistics, no collective per batch
+                else:
+                    call = own if own is not None else functools.partial(type(bn).forward, bn)
                 if on_batch:
                     set_training(bn, True)
                     saved.append((bn, _swap_in_scratch(bn, scratch)))
-                    handles.append(bn.register_forward_hook(_batch_hook(index, captures)))
-                    if local_sync and isinstance(bn, nn.SyncBatchNorm):
-                        patched.append((bn, bn.__dict__.get("forward")))
-                        bn.forward = types.MethodType(_BatchNorm.forward, bn)
+                    if index in scratch.group:
+                        wrapper = _slot_forward(index, call, bn, *scratch.views[id(bn)], calls)
+                    else:
+                        wrapper = _own_buffers_forward(index, call, bn, calls)
                 else:
-                    handles.append(bn.register_forward_pre_hook(_input_hook(index, captures)))
+                    wrapper = _observing_forward(index, call, calls)
+                patched.append((bn, own))
+                bn.__dict__["forward"] = wrapper  # an instance attribute: no hook machinery on each call
 
         def run(batch: Batch):
-            captures.clear()
+            calls.clear()
             with torch.no_grad():
                 output = call_model(model, to_device(batch.raw, device), forward)
-            return list(captures), output
+                snapshots = scratch.snapshots() if calls.latest else []
+            group = scratch.group  # value None: the layer's last call of the batch, its moments in the snapshot
+            return [(i, n, snapshots[group[i]] if v is None else v, u) for i, n, v, u in calls.records], output
 
         yield run
     finally:
-        for h in handles:
-            h.remove()
-        for bn, own in patched:  # only what was patched: a user's own instance-level forward stays
+        for bn, own in patched:
             bn.__dict__.pop("forward", None)
             if own is not None:
                 bn.__dict__["forward"] = own

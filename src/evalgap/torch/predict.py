@@ -41,14 +41,13 @@ def predictor(
 ) -> Iterator[Any]:
     if mode in ("E", "P"):
         saved = [(layer.handle.running_mean.detach().clone(), layer.handle.running_var.detach().clone()) for layer in layers]
-        with modes_kept(model):
+        with modes_kept(model, False):
             try:
                 with torch.no_grad():
                     for layer, (mean, var) in zip(layers, stats):
                         bn = layer.handle
                         bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
                         bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
-                set_modes(model, False)
                 yield _runner(model, forward, device)
             finally:
                 with torch.no_grad():
