@@ -49,7 +49,7 @@ else
   TORCH=(--batches 8 --batch-size 64 --image-size 224)
   KERAS=(--batches 8 --batch-size 64 --image-size 224); FLAX=(--batches 8 --batch-size 64 --image-size 224)
   FIT_EPOCHS=3; T_JOB=240; T_FIT=120; T_BENCH=60
-  VARIANTS=seed,precise-bn,momentum0.9; SETTINGS=none,default
+  VARIANTS=seed,precise-bn,momentum0.9; SETTINGS=none,seed
 fi
 
 step() {  # step NAME TIMEOUT COMMAND...: run, log, never stop the script
@@ -65,7 +65,7 @@ step() {  # step NAME TIMEOUT COMMAND...: run, log, never stop the script
 
 step environment 60 "$PY" bench/gpu_summary.py --environment "$WORK/environment.json"
 step seed-job "$T_JOB" env KERAS_BACKEND="$BACKEND" "$PY" -m evalgap reproduce --data "$DATA" --image-size "$IMG" "${LIMIT[@]}" \
-  --epochs "$EPOCHS" --variants "$VARIANTS" --out "$WORK/reproduce"
+  --epochs "$EPOCHS" --variants "$VARIANTS" --precise-every 1 --out "$WORK/reproduce"
 step fit-vs-reproduce "$T_FIT" env KERAS_BACKEND="$BACKEND" "$PY" bench/reproduce_keras.py --data "$DATA" --image-size "$IMG" "${LIMIT[@]}" \
   --epochs "$FIT_EPOCHS" --settings "$SETTINGS" --json "$WORK/fit_vs_reproduce.json"
 for setting in "resnet50 fp32::" "resnet50 channels-last:--channels-last:" "resnet50 bf16:--autocast bf16:" \

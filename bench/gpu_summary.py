@@ -82,8 +82,10 @@ def collect(work: Path, out: Path) -> int:
     if fit:
         results["fit_vs_reproduce"] = fit
         md += [f"## Plain model.fit vs evalgap reproduce ({device}; {fit['framework']}; {fit['setting']})", "",
-               "| run | epoch s | images/s | ratio |", "|---|---:|---:|---:|"]
-        md += [f"| {r['run']} | {r['epoch_seconds']:.2f} | {r['images_per_second']:.0f} | {r['ratio']:.3f}x |" for r in fit["results"]]
+               "| run | epoch s | images/s | ratio | one measurement s | ratio projected to the 50-epoch job |", "|---|---:|---:|---:|---:|---:|"]
+        md += [f"| {r['run']} | {r['epoch_seconds']:.2f} | {r['images_per_second']:.0f} | {r['ratio']:.3f}x | "
+               + (f"{r['measurement_seconds']:.2f} | {r['projected_ratio']:.3f}x ({r['projected_measurements']} of {r['projected_epochs']}) |"
+                  if "projected_ratio" in r else "- | - |") for r in fit["results"]]
         md.append("")
 
     rows = []

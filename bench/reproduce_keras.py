@@ -1,13 +1,17 @@
 """The seed's job (`evalgap reproduce`, variant `seed`) against a plain model.fit, side by side.
 
 One Keras backend per process (KERAS_BACKEND). Same ResNet50(weights=None), same uint8 arrays,
-same batch size; prints the median epoch time of each (after the first, compiling epoch), its
-images per second (training images / epoch time) and the ratio to plain fit, without the
-precise_val_* side measurement, with it at the default (statistics of all the images), with
-its statistics from a sample of 768 images, and every second epoch.
+same batch size. Per run: the mean epoch time after the first (compiling) epoch, its images per
+second (training images / epoch time) and the ratio to plain fit (the whole run's cost), for
+reproduce without the precise_val_* side measurement, at the default schedule (after epochs 1-7,
+10, 20, 50 and the last), every epoch, every epoch with statistics from 768 images, and every
+second epoch. Whole runs follow each other, so the machine's drift between them shows in their
+ratios; each run also times its own measurements inside their epochs (``precise_seconds``), which
+gives, paired within the run, the cost of one measurement and the ratio it projects for a
+``--project``-epoch job on each schedule (a CPU bench runs far fewer epochs than the job's 50).
 
     KERAS_BACKEND=tensorflow python bench/reproduce_keras.py [--images 768] [--image-size 64] [--epochs 4]
-        [--data DIR] [--limit-per-class N] [--json FILE]
+        [--data DIR] [--limit-per-class N] [--settings none,seed,every1,sample768,every2] [--project 50] [--json FILE]
 
 ``--data`` reads real images (UC Merced folder or zip) instead of random ones.
 """
@@ -22,7 +26,7 @@ import time
 import keras
 import numpy as np
 
-from evalgap.seed.common import DEFAULT_PRECISE_SAMPLES
+from evalgap.seed.common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE, precise_epochs
 from evalgap.seed.reproduce import VARIANTS, build_model, run_variant
 
 
@@ -33,8 +37,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--data", default=None, help="a UC Merced folder or zip instead of random images")
     p.add_argument("--limit-per-class", type=int, default=None)
-    p.add_argument("--settings", default="none,default,sample768,every2",
-                   help="which reproduce settings to time: none (precise-every 0), default, sample768 (precise-samples 768), every2")
+    p.add_argument("--settings", default="none,seed,every1,sample768,every2",
+                   help="reproduce settings to time: none (precise-every 0), seed (the default schedule), every1, "
+                        "sample768 (every epoch, precise-samples 768), every2; 'default' is an alias of seed")
+    p.add_argument("--project", type=int, default=50, help="epochs of the job the measured cost is projected to (default 50)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     if args.data:
@@ -64,24 +70,37 @@ def main() -> None:
     plain = build_model(classes, args.image_size, None, "raw")
     times = Times()
     plain.fit(x, y, batch_size=96, epochs=args.epochs, validation_data=(x, y), verbose=0, callbacks=[times], shuffle=True)
-    base = statistics.median(times.t[1:] or times.t)
-    rows = [("plain model.fit", base)]
+    later = times.t[1:] or times.t
+    base = statistics.mean(later)
+    rows = [{"run": "plain model.fit", "epoch_seconds": base, "ratio": 1.0}]
     settings = {"none": ("precise-every 0", 0, None),
-                "default": (f"precise-every 1, precise-samples {DEFAULT_PRECISE_SAMPLES} (default)", 1, DEFAULT_PRECISE_SAMPLES),
+                "seed": (f"precise-every {PRECISE_SCHEDULE} (default)", PRECISE_SCHEDULE, DEFAULT_PRECISE_SAMPLES),
+                "every1": ("precise-every 1", 1, DEFAULT_PRECISE_SAMPLES),
                 "sample768": ("precise-every 1, precise-samples 768", 1, 768),
                 "every2": ("precise-every 2", 2, DEFAULT_PRECISE_SAMPLES)}
     for key in filter(None, args.settings.split(",")):
-        label, every, samples = settings[key]
+        label, every, samples = settings["seed" if key == "default" else key]
         logs = run_variant(VARIANTS["seed"], x, y, classes, args.epochs, precise_every=every, precise_samples=samples)
-        secs = [r["seconds"] for r in logs]
-        rows.append((f"evalgap reproduce seed ({label})", statistics.median(secs[1:] or secs) if every < 2 else statistics.mean(secs[1:] or secs)))
+        secs = [r["seconds"] for r in logs[1:]] or [logs[0]["seconds"]]
+        row = {"run": f"evalgap reproduce seed ({label})", "epoch_seconds": statistics.mean(secs), "ratio": statistics.mean(secs) / base}
+        measured = [r["precise_seconds"] for r in logs[1:] if "precise_seconds" in r]
+        if measured:  # paired within this run: each epoch's own fit time and measurement time
+            cost = statistics.median(measured)
+            fit_part = statistics.median(r["seconds"] - r.get("precise_seconds", 0.0) for r in logs[1:])
+            planned = len(precise_epochs(args.project, every))
+            row.update(measurement_seconds=cost, fit_epoch_seconds=fit_part, projected_epochs=args.project,
+                       projected_measurements=planned, projected_ratio=1 + planned * cost / (args.project * fit_part))
+        rows.append(row)
     print(f"backend {keras.backend.backend()}, ResNet50, {what} at {args.image_size}x{args.image_size}, batch 96, validation = training data, "
-          f"epoch time after the first (median; mean for every 2)")
-    print(f"{'run':72s} {'epoch s':>8s} {'images/s':>9s} {'ratio':>6s}")
+          f"{args.epochs} epochs; epoch time: mean after the first")
+    print(f"{'run':60s} {'epoch s':>8s} {'images/s':>9s} {'ratio':>6s} {'1 measurement s':>16s} {f'ratio over {args.project} epochs':>22s}")
     results = []
-    for name, t in rows:
-        results.append({"run": name, "epoch_seconds": t, "images_per_second": len(x) / t, "ratio": t / base})
-        print(f"{name:72s} {t:8.2f} {len(x) / t:9.1f} {t / base:5.2f}x")
+    for row in rows:
+        t = row["epoch_seconds"]
+        results.append({**row, "images_per_second": len(x) / t})
+        extra = (f" {row['measurement_seconds']:16.2f} {row['projected_ratio']:9.3f}x ({row['projected_measurements']} measured)"
+                 if "projected_ratio" in row else "")
+        print(f"{row['run']:60s} {t:8.2f} {len(x) / t:9.1f} {row['ratio']:5.2f}x{extra}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"framework": f"keras/{keras.backend.backend()}", "setting": f"ResNet50, {what} at {args.image_size}x{args.image_size}, batch 96",

@@ -178,6 +178,15 @@ def _add_recalibrate(sub) -> None:
     rec.set_defaults(func=_recalibrate)
 
 
+def _precise_every(text: str) -> int | str:
+    from .seed.common import check_precise_every
+
+    try:
+        return check_precise_every(text)
+    except DataError:
+        raise argparse.ArgumentTypeError(f"expected 'seed' or a whole number >= 0 (0: never, 1: every epoch), got {text!r}") from None
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -189,7 +198,7 @@ def _non_negative(text: str) -> int:
 
 
 def _add_reproduce(sub) -> None:
-    from .seed.common import DEFAULT_PRECISE_SAMPLES
+    from .seed.common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE
 
     rep = sub.add_parser("reproduce", help="the seed's training job (ResNet50 on UC Merced) with its remedies and the fix")
     src = rep.add_mutually_exclusive_group(required=True)
@@ -205,8 +214,10 @@ def _add_reproduce(sub) -> None:
     rep.add_argument("--variants", nargs="+", default=["seed,batch4-div255,momentum0.9,precise-bn,normalized-precise-bn"],
                      help="comma- or space-separated: seed, batch4-div255, momentum0.9, precise-bn, normalized-precise-bn")
     rep.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
-    rep.add_argument("--precise-every", type=int, default=1, metavar="N",
-                     help="measure precise_val_* every N epochs (0: never; each costs a recalibration and an evaluation)")
+    rep.add_argument("--precise-every", type=_precise_every, default=PRECISE_SCHEDULE, metavar="N|seed",
+                     help="when to measure precise_val_* for the variants without PreciseBN (each time costs a recalibration and "
+                          "an evaluation, about half a fit epoch): 'seed' (default) after epochs 1-7, 10, 20, 50 and the last, "
+                          "the summary table's (about 1.1x plain fit over 50 epochs); N after every N-th epoch (1: every epoch); 0 never")
     rep.add_argument("--precise-samples", type=_non_negative, default=DEFAULT_PRECISE_SAMPLES, metavar="N",
                      help="take precise_val_*'s statistics from a fixed class-stratified sample of N training images, rounded up "
                           f"to whole batches (default {DEFAULT_PRECISE_SAMPLES}: all; a sample is faster but reads low); "

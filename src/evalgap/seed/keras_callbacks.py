@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Collection
 
 import keras
 
@@ -17,22 +18,27 @@ class PreciseValidation(keras.callbacks.Callback):
     bitwise, and the global random states (Python, NumPy, torch on the torch backend, whose
     data loaders draw a seed from it) are put back, so training goes on exactly as without
     this callback (in Keras, moving statistics never feed the gradient). Adds
-    ``precise_val_<metric>`` to the epoch logs after every ``every``-th epoch (each measurement
-    costs a recalibration and an evaluation pass).
+    ``precise_val_<metric>`` to the epoch logs after every ``every``-th epoch, or after the
+    epochs in ``at`` (1-based) when given (each measurement costs a recalibration and an
+    evaluation pass).
     """
 
-    def __init__(self, data: Any, val_data: Any, *, batch_size: int | None = None, every: int = 1):
+    def __init__(self, data: Any, val_data: Any, *, batch_size: int | None = None, every: int = 1, at: Collection[int] | None = None):
         super().__init__()
         self.data, self.val_data, self.batch_size, self.every = data, val_data, batch_size, max(1, int(every))
+        self.at = None if at is None else set(at)
         self.last = None  # the latest Recalibration
+        self.seconds: dict[int, float] = {}  # epoch (1-based) -> seconds the measurement took
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every:
+        if (epoch + 1 not in self.at) if self.at is not None else (epoch + 1) % self.every:
             return
+        start = time.perf_counter()
         bns = [bn for _, bn in find_batchnorms(self.model)]
         saved = [(v, v.numpy()) for bn in bns for v in (bn.moving_mean, bn.moving_variance)]
         with random_states_kept():
             metrics = self._measure(saved)
+        self.seconds[epoch + 1] = time.perf_counter() - start
         if logs is not None:
             logs.update({f"precise_val_{k}": float(v) for k, v in metrics.items()})
 

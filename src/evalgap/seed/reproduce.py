@@ -41,9 +41,7 @@ from rich.table import Table
 
 from .._files import atomic_write, atomic_write_text
 from ..errors import DataError
-from .common import DEFAULT_PRECISE_SAMPLES, precise_plan
-
-SEED_EPOCHS = (1, 2, 3, 4, 5, 6, 7)
+from .common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE, check_precise_every, precise_epochs, precise_plan, summary_epochs
 
 
 @dataclass(frozen=True)
@@ -111,14 +109,15 @@ def run_variant(
     batch_size: int | None = None,
     on_epoch=None,
     seed: int = 0,
-    precise_every: int = 1,
+    precise_every: int | str = PRECISE_SCHEDULE,
     info: dict[str, Any] | None = None,
     on_step=None,
     precise_samples: int | None = DEFAULT_PRECISE_SAMPLES,
 ) -> list[dict[str, float]]:
     """Train one variant with validation data = training data; return its per-epoch logs.
 
-    ``precise_val_*`` every ``precise_every`` epochs (0: never): statistics from
+    ``precise_val_*`` after the epochs :func:`~evalgap.seed.common.precise_epochs` gives for
+    ``precise_every`` (``"seed"``: the summary table's epochs, 1-7, 10, 20, 50 and the last; N: every N-th; 0: never): statistics from
     :func:`~evalgap.seed.common.precise_subsample` of ``precise_samples`` images (``None``/0:
     all), evaluation on all the data; for a ``PreciseBN`` variant, fit's validation itself.
     ``info`` (a dict, if given) receives how PreciseBN and the precise measurement drew their
@@ -149,6 +148,9 @@ def run_variant(
 
         def on_epoch_end(self, epoch, epoch_logs=None):
             row = {"epoch": epoch + 1, "seconds": time.perf_counter() - self.t, **{k: float(v) for k, v in (epoch_logs or {}).items()}}
+            side = measuring.get("precise_val")
+            if side is not None and epoch + 1 in side.seconds:  # the side measurement's share of "seconds"
+                row["precise_seconds"] = side.seconds[epoch + 1]
             logs.append(row)
             if on_epoch is not None:
                 on_epoch(variant, row)
@@ -162,7 +164,8 @@ def run_variant(
     if mode == "validation":
         extra.append(ValidationIsPrecise())
     elif mode == "side":
-        measuring["precise_val"] = PreciseValidation((images[pick], labels[pick]), (images, labels), batch_size=bs, every=precise_every)
+        measuring["precise_val"] = PreciseValidation((images[pick], labels[pick]), (images, labels), batch_size=bs,
+                                                   at=precise_epochs(epochs, precise_every))
     if info is not None:
         info["precise_val"] = precise
     callbacks = [*measuring.values(), *extra, Collect()]
@@ -230,7 +233,7 @@ class _EpochBar:
 
 
 def summary_table(results: dict[str, list[dict[str, float]]], epochs: tuple[int, ...]) -> Table:
-    table = Table(title="accuracy / val_accuracy / precise_val_accuracy at the seed's epochs")
+    table = Table(title="accuracy / val_accuracy / precise_val_accuracy at the seed's epochs (and the last)")
     table.add_column("variant")
     for e in epochs:
         table.add_column(f"epoch {e}", justify="right")
@@ -238,7 +241,8 @@ def summary_table(results: dict[str, list[dict[str, float]]], epochs: tuple[int,
         cells = []
         for e in epochs:
             row = next((r for r in logs if r["epoch"] == e), None)
-            cells.append("-" if row is None else f"{row['accuracy']:.3f} / {row['val_accuracy']:.3f} / {row.get('precise_val_accuracy', float('nan')):.3f}")
+            precise = f"{row['precise_val_accuracy']:.3f}" if row is not None and "precise_val_accuracy" in row else "-"
+            cells.append("-" if row is None else f"{row['accuracy']:.3f} / {row['val_accuracy']:.3f} / {precise}")
         table.add_row(name, *cells)
     return table
 
@@ -264,14 +268,18 @@ def reproduce(
     out: str = "evalgap-out/reproduce",
     source: str = "",
     console: Console | None = None,
-    precise_every: int = 1,
+    precise_every: int | str = PRECISE_SCHEDULE,
     keras_version: int = 3,
     precise_samples: int | None = DEFAULT_PRECISE_SAMPLES,
 ) -> "Reproduction":
     """Run the variants one after the other; write JSON, CSV, a PNG plot and a summary.
 
     ``keras_version=2`` runs the job in Keras 2 as the question wrote it (:mod:`evalgap.seed.tf_keras_job`).
+    ``precise_every``: when the variants without PreciseBN measure ``precise_val_*`` on the side
+    (:data:`~evalgap.seed.common.PRECISE_SCHEDULE`: after epochs 1-7, 10, 20, 50 and the last; N:
+    every N-th epoch; 0: never); the PreciseBN variants have it from fit's validation every epoch.
     """
+    precise_every = check_precise_every(precise_every)
     if keras_version == 2:
         from . import tf_keras_job
 
@@ -321,10 +329,7 @@ def reproduce(
         "variants": {n: {"description": table[n].description, "batch_size": batch_size if batch_size and table[n].batch_size == 96 else table[n].batch_size, "momentum": table[n].momentum, "inputs": table[n].inputs, "precise_bn": table[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
     })
     json_path, csv_path, png_path = _write_outputs(results, data, out)
-    seed_epochs = tuple(e for e in SEED_EPOCHS if e <= epochs) or (epochs,)
-    if epochs > 7:
-        seed_epochs = seed_epochs + tuple(e for e in (10, 20, 50) if e <= epochs and e not in seed_epochs)
-    console.print(summary_table(results, seed_epochs))
+    console.print(summary_table(results, tuple(summary_epochs(epochs))))
     console.print(f"Written: {json_path}, {csv_path}, {png_path}")
     return data
 

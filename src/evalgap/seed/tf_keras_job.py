@@ -16,11 +16,11 @@ BatchNormalization's momentum to 0.9. ``precise-bn`` adds ``evalgap.tf_keras.Pre
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
-from .common import DEFAULT_PRECISE_SAMPLES, precise_plan
+from .common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE, precise_epochs, precise_plan
 
 FRAMEWORK = "tf_keras"
 
@@ -75,21 +75,23 @@ def _precise_validation():
     from ..tf_keras import find_batchnorms, recalibrate
 
     class PreciseValidation(keras.callbacks.Callback):
-        """After every ``every``-th epoch, evaluate ``val_data`` with exact population statistics of ``data``.
+        """After the epochs ``at`` (1-based), evaluate ``val_data`` with exact population statistics of ``data``.
 
         The moving statistics (every replica's copy) are saved, recalibrated, used for
         ``evaluate`` and put back bitwise, and the global random states are kept, so training goes on exactly as without this
         callback. Adds ``precise_val_<metric>`` to the epoch logs.
         """
 
-        def __init__(self, data: Any, val_data: Any, every: int = 1):
+        def __init__(self, data: Any, val_data: Any, at: Collection[int]):
             super().__init__()
-            self.data, self.val_data, self.every = data, val_data, max(1, int(every))
+            self.data, self.val_data, self.at = data, val_data, set(at)
             self.last = None
+            self.seconds: dict[int, float] = {}  # epoch (1-based) -> seconds the measurement took
 
         def on_epoch_end(self, epoch, logs=None):
-            if (epoch + 1) % self.every:
+            if epoch + 1 not in self.at:
                 return
+            start = time.perf_counter()
             variables = [v for _, bn in find_batchnorms(self.model) for v in (bn.moving_mean, bn.moving_variance)]
             saved = [(part, part.numpy()) for v in variables for part in (getattr(v, "values", None) or (v,))]
             try:
@@ -99,6 +101,7 @@ def _precise_validation():
             finally:
                 for part, value in saved:
                     part.assign(value)
+            self.seconds[epoch + 1] = time.perf_counter() - start
             if logs is not None:
                 logs.update({f"precise_val_{k}": float(v) for k, v in metrics.items()})
 
@@ -120,7 +123,7 @@ def _validation_is_precise():
 
 def run_variant(
     variant, images: np.ndarray, labels: np.ndarray, classes: int, epochs: int, *, batch_size: int | None = None,
-    on_epoch=None, seed: int = 0, precise_every: int = 1, info: dict[str, Any] | None = None,
+    on_epoch=None, seed: int = 0, precise_every: int | str = PRECISE_SCHEDULE, info: dict[str, Any] | None = None,
     precise_samples: int | None = DEFAULT_PRECISE_SAMPLES,
 ) -> list[dict[str, float]]:
     """Train one variant (Keras 2) with validation data = training data; return its per-epoch logs (as ``reproduce.run_variant``)."""
@@ -147,6 +150,9 @@ def run_variant(
 
         def on_epoch_end(self, epoch, epoch_logs=None):
             row = {"epoch": epoch + 1, "seconds": time.perf_counter() - self.t, **{k: float(v) for k, v in (epoch_logs or {}).items()}}
+            side = measuring.get("precise_val")
+            if side is not None and epoch + 1 in side.seconds:  # the side measurement's share of "seconds"
+                row["precise_seconds"] = side.seconds[epoch + 1]
             logs.append(row)
             if on_epoch is not None:
                 on_epoch(variant, row)
@@ -161,7 +167,7 @@ def run_variant(
         extra.append(_validation_is_precise()())
     elif mode == "side":
         stats_data = pipeline(images[pick], labels[pick], bs, variant.inputs, np.random.default_rng(seed).permutation(len(pick)), mean, std)
-        measuring["precise_val"] = _precise_validation()(stats_data, test_data, every=precise_every)
+        measuring["precise_val"] = _precise_validation()(stats_data, test_data, at=precise_epochs(epochs, precise_every))
     if info is not None:
         info["precise_val"] = precise
     model.fit(train_data, epochs=epochs, verbose=0, validation_data=test_data, callbacks=[*measuring.values(), *extra, Collect()])
