@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Sequence
 
 import numpy as np
@@ -84,12 +83,9 @@ class TorchAdapter:
             return
         flat = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for pair in stats for v in pair])
         host = torch.from_numpy(flat)
-        on_device = {device: host.to(device) for device in {buf.device for buf in buffers}}
         sizes = [buf.numel() for buf in buffers]
-        if len(on_device) == 1:
-            sources = [part.view(buf.shape) for buf, part in zip(buffers, on_device[buffers[0].device].split(sizes))]
-        else:
-            sources = [on_device[buf.device][a : a + n].view(buf.shape) for buf, a, n in zip(buffers, itertools.accumulate(sizes, initial=0), sizes)]
+        parts = {device: host.to(device).split(sizes) for device in {buf.device for buf in buffers}}  # raises on a size mismatch, before any write
+        sources = [parts[buf.device][i].view(buf.shape) for i, buf in enumerate(buffers)]
         with torch.no_grad():
             torch._foreach_copy_(buffers, sources)
 
