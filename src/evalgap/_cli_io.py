@@ -16,7 +16,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="image folder (<class>/<image>, or the archive's Images/) or its .zip")
     src.add_argument("--tfds", metavar="NAME", help="a tensorflow_datasets image classification data set, e.g. uc_merced")
-    src.add_argument("--npz", metavar="FILE", help=".npz with arrays x and y")
+    src.add_argument("--npz", metavar="FILE", help=".npz with arrays x and y (images NHWC, or NCHW as PyTorch holds them)")
     p.add_argument("--tfds-data-dir", metavar="DIR", help="tfds data_dir")
     p.add_argument("--tfds-manual-dir", metavar="DIR", help="folder holding the data set's downloaded zip")
     p.add_argument("--download", action="store_true", help="let tfds download even if the network check fails")
@@ -99,14 +99,38 @@ def load_torch_model(spec: str, weights: str | None):
     return model
 
 
-def torch_arrays(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-    """NCHW tensor view of NHWC images (no copy) and int64 labels, for batching by the torch adapter."""
+def torch_arrays(x: np.ndarray, y: np.ndarray, model: Any = None) -> tuple[Any, Any]:
+    """Images as an NCHW tensor (NHWC arrays get a view, no copy) and int64 labels, for the torch adapter.
+
+    4-D ``x`` is NHWC (image folders, tfds, most npz files) unless its axis 1, not its last, holds as
+    many channels as the model's first convolution takes (an npz saved from PyTorch, NCHW); without a
+    convolution to ask, axis 1 of size 1, 3 or 4 with another last axis means NCHW.
+    """
     import torch
 
     t = torch.from_numpy(np.asarray(x))
-    if t.dim() == 4:
+    if t.dim() == 4 and _layout(tuple(t.shape), _first_conv_channels(model)) == "NHWC":
         t = t.permute(0, 3, 1, 2)
     return t, torch.from_numpy(np.asarray(y)).long()
+
+
+def _first_conv_channels(model: Any) -> int | None:
+    from torch import nn
+
+    if model is None:
+        return None
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return int(m.in_channels)
+    return None
+
+
+def _layout(shape: tuple[int, ...], channels: int | None) -> str:
+    if channels is not None:
+        if shape[1] == channels and shape[3] != channels:
+            return "NCHW"
+        return "NHWC"
+    return "NCHW" if shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4) else "NHWC"
 
 
 def float_input(model, batch):

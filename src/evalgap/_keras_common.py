@@ -12,10 +12,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .engine import ModelFacts
+from .engine import ModelFacts, is_training_only
 
-#: Layer class names that make training mode differ from evaluation mode besides BatchNorm.
-TRAINING_ONLY_TOKENS = ("Dropout", "Noise", "Random")
 #: Per-sample normalization layers: the same in both modes.
 NON_BN_NORMALIZATION = ("LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization")
 
@@ -49,7 +47,7 @@ def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
     """Training-only layers, per-sample normalization, replicas and synchronized BN of a Keras model."""
     layers = list(walk(model))
     return ModelFacts(
-        training_only=[name for name, layer in layers if any(t in type(layer).__name__ for t in TRAINING_ONLY_TOKENS)],
+        training_only=[name for name, layer in layers if is_training_only(type(layer).__name__)],
         other_normalization=[name for name, layer in layers if type(layer).__name__ in NON_BN_NORMALIZATION],
         replicas=replicas(model),
         synchronized=bool(bns) and all(getattr(bn, "synchronized", False) for _, bn in bns),

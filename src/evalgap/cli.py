@@ -52,7 +52,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         import evalgap.torch as eg
 
         model = load_torch_model(args.torch_model, args.weights)
-        report = eg.diagnose(model, torch_arrays(x, y), forward=float_input, **options)
+        report = eg.diagnose(model, torch_arrays(x, y, model), forward=float_input, **options)
     else:
         import evalgap.keras as eg
 
@@ -107,7 +107,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
         import evalgap.torch as eg
 
         model = load_torch_model(args.torch_model, args.weights)
-        result = eg.recalibrate(model, torch_arrays(x, y), forward=float_input, **options)
+        result = eg.recalibrate(model, torch_arrays(x, y, model), forward=float_input, **options)
         write = lambda tmp: torch.save(model.state_dict(), tmp)  # noqa: E731
     else:
         import evalgap.keras as eg

@@ -99,6 +99,25 @@ def test_exact_statistics_and_nothing_else_changes(make):
     assert {layer.name.split("/")[-1] for layer in result.frozen} == {bn.name for bn in bns if not bn.trainable}
 
 
+@pytest.mark.parametrize(
+    "shape, axis", [((8, 8, 3), -1), ((3, 8, 8), 1), ((12, 5), -1), ((5,), -1), ((4, 3, 3, 2), -1)], ids=["nhwc", "nchw", "nlc", "nc", "ndhwc"]
+)
+def test_mean_far_above_spread_measured_stably(shape, axis):
+    # |mean| / std = 100 (raw-pixel-like inputs straight into BN): E[x^2] - E[x]^2 in float32 is ~1e-3
+    # off here; the reference is NumPy float64 on the same float32 values
+    rng = np.random.default_rng(3)
+    x = (50.0 + 0.5 * rng.standard_normal((64, *shape))).astype("float32")
+    bn = layers.BatchNormalization(axis=axis)
+    model = keras.Sequential([keras.Input(shape), bn])
+    flat = np.moveaxis(x.astype(np.float64), axis, -1).reshape(-1, x.shape[axis])
+
+    eg.recalibrate(model, x, batch_size=16, shuffle=False, progress=False)
+
+    # the mean to float32's resolution at 50 (ulp 4e-6), the variance to 1e-5 (float32 batch means limit it to ~2e-6)
+    np.testing.assert_allclose(np.asarray(bn.moving_mean.numpy(), np.float64), flat.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance.numpy(), np.float64), flat.var(axis=0), rtol=1e-5)
+
+
 def test_shared_layer_pools_both_calls_and_is_reported():
     x, _ = far_data(64)
     model = Subclassed()

@@ -130,3 +130,22 @@ def test_version_and_exit_codes_in_help(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "exit status:" in out and "2  bad input" in out and "1  diagnose: the gap exceeds --fail-over" in out
+
+
+def test_npz_saved_channels_first_reads_as_the_same_images(tmp_path):
+    # an npz saved from PyTorch holds NCHW images: the layout is read from the model's first convolution
+    x, y = _trained_files(tmp_path)
+    np.savez(tmp_path / "nchw.npz", x=x.transpose(0, 3, 1, 2).copy(), y=y)
+    spec = f"{__name__}:make_net"
+    reports = {}
+    for name in ("d", "nchw"):
+        assert main(["diagnose", "--torch-model", spec, "--weights", str(tmp_path / "w.pt"), "--npz", str(tmp_path / f"{name}.npz"),
+                     "--batch-size", "16", "-q", "--json", str(tmp_path / f"{name}.json")]) == 0
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    for metric, entry in reports["d"]["metrics"].items():
+        assert reports["nchw"]["metrics"][metric]["values"] == pytest.approx(entry["values"], rel=1e-6)
+    # the layout rule itself, with and without a convolution to ask
+    from evalgap._cli_io import _layout
+
+    assert _layout((5, 3, 8, 8), 3) == "NCHW" and _layout((5, 8, 8, 3), 3) == "NHWC" and _layout((5, 3, 8, 3), 3) == "NHWC"
+    assert _layout((5, 3, 32, 32), None) == "NCHW" and _layout((5, 32, 32, 3), None) == "NHWC"

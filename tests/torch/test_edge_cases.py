@@ -95,9 +95,9 @@ def test_a_failing_pass_is_an_evalgap_error_naming_the_pass():
     wrong = [(torch.randn(16, 5), torch.zeros(16, dtype=torch.long))]  # 5 features for a Linear(6, ...)
     with pytest.raises(RecalibrationError, match="evaluation mode pass failed at batch 0"):
         eg.diagnose(model, wrong, progress=False)
-    per_sample = lambda o, t: nn.functional.cross_entropy(o, t, reduction="none")  # noqa: E731
-    with pytest.raises(EvalgapError, match="one number per batch"):
-        eg.diagnose(model, batches(x, y), loss_fn=per_sample, progress=False)
+    two_per_sample = lambda o, t: torch.stack([nn.functional.cross_entropy(o, t, reduction="none")] * 2, 1)  # noqa: E731
+    with pytest.raises(EvalgapError, match=r"loss_fn gave values of shape \(16, 2\) for a batch of 16 samples"):
+        eg.diagnose(model, batches(x, y), loss_fn=two_per_sample, progress=False)
     assert state_snapshot(model) == before
 
 

@@ -80,9 +80,13 @@ class ArrayBatches:
         if self.samples == 0:
             raise DataError("the data hold no sample (length 0).")
         self.batch_size = int(batch_size)
+        self.size_note = size_note
+        if self.batch_size > self.samples:  # as fit and a DataLoader do: one batch of all the samples
+            self.size_note = (f"batch_size={self.batch_size} is more than the {self.samples} samples: one batch of all of them, "
+                              "as training draws it")
+            self.batch_size = self.samples
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.to_batch = to_batch
-        self.size_note = size_note
         self._starts = list(range(0, self.samples, self.batch_size))  # batch start positions, in order
         self._limited = False
 

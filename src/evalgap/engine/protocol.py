@@ -162,6 +162,17 @@ class Collective(Protocol):
     def broadcast(self, vector: np.ndarray) -> np.ndarray: ...
 
 
+#: Class-name fragments of layers that act differently in training mode besides BatchNorm: dropout of
+#: every kind (Dropout, AlphaDropout, DropPath, DropBlock2d), stochastic depth, noise layers and random
+#: augmentation layers (Keras's RandomFlip, ...). A match only costs the diagnosis one more pass (T).
+TRAINING_ONLY_TOKENS = ("Drop", "StochasticDepth", "Noise", "Random")
+
+
+def is_training_only(class_name: str) -> bool:
+    """Whether a layer of this class name may act differently in training mode (:data:`TRAINING_ONLY_TOKENS`)."""
+    return any(t in class_name for t in TRAINING_ONLY_TOKENS)
+
+
 @dataclass
 class ModelFacts:
     """What the diagnosis says beside the measurements."""

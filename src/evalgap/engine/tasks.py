@@ -56,3 +56,29 @@ def default_task(output_shape: Sequence[int], target_shape: Sequence[int], integ
     if tgt == out and not binary_values:
         return "regression"
     return None
+
+
+def batch_total(name: str, shape: Sequence[int], samples: int, summed: bool = False) -> str:
+    """How the value a user's loss or metric gave on one batch becomes the batch's per-sample total.
+
+    - ``"mean"``: one number, the batch's mean (``reduction='mean'``, the usual): total = value x samples;
+    - ``"sum"``: one number from a callable declared to sum (``reduction='sum'``): total = value;
+    - ``"each"``: one value per sample (``reduction='none'``, shape ``(samples,)`` or ``(samples, 1)``):
+      total = their sum.
+
+    Dividing the totals over all batches by the number of samples gives the per-sample mean,
+    as an evaluation loop that averages per sample does. Any other shape: a :class:`DataError`.
+    """
+    from ..errors import DataError
+
+    size = 1
+    for d in shape:
+        size *= int(d)
+    if size == 1:
+        return "sum" if summed else "mean"
+    if len(shape) >= 1 and int(shape[0]) == samples and size == samples:
+        return "each"
+    raise DataError(
+        f"{name} gave values of shape {tuple(int(d) for d in shape)} for a batch of {samples} samples: return one number "
+        f"(the batch mean, or its sum with reduction='sum') or one value per sample (reduction='none')."
+    )

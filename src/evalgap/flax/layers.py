@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 
-from ..engine import ModelFacts, NormLayer
+from ..engine import ModelFacts, NormLayer, is_training_only
 from ..errors import ModelError
 
 Path = tuple
@@ -31,8 +31,6 @@ Path = tuple
 #: Boolean call arguments that say "training mode" (True in training) or its opposite.
 TRAIN_FLAGS = ("train", "training", "is_training")
 EVAL_FLAGS = ("deterministic", "eval", "inference", "evaluation", "use_running_average")
-#: Module class names that make training mode differ from evaluation mode besides BatchNorm.
-TRAINING_ONLY_TOKENS = ("Dropout", "Noise")
 OTHER_NORMALIZATION = ("LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm")
 
 
@@ -139,7 +137,7 @@ class NnxModel:
     def facts(self) -> ModelFacts:
         mods = [(path_name(p), type(m).__name__, m) for p, m in nnx_modules(self.module) if p]
         return ModelFacts(
-            training_only=[n for n, kind, m in mods if any(t in kind for t in TRAINING_ONLY_TOKENS) and getattr(m, "rate", 1) != 0],
+            training_only=[n for n, kind, m in mods if is_training_only(kind) and getattr(m, "rate", 1) != 0],
             other_normalization=[n for n, kind, _ in mods if kind in OTHER_NORMALIZATION],
         )
 
@@ -186,7 +184,7 @@ class LinenModel:
 
     def facts(self) -> ModelFacts:
         return ModelFacts(
-            training_only=[path_name(o.path) for o in self.others if any(t in o.kind for t in TRAINING_ONLY_TOKENS)],
+            training_only=[path_name(o.path) for o in self.others if is_training_only(o.kind)],
             other_normalization=[path_name(o.path) for o in self.others if o.kind in OTHER_NORMALIZATION],
         )
 

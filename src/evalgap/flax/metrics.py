@@ -1,12 +1,15 @@
 """The user's loss and metrics for Flax; defaults (optax) only where the shapes leave no doubt.
 
-``loss_fn`` and the values of ``metrics`` are ``(output, target) -> scalar`` callables, the
-scalar being the batch's mean (optax losses reduced with ``.mean()``, say). Each batch's value
-is weighted by its number of samples, summed on the device and fetched once, so every mode
-gives the per-sample mean over all batches, as an evaluation loop that averages per sample
-does. The callables are compiled together with ``jax.jit`` when they allow it (else they run
-as they are). Without ``loss_fn``/``metrics`` the defaults of :mod:`evalgap.engine.tasks`
-apply with Flax's channels-last layout (class scores on the last axis):
+``loss_fn`` and the values of ``metrics`` are ``(output, target) -> value`` callables, called as
+an evaluation loop calls them: on the model's output as the model returns it (an array, a tuple,
+a dict) and the targets as the batch holds them. The value is the batch's mean (optax losses
+reduced with ``.mean()``, say) or one value per sample (:func:`evalgap.engine.tasks.batch_total`);
+each batch's per-sample total is kept on the device and fetched once, so every mode gives the
+per-sample mean over all batches, as an evaluation loop that averages per sample does. The
+callables are compiled together with ``jax.jit`` when they allow it (else they run as they
+are). Without ``loss_fn``/``metrics`` the defaults of :mod:`evalgap.engine.tasks` apply, on
+the prediction in the output (:func:`prediction`), with Flax's channels-last layout (class
+scores on the last axis):
 
 - classification and segmentation: ``optax.softmax_cross_entropy_with_integer_labels``, accuracy;
 - binary (one logit, 0/1 targets): ``optax.sigmoid_binary_cross_entropy``, accuracy at logit 0;
@@ -23,7 +26,7 @@ import numpy as np
 
 from .._checks import check_labels
 from ..engine import Batch, Collective
-from ..engine.tasks import NOTES, default_task
+from ..engine.tasks import NOTES, batch_total, default_task
 from ..errors import DataError, ModelError
 
 Metric = Callable[[Any, Any], Any]
@@ -106,12 +109,14 @@ def _task(output: Any, target: Any) -> str:
 class FlaxMetrics:
     """:class:`evalgap.engine.Metrics` for Flax (see the module docstring)."""
 
-    def __init__(self, loss_fn: Metric, metrics: Mapping[str, Metric], *, given: list[str], notes: list[str], collective: Collective | None):
+    def __init__(self, loss_fn: Metric, metrics: Mapping[str, Metric], *, given: list[str], notes: list[str], collective: Collective | None,
+                 defaults: frozenset[str] = frozenset()):
         self.loss_fn, self.metrics, self.collective = loss_fn, dict(metrics), collective
         self.names = ["loss", *self.metrics]
         self.given, self.notes = given, notes
-        fns = [loss_fn, *self.metrics.values()]
-        self._eager = lambda out, y: tuple(jnp.asarray(fn(out, y), jnp.float32) for fn in fns)
+        self.defaults = defaults  # names computed by the defaults, on prediction(output)
+        calls = [(name in defaults, fn) for name, fn in zip(self.names, [loss_fn, *self.metrics.values()])]
+        self._eager = lambda out, y: tuple(jnp.asarray(fn(prediction(out) if on_pred else out, y), jnp.float32) for on_pred, fn in calls)
         self._jitted = jax.jit(self._eager)
         self._compiled: bool | None = None
 
@@ -122,14 +127,18 @@ class FlaxMetrics:
             raise DataError("metrics must be a dict {'name': (output, target) -> scalar}.")
         notes: list[str] = []
         given = list(metrics) if metrics else []
+        defaults: set[str] = set()
         if loss_fn is None or metrics is None:
             task = _task(prediction(outputs), batch.targets)
             default_loss, default_metrics = DEFAULTS[task]
             which = "loss and metrics" if loss_fn is None and metrics is None else "loss" if loss_fn is None else "metrics"
             notes.append(f"{which}: {NOTES[task]}; pass loss_fn=/metrics= to measure your own.")
-            loss_fn = loss_fn or default_loss
-            metrics = metrics if metrics is not None else default_metrics
-        return cls(loss_fn, metrics, given=given, notes=notes, collective=collective)
+            if loss_fn is None:
+                loss_fn, defaults = default_loss, {"loss"}
+            if metrics is None:
+                metrics = default_metrics
+                defaults |= set(default_metrics)
+        return cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=frozenset(defaults))
 
     def values(self, out: Any, target: Any) -> tuple:
         """Every callable's value on one batch: compiled together when they allow it, else as they are."""
@@ -149,16 +158,19 @@ class FlaxMetrics:
 class _State:
     def __init__(self, spec: FlaxMetrics):
         self.spec = spec
-        self.batches: list[tuple[int, Any]] = []  # (samples, device values): fetched once, summed in float64
+        self.batches: list[tuple[int, Any]] = []  # (samples, per-sample totals on the device): fetched once, summed in float64
 
     def update(self, batch: Batch, outputs: Any) -> None:
-        out = prediction(outputs)
-        self.batches.append((int(out.shape[0]), jnp.stack(self.spec.values(out, batch.targets))))
+        k = batch.size if batch.size is not None else int(prediction(outputs).shape[0])
+        totals = []
+        for name, v in zip(self.spec.names, self.spec.values(outputs, batch.targets)):
+            how = batch_total(name if name != "loss" else "loss_fn", tuple(v.shape), k)
+            totals.append(v.sum() if how == "each" else v.reshape(()) * k)
+        self.batches.append((k, jnp.stack(totals)))
 
     def result(self) -> dict[str, float]:
         values = np.asarray(jax.device_get([v for _, v in self.batches]), dtype=np.float64).reshape(len(self.batches), len(self.spec.names))
-        counts = np.array([k for k, _ in self.batches], dtype=np.float64)
-        totals = np.concatenate([counts @ values, [counts.sum()]])
+        totals = np.concatenate([values.sum(axis=0), [float(sum(k for k, _ in self.batches))]])
         if self.spec.collective is not None:  # per-sample sums and counts over every process
             totals = self.spec.collective.sum(totals)
         return {name: float(v / totals[-1]) for name, v in zip(self.spec.names, totals[:-1])}

@@ -7,7 +7,8 @@ normalizes with in training) is wrapped to
 hand the per-channel ``(count, mean, biased variance)`` back as outputs of the pass
 (``synchronized=True`` layers compute ``E[x^2] - E[x]^2`` in float32, so for them the pass
 measures the variance again, two-pass; on the torch backend, where every layer computes it
-that way, the layer's moments come from ``torch.var_mean`` instead).
+that way, the layer's moments come from torch's own BatchNorm statistics kernel instead,
+two-pass like the kernel of a PyTorch BatchNorm, see :func:`_torch_moments`).
 *Observed* layers (frozen, not recalibrated) run as in training, in inference mode, and
 only have their input's moments measured.
 
@@ -90,11 +91,8 @@ class MomentsPass:
         def moments(inputs, mask):
             if torch_backend and mask is None:
                 # Keras's torch backend computes E[x^2] - E[x]^2 in float32, which loses digits when
-                # |mean| >> std: the layer normalizes with torch.var_mean's stable moments, captured
-                import torch
-
-                x = inputs if inputs.dtype in (torch.float32, torch.float64) else inputs.float()
-                var, mean = torch.var_mean(x, dim=tuple(layer._reduction_axes), correction=0)
+                # |mean| >> std: the layer normalizes with torch's stable BatchNorm statistics, captured
+                mean, var = _torch_moments(inputs, layer._reduction_axes)
                 captures.append((index, _count(inputs, mask, layer.axis), mean, var))
                 return mean, var
             mean, var = orig_moments(inputs, mask)
@@ -167,6 +165,25 @@ class MomentsPass:
         else:
             out, y_pred, losses = self._compiled()(trainable, non_trainable, x)
         return [(index, *values) for index, values in zip(self.order, out)], (y_pred, losses)
+
+
+def _torch_moments(inputs, reduction_axes):
+    """Per-channel mean and biased variance of a torch tensor over ``reduction_axes``, in float32 or wider.
+
+    ``torch.batch_norm_update_stats`` is the statistics half of PyTorch's BatchNorm kernel (mean,
+    then the mean of squared deviations: no ``E[x^2] - E[x]^2`` cancellation); it reduces over
+    every axis but 1, so the channel axis is moved there as a view. On CPU it is 5-10x faster than
+    ``torch.var_mean`` over non-innermost axes (channels-last, Keras's layout). Reductions that
+    leave more than one axis use ``torch.var_mean``.
+    """
+    import torch
+
+    x = inputs if inputs.dtype in (torch.float32, torch.float64) else inputs.float()
+    kept = [a for a in range(x.dim()) if a not in {r % x.dim() for r in reduction_axes}]
+    if len(kept) == 1 and x.dim() >= 2:
+        return torch.batch_norm_update_stats(x.movedim(kept[0], 1), None, None, 0.0)
+    var, mean = torch.var_mean(x, dim=tuple(reduction_axes), correction=0)
+    return mean, var
 
 
 def _flat(t):

@@ -104,12 +104,18 @@ def diagnose(
         model: the model (a DDP wrapper is unwrapped).
         data: ``(input, target)`` batches of the training batch size (a DataLoader, a list,
             ...), or ``(x, y)`` arrays with ``batch_size=`` (shuffled like training).
-        loss_fn: ``(output, target) -> scalar`` or an ``nn.Module`` loss. Default, only
-            where the shapes leave no doubt (:mod:`evalgap.engine.tasks`): cross-entropy for
-            class scores, BCE-with-logits for one logit and 0/1 targets, MSE for float
-            targets shaped like the output; otherwise a DataError asks for it.
-        metrics: ``{"name": callable or torchmetrics.Metric}`` (default: accuracy where the
-            task has one).
+        loss_fn: ``(output, target) -> value`` or an ``nn.Module`` loss, called as an
+            evaluation loop calls it: on the model's output as the model returns it (tensor,
+            tuple, dict) and the batch's targets as they come. The value is the batch mean,
+            the batch sum (``reduction='sum'``) or one value per sample (``reduction='none'``);
+            the report gives the mean per sample. Sample weights: pass them with the
+            targets, ``(x, (y, w))``, and weight in ``loss_fn``. Default, only where the
+            shapes leave no doubt (:mod:`evalgap.engine.tasks`), on the prediction in the
+            output (a tensor, a dict's ``logits``, a tuple's first): cross-entropy for class
+            scores, BCE-with-logits for one logit and 0/1 targets, MSE for float targets
+            shaped like the output; otherwise a DataError asks for it.
+        metrics: ``{"name": callable or torchmetrics.Metric}``, called like ``loss_fn``
+            (default: accuracy where the task has one).
         forward: ``forward(model, batch) -> output`` to call the model yourself.
         fit_metric: what the training loop reported for the last epoch (F): a dict by metric
             name, or one number for the primary metric.

@@ -189,9 +189,13 @@ def _dataset_batches(dataset, batch_size: int, shuffle: bool, seed: int):
     from torch.utils.data import DataLoader
 
     order = np.random.default_rng(seed).permutation(len(dataset)).tolist() if shuffle else list(range(len(dataset)))
+    note = None
+    if 0 < len(dataset) < batch_size:  # as a DataLoader does: one batch of all the samples
+        note = f"batch_size={batch_size} is more than the {len(dataset)} samples: one batch of all of them, as training draws it"
+        batch_size = len(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order)
     source = StreamBatches(lambda: _rng_preserved(loader), to_batch=_stream_batch, reiterable=True, total=len(loader))
-    source.batch_size, source.size_note = batch_size, None
+    source.batch_size, source.size_note = batch_size, note
     how = f"shuffled with seed {seed}" if shuffle else "in the dataset's order"
     source.describe = f"dataset samples cut into batches of {batch_size} {how}"
     return source

@@ -8,10 +8,8 @@ from typing import Iterator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..engine import ModelFacts, NormLayer
+from ..engine import ModelFacts, NormLayer, is_training_only
 
-#: Module class names that make training mode differ from evaluation mode besides BatchNorm.
-TRAINING_ONLY_TOKENS = ("Dropout", "Noise")
 OTHER_NORMALIZATION = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
 
@@ -105,7 +103,7 @@ def facts(model: nn.Module, world: int = 1) -> ModelFacts:
     """Training-only modules, per-sample normalization, processes and synchronized BN."""
     bns = find_batchnorms(model)
     return ModelFacts(
-        training_only=[name for name, m in model.named_modules() if any(t in type(m).__name__ for t in TRAINING_ONLY_TOKENS)],
+        training_only=[name for name, m in model.named_modules() if is_training_only(type(m).__name__)],
         other_normalization=[name for name, m in model.named_modules() if isinstance(m, OTHER_NORMALIZATION)],
         replicas=world,
         synchronized=bool(bns) and all(isinstance(bn, nn.SyncBatchNorm) for _, bn in bns),

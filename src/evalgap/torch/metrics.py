@@ -1,12 +1,17 @@
 """The user's loss and metrics for PyTorch, torchmetrics included; defaults only where shapes leave no doubt.
 
-``loss_fn`` is any ``(output, target) -> scalar`` callable or ``nn.Module`` loss; ``metrics``
-maps names to such callables (batch means) or to torchmetrics ``Metric`` objects. Callables
-are averaged over samples (each batch's value weighted by its size, summed on the device and
-moved to the host once); a torchmetrics object runs on a fresh copy per mode
-(``update`` per batch, ``compute`` at the end, its own synchronization across processes), so
-the user's object is left as it was. Without ``loss_fn``/``metrics`` the defaults of
-:mod:`evalgap.engine.tasks` apply, with PyTorch's own functions.
+``loss_fn`` is any ``(output, target) -> value`` callable or ``nn.Module`` loss, called as an
+evaluation loop calls it: ``loss_fn(model(x), y)``, with the model's output as it returns it
+(a tensor, a tuple, a dict) and the batch's targets as they come (a ``(y, w)`` pair stays a
+pair). ``metrics`` maps names to such callables or to torchmetrics ``Metric`` objects. A
+callable's value on a batch is its batch mean (one number), its sum (one number, from a loss
+with ``reduction='sum'``), or one value per sample (``reduction='none'``)
+(:func:`evalgap.engine.tasks.batch_total`); the totals are summed on the device and moved to the
+host once, so every mode gives the per-sample mean over all batches. A torchmetrics object runs
+on a fresh copy per mode (``update`` per batch, ``compute`` at the end, its own
+synchronization across processes), so the user's object is left as it was. Without
+``loss_fn``/``metrics`` the defaults of :mod:`evalgap.engine.tasks` apply, with PyTorch's own
+functions, on the prediction in the output (:func:`prediction`), in float32 or wider.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import nn
 
 from .._checks import check_labels
 from ..engine import Batch, Collective
-from ..engine.tasks import NOTES, default_task
+from ..engine.tasks import NOTES, batch_total, default_task
 from ..errors import DataError, ModelError
 from .data import to_device
 
@@ -44,6 +49,10 @@ def is_torchmetric(m: Any) -> bool:
     return all(hasattr(m, a) for a in ("update", "compute", "reset")) and not isinstance(m, nn.modules.loss._Loss)
 
 
+def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(output, target.long())  # int32/int16 labels too, as NumPy and pandas give them
+
+
 def _accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.argmax(1) == target).float().mean()
 
@@ -61,8 +70,8 @@ def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 DEFAULTS: dict[str, tuple[Metric, dict[str, Metric]]] = {
-    "classification": (nn.functional.cross_entropy, {"accuracy": _accuracy}),
-    "segmentation": (nn.functional.cross_entropy, {"accuracy": _accuracy}),
+    "classification": (_cross_entropy, {"accuracy": _accuracy}),
+    "segmentation": (_cross_entropy, {"accuracy": _accuracy}),
     "binary": (_bce, {"accuracy": _binary_accuracy}),
     "regression": (_mse, {}),
 }
@@ -94,10 +103,12 @@ def _task(output: torch.Tensor, target: Any) -> str:
 class TorchMetrics:
     """:class:`evalgap.engine.Metrics` for PyTorch (see the module docstring)."""
 
-    def __init__(self, loss_fn: Metric, metrics: Mapping[str, Any], *, given: list[str], notes: list[str], collective: Collective | None):
+    def __init__(self, loss_fn: Metric, metrics: Mapping[str, Any], *, given: list[str], notes: list[str], collective: Collective | None,
+                 defaults: frozenset[str] = frozenset()):
         self.loss_fn, self.metrics, self.collective = loss_fn, dict(metrics), collective
         self.names = ["loss", *self.metrics]
         self.given, self.notes = given, notes
+        self.defaults = defaults  # names computed by evalgap's defaults, on prediction(output)
 
     @classmethod
     def choose(cls, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None, collective=None) -> "TorchMetrics":
@@ -106,15 +117,27 @@ class TorchMetrics:
             raise DataError("metrics must be a dict {'name': callable or torchmetrics.Metric}.")
         notes = []
         given = list(metrics) if metrics else []
+        defaults: set[str] = set()
         if loss_fn is None or metrics is None:
             out = prediction(outputs)
             task = _task(out, batch.targets)
             default_loss, default_metrics = DEFAULTS[task]
             notes.append(f"{'loss and metrics' if loss_fn is None and metrics is None else 'loss' if loss_fn is None else 'metrics'}: "
                          f"{NOTES[task]}; pass loss_fn=/metrics= to measure your own.")
-            loss_fn = loss_fn or default_loss
-            metrics = metrics if metrics is not None else default_metrics
-        return cls(loss_fn, metrics, given=given, notes=notes, collective=collective)
+            if loss_fn is None:
+                loss_fn, defaults = default_loss, {"loss"}
+            if metrics is None:
+                metrics = default_metrics
+                defaults |= set(default_metrics)
+        if getattr(loss_fn, "reduction", None) == "sum":
+            notes.append("loss: loss_fn sums over each batch (reduction='sum'); the loss reported is its total over the data "
+                         "divided by the number of samples.")
+        raw = batch.raw
+        if isinstance(raw, (list, tuple)) and not hasattr(raw, "_fields") and len(raw) > 2:
+            notes.append(f"the batches hold {len(raw)} elements; the first is the input, the second the targets, the rest is not "
+                         "used: to weight the loss by sample, pass the weights with the targets, (x, (y, w)), and a loss_fn "
+                         "that applies them.")
+        return cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=frozenset(defaults))
 
     def new(self) -> "_State":
         return _State(self)
@@ -132,20 +155,30 @@ class _State:
     def update(self, batch: Batch, outputs: Any) -> None:
         if batch.weights is not None:
             raise DataError(
-                "sample weights were given, but PyTorch losses and metrics here are batch means: weight the loss in "
-                "loss_fn (e.g. with reduction='none') and pass (x, y) without weights."
+                "sample weights were given as a third array, but a PyTorch loss_fn sees (output, target): pass the weights "
+                "with the targets, (x, (y, w)), and a loss_fn that applies them, e.g. "
+                "loss_fn=lambda out, t: (torch.nn.functional.cross_entropy(out, t[0], reduction='none') * t[1]).mean()."
             )
-        out = prediction(outputs)
-        out = out.float() if torch.is_floating_point(out) else out
-        target = to_device(batch.targets, out.device)
-        k = int(out.shape[0])
+        spec = self.spec
+        pred = None
+        if spec.defaults:
+            pred = prediction(outputs)
+            pred = pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
+        device = (pred if pred is not None else _first_tensor(outputs)).device
+        target = to_device(batch.targets, device)
+        k = batch.size if batch.size is not None else int(prediction(outputs).shape[0])
         with torch.no_grad():
-            for name, fn in (("loss", self.spec.loss_fn), *self.spec.metrics.items()):
+            for name, fn in (("loss", spec.loss_fn), *spec.metrics.items()):
+                out = pred if name in spec.defaults else outputs
                 if name in self.objects:
-                    self.objects[name].to(out.device).update(out, target)
-                else:
-                    value = torch.as_tensor(fn(out, target), dtype=torch.float64).detach() * k
-                    self.sums[name] = self.sums[name] + value if name in self.sums else value
+                    self.objects[name].to(device).update(out, target)
+                    continue
+                value = fn(out, target)
+                value = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64)
+                how = batch_total(name if name != "loss" else "loss_fn", tuple(value.shape), k, getattr(fn, "reduction", None) == "sum")
+                value = value.to(torch.float64)
+                total = value.sum() if how == "each" else value.reshape(()) if how == "sum" else value.reshape(()) * k
+                self.sums[name] = self.sums[name] + total if name in self.sums else total
         self.count += k
 
     def result(self) -> dict[str, float]:
@@ -156,3 +189,13 @@ class _State:
         out = {k: v / values[-1] for k, v in zip(keys, values[:-1])}
         out.update({name: float(m.compute()) for name, m in self.objects.items()})
         return {name: float(out[name]) for name in self.spec.names}
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """The first tensor in a (nested) output, for its device."""
+    from ..engine import tree_leaves
+
+    for leaf in tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    raise ModelError(f"the model's output ({type(output).__name__}) holds no tensor: return one, or pass forward=.")
