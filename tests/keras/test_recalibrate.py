@@ -289,8 +289,14 @@ def test_keras_applications_resnet50_inside_a_sequential_after_rescaling():
     assert {k for k in before if before[k] != after[k]} == {v.path for bn in bns for v in (bn.moving_mean, bn.moving_variance)}
 
 
-def test_fewer_samples_than_one_batch():
+def test_fewer_samples_than_one_batch_is_one_batch_of_all_of_them():
+    # fit(x, batch_size=32) on 10 samples trains on batches of 10: the statistics are those of that batch
     x, _ = far_data(10)
     model = functional_model()
-    with pytest.raises(DataError, match="no full batch"):
-        eg.recalibrate(model, x, batch_size=32, progress=False)
+    targets = [bn for _, bn in eg.find_batchnorms(model) if bn.trainable]
+    ref = reference_stats(model, [x], targets)
+    result = eg.recalibrate(model, x, batch_size=32, shuffle=False, progress=False)
+    assert result.batches == 1 and result.samples == 10 and result.batch_size == 10
+    assert any("batch_size=32 is more than the 10 samples" in n for n in result.notes)
+    for bn in targets:
+        assert_close_to_reference(bn, ref[id(bn)])
