@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from . import engine
+from ._keras_common import reshuffle_warning, reshuffles_each_iteration
 
 logger = logging.getLogger("evalgap")
 
@@ -87,6 +88,8 @@ class PreciseBNLogic:
         super().__init__()
         engine.check_schedule(every, max_samples)
         engine.check_reiterable(data, "PreciseBN")
+        if reshuffles_each_iteration(data):
+            logger.warning(reshuffle_warning("PreciseBN"))
         self.data, self.max_samples, self.every, self.verbose = data, max_samples, int(every), verbose
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.last = None
@@ -186,6 +189,8 @@ class GapMonitorLogic:
     ):
         super().__init__()
         self.data, self.batching = data, {"batch_size": batch_size, "shuffle": shuffle, "seed": seed}
+        if reshuffles_each_iteration(data):
+            logger.warning(reshuffle_warning("GapMonitor"))
         self.core = engine.GapProbe(max_samples=max_samples, every=every, verbose=verbose, primary=primary, fix=self._adapter.remedies.monitor_fix())
 
     @property

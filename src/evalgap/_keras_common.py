@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .engine import ModelFacts, is_training_only
+from .engine import ModelFacts, is_training_only, tree_leaves
 
 #: Per-sample normalization layers: the same in both modes.
 NON_BN_NORMALIZATION = ("LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization")
@@ -83,3 +83,54 @@ def classifier_defaults(y: Any, pred: np.ndarray, sparse: Callable[..., Any], ca
     probs = bool(np.all(p >= 0) and np.allclose(p.sum(-1), 1.0, atol=1e-3))
     loss = categorical if y.shape == p.shape else sparse
     return loss(from_logits=not probs), ["accuracy"]
+
+
+def reshuffles_each_iteration(data: Any) -> bool:
+    """A ``tf.data.Dataset`` with a ``shuffle`` that reshuffles on every iteration anywhere in its pipeline.
+
+    Each iteration of such a dataset advances its shuffle's seed, so a pass over the very object
+    ``fit`` trains on changes the batch order of fit's later epochs. Read from the pipeline's
+    attributes (``_inputs()``, ``_reshuffle_each_iteration``); nothing is imported or iterated.
+    """
+    seen: set[int] = set()
+    stack = [data]
+    while stack:
+        d = stack.pop()
+        if id(d) in seen or not hasattr(d, "element_spec"):
+            continue
+        seen.add(id(d))
+        if "Shuffle" in type(d).__name__ and getattr(d, "_reshuffle_each_iteration", False):
+            return True
+        try:
+            stack.extend(d._inputs())
+        except Exception:  # not a tf.data pipeline we can walk
+            pass
+    return False
+
+
+def reshuffle_warning(who: str) -> str:
+    return (f"{who}: this tf.data.Dataset reshuffles on every iteration. If fit trains on this same Dataset object, "
+            f"each of {who}'s passes advances its shuffle seed, so fit's later epochs draw another batch order than they "
+            "would without the callback (the model itself is not touched). To leave training exactly as it is, give "
+            f"{who} the same pipeline built a second time (its own seed), or arrays with batch_size=.")
+
+
+def check_batched(model: Any, inputs: Any) -> None:
+    """A ``DataError`` when a one-input model's batches hold inputs one dimension short of its input,
+    as an unbatched ``tf.data.Dataset`` gives (before a pass fails on the shapes)."""
+    from .errors import DataError
+
+    try:
+        specs = list(model.inputs)
+    except Exception:  # a subclassed model, or a Sequential without an Input: no declared shape
+        return
+    leaves = [leaf for leaf in tree_leaves(inputs) if hasattr(leaf, "shape")]
+    if len(specs) != 1 or len(leaves) != 1:
+        return
+    expected, given = tuple(specs[0].shape), tuple(leaves[0].shape)
+    if len(given) == len(expected) - 1:
+        raise DataError(
+            f"the model takes inputs of shape {expected}, but the data's batches hold inputs of shape {given}: one "
+            "dimension short, as an unbatched tf.data.Dataset gives. Call .batch(batch_size) on it (fit's batch size)."
+        )
+

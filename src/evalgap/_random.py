@@ -16,6 +16,33 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 
+def loader_generators(loader: Any) -> list[Any]:
+    """The ``torch.Generator`` objects a DataLoader's shuffling draws from (its own, its sampler's)."""
+    t = sys.modules.get("torch")
+    found: list[Any] = []
+    if t is None:
+        return found
+    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, t.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+def iterate_keeping_random_states(loader: Any) -> Iterator[Any]:
+    """Iterate a torch DataLoader and put back every random state the iteration drew from (its generators
+    and torch's global RNG, which a sampler without a generator and the worker seeds use): reading the
+    training loader for statistics must not change the order training draws next."""
+    with random_states_kept(python=False, numpy=False, generators=loader_generators(loader)):
+        yield from loader
+
+
+def is_torch_loader(data: Any) -> bool:
+    """A ``torch.utils.data.DataLoader`` (without importing torch when it is not loaded)."""
+    t = sys.modules.get("torch")
+    return t is not None and isinstance(data, t.utils.data.DataLoader)
+
+
 @contextlib.contextmanager
 def random_states_kept(*, python: bool = True, numpy: bool = True, torch: bool = True, generators: Iterable[Any] = ()) -> Iterator[None]:
     """Put back, on exit, the global random states asked for and each ``generators`` state.

@@ -146,3 +146,23 @@ def test_cli_max_samples_on_the_uc_merced_folder_draws_from_every_class(tmp_path
     # 210 images in class order: the first 160 hold 16 classes; 10 random batches of 16 hold all 21
     # (a class is left out only if all 10 of its images are: about 6e-7 per class)
     assert probe["samples"] == 160 and probe["classes"] == 21, probe
+
+
+def test_an_unbatched_dataset_and_list_labels_are_named_with_the_fix():
+    tf = pytest.importorskip("tensorflow")
+    from evalgap import DataError
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 10)).astype("float32"), rng.integers(0, 3, 64)
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(4), keras.layers.BatchNormalization(), keras.layers.Dense(3)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    before = [np.array(v.numpy()) for v in model.variables]
+    with pytest.raises(DataError, match=r"inputs of shape \(10,\): one dimension short.*\.batch\(batch_size\)"):
+        eg.diagnose(model, tf.data.Dataset.from_tensor_slices((x, y)), progress=False)
+    with pytest.raises(DataError, match=r"inputs of shape \(10,\)"):
+        eg.recalibrate(model, tf.data.Dataset.from_tensor_slices(x), progress=False)
+    with pytest.raises(DataError, match=r"y is a Python list of numbers: pass it as an array \(np.asarray\(y\)\)"):
+        eg.diagnose(model, (x, list(y)), batch_size=16, progress=False)
+    for v, b in zip(model.variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    assert eg.diagnose(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16), progress=False).samples == 64

@@ -185,3 +185,26 @@ def test_no_batchnorm_all_frozen_bad_labels_and_generators(digits):
         eg.diagnose(net(), (xn, np.array([f"class{i}" for i in yn])), batch_size=BATCH, progress=False)
     with pytest.raises(DataError, match="re-iterable"):
         eg.PreciseBN(b for b in [(xn, yn)])
+
+
+def test_a_last_batch_of_one_sample_counts_as_evaluate_counts_it():
+    # 97 samples in batches of 32: evaluate counts the last sample; so do E and every other mode (Keras trains on it too)
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (97, 10)).astype("float32")
+    y = rng.integers(0, 3, 97)
+    inp = keras.Input((10,))
+    h = layers.Dense(8)(inp)
+    h = layers.BatchNormalization(momentum=0.99)(h)
+    out = layers.Dense(3)(layers.ReLU()(h))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    expected = model.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)
+
+    report = eg.diagnose(model, (x, y), batch_size=32, shuffle=False, history=history, progress=False)
+
+    assert report.probe["samples"] == 97
+    for name in ("loss", "accuracy"):
+        d = report.decompositions[name]
+        assert d.values["E"] == pytest.approx(expected[name], rel=1e-5, abs=1e-7)
+        assert sum(d.terms.values()) == pytest.approx(d.values["F"] - d.values["E"], abs=1e-12)

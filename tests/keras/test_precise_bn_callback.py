@@ -127,3 +127,64 @@ def test_gap_monitor_logs_the_terms_and_changes_nothing(capsys):
     before = snapshot(model)
     monitor.on_epoch_end(1, {})
     assert snapshot(model) == before
+
+
+def _tiny(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(), keras.layers.ReLU(), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _trainable(model):
+    return [np.array(v.numpy()) for v in model.trainable_variables]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch DataLoader is data for the torch backend")
+def test_callbacks_on_the_training_dataloader_leave_its_shuffled_order_alone():
+    import torch
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 6)).astype("float32"), rng.integers(0, 3, 96)
+
+    def run(callbacks_for):
+        torch.manual_seed(5)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=16, shuffle=True)
+        model = _tiny()
+        model.fit(loader, epochs=3, verbose=0, callbacks=callbacks_for(loader))
+        return _trainable(model)
+
+    plain = run(lambda loader: [])
+    for make in (lambda d: [eg.PreciseBN(d, verbose=0)], lambda d: [eg.GapMonitor(d, max_samples=32, verbose=0)]):
+        got = run(make)
+        for a, b in zip(plain, got):
+            np.testing.assert_array_equal(a, b)  # the same batches in the same order: bit-identical weights
+
+
+def test_a_reshuffling_tf_dataset_is_warned_about_and_a_second_build_of_it_leaves_training_alone(caplog):
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 6)).astype("float32"), rng.integers(0, 3, 96)
+
+    def pipeline(reshuffle=True):
+        return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(96, seed=7, reshuffle_each_iteration=reshuffle).batch(16).prefetch(1)
+
+    with caplog.at_level("WARNING", logger="evalgap"):
+        eg.PreciseBN(pipeline(), verbose=0)
+        eg.GapMonitor(pipeline(), verbose=0)
+        eg.PreciseBN(pipeline(reshuffle=False), verbose=0)
+        eg.PreciseBN(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), verbose=0)
+    warned = [r.getMessage() for r in caplog.records if "reshuffles on every iteration" in r.getMessage()]
+    assert [w.split(":")[0] for w in warned] == ["PreciseBN", "GapMonitor"]
+
+    if keras.backend.backend() != "tensorflow":
+        return
+    # the advice holds: fit on one build, the callback on a second build of the same pipeline
+    def run(with_callback):
+        train = pipeline()
+        model = _tiny()
+        model.fit(train, epochs=3, verbose=0, callbacks=[eg.PreciseBN(pipeline(), verbose=0)] if with_callback else [])
+        return _trainable(model)
+
+    for a, b in zip(run(False), run(True)):
+        np.testing.assert_array_equal(a, b)

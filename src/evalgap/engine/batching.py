@@ -266,7 +266,8 @@ def peek(source: Any) -> tuple[Batch | None, Any]:
 
 def without_singleton_batch(source: Any) -> Any:
     """The source without a last batch of one sample when batches are larger: one value per channel has no
-    batch statistics (PyTorch refuses it in training mode), so diagnose leaves it out of every mode."""
+    batch statistics (PyTorch refuses it in training mode), so diagnose leaves it out of every mode for
+    adapters whose training mode refuses it (``Adapter.one_sample_batches``)."""
     if isinstance(source, ArrayBatches):
         if source.batch_size > 1 and source._starts and source.samples - source._starts[-1] == 1:
             out = ArrayBatches.__new__(ArrayBatches)

@@ -127,7 +127,9 @@ def diagnose(
         source = source.take(max_samples)
     elif getattr(source, "infinite", False):
         raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_samples= to say how much to probe.")
-    probe = without_singleton_batch(materialize(source))
+    probe = materialize(source)
+    if not adapter.one_sample_batches:
+        probe = without_singleton_batch(probe)
     first, probe = peek(probe)
     if first is None:
         raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")

@@ -211,6 +211,7 @@ class Adapter(Protocol):
     api: str
     convention: Convention
     frozen_means: str  # what "frozen" is in this framework, for notes
+    one_sample_batches: bool  # training mode takes a batch of one sample (PyTorch refuses one value per channel)
     bn_kind: str  # how errors name the framework's BatchNorm layers ("BatchNormalization layer")
     remedies: Remedies
 

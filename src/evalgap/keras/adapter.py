@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
+from .._keras_common import check_batched
 from ..engine import Batch, NormLayer
 from ..engine.moments import captures_to_host
 from ..errors import ModelError
@@ -21,6 +22,7 @@ class KerasAdapter:
     api = "evalgap.keras"
     convention = "keras"
     frozen_means = "trainable=False: inference mode even in fit"
+    one_sample_batches = True  # a batch of one normalizes to beta in training, as fit trains on it
     remedies = REMEDIES
     bn_kind = "BatchNormalization layer"
 
@@ -38,6 +40,7 @@ class KerasAdapter:
                     "evalgap.tf_keras (the same recalibrate, diagnose, PreciseBN and GapMonitor, with the same arguments)."
                 )
             raise ModelError(f"expected a Keras model, got {type(model).__name__}.")
+        check_batched(model, first.inputs)
         if not model.built:
             model(first.inputs, training=False)  # builds the variables; inference mode changes no statistic
         return model

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._keras_common import check_batched
 from ..engine import Batch, NormLayer
 from ..engine.moments import captures_to_host
 from ..errors import ModelError, RecalibrationError
@@ -28,6 +29,7 @@ class TfKerasAdapter:
     api = "evalgap.tf_keras"
     convention = "keras"
     frozen_means = "trainable=False, or called with training=False (e.g. base(x, training=False)): inference mode even in fit"
+    one_sample_batches = True  # a batch of one normalizes to beta in training, as fit trains on it
     remedies = REMEDIES
     bn_kind = "BatchNormalization layer"
 
@@ -43,6 +45,7 @@ class TfKerasAdapter:
             if _is_keras3(model):
                 raise ModelError(f"{type(model).__name__} is a Keras 3 model: use evalgap.keras (same functions and arguments).")
             raise ModelError(f"expected a Keras 2 (tf_keras) model, got {type(model).__name__}.")
+        check_batched(model, first.inputs)
         if not model.built:
             model(first.inputs, training=False)
         try:

@@ -23,6 +23,7 @@ class TorchAdapter:
     api = "evalgap.torch"
     convention = "torch"
     frozen_means = "eval mode during training"
+    one_sample_batches = False  # BatchNorm raises on one value per channel in training mode
     remedies = REMEDIES
     bn_kind = "BatchNorm layer (torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm or a _BatchNorm subclass)"
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._random import random_states_kept
+from .._random import iterate_keeping_random_states
 from ..engine import ArrayBatches, Batch, StreamBatches, tree_leaves
 from ..errors import DataError
 
@@ -162,26 +162,8 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
     if batch_size is not None:
         logger.info("batch_size=%s is ignored: the data are already batched", batch_size)
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, Mapping) else None
-    make = (lambda: _rng_preserved(data)) if isinstance(data, torch.utils.data.DataLoader) else (lambda: data)
+    make = (lambda: iterate_keeping_random_states(data)) if isinstance(data, torch.utils.data.DataLoader) else (lambda: data)
     return StreamBatches(make, to_batch=_stream_batch, reiterable=not hasattr(data, "__next__"), total=total)
-
-
-def _generators(loader) -> list[torch.Generator]:
-    """The random generators a DataLoader's shuffling draws from (its own, its sampler's)."""
-    found = []
-    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        g = getattr(owner, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not f for f in found):
-            found.append(g)
-    return found
-
-
-def _rng_preserved(loader):
-    """Iterate ``loader`` and put back every random state the iteration drew from (its generators and
-    torch's global RNG, which a sampler without a generator and the worker seeds use): reading the
-    training loader for statistics must not change the order training draws next."""
-    with random_states_kept(python=False, numpy=False, generators=_generators(loader)):
-        yield from loader
 
 
 def _dataset_batches(dataset, batch_size: int, shuffle: bool, seed: int):
@@ -194,7 +176,7 @@ def _dataset_batches(dataset, batch_size: int, shuffle: bool, seed: int):
         note = f"batch_size={batch_size} is more than the {len(dataset)} samples: one batch of all of them, as training draws it"
         batch_size = len(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order)
-    source = StreamBatches(lambda: _rng_preserved(loader), to_batch=_stream_batch, reiterable=True, total=len(loader))
+    source = StreamBatches(lambda: iterate_keeping_random_states(loader), to_batch=_stream_batch, reiterable=True, total=len(loader))
     source.batch_size, source.size_note = batch_size, note
     how = f"shuffled with seed {seed}" if shuffle else "in the dataset's order"
     source.describe = f"dataset samples cut into batches of {batch_size} {how}"
