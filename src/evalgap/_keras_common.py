@@ -112,12 +112,14 @@ def reshuffle_warning(who: str) -> str:
     return (f"{who}: this tf.data.Dataset reshuffles on every iteration. If fit trains on this same Dataset object, "
             f"each of {who}'s passes advances its shuffle seed, so fit's later epochs draw another batch order than they "
             "would without the callback (the model itself is not touched). To leave training exactly as it is, give "
-            f"{who} the same pipeline built a second time (its own seed), or arrays with batch_size=.")
+            f"{who} the same pipeline built a second time (its own seed), or arrays with batch_size=. (A second build "
+            "reads the same here: if that is what you passed, all is well; logger 'evalgap' carries this warning.)")
 
 
 def check_batched(model: Any, inputs: Any) -> None:
-    """A ``DataError`` when a one-input model's batches hold inputs one dimension short of its input,
-    as an unbatched ``tf.data.Dataset`` gives (before a pass fails on the shapes)."""
+    """A ``DataError`` when a one-input model's batches are shaped like one of its samples, as an
+    unbatched ``tf.data.Dataset`` gives them (before a pass fails on the shapes). A batch that only
+    lacks a trailing axis of size 1 (``(n,)`` for ``Input((1,))``) is fine: Keras adds it."""
     from .errors import DataError
 
     try:
@@ -128,9 +130,22 @@ def check_batched(model: Any, inputs: Any) -> None:
     if len(specs) != 1 or len(leaves) != 1:
         return
     expected, given = tuple(specs[0].shape), tuple(leaves[0].shape)
-    if len(given) == len(expected) - 1:
+    per_sample = expected[1:]  # a batch shaped like one sample (Keras itself adds a missing trailing axis of 1)
+    if len(given) == len(per_sample) and all(e is None or int(e) == int(g) for e, g in zip(per_sample, given)):
         raise DataError(
             f"the model takes inputs of shape {expected}, but the data's batches hold inputs of shape {given}: one "
             "dimension short, as an unbatched tf.data.Dataset gives. Call .batch(batch_size) on it (fit's batch size)."
         )
+
+
+def check_no_number_lists(data: Any) -> None:
+    """A ``DataError`` for ``(x, y[, w])`` whose ``y`` or ``w`` is a Python list of numbers, which Keras's
+    ``fit`` and ``evaluate`` fail on with an ``IndexError`` (a list of arrays is one per output: fine)."""
+    from .errors import DataError
+
+    if not (isinstance(data, tuple) and 2 <= len(data) <= 3):
+        return
+    for name, part in zip(("y", "sample_weight"), data[1:]):
+        if isinstance(part, list) and any(np.ndim(leaf) == 0 for leaf in part):
+            raise DataError(f"{name} is a Python list of numbers: pass it as an array (np.asarray({name})), as fit and evaluate need it.")
 

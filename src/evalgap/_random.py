@@ -29,12 +29,13 @@ def loader_generators(loader: Any) -> list[Any]:
     return found
 
 
-def iterate_keeping_random_states(loader: Any) -> Iterator[Any]:
-    """Iterate a torch DataLoader and put back every random state the iteration drew from (its generators
-    and torch's global RNG, which a sampler without a generator and the worker seeds use): reading the
-    training loader for statistics must not change the order training draws next."""
+def iterate_keeping_random_states(loader: Any, batches: Iterable[Any] | None = None) -> Iterator[Any]:
+    """Iterate a torch DataLoader (or ``batches`` read from it, e.g. through Keras's data adapter) and put
+    back every random state the iteration drew from (the loader's generators and torch's global RNG,
+    which a sampler without a generator and the worker seeds use): reading the training loader for
+    statistics must not change the order training draws next."""
     with random_states_kept(python=False, numpy=False, generators=loader_generators(loader)):
-        yield from loader
+        yield from (loader if batches is None else batches)
 
 
 def is_torch_loader(data: Any) -> bool:

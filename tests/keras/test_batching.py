@@ -166,3 +166,8 @@ def test_an_unbatched_dataset_and_list_labels_are_named_with_the_fix():
     for v, b in zip(model.variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
     assert eg.diagnose(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16), progress=False).samples == 64
+    # one feature given as (n,) for Input((1,)): Keras adds the axis, so no refusal
+    one = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4), keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    one.compile("adam", "mse")
+    report = eg.diagnose(one, (x[:, 0], x[:, 1]), batch_size=16, progress=False)
+    assert report.decompositions["loss"].values["E"] == pytest.approx(one.evaluate(x[:, 0], x[:, 1], batch_size=16, verbose=0), rel=1e-5)

@@ -147,18 +147,25 @@ def test_callbacks_on_the_training_dataloader_leave_its_shuffled_order_alone():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(96, 6)).astype("float32"), rng.integers(0, 3, 96)
 
+    own_generator = False
+
     def run(callbacks_for):
         torch.manual_seed(5)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=16, shuffle=True)
+        dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+        if own_generator:  # the reproducible set-up: the loader's own generator
+            loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+        else:  # the sampler draws from torch's global generator
+            loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True)
         model = _tiny()
         model.fit(loader, epochs=3, verbose=0, callbacks=callbacks_for(loader))
         return _trainable(model)
 
-    plain = run(lambda loader: [])
-    for make in (lambda d: [eg.PreciseBN(d, verbose=0)], lambda d: [eg.GapMonitor(d, max_samples=32, verbose=0)]):
-        got = run(make)
-        for a, b in zip(plain, got):
-            np.testing.assert_array_equal(a, b)  # the same batches in the same order: bit-identical weights
+    for own_generator in (False, True):
+        plain = run(lambda loader: [])
+        for make in (lambda d: [eg.PreciseBN(d, verbose=0)], lambda d: [eg.GapMonitor(d, max_samples=32, verbose=0)]):
+            got = run(make)
+            for a, b in zip(plain, got):
+                np.testing.assert_array_equal(a, b)  # the same batches in the same order: bit-identical weights
 
 
 def test_a_reshuffling_tf_dataset_is_warned_about_and_a_second_build_of_it_leaves_training_alone(caplog):

@@ -100,5 +100,11 @@ def test_bad_labels_and_one_shot_generators_are_refused(digits):
         eg.diagnose(net(), (xn, yn + 10), batch_size=BATCH, progress=False)
     with pytest.raises(DataError, match="labels must be numbers"):
         eg.diagnose(net(), (xn, np.array([f"class{i}" for i in yn])), batch_size=BATCH, progress=False)
+    with pytest.raises(DataError, match=r"y is a Python list of numbers: pass it as an array"):
+        eg.diagnose(net(), (xn, [int(v) for v in yn]), batch_size=BATCH, progress=False)
+    with pytest.raises(DataError, match=r"inputs of shape \(16, 16, 3\): one dimension short.*\.batch\(batch_size\)"):
+        import tensorflow as tf
+
+        eg.diagnose(net(), tf.data.Dataset.from_tensor_slices((xn, yn)), progress=False)
     with pytest.raises(DataError, match="re-iterable"):
         eg.PreciseBN(b for b in [(xn, yn)])

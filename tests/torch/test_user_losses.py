@@ -213,3 +213,29 @@ def test_drop_path_and_stochastic_depth_are_training_only_layers(layer):
     d = report.decompositions["loss"]
     assert d.values["T"] != d.values["Td"]  # measured with the branch dropped, not copied from Td
     assert d.terms["training_only_layers"] == pytest.approx(d.values["T"] - d.values["Td"])
+
+
+def test_a_model_with_auxiliary_outputs_in_training_mode_gives_the_user_loss_its_logits():
+    # InceptionV3 / GoogLeNet style: a namedtuple (logits, aux_logits) in training mode, a tensor in evaluation mode
+    from collections import namedtuple
+
+    Outputs = namedtuple("Outputs", ["logits", "aux_logits"])
+
+    class Inception(Net):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.0)  # a training-only layer, so T is measured; p = 0 keeps T equal to Td
+            self.aux = nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.drop(self.body(x))
+            return Outputs(self.head(h), self.aux(h)) if self.training else self.head(h)
+
+    x, y = data(64)
+    model = Inception()
+    batches = loader_batches(x, y, 16)
+    report = eg.diagnose(model, batches, loss_fn=nn.CrossEntropyLoss(), metrics={}, progress=False)
+    d = report.decompositions["loss"]
+    assert d.values["T"] == pytest.approx(d.values["Td"], rel=1e-6)
+    assert E(report, "loss") == pytest.approx(own_eval_loop(model, batches, F.cross_entropy), rel=1e-6)
+    assert any("auxiliary outputs" in n for n in report.notes)

@@ -82,8 +82,8 @@ class ArrayBatches:
         self.batch_size = int(batch_size)
         self.size_note = size_note
         if self.batch_size > self.samples:  # as fit and a DataLoader do: one batch of all the samples
-            self.size_note = (f"batch_size={self.batch_size} is more than the {self.samples} samples: one batch of all of them, "
-                              "as training draws it")
+            clamped = f"batch_size={self.batch_size} is more than the {self.samples} samples: one batch of all of them, as training draws it"
+            self.size_note = clamped if size_note is None else f"{size_note}; {clamped}"
             self.batch_size = self.samples
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.to_batch = to_batch

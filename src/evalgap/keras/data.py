@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_label_dtype
+from .._keras_common import check_no_number_lists
 from .._random import is_torch_loader, iterate_keeping_random_states
 from ..engine import ArrayBatches, Batch, StreamBatches, tree_leaves
 from ..errors import DataError
@@ -100,10 +101,7 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
 
     if data is None:
         raise DataError("data is None: pass the training data (arrays, a tf.data.Dataset, a PyDataset or batches).")
-    if isinstance(data, tuple) and 2 <= len(data) <= 3:
-        for name, part in zip(("y", "sample_weight"), data[1:]):
-            if isinstance(part, list) and any(np.ndim(leaf) == 0 for leaf in part):  # a list of arrays is one per output
-                raise DataError(f"{name} is a Python list of numbers: pass it as an array (np.asarray({name})), as fit and evaluate need it.")
+    check_no_number_lists(data)
     if is_array_structure(data):
         size = int(batch_size or DEFAULT_BATCH_SIZE)
         note = None if batch_size else "Keras's default for arrays; pass batch_size= to use your training batch size"
@@ -117,7 +115,7 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
         adapter = get_data_adapter(data, shuffle=False)
         make = adapter.get_numpy_iterator
         if is_torch_loader(data):  # its sampler draws from generators fit draws from next: put them back
-            make = lambda: iterate_keeping_random_states(adapter.get_numpy_iterator())  # noqa: E731
+            make = lambda: iterate_keeping_random_states(data, adapter.get_numpy_iterator())  # noqa: E731
         total = adapter.num_batches
     except ValueError:
         if not hasattr(data, "__iter__"):

@@ -107,7 +107,8 @@ def diagnose(
         loss_fn: ``(output, target) -> value`` or an ``nn.Module`` loss, called as an
             evaluation loop calls it: on the model's output as the model returns it (tensor,
             tuple, dict) and the batch's targets as they come. The value is the batch mean,
-            the batch sum (``reduction='sum'``) or one value per sample (``reduction='none'``);
+            the batch sum (an ``nn.Module`` loss with ``reduction='sum'``; a plain function's
+            one number is a mean) or one value per sample (``reduction='none'``);
             the report gives the mean per sample. Sample weights: pass them with the
             targets, ``(x, (y, w))``, and weight in ``loss_fn``. Default, only where the
             shapes leave no doubt (:mod:`evalgap.engine.tasks`), on the prediction in the

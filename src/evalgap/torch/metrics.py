@@ -4,8 +4,9 @@
 evaluation loop calls it: ``loss_fn(model(x), y)``, with the model's output as it returns it
 (a tensor, a tuple, a dict) and the batch's targets as they come (a ``(y, w)`` pair stays a
 pair). ``metrics`` maps names to such callables or to torchmetrics ``Metric`` objects. A
-callable's value on a batch is its batch mean (one number), its sum (one number, from a loss
-with ``reduction='sum'``), or one value per sample (``reduction='none'``)
+callable's value on a batch is its batch mean (one number), its sum (one number, only from an
+object whose ``reduction`` is ``'sum'``, such as ``nn.CrossEntropyLoss(reduction='sum')``: a
+plain function's one number is taken as a mean), or one value per sample (``reduction='none'``)
 (:func:`evalgap.engine.tasks.batch_total`); the totals are summed on the device and moved to the
 host once, so every mode gives the per-sample mean over all batches. A torchmetrics object runs
 on a fresh copy per mode (``update`` per batch, ``compute`` at the end, its own
@@ -109,6 +110,7 @@ class TorchMetrics:
         self.names = ["loss", *self.metrics]
         self.given, self.notes = given, notes
         self.defaults = defaults  # names computed by evalgap's defaults, on prediction(output)
+        self.tensor_output = True  # the first output seen was a tensor (see _State.update)
 
     @classmethod
     def choose(cls, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None, collective=None) -> "TorchMetrics":
@@ -137,7 +139,9 @@ class TorchMetrics:
             notes.append(f"the batches hold {len(raw)} elements; the first is the input, the second the targets, the rest is not "
                          "used: to weight the loss by sample, pass the weights with the targets, (x, (y, w)), and a loss_fn "
                          "that applies them.")
-        return cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=frozenset(defaults))
+        spec = cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=frozenset(defaults))
+        spec.tensor_output = isinstance(outputs, torch.Tensor)
+        return spec
 
     def new(self) -> "_State":
         return _State(self)
@@ -160,6 +164,14 @@ class _State:
                 "loss_fn=lambda out, t: (torch.nn.functional.cross_entropy(out, t[0], reduction='none') * t[1]).mean()."
             )
         spec = self.spec
+        if spec.tensor_output and not isinstance(outputs, torch.Tensor):
+            # a model that returns more in training mode (InceptionV3, GoogLeNet: logits and auxiliary logits) than the
+            # tensor it returns in evaluation mode: the user's callables get what an evaluation loop gives them
+            outputs = prediction(outputs)
+            note = ("the model returns more than a tensor in training mode (auxiliary outputs): T uses its prediction "
+                    "(a tuple's first element, a dict's logits), as the evaluation mode's output is a tensor.")
+            if note not in spec.notes:
+                spec.notes.append(note)
         pred = None
         if spec.defaults:
             pred = prediction(outputs)
