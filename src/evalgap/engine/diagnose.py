@@ -102,7 +102,7 @@ class _Run:
             raise RecalibrationError(
                 f"diagnose's {what} pass failed at {where} ({type(exc).__name__}: {exc}); the model was restored exactly as "
                 "it was." + (" " + hint if hint else "") + " Check that the data fit the model and that loss_fn/metrics "
-                "return one number per batch."
+                "return one number per batch or one per sample."
             ) from exc
 
 

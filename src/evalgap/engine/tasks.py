@@ -16,7 +16,7 @@ task               output / targets                             loss, metrics
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 TASKS = ("classification", "segmentation", "binary", "regression")
 
@@ -82,3 +82,22 @@ def batch_total(name: str, shape: Sequence[int], samples: int, summed: bool = Fa
         f"{name} gave values of shape {tuple(int(d) for d in shape)} for a batch of {samples} samples: return one number "
         f"(the batch mean, or its sum with reduction='sum') or one value per sample (reduction='none')."
     )
+
+
+def completed(
+    loss_fn: Any, metrics: Mapping[str, Any] | None, task: Callable[[], str], table: Mapping[str, tuple[Any, Mapping[str, Any]]],
+) -> tuple[Any, dict[str, Any], frozenset[str], list[str]]:
+    """The user's loss and metrics, completed with the adapter's defaults for the task the shapes imply.
+
+    ``task()`` is asked only when something is missing; ``table[task]`` is the adapter's
+    ``(loss, {name: metric})``. Returns ``(loss_fn, metrics, names computed by defaults, notes)``.
+    """
+    if loss_fn is not None and metrics is not None:
+        return loss_fn, dict(metrics), frozenset(), []
+    kind = task()
+    default_loss, default_metrics = table[kind]
+    which = "loss and metrics" if loss_fn is None and metrics is None else "loss" if loss_fn is None else "metrics"
+    defaults = ({"loss"} if loss_fn is None else set()) | (set(default_metrics) if metrics is None else set())
+    return (loss_fn if loss_fn is not None else default_loss, dict(metrics if metrics is not None else default_metrics), frozenset(defaults),
+            [f"{which}: {NOTES[kind]}; pass loss_fn=/metrics= to measure your own."])
+

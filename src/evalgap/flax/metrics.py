@@ -26,7 +26,7 @@ import numpy as np
 
 from .._checks import check_labels
 from ..engine import Batch, Collective
-from ..engine.tasks import NOTES, batch_total, default_task
+from ..engine.tasks import batch_total, completed, default_task
 from ..errors import DataError, ModelError
 
 Metric = Callable[[Any, Any], Any]
@@ -125,20 +125,9 @@ class FlaxMetrics:
         """The user's loss and metrics, completed with the defaults the shapes imply."""
         if metrics is not None and not isinstance(metrics, Mapping):
             raise DataError("metrics must be a dict {'name': (output, target) -> scalar}.")
-        notes: list[str] = []
         given = list(metrics) if metrics else []
-        defaults: set[str] = set()
-        if loss_fn is None or metrics is None:
-            task = _task(prediction(outputs), batch.targets)
-            default_loss, default_metrics = DEFAULTS[task]
-            which = "loss and metrics" if loss_fn is None and metrics is None else "loss" if loss_fn is None else "metrics"
-            notes.append(f"{which}: {NOTES[task]}; pass loss_fn=/metrics= to measure your own.")
-            if loss_fn is None:
-                loss_fn, defaults = default_loss, {"loss"}
-            if metrics is None:
-                metrics = default_metrics
-                defaults |= set(default_metrics)
-        return cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=frozenset(defaults))
+        loss_fn, metrics, defaults, notes = completed(loss_fn, metrics, lambda: _task(prediction(outputs), batch.targets), DEFAULTS)
+        return cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=defaults)
 
     def values(self, out: Any, target: Any) -> tuple:
         """Every callable's value on one batch: compiled together when they allow it, else as they are."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from .._checks import check_labels
 from ..engine import Batch, Collective
-from ..engine.tasks import NOTES, batch_total, default_task
+from ..engine.tasks import batch_total, completed, default_task
 from ..errors import DataError, ModelError
 from .data import to_device
 
@@ -117,20 +117,8 @@ class TorchMetrics:
         """The user's loss and metrics, completed with the defaults the shapes imply."""
         if metrics is not None and not isinstance(metrics, Mapping):
             raise DataError("metrics must be a dict {'name': callable or torchmetrics.Metric}.")
-        notes = []
         given = list(metrics) if metrics else []
-        defaults: set[str] = set()
-        if loss_fn is None or metrics is None:
-            out = prediction(outputs)
-            task = _task(out, batch.targets)
-            default_loss, default_metrics = DEFAULTS[task]
-            notes.append(f"{'loss and metrics' if loss_fn is None and metrics is None else 'loss' if loss_fn is None else 'metrics'}: "
-                         f"{NOTES[task]}; pass loss_fn=/metrics= to measure your own.")
-            if loss_fn is None:
-                loss_fn, defaults = default_loss, {"loss"}
-            if metrics is None:
-                metrics = default_metrics
-                defaults |= set(default_metrics)
+        loss_fn, metrics, defaults, notes = completed(loss_fn, metrics, lambda: _task(prediction(outputs), batch.targets), DEFAULTS)
         if getattr(loss_fn, "reduction", None) == "sum":
             notes.append("loss: loss_fn sums over each batch (reduction='sum'); the loss reported is its total over the data "
                          "divided by the number of samples.")
@@ -139,7 +127,7 @@ class TorchMetrics:
             notes.append(f"the batches hold {len(raw)} elements; the first is the input, the second the targets, the rest is not "
                          "used: to weight the loss by sample, pass the weights with the targets, (x, (y, w)), and a loss_fn "
                          "that applies them.")
-        spec = cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=frozenset(defaults))
+        spec = cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=defaults)
         spec.tensor_output = isinstance(outputs, torch.Tensor)
         return spec
 
