@@ -73,6 +73,7 @@ def main() -> None:
     later = times.t[1:] or times.t
     base = statistics.mean(later)
     rows = [{"run": "plain model.fit", "epoch_seconds": base, "ratio": 1.0}]
+    print(f"plain model.fit: {base:.2f} s per epoch", flush=True)  # each run as it ends: a killed bench keeps what it measured
     settings = {"none": ("precise-every 0", 0, None),
                 "seed": (f"precise-every {PRECISE_SCHEDULE} (default)", PRECISE_SCHEDULE, DEFAULT_PRECISE_SAMPLES),
                 "every1": ("precise-every 1", 1, DEFAULT_PRECISE_SAMPLES),
@@ -91,6 +92,8 @@ def main() -> None:
             row.update(measurement_seconds=cost, fit_epoch_seconds=fit_part, projected_epochs=args.project,
                        projected_measurements=planned, projected_ratio=1 + planned * cost / (args.project * fit_part))
         rows.append(row)
+        print(f"{row['run']}: {row['epoch_seconds']:.2f} s per epoch, {row['ratio']:.3f}x plain fit"
+              + (f", projected {row['projected_ratio']:.3f}x over {args.project} epochs" if "projected_ratio" in row else ""), flush=True)
     print(f"backend {keras.backend.backend()}, ResNet50, {what} at {args.image_size}x{args.image_size}, batch 96, validation = training data, "
           f"{args.epochs} epochs; epoch time: mean after the first")
     print(f"{'run':60s} {'epoch s':>8s} {'images/s':>9s} {'ratio':>6s} {'1 measurement s':>16s} {f'ratio over {args.project} epochs':>22s}")
