@@ -11,6 +11,11 @@ machine's drift between runs). Methods: evalgap, fvcore's
         [--image-size 128] [--runs 5] [--device cpu] [--channels-last] [--autocast bf16] [--json FILE]
 
 ``--autocast bf16`` runs every method (the baseline too) under ``torch.autocast`` with bfloat16.
+
+``--clock thread`` (CPU only) times each method by the CPU time of this thread
+(``time.thread_time``) with torch on one thread: all of the work then runs in this thread, and
+the time other processes take from a shared machine is not counted, so differences of a fraction
+of a percent show through the noise that wall-clock ratios carry there.
 """
 
 from __future__ import annotations
@@ -50,9 +55,16 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--model", choices=["resnet50", "mobilenet_v2"], default="resnet50")
     p.add_argument("--autocast", choices=["bf16"], default=None, help="run every method under torch.autocast(bfloat16)")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall: time.perf_counter; thread: this thread's CPU time, torch on one thread (CPU only)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.clock == "thread":
+        if device.type != "cpu":
+            p.error("--clock thread measures CPU work of this thread: use it with --device cpu")
+        torch.set_num_threads(1)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.manual_seed(0)
     model = {"resnet50": resnet50, "mobilenet_v2": mobilenet_v2}[args.model]().to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -100,16 +112,16 @@ def main() -> None:
         for name, fn in order.sample(list(methods.items()), len(methods)):  # a new order each run: no method always goes first
             model.load_state_dict(snapshot)
             sync(device)
-            t = time.perf_counter()
+            t = clock()
             with precision():
                 fn()
             sync(device)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     base = statistics.median(times["training-mode forward (baseline)"])
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     setting = (f"{args.model}, {args.batches} batches of {args.batch_size}x3x{args.image_size}x{args.image_size}"
                f"{', channels-last' if args.channels_last else ''}{', autocast bf16' if args.autocast else ', fp32'}")
-    print(f"{setting}, device {device} ({where}, {torch.get_num_threads()} threads), torch {torch.__version__}, {args.runs} runs: "
+    print(f"{setting}, device {device} ({where}, {torch.get_num_threads()} threads), torch {torch.__version__}, {args.runs} runs, {args.clock} clock: "
           "ratio of medians, of minimums, and the median of each run's own ratio (paired)")
     print(f"{'method':36s} {'seconds':>9s} {'ratio':>7s} {'min':>8s} {'paired':>8s}")
     results = []
@@ -122,7 +134,7 @@ def main() -> None:
         print(f"{name:36s} {med:9.3f} {med / base:7.3f}x {low:7.3f}x {paired:7.3f}x")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"framework": "torch", "setting": setting, "device": where, "torch": torch.__version__, "runs": args.runs,
+            json.dump({"framework": "torch", "setting": setting, "device": where, "torch": torch.__version__, "runs": args.runs, "clock": args.clock,
                        "results": results}, fh, indent=2)
 
 

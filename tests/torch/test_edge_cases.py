@@ -150,3 +150,19 @@ def test_bfloat16_models_are_diagnosed():
     model = trained(net(), x, y).to(torch.bfloat16)
     report = eg.diagnose(model, [(xb.to(torch.bfloat16), yb) for xb, yb in batches(x, y)], progress=False)
     assert report.finding("input_scale") is not None or report.samples == 64
+
+
+@pytest.mark.parametrize("call", ["diagnose", "recalibrate"])
+def test_data_of_one_sample_names_the_sample_count_and_loses_nothing(call):
+    """A (1, C) batch has no batch variance; PyTorch refuses it in training mode. The error says the data need
+    at least 2 samples (not only 'a larger batch size', which the user may have given), and the model is kept."""
+    model = net()
+    x, y = data(1)
+    before, before_modes = state_snapshot(model), modes(model)
+    with pytest.raises(RecalibrationError, match="at least 2 samples"):
+        if call == "diagnose":
+            eg.diagnose(model, (x, y), batch_size=8, progress=False)
+        else:
+            eg.recalibrate(model, [x], progress=False)
+    assert state_snapshot(model) == before
+    assert modes(model) == before_modes

@@ -112,7 +112,9 @@ class TorchAdapter:
 
     def hint(self, exc: Exception) -> str | None:
         if "more than 1 value per channel" in str(exc):
-            return "A batch with one value per channel has zero variance: use the training batch size (> 1)."
+            return ("A batch with one value per channel (one sample of a (N, C) input) has no batch statistics, so "
+                    "training-mode BatchNorm refuses it: give data of at least 2 samples, in batches of the training "
+                    "batch size (> 1).")
         return None
 
 

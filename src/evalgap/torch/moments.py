@@ -2,9 +2,11 @@
 
 During the pass the model is in eval mode (dropout off); each layer that normalizes by batch
 statistics is in training mode with ``momentum = 1.0`` and fresh scratch buffers in place of
-its ``running_mean`` / ``running_var`` / ``num_batches_tracked`` (views of one zeroed block), so
-after a call the scratch holds exactly that call's mean and Bessel-corrected variance,
-computed by the BN kernel that reads the activations anyway. Each layer's ``forward`` is
+its ``running_mean`` / ``running_var`` (views of one zeroed block), so after a call the scratch
+holds exactly that call's mean and Bessel-corrected variance, computed by the BN kernel that
+reads the activations anyway. Its ``num_batches_tracked`` is None for the pass when it runs
+PyTorch's own ``forward`` (which then skips the counter: one kernel launch less per call), else
+a scratch counter. Each layer's ``forward`` is
 wrapped for the pass (an instance attribute, put back on exit; no hooks, whose dispatch
 costs more than the wrapper): it notes the call (layer, values per channel), and after the
 batch one ``clone`` of the scratch block keeps every layer's moments, left on the device. A
@@ -41,6 +43,9 @@ from .data import Forward, call_model, to_device
 from .layers import modes_kept, set_training
 
 _STATE = ("running_mean", "running_var", "num_batches_tracked")
+#: Forwards that treat ``num_batches_tracked = None`` as "not counted" (BatchNorm1d/2d/3d's; SyncBatchNorm's
+#: asserts it is set, and lazy layers reset it when they materialize).
+_STOCK_FORWARDS = (_BatchNorm.forward,)
 
 
 class _Layout:
@@ -123,7 +128,12 @@ def _swap_in_scratch(bn: _BatchNorm, scratch: _Scratch) -> tuple[Any, ...]:
     if views is not None:
         buffers["running_mean"], buffers["running_var"] = views
     if buffers.get("num_batches_tracked") is not None:
-        buffers["num_batches_tracked"] = scratch.counter(buffers["num_batches_tracked"])
+        if views is not None and "forward" not in bn.__dict__ and type(bn).forward in _STOCK_FORWARDS:
+            # PyTorch's own forward reads the counter only for momentum=None and skips it when it is None:
+            # one kernel launch (``add_``) less per call
+            buffers["num_batches_tracked"] = None
+        else:  # a subclass's or the user's forward may read it
+            buffers["num_batches_tracked"] = scratch.counter(buffers["num_batches_tracked"])
     return saved
 
 
