@@ -5,7 +5,7 @@ same batch size. Per run: the mean epoch time after the first (compiling) epoch,
 second (training images / epoch time) and the ratio to plain fit (the whole run's cost), for
 reproduce without the precise_val_* side measurement, at the default schedule (after epochs 1-7,
 10, 20, 50 and the last), every epoch, every epoch with statistics from 768 images, and every
-second epoch. Whole runs follow each other, so the machine's drift between them shows in their
+second epoch. Each epoch's time is kept in the JSON (``epochs_seconds``). Whole runs follow each other, so the machine's drift between them shows in their
 ratios; each run also times its own measurements inside their epochs (``precise_seconds``), which
 gives, paired within the run, the cost of one measurement and the ratio it projects for a
 ``--project``-epoch job on each schedule (a CPU bench runs far fewer epochs than the job's 50).
@@ -72,8 +72,9 @@ def main() -> None:
     plain.fit(x, y, batch_size=96, epochs=args.epochs, validation_data=(x, y), verbose=0, callbacks=[times], shuffle=True)
     later = times.t[1:] or times.t
     base = statistics.mean(later)
-    rows = [{"run": "plain model.fit", "epoch_seconds": base, "ratio": 1.0}]
-    print(f"plain model.fit: {base:.2f} s per epoch", flush=True)  # each run as it ends: a killed bench keeps what it measured
+    rows = [{"run": "plain model.fit", "epoch_seconds": base, "ratio": 1.0, "median_epoch_seconds": statistics.median(later),
+             "epochs_seconds": times.t}]
+    print(f"plain model.fit: {base:.2f} s per epoch (epochs: {', '.join(f'{t:.1f}' for t in times.t)})", flush=True)  # each run as it ends: a killed bench keeps what it measured
     settings = {"none": ("precise-every 0", 0, None),
                 "seed": (f"precise-every {PRECISE_SCHEDULE} (default)", PRECISE_SCHEDULE, DEFAULT_PRECISE_SAMPLES),
                 "every1": ("precise-every 1", 1, DEFAULT_PRECISE_SAMPLES),
@@ -83,7 +84,9 @@ def main() -> None:
         label, every, samples = settings["seed" if key == "default" else key]
         logs = run_variant(VARIANTS["seed"], x, y, classes, args.epochs, precise_every=every, precise_samples=samples)
         secs = [r["seconds"] for r in logs[1:]] or [logs[0]["seconds"]]
-        row = {"run": f"evalgap reproduce seed ({label})", "epoch_seconds": statistics.mean(secs), "ratio": statistics.mean(secs) / base}
+        row = {"run": f"evalgap reproduce seed ({label})", "epoch_seconds": statistics.mean(secs), "ratio": statistics.mean(secs) / base,
+               "median_epoch_seconds": statistics.median(secs), "epochs_seconds": [r["seconds"] for r in logs],
+               "epochs_precise_seconds": [r.get("precise_seconds", 0.0) for r in logs]}
         measured = [r["precise_seconds"] for r in logs[1:] if "precise_seconds" in r]
         if measured:  # paired within this run: each epoch's own fit time and measurement time
             cost = statistics.median(measured)

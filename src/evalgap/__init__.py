@@ -1,7 +1,8 @@
 """evalgap: explain and close the gap between training-mode and evaluation-mode results.
 
-Public API: :mod:`evalgap.torch`, :mod:`evalgap.keras`, :mod:`evalgap.tf_keras` (Keras 2) (imported on demand, each needs its
-framework), :mod:`evalgap.stats`, :class:`Recalibration` and the errors below.
+Public API: :mod:`evalgap.torch`, :mod:`evalgap.lightning`, :mod:`evalgap.keras`, :mod:`evalgap.tf_keras` (Keras 2),
+:mod:`evalgap.flax` (imported on demand, each needs its framework), :mod:`evalgap.stats`, :class:`Report`,
+:class:`Recalibration` and the errors below.
 """
 
 from __future__ import annotations

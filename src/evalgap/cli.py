@@ -66,9 +66,11 @@ def _diagnose(args: argparse.Namespace) -> int:
         report.to_html(args.html)
         print(f"HTML report written to {args.html}")
     if args.fail_over is not None:
-        points = report.gap_points if report.gap_points is not None else 100 * report.gap
-        if points > args.fail_over:
-            print(f"evalgap: gap of {points:.1f} points exceeds --fail-over {args.fail_over}", file=sys.stderr)
+        worse = report.worse_by()
+        if worse is not None and worse > args.fail_over:
+            unit = " points" if report.gap_points is not None else ""
+            print(f"evalgap: evaluation-mode {report.primary} is worse than training mode by {worse:.4g}{unit}, "
+                  f"which exceeds --fail-over {args.fail_over:g}", file=sys.stderr)
             return 1
     return 0
 
@@ -96,8 +98,10 @@ def _recalibrate(args: argparse.Namespace) -> int:
             raise DataError("give -o fixed.pt (where to write the recalibrated state_dict), or --in-place to replace --weights.")
         _check_output(args, args.weights or "", (".pt", ".pth"))
     else:
+        if args.overwrite and not args.output:
+            args.output = args.model
         if not args.output:
-            raise DataError("give -o fixed.keras (where to write the recalibrated model).")
+            raise DataError("give -o fixed.keras (where to write the recalibrated model), or --in-place to replace MODEL.")
         _check_output(args, args.model, (".keras",))
     x, y, note = load_arrays(args)
     options = dict(_batching(args), max_samples=args.max_samples, progress=not args.quiet)
@@ -158,7 +162,8 @@ def _add_diagnose(sub) -> None:
     add_data_arguments(diag)
     diag.add_argument("--json", metavar="FILE", help="write the report as JSON (schema evalgap.report/1)")
     diag.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with figures")
-    diag.add_argument("--fail-over", type=float, metavar="POINTS", help="exit 1 when the accuracy gap exceeds POINTS")
+    diag.add_argument("--fail-over", type=float, metavar="POINTS", help="exit 1 when evaluation mode is worse than training mode by more than this, in points for "
+                      "accuracy-like metrics (5 = 0.05 accuracy), else in the metric's own units (a loss: how much higher)")
     diag.add_argument("--primary", metavar="METRIC", help="the metric to rank causes by (default: accuracy-like, else the first compiled metric, else the loss)")
     diag.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     diag.set_defaults(func=_diagnose)

@@ -55,6 +55,15 @@ class Report:
         """The gap in points (x100) when the primary metric is a fraction such as accuracy."""
         return 100 * self.gap if self.primary and is_fraction(self.primary) else None
 
+    def worse_by(self) -> float | None:
+        """How much worse evaluation mode looks than the top mode on the primary metric: positive when
+        worse (a lower accuracy, a higher loss), in points for fractions, else in the metric's units."""
+        main = self.main
+        if main is None:
+            return None
+        worse = main.goodness(self.gap)
+        return 100 * worse if self.gap_points is not None else worse
+
     @property
     def causes(self) -> list[tuple[str, float]]:
         """Significant terms of the primary metric, largest first."""

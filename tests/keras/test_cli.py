@@ -40,6 +40,33 @@ def test_diagnose_writes_reports_and_fails_over_the_threshold(saved, capsys):
     assert main(args + ["--fail-over", "100"]) == 0
 
 
+def test_fail_over_on_a_loss_means_evaluation_loss_higher_by_more_than_the_threshold(saved, capsys):
+    """--primary loss: 'worse' is a higher evaluation loss (the gap top - E is then negative); the threshold is in
+    the loss's own units."""
+    args = ["diagnose", str(saved / "model.keras"), "--npz", str(saved / "data.npz"), "--batch-size", "120", "-q",
+            "--primary", "loss", "--json", str(saved / "loss.json")]
+    assert main(args + ["--fail-over", "1e9"]) == 0
+    values = json.loads((saved / "loss.json").read_text())["metrics"]["loss"]["values"]
+    top = "F" if "F" in values else "T"
+    worse = values["E"] - values[top]  # evaluation loss above training-mode loss
+    assert worse > 0.05, values  # stale statistics (momentum 0.999) make evaluation worse
+    capsys.readouterr()
+    assert main(args + ["--fail-over", str(worse / 2)]) == 1
+    assert "exceeds --fail-over" in capsys.readouterr().err
+    assert main(args + ["--fail-over", str(worse * 2)]) == 0
+
+
+def test_recalibrate_in_place_replaces_the_model_file(saved, tmp_path):
+    target = tmp_path / "model.keras"
+    target.write_bytes((saved / "model.keras").read_bytes())
+    assert main(["recalibrate", str(target), "--npz", str(saved / "data.npz"), "--batch-size", "120", "--in-place", "-q"]) == 0
+    assert target.read_bytes() != (saved / "model.keras").read_bytes()
+    args = ["diagnose", str(target), "--npz", str(saved / "data.npz"), "--batch-size", "120", "-q", "--json", str(tmp_path / "f.json")]
+    assert main(args) == 0
+    terms = json.loads((tmp_path / "f.json").read_text())["metrics"]["accuracy"]["terms"]
+    assert abs(terms["stale_moving_statistics"]) < 0.005
+
+
 def test_recalibrate_writes_a_fixed_copy_and_keeps_the_input(saved, capsys):
     before = (saved / "model.keras").read_bytes()
     out = saved / "fixed.keras"

@@ -86,7 +86,7 @@ class TorchAdapter:
         host = torch.from_numpy(flat)
         sizes = [buf.numel() for buf in buffers]
         parts = {device: host.to(device).split(sizes) for device in {buf.device for buf in buffers}}  # raises on a size mismatch, before any write
-        sources = [parts[buf.device][i].view(buf.shape) for i, buf in enumerate(buffers)]
+        sources = [part if buf.dim() == 1 else part.view(buf.shape) for part, buf in zip(_parts(parts, buffers), buffers)]
         with torch.no_grad():
             torch._foreach_copy_(buffers, sources)
 
@@ -116,6 +116,13 @@ class TorchAdapter:
                     "training-mode BatchNorm refuses it: give data of at least 2 samples, in batches of the training "
                     "batch size (> 1).")
         return None
+
+
+def _parts(parts: dict, buffers: list) -> list:
+    """Each buffer's slice of the host values, on the buffer's device."""
+    if len(parts) == 1:
+        return list(next(iter(parts.values())))
+    return [parts[buf.device][i] for i, buf in enumerate(buffers)]
 
 
 __all__ = ["TorchAdapter"]

@@ -220,8 +220,11 @@ def flat_to_host(tensors: Sequence[torch.Tensor]) -> np.ndarray:
         return np.zeros(0)
     if len({t.device for t in tensors}) == 1:
         dtypes = {t.dtype for t in tensors}
-        common = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
-        return torch.cat([t.detach().reshape(-1).to(common) for t in tensors]).to("cpu", torch.float64).numpy()
+        with torch.no_grad():
+            if len(dtypes) == 1 and all(t.dim() == 1 for t in tensors):  # BN buffers: one concatenation, no per-tensor calls
+                return torch.cat(tensors).to("cpu", torch.float64).numpy()
+            common = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
+            return torch.cat([t.reshape(-1).to(common) for t in tensors]).to("cpu", torch.float64).numpy()
     return torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors]).numpy()
 
 
