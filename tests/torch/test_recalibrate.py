@@ -401,3 +401,20 @@ def test_a_call_that_raises_inside_the_model_leaves_no_record():
     x = torch.cat(data).double().numpy()
     np.testing.assert_allclose(net.bn.running_var.double().numpy(), x.var(0), rtol=1e-5)
     assert r["bn"].calls == 4
+
+
+def test_a_compiled_model_is_recalibrated_through_its_eager_module():
+    """``torch.compile(model)`` wraps the module (``OptimizedModule``); evalgap runs the eager module inside
+    (shared parameters and buffers), so the compiled model gets the population statistics, the layer names are
+    the user's (no ``_orig_mod.`` prefix), and nothing is left patched."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8, momentum=0.01), nn.ReLU(), nn.Linear(8, 3))
+    data = [torch.randn(16, 5) * 3 + 7 for _ in range(4)]
+    ref = reference_population_stats(net, data)
+    compiled = torch.compile(net, backend="eager")
+    r = eg.recalibrate(compiled, data, progress=False)
+    assert [layer.name for layer in r.layers] == ["1"]
+    assert_stats_close(net[1], ref["1"])
+    assert "forward" not in net[1].__dict__ and net.training
+    report = eg.diagnose(compiled, [(x, torch.zeros(16, dtype=torch.long)) for x in data], progress=False)
+    assert [layer.name for layer in report.recalibration.layers] == ["1"]

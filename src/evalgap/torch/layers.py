@@ -14,10 +14,16 @@ OTHER_NORMALIZATION = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._Inst
 
 
 def unwrap(model):
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile`` wrappers (nested
+    in any order): evalgap's passes run the eager module, whose parameters and buffers the wrappers share, so a
+    compiled model is neither recompiled nor run with its graph's guards on evalgap's temporary changes."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
 
 
 def set_modes(model: nn.Module, training: bool, *, except_eval: set[int] = frozenset()) -> None:
