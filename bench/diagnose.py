@@ -37,43 +37,24 @@ def _timed(fns: dict, runs: int) -> dict:
 
 def keras_child(args) -> dict:
     import keras
-    import numpy as np
 
     import evalgap.keras as eg
 
-    keras.utils.set_random_seed(0)
-    size = args.image_size
-    inp = keras.Input((size, size, 3))
-    h = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg")(inp)
-    if args.dropout:
-        h = keras.layers.Dropout(0.3)(h)
-    model = keras.Model(inp, keras.layers.Dense(21, activation="softmax")(h))
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (args.samples, size, size, 3)).astype("float32")
-    y = rng.integers(0, 21, args.samples)
-
-    def evaluate():
-        model.evaluate(x, y, batch_size=args.batch_size, verbose=0)
-
-    def diagnose():
-        eg.diagnose(model, (x, y), batch_size=args.batch_size, progress=False)
-
-    t = time.perf_counter()
-    diagnose()
-    first = time.perf_counter() - t
-    evaluate()
-    med = _timed({"evaluate": evaluate, "diagnose": diagnose}, args.runs)
-    return {"framework": f"keras/{keras.backend.backend()}", **med, "first_extra": first - med["diagnose"]}
+    return _keras_case(args, keras, eg, f"keras/{keras.backend.backend()}")
 
 
 def tf_keras_child(args) -> dict:
-    """Keras 2 (``tf_keras``): the same ResNet50 and compile as :func:`keras_child`, ``evalgap.tf_keras.diagnose``."""
-    import numpy as np
+    """Keras 2 (``tf_keras``): the same ResNet50 and compile, ``evalgap.tf_keras.diagnose``."""
     import tf_keras as keras
 
     import evalgap.tf_keras as eg
 
+    return _keras_case(args, keras, eg, f"tf_keras/{keras.__version__}")
+
+
+def _keras_case(args, keras, eg, framework: str) -> dict:
+    import numpy as np
+
     keras.utils.set_random_seed(0)
     size = args.image_size
     inp = keras.Input((size, size, 3))
@@ -97,7 +78,7 @@ def tf_keras_child(args) -> dict:
     first = time.perf_counter() - t
     evaluate()
     med = _timed({"evaluate": evaluate, "diagnose": diagnose}, args.runs)
-    return {"framework": f"tf_keras/{keras.__version__}", **med, "first_extra": first - med["diagnose"]}
+    return {"framework": framework, **med, "first_extra": first - med["diagnose"]}
 
 
 def flax_child(args) -> dict:
