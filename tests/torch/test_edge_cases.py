@@ -166,3 +166,40 @@ def test_data_of_one_sample_names_the_sample_count_and_loses_nothing(call):
             eg.recalibrate(model, [x], progress=False)
     assert state_snapshot(model) == before
     assert modes(model) == before_modes
+
+
+class TwoInputs(nn.Module):
+    """``forward(image, meta)``: batches come as ``((image, meta), y)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn, self.head = nn.Linear(6, 8), nn.Linear(2, 8), nn.BatchNorm1d(8, momentum=0.01), nn.Linear(8, 3)
+
+    def forward(self, image, meta, scale: float = 1.0):
+        return self.head(torch.relu(self.bn(self.a(image) + scale * self.b(meta))))
+
+
+def test_a_model_with_several_positional_inputs_gets_the_input_tuple_unpacked():
+    torch.manual_seed(0)
+    model = TwoInputs()
+    g = torch.Generator().manual_seed(1)
+    batches = [((torch.randn(16, 6, generator=g) * 3 + 5, torch.randn(16, 2, generator=g)), torch.randint(0, 3, (16,), generator=g))
+               for _ in range(4)]
+    with torch.no_grad():  # float64 reference: the BN layer's input over all the data
+        h = torch.cat([model.a(i) + model.b(m) for (i, m), _ in batches]).double().numpy()
+        model.eval()
+        want_e = float(sum(nn.functional.cross_entropy(model(*xs), y, reduction="sum") for xs, y in batches)) / 64
+    report = eg.diagnose(model, batches, progress=False)
+    assert report.decompositions["loss"].values["E"] == pytest.approx(want_e, rel=1e-6)
+    eg.recalibrate(model, batches, progress=False)
+    np.testing.assert_allclose(model.bn.running_mean.double().numpy(), h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bn.running_var.double().numpy(), h.var(0), rtol=1e-5)
+
+
+def test_several_inputs_in_a_flat_batch_get_a_hint_naming_both_ways():
+    """``TensorDataset(image, meta, y)`` batches are flat: which elements are inputs cannot be told, so the
+    error says how to pass them."""
+    model = TwoInputs()
+    flat = [(torch.randn(16, 6), torch.randn(16, 2), torch.randint(0, 3, (16,))) for _ in range(2)]
+    with pytest.raises(RecalibrationError, match=r"\(\(input1, input2, \.\.\.\), target\).*forward=lambda"):
+        eg.recalibrate(model, flat, progress=False)

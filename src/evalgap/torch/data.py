@@ -9,6 +9,8 @@ tuple/list whose first element is the input (the second the target), or a dict.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import logging
 from typing import Any, Callable, Mapping
@@ -94,13 +96,43 @@ def call_model(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
     """Run the model on one batch: ``forward(model, batch)`` if given, else by the batch's shape.
 
     A tensor is the input; a tuple or list holds the input first; a dict holds it under one
-    of :data:`INPUT_KEYS`, or is passed as keyword arguments (``model(**batch)``).
+    of :data:`INPUT_KEYS`, or is passed as keyword arguments (``model(**batch)``). An input that
+    is itself a tuple or list, for a model whose ``forward`` needs several positional arguments
+    (``forward(self, image, meta)`` with batches ``((image, meta), y)``), is passed unpacked.
     """
     if forward is not None:
         return forward(model, batch)
     if isinstance(batch, Mapping) and _dict_input_key(batch) is None:
         return model(**batch)
-    return model(model_input(batch))
+    x = model_input(batch)
+    if isinstance(x, (list, tuple)) and len(x) > 1:
+        low, high = positional_arguments(model)
+        if low > 1 and low <= len(x) <= high:
+            return model(*x)
+    return model(x)
+
+
+def positional_arguments(model: nn.Module) -> tuple[int, int]:
+    """How many positional arguments the model's ``forward`` needs and takes at most (``(1, 1)`` when
+    its signature cannot be read or takes ``*args``)."""
+    own = model.__dict__.get("forward")
+    if own is not None:  # an instance attribute (maybe an unhashable callable object): not cached
+        return _positional.__wrapped__(own, False)
+    return _positional(type(model).forward, True)
+
+
+@functools.lru_cache(maxsize=256)
+def _positional(fn: Callable, unbound: bool) -> tuple[int, int]:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return 1, 1
+    if unbound and params:
+        params = params[1:]  # self
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 1, 1
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return sum(p.default is p.empty for p in positional), len(positional)
 
 
 def targets_of(batch: Any) -> Any:
