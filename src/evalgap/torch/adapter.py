@@ -115,7 +115,7 @@ class TorchAdapter:
             return ("A batch with one value per channel (one sample of a (N, C) input) has no batch statistics, so "
                     "training-mode BatchNorm refuses it: give data of at least 2 samples, in batches of the training "
                     "batch size (> 1).")
-        if isinstance(exc, TypeError) and "required positional argument" in str(exc):
+        if isinstance(exc, TypeError) and "forward() missing" in str(exc) and "required positional argument" in str(exc):
             return ("The model's forward takes several inputs: give each batch as ((input1, input2, ...), target), "
                     "which evalgap passes unpacked, or pass forward=lambda model, batch: model(batch[0], batch[1]).")
         return None
