@@ -16,8 +16,12 @@
 # No network: Python packages missing on the GPU machine travel as wheels in .gpu/whl and the
 # images in .gpu/data (bash bench/gpu_prepare.sh fills both; .gpu/ is git-ignored).
 # Environment: PYTHON (python3), EVALGAP_GPU_DATA (.gpu/data/UCMerced_LandUse),
-# EVALGAP_GPU_KERAS_BACKEND (jax: the fastest Keras backend there, TensorFlow is not installed),
-# EVALGAP_GPU_KERAS_BACKENDS (the backends to time recalibration on; default: every one importable).
+# EVALGAP_GPU_KERAS_BACKEND (the seed job's Keras backend; torch: TensorFlow is not installed there,
+# and torch runs eagerly, so a one-shot lease pays no XLA compilation of three ResNet50 variants),
+# EVALGAP_GPU_KERAS_BACKENDS (the backends to time recalibration on; default: every one importable),
+# EVALGAP_GPU_BUDGET (seconds for the whole script, default 520 in full mode: each step's timeout is
+# cut to what is left, less 25 s for the summary, so summary.md is written even when a step runs long).
+# Steps run in order of what the GPU issue needs most: seed job, PyTorch ratios, fit vs reproduce, Keras, Flax.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu.sh OUT [--smoke]}
 MODE=${2:-full}
@@ -35,27 +39,37 @@ if compgen -G ".gpu/whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=Agg TF_CPP_MIN_LOG_LEVEL=3
 export EVALGAP_CACHE=$WORK/cache
-BACKEND=${EVALGAP_GPU_KERAS_BACKEND:-jax}
+BACKEND=${EVALGAP_GPU_KERAS_BACKEND:-torch}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_COMPILATION_CACHE_DIR=$WORK/jax-cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 DATA=${EVALGAP_GPU_DATA:-.gpu/data/UCMerced_LandUse}
 
 if [ "$MODE" = "--smoke" ]; then
-  IMG=32; LIMIT=(--limit-per-class 2); EPOCHS=1; RUNS=1
+  IMG=32; LIMIT=(--limit-per-class 2); EPOCHS=1; RUNS=1; TORCH_RUNS=1
   TORCH=(--batches 1 --batch-size 2 --image-size 32)
   KERAS=(--batches 1 --batch-size 2 --image-size 32); FLAX=(--batches 1 --batch-size 2 --image-size 16)
-  FIT_EPOCHS=1; T_JOB=600; T_FIT=600; T_BENCH=300
+  FIT_EPOCHS=1; T_JOB=600; T_FIT=600; T_BENCH=300; BUDGET=${EVALGAP_GPU_BUDGET:-0}
   VARIANTS=seed,precise-bn; SETTINGS=""  # momentum0.9 and reproduce's settings take code paths the seed job runs
 else
-  IMG=256; LIMIT=(); EPOCHS=10; RUNS=5
+  IMG=256; LIMIT=(); EPOCHS=10; RUNS=5; TORCH_RUNS=15  # a PyTorch run takes well under a second there
   TORCH=(--batches 8 --batch-size 64 --image-size 224)
   KERAS=(--batches 8 --batch-size 64 --image-size 224); FLAX=(--batches 8 --batch-size 64 --image-size 224)
-  FIT_EPOCHS=3; T_JOB=240; T_FIT=120; T_BENCH=60
+  FIT_EPOCHS=3; T_JOB=300; T_FIT=120; T_BENCH=60; BUDGET=${EVALGAP_GPU_BUDGET:-520}
   VARIANTS=seed,precise-bn,momentum0.9; SETTINGS=none,seed
 fi
 
-step() {  # step NAME TIMEOUT COMMAND...: run, log, never stop the script
+step() {  # step NAME TIMEOUT COMMAND...: run, log, never stop the script; within BUDGET (0: none)
   local name=$1 limit=$2
   shift 2
-  echo "== $name: $*" >>"$LOG"
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$((BUDGET - SECONDS - 25))
+    if [ "$left" -lt 15 ]; then
+      echo "== $name: skipped, $((BUDGET - SECONDS)) s of the budget left" >>"$LOG"
+      echo "{\"step\": \"$name\", \"exit\": \"skipped (budget)\", \"seconds\": 0}" >>"$WORK/steps.jsonl"
+      return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+  fi
+  echo "== $name (timeout $limit s): $*" >>"$LOG"
   local t0=$SECONDS
   timeout "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
@@ -66,15 +80,15 @@ step() {  # step NAME TIMEOUT COMMAND...: run, log, never stop the script
 step environment 60 "$PY" bench/gpu_summary.py --environment "$WORK/environment.json"
 step seed-job "$T_JOB" env KERAS_BACKEND="$BACKEND" "$PY" -m evalgap reproduce --data "$DATA" --image-size "$IMG" "${LIMIT[@]}" \
   --epochs "$EPOCHS" --variants "$VARIANTS" --precise-every 1 --out "$WORK/reproduce"
-step fit-vs-reproduce "$T_FIT" env KERAS_BACKEND="$BACKEND" "$PY" bench/reproduce_keras.py --data "$DATA" --image-size "$IMG" "${LIMIT[@]}" \
-  --epochs "$FIT_EPOCHS" --settings "$SETTINGS" --json "$WORK/fit_vs_reproduce.json"
 for setting in "resnet50 fp32::" "resnet50 channels-last:--channels-last:" "resnet50 bf16:--autocast bf16:" \
                "mobilenet_v2 fp32 b16::--model mobilenet_v2 --batch-size 16" "mobilenet_v2 fp32 b64::--model mobilenet_v2"; do
   IFS=: read -r name flags model <<<"$setting"
   file=$WORK/torch_$(echo "$name" | tr ' ' '_').json
   # shellcheck disable=SC2086
-  step "torch $name" "$T_BENCH" "$PY" bench/recalibrate_torch.py "${TORCH[@]}" --runs "$RUNS" $flags $model --json "$file"
+  step "torch $name" "$T_BENCH" "$PY" bench/recalibrate_torch.py "${TORCH[@]}" --runs "$TORCH_RUNS" $flags $model --json "$file"
 done
+step fit-vs-reproduce "$T_FIT" env KERAS_BACKEND="$BACKEND" "$PY" bench/reproduce_keras.py --data "$DATA" --image-size "$IMG" "${LIMIT[@]}" \
+  --epochs "$FIT_EPOCHS" --settings "$SETTINGS" --json "$WORK/fit_vs_reproduce.json"
 BACKENDS=${EVALGAP_GPU_KERAS_BACKENDS:-$("$PY" bench/gpu_summary.py --keras-backends)}
 step keras-recalibrate $((T_BENCH * 3)) "$PY" bench/recalibrate_keras.py --backends "$BACKENDS" "${KERAS[@]}" --runs "$RUNS" --json "$WORK/keras.json"
 if "$PY" -c "import flax" 2>/dev/null; then

@@ -64,6 +64,8 @@ def measure(args) -> dict:
             with torch.no_grad():
                 for x in xs:
                     model(x, training=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the GPU's queue, as recalibrate's read-back waits for it
 
     saved = [(v, v.numpy()) for v in model.non_trainable_variables]
 

@@ -291,6 +291,8 @@ def reproduce(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise DataError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
+    if not variants:
+        raise DataError(f"no variant to run; choose from {list(VARIANTS)}.")
     if len(images) == 0:
         raise DataError("no images to train on.")
     console = console or Console()
@@ -319,7 +321,16 @@ def reproduce(
             steps = {"on_step": bar.step} if bar.progress is not None and keras_version != 2 else {}
             results[name] = runner(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
                                    precise_every=precise_every, precise_samples=precise_samples, info=infos[name], **steps)
-    data = Reproduction({
+            data = _reproduction(source, backend, images, classes, epochs, batch_size, table, infos, results)
+            paths = _write_outputs(results, data, out)  # after each variant: an interrupted run keeps the finished ones
+    console.print(summary_table(results, tuple(summary_epochs(epochs))))
+    console.print(f"Written: {', '.join(paths)}")
+    return data
+
+
+def _reproduction(source, backend, images, classes, epochs, batch_size, table, infos, results) -> "Reproduction":
+    """The JSON document of the variants finished so far."""
+    return Reproduction({
         "source": source,
         "backend": backend,
         "images": int(len(images)),
@@ -328,10 +339,6 @@ def reproduce(
         "epochs": epochs,
         "variants": {n: {"description": table[n].description, "batch_size": batch_size if batch_size and table[n].batch_size == 96 else table[n].batch_size, "momentum": table[n].momentum, "inputs": table[n].inputs, "precise_bn": table[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
     })
-    json_path, csv_path, png_path = _write_outputs(results, data, out)
-    console.print(summary_table(results, tuple(summary_epochs(epochs))))
-    console.print(f"Written: {json_path}, {csv_path}, {png_path}")
-    return data
 
 
 def _write_outputs(results: dict[str, list[dict[str, float]]], data: dict[str, Any], out: str) -> tuple[str, str, str]:
