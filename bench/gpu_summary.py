@@ -68,11 +68,12 @@ def collect(work: Path, out: Path) -> int:
     if rep:
         results["seed_job"] = rep
         md += [f"## The seed's job ({device}; {rep['images']} images at {rep['image_size']}x{rep['image_size']}, {rep['backend']})", "",
-               "| variant | epoch | s | loss | accuracy | val_loss | val_accuracy | precise_val_accuracy |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+               "| variant | epoch | s | loss | accuracy | val_loss | val_accuracy | precise_val_accuracy | train_mode_accuracy |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, v in rep["variants"].items():
             for r in v["epochs"]:
                 md.append(f"| {name} | {r['epoch']} | {r['seconds']:.1f} | {r['loss']:.4f} | {r['accuracy']:.4f} | {r['val_loss']:.4f} | "
-                          f"{r['val_accuracy']:.4f} | {r.get('precise_val_accuracy', float('nan')):.4f} |")
+                          f"{r['val_accuracy']:.4f} | {r.get('precise_val_accuracy', float('nan')):.4f} | {r.get('train_mode_accuracy', float('nan')):.4f} |")
         md.append("")
         for name in ("reproduce.json", "reproduce.csv", "reproduce.png"):
             if (work / "reproduce" / name).exists():

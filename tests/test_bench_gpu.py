@@ -63,6 +63,8 @@ def test_gpu_script_smoke_writes_every_table(tmp_path):
     assert [r["loss"] for r in seed] == pytest.approx([r["loss"] for r in fixed], rel=1e-4)  # BN statistics never feed the gradient
     # the seed's side measurement (statistics of all 42 images, the default) is what PreciseBN's validation reports
     assert [r["precise_val_accuracy"] for r in seed] == pytest.approx([r["val_accuracy"] for r in fixed], abs=1e-6)
+    # and both scored that same pass's outputs: the training-mode accuracy of the epoch's final weights
+    assert [r["train_mode_accuracy"] for r in seed] == pytest.approx([r["train_mode_accuracy"] for r in fixed], abs=1e-6)
     rows = list(csv.DictReader(open(out / "reproduce.csv")))
     assert [float(r["val_accuracy"]) for r in rows if r["variant"] == "seed"] == pytest.approx([r["val_accuracy"] for r in seed])
 

@@ -66,6 +66,11 @@ class PreciseBNLogic:
         batch_size: for array data, the batch size ``fit`` uses (a callback cannot see
             it); without it, Keras's default 32, with a warning.
         shuffle, seed: how array data are drawn into batches.
+        training_metrics: also log ``train_mode_<metric>``: the compiled loss and metrics of
+            the recalibration pass's own outputs (the epoch's final weights, BatchNorm on
+            batch statistics, dropout off; :func:`{api}.recalibrate`'s
+            ``training_metrics``), next to ``val_*`` from the same weights with exact
+            statistics, at no extra pass. Needs ``(x, y)`` data.
 
     Adds ``precise_bn_seconds`` to the epoch logs; runs before the other callbacks whatever
     their order in the list (:func:`run_first`), so ``CSVLogger`` and ``TensorBoard`` see it.
@@ -83,7 +88,7 @@ class PreciseBNLogic:
 
     def __init__(
         self, data: Any, *, max_samples: int | None = None, every: int = 1, verbose: int = 1, batch_size: int | None = None,
-        shuffle: bool = True, seed: int = 0,
+        shuffle: bool = True, seed: int = 0, training_metrics: bool = False,
     ):
         super().__init__()
         engine.check_schedule(every, max_samples)
@@ -92,6 +97,7 @@ class PreciseBNLogic:
             logger.warning(reshuffle_warning("PreciseBN"))
         self.data, self.max_samples, self.every, self.verbose = data, max_samples, int(every), verbose
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.training_metrics = training_metrics
         self.last = None
         self._epoch: int | None = None
         self._done_this_epoch = False
@@ -121,6 +127,8 @@ class PreciseBNLogic:
             self._run()
         if logs is not None:
             logs["precise_bn_seconds"] = self._seconds
+            if self.training_metrics and self._done_this_epoch and self.last is not None and self.last.training_metrics:
+                logs.update({f"train_mode_{k}": v for k, v in self.last.training_metrics.items()})
         self._epoch = None
 
     def on_train_end(self, logs=None):
@@ -137,7 +145,7 @@ class PreciseBNLogic:
         source = self._adapter.batches(self.data, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed)
         if self.max_samples is not None:
             source = source.take(self.max_samples)
-        self.last = engine.recalibrate(self._adapter, self.model, source, progress=False)
+        self.last = engine.recalibrate(self._adapter, self.model, source, progress=False, training_metrics=self.training_metrics)
         if self.batch_size is None and self._is_array_structure(self.data) and not self._warned:
             logger.warning("PreciseBN: array data without batch_size, so batches of 32 (Keras's default); "
                            "pass PreciseBN(..., batch_size=<fit's batch_size>) to match training.")

@@ -108,7 +108,9 @@ class Recalibration:
     those of ragged batches left out (a batch smaller than the first has other statistics).
     ``batching`` says how the batches were drawn (shuffled arrays, the user's batches, ...);
     ``batch_size_note`` where the batch size came from when the user did not give it
-    (``None`` when given).
+    (``None`` when given). ``training_metrics`` (with ``training_metrics=True``): the model's
+    loss and metrics on the pass's own outputs, BatchNorm on batch statistics and dropout off,
+    at the weights it was called with; else ``None``.
     """
 
     framework: str
@@ -122,6 +124,7 @@ class Recalibration:
     notes: list[str] = field(default_factory=list)
     batching: str | None = None
     batch_size_note: str | None = None
+    training_metrics: dict[str, float] | None = None
 
     # ---- selections --------------------------------------------------------------
     def by_status(self, status: Status) -> list[LayerRecalibration]:
@@ -200,6 +203,7 @@ class Recalibration:
             "skipped_samples": self.skipped_samples,
             "seconds": self.seconds,
             "batching": self.batching,
+            "training_metrics": self.training_metrics,
             "max_drift": self.max_drift,
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],

@@ -223,31 +223,77 @@ def recalibrate(
     include_frozen: bool = False,
     progress: bool = True,
     drop_ragged: bool = True,
+    training_metrics: bool = False,
 ) -> Recalibration:
-    """Measure and write exact population statistics (see the module docstring)."""
+    """Measure and write exact population statistics (see the module docstring).
+
+    ``training_metrics``: also score the pass's own outputs with the adapter's metrics (the
+    model's loss and metrics): BatchNorm on batch statistics, dropout off, at the current
+    weights, over every batch of the pass (ragged ones too), in ``result.training_metrics``.
+    That is the training-mode side of the gap at fixed weights (diagnose's Td; T for a model
+    without dropout), at no extra pass. Needs targets in the data.
+    """
     start = time.perf_counter()
     if max_batches is None and getattr(source, "infinite", False):
         raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_batches= (max_samples= for a callback).")
     first, source = peek(source)
     if first is None:
         raise DataError("the data yielded no batch: give at least one batch of the training batch size.")
+    if training_metrics and first.targets is None:
+        raise DataError("training_metrics=True scores the pass's outputs against targets: pass (x, y), not x alone.")
     model = adapter.prepare(model, first)
     layers = adapter.layers(model)
     if not any(layer.tracks_statistics for layer in layers):
         raise _no_layer_error(adapter, model, layers)
     collective = adapter.collective(model)
-    measured = measure(
-        adapter, model, source, layers, include_frozen=include_frozen, max_batches=max_batches, drop_ragged=drop_ragged,
-        collective=collective, progress=progress and (collective is None or collective.rank == 0),
-    )
-    write(adapter, measured)
+    score = _Score(adapter, model) if training_metrics else None
+    try:
+        measured = measure(
+            adapter, model, source, layers, include_frozen=include_frozen, max_batches=max_batches, drop_ragged=drop_ragged,
+            collective=collective, progress=progress and (collective is None or collective.rank == 0),
+            on_output=None if score is None else score.update,
+        )
+        if score is not None:
+            score.finish()
+        write(adapter, measured)
+    finally:
+        if score is not None:
+            score.close()
     result = assemble(measured, written=True)
+    if score is not None:
+        result.training_metrics = score.result()
     add_batching_notes(result, source)
     result.add_layer_notes(adapter.frozen_means)
     result.seconds = time.perf_counter() - start
     if logger.isEnabledFor(logging.INFO):  # the summary's drift scan costs ~0.1 ms a layer
         logger.info(result.summary())
     return result
+
+
+class _Score:
+    """Loss and metrics of a pass's outputs, with the adapter's metrics (built at the first batch)."""
+
+    def __init__(self, adapter: Adapter, model: Any):
+        self.adapter, self.model = adapter, model
+        self.metrics: Any = None
+        self.state: Any = None
+        self.value: dict[str, float] | None = None
+
+    def update(self, batch: Batch, outputs: Any) -> None:
+        if self.metrics is None:
+            self.metrics = self.adapter.metrics(self.model, batch, outputs)
+            self.state = self.metrics.new()
+        self.state.update(batch, outputs)
+
+    def finish(self) -> None:
+        """Take the result (before :meth:`close`: closing puts back the state of borrowed metric objects)."""
+        self.value = self.state.result()
+
+    def close(self) -> None:
+        getattr(self.metrics, "close", lambda: None)()
+
+    def result(self) -> dict[str, float] | None:
+        return None if self.value is None else {k: float(v) for k, v in self.value.items()}
 
 
 def add_batching_notes(result: Recalibration, source: BatchSource) -> None:

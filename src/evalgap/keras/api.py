@@ -23,6 +23,7 @@ def recalibrate(
     shuffle: bool = True,
     seed: int = 0,
     max_samples: int | None = None,
+    training_metrics: bool = False,
 ) -> Recalibration:
     """Set every BatchNormalization layer's moving statistics to the exact population statistics.
 
@@ -51,6 +52,10 @@ def recalibrate(
         shuffle, seed: how array data are drawn into batches.
         max_samples: use at most this many samples: whole batches drawn at random from all
             of the arrays (the first batches of a stream).
+        training_metrics: also score the pass's own outputs with the model's compiled loss
+            and metrics (as ``evaluate`` computes them): the training-mode metrics of these
+            weights, BatchNorm on batch statistics and dropout off, over every batch of the
+            pass, at no extra pass. Needs ``(x, y)`` data. In ``result.training_metrics``.
 
     Returns:
         :class:`evalgap.Recalibration`, per layer: statistics before and after, drift.
@@ -60,7 +65,8 @@ def recalibrate(
     """
     source = ADAPTER.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
     source = source.take(max_samples) if max_samples is not None else source
-    return engine.recalibrate(ADAPTER, model, source, max_batches=max_batches, include_frozen=include_frozen, progress=progress, drop_ragged=drop_ragged)
+    return engine.recalibrate(ADAPTER, model, source, max_batches=max_batches, include_frozen=include_frozen, progress=progress,
+                              drop_ragged=drop_ragged, training_metrics=training_metrics)
 
 
 def diagnose(

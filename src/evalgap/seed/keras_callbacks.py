@@ -20,7 +20,8 @@ class PreciseValidation(keras.callbacks.Callback):
     this callback (in Keras, moving statistics never feed the gradient). Adds
     ``precise_val_<metric>`` to the epoch logs after every ``every``-th epoch, or after the
     epochs in ``at`` (1-based) when given (each measurement costs a recalibration and an
-    evaluation pass).
+    evaluation pass), and ``train_mode_<metric>``: the recalibration pass's own outputs scored
+    (the epoch's final weights on ``data``, BatchNorm on batch statistics, dropout off).
     """
 
     def __init__(self, data: Any, val_data: Any, *, batch_size: int | None = None, every: int = 1, at: Collection[int] | None = None):
@@ -41,10 +42,11 @@ class PreciseValidation(keras.callbacks.Callback):
         self.seconds[epoch + 1] = time.perf_counter() - start
         if logs is not None:
             logs.update({f"precise_val_{k}": float(v) for k, v in metrics.items()})
+            logs.update({f"train_mode_{k}": v for k, v in (self.last.training_metrics or {}).items()})
 
     def _measure(self, saved) -> dict[str, Any]:
         try:
-            self.last = recalibrate(self.model, self.data, batch_size=self.batch_size, progress=False)
+            self.last = recalibrate(self.model, self.data, batch_size=self.batch_size, progress=False, training_metrics=True)
             x, y = self.val_data
             metrics = self.model.evaluate(x, y, batch_size=self.batch_size, verbose=0, return_dict=True)
         finally:

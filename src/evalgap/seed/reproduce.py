@@ -21,7 +21,11 @@ validation metrics with exact population statistics measured on the side (statis
 recalibrated on a fixed class-stratified sample of ``precise_samples`` training images,
 evaluated on all the validation data, restored), so the trajectory is the one the variant
 trains. With ``PreciseBN`` (``precise-bn`` variants) fit's own validation pass already uses
-exact statistics of all the data: ``precise_val_*`` is that pass, at no extra cost.
+exact statistics of all the data: ``precise_val_*`` is that pass, at no extra cost. Each
+measurement also logs ``train_mode_*``: the recalibration pass's own outputs scored with the
+compiled loss and metrics, i.e. training mode (batch statistics of fit's batch size) at the
+epoch's final weights on the statistics sample; Keras's ``accuracy`` instead averages over
+the epoch while the weights change.
 Normalization (``/255`` or standardization) is a first layer of the model, so the cached
 uint8 images feed every variant.
 """
@@ -158,7 +162,7 @@ def run_variant(
     measuring: dict[str, Any] = {}
     extra: list[Any] = []
     if variant.precise_bn:
-        measuring["precise_bn"] = PreciseBN((images, labels), batch_size=bs, verbose=0)
+        measuring["precise_bn"] = PreciseBN((images, labels), batch_size=bs, verbose=0, training_metrics=True)
     mode, pick, precise = precise_plan(labels, precise_bn=variant.precise_bn, every=precise_every, samples=precise_samples,
                                        batch_size=bs, seed=seed)
     if mode == "validation":
@@ -311,7 +315,8 @@ def reproduce(
                     f"[{variant.name}] Epoch {row['epoch']}/{epochs} - {row['seconds']:.0f}s - loss: {row['loss']:.4f} - "
                     f"accuracy: {row['accuracy']:.4f} - val_loss: {row['val_loss']:.4f} - val_accuracy: {row['val_accuracy']:.4f}"
                     + (f" - precise_val_loss: {row['precise_val_loss']:.4f} - precise_val_accuracy: {row['precise_val_accuracy']:.4f}"
-                       if "precise_val_accuracy" in row else ""),
+                       if "precise_val_accuracy" in row else "")
+                    + (f" - train_mode_accuracy: {row['train_mode_accuracy']:.4f}" if "train_mode_accuracy" in row else ""),
                     markup=False,
                     highlight=False,
                 )
@@ -349,7 +354,8 @@ def _write_outputs(results: dict[str, list[dict[str, float]]], data: dict[str, A
     atomic_write_text(json_path, json.dumps(data, indent=2))
 
     def write_csv(p):
-        keys = ["variant", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "precise_val_loss", "precise_val_accuracy", "seconds"]
+        keys = ["variant", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "precise_val_loss", "precise_val_accuracy",
+                "train_mode_loss", "train_mode_accuracy", "seconds"]
         with open(p, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
@@ -367,6 +373,9 @@ def _write_outputs(results: dict[str, list[dict[str, float]]], data: dict[str, A
         precise = [(r["epoch"], r["precise_val_accuracy"]) for r in logs if "precise_val_accuracy" in r]
         if precise:
             ax.plot(*zip(*precise), "--^", ms=3, label="precise val")
+        train_mode = [(r["epoch"], r["train_mode_accuracy"]) for r in logs if "train_mode_accuracy" in r]
+        if train_mode:
+            ax.plot(*zip(*train_mode), ":v", ms=3, color="0.4", label="training mode, same weights")
         ax.set_title(n, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -96,7 +96,7 @@ def _precise_validation():
             saved = [(part, part.numpy()) for v in variables for part in (getattr(v, "values", None) or (v,))]
             try:
                 with random_states_kept():
-                    self.last = recalibrate(self.model, self.data, progress=False)
+                    self.last = recalibrate(self.model, self.data, progress=False, training_metrics=True)
                     metrics = self.model.evaluate(self.val_data, verbose=0, return_dict=True)
             finally:
                 for part, value in saved:
@@ -104,6 +104,7 @@ def _precise_validation():
             self.seconds[epoch + 1] = time.perf_counter() - start
             if logs is not None:
                 logs.update({f"precise_val_{k}": float(v) for k, v in metrics.items()})
+                logs.update({f"train_mode_{k}": v for k, v in (self.last.training_metrics or {}).items()})
 
     return PreciseValidation
 
@@ -160,7 +161,7 @@ def run_variant(
     measuring: dict[str, Any] = {}
     extra: list[Any] = []
     if variant.precise_bn:
-        measuring["precise_bn"] = PreciseBN(train_data, verbose=0)
+        measuring["precise_bn"] = PreciseBN(train_data, verbose=0, training_metrics=True)
     mode, pick, precise = precise_plan(labels, precise_bn=variant.precise_bn, every=precise_every, samples=precise_samples,
                                        batch_size=bs, seed=seed)
     if mode == "validation":  # fit's validation runs after PreciseBN's recalibration: it is the measurement
