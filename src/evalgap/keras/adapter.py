@@ -9,7 +9,6 @@ import numpy as np
 
 from .._keras_common import check_batched
 from ..engine import Batch, NormLayer
-from ..engine.moments import captures_to_host
 from ..errors import ModelError
 from . import data, distributed, layers, moments, predict
 from .metrics import KerasMetrics
@@ -52,7 +51,7 @@ class KerasAdapter:
         return moments.moments_pass(model, [layer.handle for layer in norm_layers], list(batch_statistics))
 
     def host_captures(self, captures):
-        return captures_to_host(captures, self.to_host)
+        return moments.PackedMoments.to_host_captures(captures, self.to_host)
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         if keras.backend.backend() == "jax":
@@ -60,7 +59,7 @@ class KerasAdapter:
 
             return [np.asarray(v) for v in jax.device_get(list(values))]
 
-        return [np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
+        return [v if isinstance(v, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
 
     def read(self, norm_layers: Sequence[NormLayer]):
         return [(np.array(layer.handle.moving_mean.numpy(), dtype=np.float64), np.array(layer.handle.moving_variance.numpy(), dtype=np.float64))

@@ -24,7 +24,10 @@ import weakref
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
+
+from ..engine.protocol import HostCaptures
 
 #: Compiled passes, per model and per choice of layers: a later recalibration of the same
 #: model (PreciseBN after every epoch) reuses the compiled step instead of tracing again.
@@ -49,9 +52,12 @@ class MomentsPass:
     """Context manager: patch the layers, run batches, unpatch. Get one with :func:`moments_pass`.
 
     Entering gives ``run(batch)``, which returns ``(captures, (y_pred, losses))``: a list of
-    ``(layer_index, count, mean, var)`` with backend tensors, one entry per layer call in
-    forward order (a shared layer appears once per call), the model's output in this mode
-    (BN on batch statistics, dropout off) and its losses (regularization, ``add_loss``).
+    ``(layer_index, packed, k, None)``, one entry per layer call in forward order (a shared
+    layer appears once per call), where ``packed`` (:class:`PackedMoments`) holds the whole
+    batch's counts and moments as two arrays and ``k`` is the call's position in it; the
+    model's output in this mode (BN on batch statistics, dropout off) and its losses
+    (regularization, ``add_loss``). Two arrays per batch instead of three per BN call: on a
+    GPU each is a device-to-host copy (:meth:`PackedMoments.to_host_captures`).
     """
 
     def __init__(self, model, layers: list, batch_statistics: list[bool]):
@@ -59,6 +65,7 @@ class MomentsPass:
         self.layers = list(layers)
         self.targets = {id(layer) for layer, on_batch in zip(layers, batch_statistics) if on_batch}
         self.order: list[int] = []
+        self.channels: list[int] = []
         self._captures: list[tuple[int, Any, Any, Any]] = []
         self._saved: list[tuple[Any, dict]] = []
         self._step = None
@@ -130,8 +137,22 @@ class MomentsPass:
             trainable = [v.value for v in model.trainable_variables]
             non_trainable = [v.value for v in model.non_trainable_variables]
         y_pred, _, losses = model.stateless_call(trainable, non_trainable, x, training=False, return_losses=True)
-        self.order = [c[0] for c in self._captures]
-        return [(c[1], _flat(c[2]), _flat(c[3])) for c in self._captures], y_pred, list(losses)
+        caps = self._captures
+        # order and channels are the same in every trace of this model (the layers, not the batch, set them);
+        # counts depend on the batch's shape, so they are outputs (constants in a compiled step)
+        self.order = [c[0] for c in caps]
+        means, variances = [_flat(c[2]) for c in caps], [_flat(c[3]) for c in caps]
+        self.channels = [int(m.shape[0]) for m in means]
+        if not caps:
+            return (None, None), y_pred, list(losses)
+        dtype = keras.backend.result_type(*[m.dtype for m in means + variances])
+        values = ops.concatenate([ops.cast(t, dtype) for t in means + variances])
+        counts = [c[1] for c in caps]
+        if keras.backend.backend() == "torch" and all(isinstance(n, int) for n in counts):
+            counts = np.asarray(counts, dtype=np.int64)  # eager: known here, no device round trip
+        else:
+            counts = ops.stack([ops.cast(n, "int32") for n in counts])
+        return (counts, values), y_pred, list(losses)
 
     def _compiled(self):
         if self._step is None:
@@ -161,10 +182,63 @@ class MomentsPass:
             import torch
 
             with torch.no_grad():
-                out, y_pred, losses = self._compiled()(trainable, non_trainable, x)
+                (counts, values), y_pred, losses = self._compiled()(trainable, non_trainable, x)
         else:
-            out, y_pred, losses = self._compiled()(trainable, non_trainable, x)
-        return [(index, *values) for index, values in zip(self.order, out)], (y_pred, losses)
+            (counts, values), y_pred, losses = self._compiled()(trainable, non_trainable, x)
+        if values is None:
+            return [], (y_pred, losses)
+        packed = PackedMoments(counts, values, tuple(self.channels))
+        return [(index, packed, k, None) for k, index in enumerate(self.order)], (y_pred, losses)
+
+
+class PackedMoments:
+    """One batch's moments as the pass returns them: ``counts`` (one per BN call) and ``values``:
+    every call's per-channel means in call order, then every call's biased variances."""
+
+    __slots__ = ("counts", "values", "channels")
+
+    def __init__(self, counts: Any, values: Any, channels: tuple[int, ...]):
+        self.counts, self.values, self.channels = counts, values, channels
+
+    @staticmethod
+    def to_host_captures(captures: list, to_host) -> HostCaptures:
+        """A flush of ``(index, packed, k, None)`` captures as :class:`HostCaptures`, with one
+        ``to_host`` of two arrays per batch. Whole batches in call order (what a pass flushes)
+        are laid side by side without a per-call object; any other selection is cut call by call."""
+        batches = list({id(c[1]): c[1] for c in captures}.values())
+        host = to_host([v for p in batches for v in (p.counts, p.values)])
+        fetched = {id(p): (np.asarray(host[2 * i]).reshape(-1), np.asarray(host[2 * i + 1]).reshape(-1)) for i, p in enumerate(batches)}
+        if _whole_batches(captures):
+            split = [len(fetched[id(p)][1]) // 2 for p in batches]
+            return HostCaptures(
+                index=np.fromiter((c[0] for c in captures), dtype=np.int64, count=len(captures)),
+                count=np.concatenate([fetched[id(p)][0] for p in batches]).astype(np.float64),
+                channels=np.concatenate([np.asarray(p.channels, dtype=np.int64) for p in batches]),
+                mean=np.concatenate([fetched[id(p)][1][:s] for p, s in zip(batches, split)]).astype(np.float64),
+                var=np.concatenate([fetched[id(p)][1][s:] for p, s in zip(batches, split)]).astype(np.float64),
+            )
+        rows = []
+        for index, p, k, _ in captures:
+            counts, values = fetched[id(p)]
+            start, size, half = sum(p.channels[:k]), p.channels[k], len(values) // 2
+            rows.append((index, counts[k], values[start:start + size], values[half + start:half + start + size]))
+        return HostCaptures.from_list(rows)
+
+
+def _whole_batches(captures: list) -> bool:
+    """Each batch's calls are all there, contiguous and in call order."""
+    seen: set[int] = set()
+    last, expect = None, 0
+    for _, packed, k, _ in captures:
+        if packed is not last:
+            if (last is not None and expect != len(last.channels)) or id(packed) in seen:
+                return False
+            seen.add(id(packed))
+            last, expect = packed, 0
+        if k != expect:
+            return False
+        expect += 1
+    return last is None or expect == len(last.channels)
 
 
 def _torch_moments(inputs, reduction_axes):
