@@ -76,7 +76,7 @@ def test_gpu_script_smoke_writes_every_table(tmp_path):
     # (b) ratios: each PyTorch setting against update_bn (and fvcore where installed), Keras, Flax
     ratios = list(csv.DictReader(open(out / "ratios.csv")))
     settings = {r["setting"] for r in ratios if r["framework"] == "torch"}
-    for must in ("resnet50", "channels-last", "autocast bf16", "mobilenet_v2, 1 batches of 16", "mobilenet_v2, 1 batches of 2"):
+    for must in ("resnet50", "resnet50, 32 batches of 2", "channels-last", "autocast bf16", "mobilenet_v2, 1 batches of 16", "mobilenet_v2, 1 batches of 2"):
         assert any(must in s for s in settings), (must, settings)
     for s in settings:
         methods = {r["method"] for r in ratios if r["setting"] == s}
