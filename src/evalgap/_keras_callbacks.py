@@ -16,6 +16,7 @@ from typing import Any
 
 from . import engine
 from ._keras_common import reshuffle_warning, reshuffles_each_iteration
+from .errors import DataError
 
 logger = logging.getLogger("evalgap")
 
@@ -97,6 +98,8 @@ class PreciseBNLogic:
             logger.warning(reshuffle_warning("PreciseBN"))
         self.data, self.max_samples, self.every, self.verbose = data, max_samples, int(every), verbose
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        if training_metrics and self._is_array_structure(data) and not isinstance(data, (tuple, list)):
+            raise DataError("PreciseBN(training_metrics=True) scores against targets: pass (x, y), not x alone.")
         self.training_metrics = training_metrics
         self.last = None
         self._epoch: int | None = None

@@ -21,14 +21,15 @@ from ._reference import snapshot
 N, BATCH, FEATURES, CLASSES = 100, 32, 5, 3
 
 
-def _model():
+def _model(compiled: bool = True):
     inp = keras.Input((FEATURES,))
     h = keras.layers.Dense(8, name="d1")(inp)
     h = keras.layers.BatchNormalization(name="bn", epsilon=1e-3)(h)
     h = keras.layers.ReLU()(h)
     out = keras.layers.Dense(CLASSES, activation="softmax", name="d2")(h)
     model = keras.Model(inp, out)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if compiled:
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
 
@@ -93,3 +94,16 @@ def test_precise_bn_logs_the_training_mode_metrics_of_the_epochs_final_weights()
     plain = eg.PreciseBN((x, y), batch_size=BATCH, verbose=0)
     history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[plain])
     assert not any(k.startswith("train_mode_") for k in history.history)
+
+
+def test_training_metrics_note_what_an_uncompiled_model_was_scored_with():
+    uncompiled = _model(compiled=False)  # cross-entropy and accuracy are assumed, and the result says so
+    x, y = _data()
+    result = eg.recalibrate(uncompiled, (x, y), batch_size=BATCH, training_metrics=True, progress=False)
+    assert any("training_metrics" in note and "not compiled" in note for note in result.notes), result.notes
+
+
+def test_precise_bn_with_training_metrics_and_no_targets_fails_before_training():
+    x, _ = _data()
+    with pytest.raises(evalgap.DataError, match=r"\(x, y\)"):
+        eg.PreciseBN(x, batch_size=BATCH, training_metrics=True)

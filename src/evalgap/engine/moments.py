@@ -1,6 +1,7 @@
 """Per-layer population moments, accumulated from a moments pass and combined across processes.
 
-Each BN call of a pass gives ``(layer, n, mean, biased var)``, possibly on a device. They
+Each BN call of a pass gives a capture: its layer, then ``n, mean, biased var`` in the
+adapter's form, possibly on a device (Keras 3 packs a whole batch's into two arrays). They
 stay there for :data:`FLUSH_EVERY` batches, then move to the host in one transfer
 (:meth:`Adapter.host_captures`) and are merged per layer in float64
 (:meth:`evalgap.stats.ChannelMoments.from_batches`). Across processes each layer's state

@@ -38,8 +38,9 @@ import numpy as np
 
 from ..stats import Convention
 
-#: One BN call seen by a moments pass: (layer index in the pass's list, values per
-#: channel, mean, biased variance), in whatever device form the adapter chooses;
+#: One BN call seen by a moments pass: the layer index in the pass's list first (the engine
+#: reads only that), then the call's values per channel, mean and biased variance in whatever
+#: form the adapter chooses (Keras 3: ``(index, packed batch, position, None)``);
 #: :meth:`Adapter.host_captures` turns a list of them into host values.
 Capture = tuple[int, Any, Any, Any]
 

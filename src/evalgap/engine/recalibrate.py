@@ -231,7 +231,8 @@ def recalibrate(
     model's loss and metrics): BatchNorm on batch statistics, dropout off, at the current
     weights, over every batch of the pass (ragged ones too), in ``result.training_metrics``.
     That is the training-mode side of the gap at fixed weights (diagnose's Td; T for a model
-    without dropout), at no extra pass. Needs targets in the data.
+    without dropout), at no extra pass. Needs targets in the data. Across processes the
+    moments are combined but the metrics are this process's batches only (as diagnose's Td).
     """
     start = time.perf_counter()
     if max_batches is None and getattr(source, "infinite", False):
@@ -255,13 +256,14 @@ def recalibrate(
         )
         if score is not None:
             score.finish()
-        write(adapter, measured)
     finally:
         if score is not None:
             score.close()
+    write(adapter, measured)
     result = assemble(measured, written=True)
     if score is not None:
         result.training_metrics = score.result()
+        result.notes.extend(score.notes())
     add_batching_notes(result, source)
     result.add_layer_notes(adapter.frozen_means)
     result.seconds = time.perf_counter() - start
@@ -294,6 +296,10 @@ class _Score:
 
     def result(self) -> dict[str, float] | None:
         return None if self.value is None else {k: float(v) for k, v in self.value.items()}
+
+    def notes(self) -> list[str]:
+        """What the metrics had to assume (e.g. an uncompiled Keras model: cross-entropy and accuracy)."""
+        return [f"training_metrics: {note}" for note in getattr(self.metrics, "notes", [])]
 
 
 def add_batching_notes(result: Recalibration, source: BatchSource) -> None:

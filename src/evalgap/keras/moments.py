@@ -28,6 +28,7 @@ import numpy as np
 from keras import ops
 
 from ..engine.protocol import HostCaptures
+from ..errors import ModelError
 
 #: Compiled passes, per model and per choice of layers: a later recalibration of the same
 #: model (PreciseBN after every epoch) reuses the compiled step instead of tracing again.
@@ -187,6 +188,14 @@ class MomentsPass:
             (counts, values), y_pred, losses = self._compiled()(trainable, non_trainable, x)
         if values is None:
             return [], (y_pred, losses)
+        # order and channels were recorded when the step was traced: a compiled step reused for this
+        # shape must have the same layout (it does unless the model's BN calls depend on the input shape)
+        if int(values.shape[0]) != 2 * sum(self.channels) or int(counts.shape[0]) != len(self.order):
+            raise ModelError(
+                f"the model's BatchNormalization calls differ between input shapes (this batch: {int(counts.shape[0])} calls, "
+                f"{int(values.shape[0]) // 2} channels; an earlier one: {len(self.order)} calls, {sum(self.channels)} channels): "
+                "pass batches of one shape (drop_ragged=True and whole batches) to recalibrate this model."
+            )
         packed = PackedMoments(counts, values, tuple(self.channels))
         return [(index, packed, k, None) for k, index in enumerate(self.order)], (y_pred, losses)
 
