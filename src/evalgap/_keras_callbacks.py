@@ -130,7 +130,7 @@ class PreciseBNLogic:
             self._run()
         if logs is not None:
             logs["precise_bn_seconds"] = self._seconds
-            if self.training_metrics and self._done_this_epoch and self.last is not None and self.last.training_metrics:
+            if self._done_this_epoch and self.last.training_metrics:  # None unless training_metrics=True
                 logs.update({f"train_mode_{k}": v for k, v in self.last.training_metrics.items()})
         self._epoch = None
 

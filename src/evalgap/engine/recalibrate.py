@@ -262,7 +262,7 @@ def recalibrate(
     write(adapter, measured)
     result = assemble(measured, written=True)
     if score is not None:
-        result.training_metrics = score.result()
+        result.training_metrics = score.value
         result.notes.extend(score.notes())
     add_batching_notes(result, source)
     result.add_layer_notes(adapter.frozen_means)
@@ -288,14 +288,11 @@ class _Score:
         self.state.update(batch, outputs)
 
     def finish(self) -> None:
-        """Take the result (before :meth:`close`: closing puts back the state of borrowed metric objects)."""
-        self.value = self.state.result()
+        """Take the result into ``value`` (before :meth:`close`: closing puts back the state of borrowed metric objects)."""
+        self.value = {k: float(v) for k, v in self.state.result().items()}
 
     def close(self) -> None:
         getattr(self.metrics, "close", lambda: None)()
-
-    def result(self) -> dict[str, float] | None:
-        return None if self.value is None else {k: float(v) for k, v in self.value.items()}
 
     def notes(self) -> list[str]:
         """What the metrics had to assume (e.g. an uncompiled Keras model: cross-entropy and accuracy)."""
