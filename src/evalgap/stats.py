@@ -48,6 +48,7 @@ Convention = Literal["keras", "torch"]
 __all__ = [
     "ChannelMoments",
     "merge_moments",
+    "pool_rows",
     "EMA",
     "decay_from_momentum",
     "momentum_from_decay",
@@ -76,6 +77,35 @@ def merge_moments(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b:
     mean = mean_a + delta * frac_b
     m2 = m2_a + m2_b + delta * delta * (n_a * frac_b)
     return n, mean, m2
+
+
+def pool_rows(counts: Any, means: Any, variances: Any, *, correction: int = 0, sum0: Any = None):
+    """The moments of the union of k groups of values, per column: group b of column j has ``counts[b, j]``
+    values, mean ``means[b, j]`` and variance ``variances[b, j]`` with ``correction`` (0: biased, 1:
+    Bessel-corrected); ``counts`` is (k, C), or (1, C) when every group of a column has the same count.
+    Per column,
+
+        N = sum_b n_b,    mean = sum_b n_b mu_b / N,
+        M2 = sum_b ((n_b - correction) var_b + n_b (mu_b - mean)^2)            (so var = M2 / N)
+
+    which for equal counts n is ``N = k n``, ``mean = sum_b mu_b / k`` and
+    ``M2 = (n - correction) sum_b var_b + n sum_b (mu_b - mean)^2`` (no weighted sums).
+    Pure arithmetic and column sums (``sum0``, default ``a.sum(axis=0)``): runs on NumPy arrays and on
+    framework tensors alike (PyTorch pools a flush on its device with it). Give float64 values: ``mu_b -
+    mean`` cancels in lower precisions. A column with N = 0 divides by zero. Returns ``(N, mean, M2)``.
+    """
+    total = (lambda a: a.sum(axis=0)) if sum0 is None else sum0
+    k = means.shape[0]
+    if counts.shape[0] == 1:  # equal counts down each column
+        n = counts[0]
+        mean = total(means) / k
+        d = means - mean
+        return k * n, mean, (n - correction) * total(variances) + n * total(d * d)
+    n = total(counts)
+    mean = total(counts * means) / n
+    d = means - mean
+    spread = counts * (variances + d * d)
+    return n, mean, total(spread - correction * variances if correction else spread)
 
 
 @dataclass(frozen=True)
@@ -144,15 +174,12 @@ class ChannelMoments:
         if invalid.any():
             _check_count(n[invalid][0])  # raises, naming the first invalid count
         totals = n.sum(axis=0)
-        w = np.repeat(n, channels, axis=1)
-        per_channel = np.repeat(totals, channels)
-        mean = np.einsum("bj,bj->j", w, mu) / np.where(per_channel > 0, per_channel, 1.0)
-        d = mu - mean
-        m2 = np.einsum("bj,bj->j", w, var) + np.einsum("bj,bj,bj->j", w, d, d)
-        bounds = np.cumsum(channels)[:-1]
+        w = np.where(totals > 0, n, 1.0)  # a layer without values: weight 1, its result dropped below
+        _, mean, m2 = pool_rows(np.repeat(w[:1] if np.all(w == w[:1]) else w, channels, axis=1), mu, var)
+        ends = np.cumsum(channels).tolist()
         return [
-            cls(int(total), part_mean, part_m2) if total else cls.empty(c)
-            for total, c, part_mean, part_m2 in zip(totals, channels, np.split(mean, bounds), np.split(m2, bounds))
+            cls(int(total), mean[end - c : end], m2[end - c : end]) if total else cls.empty(c)
+            for total, c, end in zip(totals.tolist(), channels, ends)
         ]
 
     @classmethod

@@ -322,14 +322,14 @@ def test_calls_of_different_sizes_and_counts_per_batch_pool_exactly():
     assert [layer.name for layer in r.layers] == ["a", "f", "b"]
 
 
-def test_many_batches_of_a_plain_stack_take_the_gather_free_path_exactly(monkeypatch):
+def test_many_batches_of_a_plain_stack_are_pooled_where_they_lie_exactly(monkeypatch):
     """40 batches (past one 32-batch flush) of a model whose layers each run once per batch, in
-    order: the snapshots are merged as they lie, and the statistics are the float64 reference."""
+    order: each flush is pooled on the device, and the statistics are the float64 reference."""
     from evalgap.torch import moments
 
     taken = []
-    whole = moments._whole_snapshots
-    monkeypatch.setattr(moments, "_whole_snapshots", lambda *a: taken.append(whole(*a) is not None) or whole(*a))
+    pooled = moments._pooled_snapshots
+    monkeypatch.setattr(moments, "_pooled_snapshots", lambda *a: taken.append(pooled(*a) is not None) or pooled(*a))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3), nn.BatchNorm1d(3)).train()
     data = [torch.randn(8, 5) * 4 + 3 for _ in range(40)]

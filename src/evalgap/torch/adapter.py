@@ -60,26 +60,24 @@ class TorchAdapter:
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         flat = moments.flat_to_host(tensors)
-        out, offset = [], 0
-        for v in values:
-            if isinstance(v, torch.Tensor):
-                out.append(flat[offset : offset + v.numel()].reshape(tuple(v.shape)))
-                offset += v.numel()
-            else:
-                out.append(np.asarray(v))
-        return out
+        parts = iter(np.split(flat, np.cumsum([t.numel() for t in tensors])[:-1]) if tensors else ())
+        return [
+            (lambda part: part if v.dim() == 1 else part.reshape(tuple(v.shape)))(next(parts)) if isinstance(v, torch.Tensor) else np.asarray(v)
+            for v in values
+        ]
 
     def read(self, norm_layers: Sequence[NormLayer]):
         """Each layer's (running_mean, running_var) as float64 arrays (None if lazy): one transfer for all."""
-        bns = [layer.handle for layer in norm_layers]
-        lazy = [bn.running_mean is None or is_lazy(bn.running_mean) for bn in bns]
-        host = iter(self.to_host([t for bn, z in zip(bns, lazy) if not z for t in (bn.running_mean, bn.running_var)]))
+        buffers = [layer.handle._buffers for layer in norm_layers]  # the buffer dict: no nn.Module.__getattr__ per read
+        pairs = [(b.get("running_mean"), b.get("running_var")) for b in buffers]
+        lazy = [mean is None or is_lazy(mean) for mean, _ in pairs]
+        host = iter(self.to_host([t for pair, z in zip(pairs, lazy) if not z for t in pair]))
         return [None if z else (next(host), next(host)) for z in lazy]
 
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
         """Copy float64 (mean, var) pairs into the running buffers: one host-to-device transfer per device,
         one (foreach) copy, cast to each buffer's dtype."""
-        buffers = [buf for layer in norm_layers for buf in (layer.handle.running_mean, layer.handle.running_var)]
+        buffers = [b[k] for b in (layer.handle._buffers for layer in norm_layers) for k in ("running_mean", "running_var")]
         if not buffers:
             return
         flat = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for pair in stats for v in pair])

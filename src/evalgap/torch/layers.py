@@ -99,7 +99,7 @@ def norm_layers(model: nn.Module) -> list[NormLayer]:
         NormLayer(
             name=name, handle=bn, kind=type(bn).__name__, channels=int(bn.num_features), eps=float(bn.eps),
             momentum=bn.momentum, frozen=is_frozen(bn, model),
-            tracks_statistics=bool(bn.track_running_stats and bn.running_mean is not None),
+            tracks_statistics=bool(bn.track_running_stats and bn._buffers.get("running_mean") is not None),
         )
         for name, bn in find_batchnorms(model)
     ]

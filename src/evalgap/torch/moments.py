@@ -9,14 +9,20 @@ PyTorch's own ``forward`` (which then skips the counter: one kernel launch less 
 a scratch counter. Each layer's ``forward`` is
 wrapped for the pass (an instance attribute, put back on exit; no hooks, whose dispatch
 costs more than the wrapper): it notes the call (layer, values per channel), and after the
-batch one ``clone`` of the scratch block keeps every layer's moments, left on the device. A
+batch one ``clone`` of the scratch block keeps every layer's moments, left on the device. For
+a stock BatchNorm1d/2d/3d the wrapper makes the kernel call PyTorch's forward would make,
+``torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, cudnn)``, itself: the same op with
+the same arguments, without that forward's Python work (so the pass costs less per call than a
+training-mode forward); what it does not cover (a tensor subclass, keyword arguments, one value
+per channel, ...) goes through PyTorch's forward. A
 layer called again within a batch has its earlier call's moments copied (one ``(2, C)``
 stack) before the kernel overwrites them, and a layer that replaces its buffers instead of
 updating them in place (a subclass) has what it holds copied after the call.
-:func:`host_captures` moves a whole flush in one transfer per device and converts the
-variance to the biased one with ``(n - 1) / n`` in float64. Lazy layers not yet materialized
-use their own buffers, copied after each call. Frozen layers stay in eval mode; their
-wrapper measures the input's moments with ``torch.var_mean``.
+:func:`host_captures` pools a flush whose batches each call every layer once on the device
+(:func:`_pooled_snapshots`, float64) and moves only the pooled moments; any other flush moves in
+one transfer per device, its variances made biased with ``(n - 1) / n`` in float64 on the host.
+Lazy layers not yet materialized use their own buffers, copied after each call. Frozen layers
+stay in eval mode; their wrapper measures the input's moments with ``torch.var_mean``.
 
 Side effects during the pass: the layers' buffer entries, ``momentum``, ``forward`` and every
 module's mode. The model's own buffer tensors are never written (the scratch stands in for
@@ -39,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from ..engine import Batch, HostCaptures, NormLayer
+from ..stats import pool_rows
 from .data import Forward, call_model, to_device
 from .layers import modes_kept, set_training
 
@@ -186,6 +193,64 @@ def _slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.Tensor
     return forward
 
 
+#: Layer types whose forward is PyTorch's own ``_BatchNorm.forward`` (not SyncBatchNorm, lazy or parametrized classes).
+_STOCK_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _is_stock(bn: _BatchNorm) -> bool:
+    """The layer runs PyTorch's own BatchNorm forward, and its weight and bias are entries of its parameters
+    or attributes of its own (``torch.nn.utils.prune`` sets one before each call): the pass may call its
+    kernel directly."""
+    own = bn.__dict__
+    return (type(bn) in _STOCK_TYPES and type(bn).forward is _BatchNorm.forward and "forward" not in own
+            and all(k in bn._parameters or k in own for k in ("weight", "bias")))
+
+
+def _stock_slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: _Calls) -> Callable:
+    """:func:`_slot_forward` for a stock layer: the kernel call ``_BatchNorm.forward`` makes in training
+    mode with momentum 1.0 (``torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, cudnn)``,
+    the same op with the same arguments, so the same output and moments), without that forward's
+    Python work. Anything else (a tensor subclass, eval mode set within the forward, eps <= 0, one
+    value per channel) goes through ``call``, which behaves (or raises) as PyTorch's forward does."""
+    records, latest = calls.records, calls.latest
+    check_dim, params, attrs = bn._check_input_dim, bn._parameters, bn.__dict__
+    batch_norm, cudnn_enabled, tensor = torch.batch_norm, torch._C._get_cudnn_enabled, torch.Tensor
+
+    def forward(*args, **kwargs):
+        if len(args) != 1 or kwargs or type(args[0]) is not tensor or not attrs["training"] or not attrs["eps"] > 0:
+            return _slot_call(index, call, mean, var, records, latest, args, kwargs)
+        x = args[0]
+        check_dim(x)
+        shape = x.shape
+        n = x.numel() // shape[1]
+        if n == 1:
+            return call(x)  # PyTorch's forward raises its own error (one value per channel)
+        at = latest.get(index)
+        if at is not None:  # the slot holds this layer's earlier call of the batch, which the kernel is about to overwrite
+            records[at][2] = torch.stack((mean, var))
+        weight = attrs["weight"] if "weight" in attrs else params["weight"]  # as ``bn.weight`` resolves, without __getattr__
+        bias = attrs["bias"] if "bias" in attrs else params["bias"]
+        out = batch_norm(x, weight, bias, mean, var, True, 1.0, attrs["eps"], cudnn_enabled())
+        latest[index] = len(records)
+        records.append([index, n, None, True])
+        return out
+
+    return forward
+
+
+def _slot_call(index, call, mean, var, records, latest, args, kwargs):
+    """A stock layer's call that the direct kernel call does not cover: PyTorch's own forward (which
+    writes the slot in place, as a stock layer's buffers are the slot's views)."""
+    x = _input_of(args, kwargs)
+    at = latest.pop(index, None)
+    if at is not None:
+        records[at][2] = torch.stack((mean, var))
+    out = call(*args, **kwargs)
+    latest[index] = len(records)
+    records.append([index, x.numel() // x.shape[1], None, True])
+    return out
+
+
 def _own_buffers_forward(index: int, call: Callable, bn: _BatchNorm, calls: _Calls) -> Callable:
     """A layer without a slot (lazy): copy its own buffers after each call."""
 
@@ -234,22 +299,30 @@ def host_captures(captures: list) -> HostCaptures:
     the unbiased variances are multiplied by ``(n - 1) / n`` in float64.
 
     When every batch of the flush called each layer of one block once, in block order (the usual
-    case), the snapshots stacked are the means and variances in call order as they lie: no gather."""
+    case), the flush is pooled where it lies (:func:`_pooled_snapshots`): one capture per layer."""
     m = len(captures)
     index = np.fromiter((c[0] for c in captures), dtype=np.int64, count=m)
     count = np.fromiter((c[1] for c in captures), dtype=np.float64, count=m)
-    unbiased = np.fromiter((c[3] for c in captures), dtype=bool, count=m)
     values = [c[2] for c in captures]
-    whole = _whole_snapshots(index, values)
-    if whole is not None:
-        mean, var, channels = whole
-    else:
-        mean, var, channels = _gathered(index, values)
+    pooled = _pooled_snapshots(index, count, values)
+    if pooled is not None:
+        return pooled
+    unbiased = np.fromiter((c[3] for c in captures), dtype=bool, count=m)
+    mean, var, channels = _gathered(index, values)
     bessel = np.where(unbiased, (count - 1) / np.where(count > 0, count, 1), 1.0)
     return HostCaptures(index=index, count=count, channels=channels, mean=mean, var=var * np.repeat(bessel, channels))
 
 
-def _whole_snapshots(index: np.ndarray, values: list) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+#: Devices that pool a flush themselves (float64 arithmetic); others (e.g. MPS, without float64) send it to the CPU first.
+_POOLING_DEVICES = ("cpu", "cuda")
+
+
+def _pooled_snapshots(index: np.ndarray, count: np.ndarray, values: list) -> HostCaptures | None:
+    """A flush of whole snapshots (k batches, each calling the block's L layers once, in block order),
+    pooled per layer on the device in float64 with :func:`evalgap.stats.pool_rows` (the snapshots hold
+    Bessel-corrected variances: ``correction=1``); only the L pooled means and variances move to the host.
+    The union of a layer's k batch moments is one capture of ``N = sum n_b`` values, so the engine merges
+    these as it merges any capture. None when the flush is not such a grid."""
     if not values or not all(type(v) is _Snapshot for v in values) or not values[0].single:
         return None
     layout = values[0].layout
@@ -259,8 +332,16 @@ def _whole_snapshots(index: np.ndarray, values: list) -> tuple[np.ndarray, np.nd
     rows = range(0, len(values), width)
     if any(values[r] is not values[r + width - 1] for r in rows):  # a row of calls spans two batches
         return None
-    host = torch.stack([values[r].block for r in rows]).to("cpu", torch.float64).numpy()
-    return host[:, : layout.half].reshape(-1), host[:, layout.half :].reshape(-1), np.tile(layout.channels, len(rows))
+    counts = count.reshape(-1, width)
+    per_channel = np.repeat(counts[:1] if np.all(counts == counts[:1]) else counts, layout.channels, axis=1)
+    block = torch.stack([values[r].block for r in rows]) if len(rows) > 1 else values[0].block[None]
+    device = block.device if block.device.type in _POOLING_DEVICES else torch.device("cpu")
+    with torch.no_grad():
+        b = block.to(device, torch.float64)
+        total, mean, m2 = pool_rows(torch.from_numpy(per_channel).to(device), b[:, : layout.half], b[:, layout.half :], correction=1)
+        host = torch.cat((mean, m2 / total)).to("cpu", torch.float64).numpy()
+    return HostCaptures(index=layout.order, count=counts.sum(axis=0), channels=layout.channels,
+                        mean=host[: layout.half], var=host[layout.half :])
 
 
 def _gathered(index: np.ndarray, values: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -322,7 +403,8 @@ def _pass(model, layers, batch_statistics, forward, device, local_sync) -> Itera
                     set_training(bn, True)
                     saved.append((bn, _swap_in_scratch(bn, scratch)))
                     if index in scratch.group:
-                        wrapper = _slot_forward(index, call, bn, *scratch.views[id(bn)], calls)
+                        slot = _stock_slot_forward if own is None and _is_stock(bn) else _slot_forward
+                        wrapper = slot(index, call, bn, *scratch.views[id(bn)], calls)
                     else:
                         wrapper = _own_buffers_forward(index, call, bn, calls)
                 else:

@@ -1,0 +1,190 @@
+"""The PyTorch pass's fast paths. A stock BatchNorm layer's kernel is called directly: the same outputs
+and statistics as PyTorch's own ``_BatchNorm.forward``, bit for bit, and PyTorch's forward for what that
+does not cover. A flush whose batches each call every layer once is pooled on the device: exact for
+batches of any sizes (float64 NumPy reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
+
+import evalgap.torch as eg  # noqa: E402
+from evalgap.torch import moments  # noqa: E402
+from evalgap.torch.adapter import TorchAdapter  # noqa: E402
+from evalgap.engine import Batch  # noqa: E402
+
+from ._reference import assert_stats_close, reference_population_stats  # noqa: E402
+
+
+class Mixed(nn.Module):
+    """BN1d/2d/3d, a layer called twice per batch on inputs of different sizes, channels-last convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4, momentum=0.01))
+        self.conv = nn.Conv2d(8, 6, 3, padding=1).to(memory_format=torch.channels_last)
+        self.bn = nn.BatchNorm2d(6, eps=1e-3)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 8 * 8, 10), nn.BatchNorm1d(10, momentum=None))
+
+    def forward(self, x):
+        z = self.stem(x.unsqueeze(2).expand(-1, -1, 2, -1, -1)).flatten(1, 2)
+        z = self.bn(self.conv(z.contiguous(memory_format=torch.channels_last)))
+        z = z + self.bn(z[:3] * 2 - 1).mean(0)  # the same layer again, on 3 samples
+        return self.head(z)
+
+
+def _pass_outputs(net: nn.Module, data: list) -> tuple[list, list]:
+    adapter = TorchAdapter()
+    layers = adapter.layers(net)
+    outputs, moments_ = [], []
+    with adapter.moments_pass(net, layers, [True] * len(layers)) as run:
+        for x in data:
+            captures, out = run(Batch(x, raw=x, size=len(x)))
+            outputs.append(out.clone())
+            host = adapter.host_captures(captures)
+            moments_.append((host.index.copy(), host.count.copy(), host.mean.copy(), host.var.copy()))
+    return outputs, moments_
+
+
+def test_the_direct_kernel_call_matches_pytorchs_forward_bit_for_bit(monkeypatch):
+    torch.manual_seed(0)
+    net = Mixed().train()
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(8, 3, 8, 8, generator=g) * 30 + 100 for _ in range(5)]
+    stock_calls = []
+    forward = _BatchNorm.forward
+    monkeypatch.setattr(_BatchNorm, "forward", lambda self, x: stock_calls.append(1) or forward(self, x))
+    monkeypatch.setattr(moments, "_is_stock", lambda bn: type(bn) in moments._STOCK_TYPES and "forward" not in bn.__dict__)
+    direct = _pass_outputs(net, data)
+    assert stock_calls == []  # every call of the pass went to the kernel directly
+    monkeypatch.setattr(moments, "_STOCK_TYPES", ())
+    through_forward = _pass_outputs(net, data)
+    assert len(stock_calls) == 4 * len(data)
+    for a, b in zip(direct[0], through_forward[0]):
+        assert torch.equal(a, b)
+    for a, b in zip(direct[1], through_forward[1]):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    ref = reference_population_stats(net, data)
+    eg.recalibrate(net, data, progress=False)
+    for name in ("stem.1", "bn", "head.2"):
+        assert_stats_close(net.get_submodule(name), ref[name])
+
+
+def test_calls_the_direct_path_does_not_cover_go_through_pytorchs_forward():
+    """A tensor subclass's ``__torch_function__`` sees ``F.batch_norm`` as PyTorch's forward calls it, and
+    a keyword argument reaches that forward; the statistics stay exact (float64 NumPy reference)."""
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is F.batch_norm:
+                seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            y = self.a(x.as_subclass(Logged)).as_subclass(torch.Tensor)
+            return self.b(input=y * 2 + 1)
+
+    torch.manual_seed(0)
+    net = Net().train()
+    data = [torch.randn(8, 3) * 2 + 5 for _ in range(4)]
+    r = eg.recalibrate(net, data, progress=False)
+    assert len(seen) == len(data) and r["a"].calls == r["b"].calls == len(data)
+    xs = [d.double().numpy() for d in data]
+    ys = [2 * (x - x.mean(0)) / np.sqrt(x.var(0) + net.a.eps) + 1 for x in xs]  # a's output (weight 1, bias 0) into b
+    for bn, seen_by in ((net.a, np.concatenate(xs)), (net.b, np.concatenate(ys))):
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), seen_by.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), seen_by.var(0), rtol=1e-5)
+
+
+def test_a_flush_of_batches_of_different_sizes_is_pooled_exactly(monkeypatch):
+    """Batches of 5, 9 and 2 samples at two image sizes (so every layer sees different counts per
+    batch), bfloat16 and float32 layers, channels-last: pooled on the device, equal to the float64
+    reference of every value each layer saw."""
+    taken = []
+    pooled = moments._pooled_snapshots
+    monkeypatch.setattr(moments, "_pooled_snapshots", lambda *a: taken.append(pooled(*a) is not None) or pooled(*a))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
+            self.bn = nn.BatchNorm2d(4)
+            self.bn16 = nn.BatchNorm2d(4).to(torch.bfloat16)
+
+        def forward(self, x):
+            z = self.bn(self.conv(x.contiguous(memory_format=torch.channels_last)))
+            return self.bn16((z * 3 - 2).to(torch.bfloat16))
+
+    torch.manual_seed(0)
+    net = Net().train()
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(n, 3, s, s, generator=g) * 20 + 60 for n, s in ((5, 8), (9, 6), (2, 8), (5, 6))]
+    seen = {"bn": [], "bn16": []}
+    hooks = [getattr(net, k).register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0].double().numpy())) for k in seen]
+    eg.recalibrate(net, data, progress=False, drop_ragged=False)
+    for h in hooks:
+        h.remove()
+    assert taken == [False]  # two blocks (float32 and bfloat16): not one grid; gathered on the host
+    for name, xs in seen.items():
+        x = np.concatenate([np.moveaxis(a, 1, -1).reshape(-1, 4) for a in xs])
+        bn = getattr(net, name)
+        tol = 1e-5 if name == "bn" else 1e-2  # bfloat16 buffers hold 3 significant digits
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), x.mean(0), rtol=tol)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), x.var(0), rtol=tol)
+
+    net.bn16.float()
+    seen = {"bn": [], "bn16": []}
+    net.forward = lambda x: net.bn16(net.bn(net.conv(x.contiguous(memory_format=torch.channels_last))) * 3 - 2)
+    hooks = [getattr(net, k).register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0].double().numpy())) for k in seen]
+    eg.recalibrate(net, data, progress=False, drop_ragged=False)
+    for h in hooks:
+        h.remove()
+    assert taken[1:] == [True]  # one float32 block: the flush is pooled where it lies
+    for name, xs in seen.items():
+        x = np.concatenate([np.moveaxis(a, 1, -1).reshape(-1, 4) for a in xs])
+        bn = getattr(net, name)
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), x.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), x.var(0), rtol=1e-5)
+
+
+def test_a_pruned_or_affine_free_layer_is_normalized_as_pytorch_does():
+    """``torch.nn.utils.prune`` replaces a layer's weight parameter by a plain attribute recomputed before
+    every call; a layer without affine parameters has none: the pass uses what PyTorch's forward would
+    (bit for bit against the pass through PyTorch's forward), and the statistics stay exact."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 5), nn.BatchNorm1d(5, affine=False), nn.Linear(5, 3)).train()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2.0)
+        net[1].bias.uniform_(-1.0, 1.0)
+    prune.l1_unstructured(net[1], "weight", amount=0.5)  # half of the weights zeroed: the next layer sees it
+    data = [torch.randn(8, 4) * 3 + 2 for _ in range(3)]
+    direct = _pass_outputs(net, data)
+    stock = moments._STOCK_TYPES
+    moments._STOCK_TYPES = ()
+    try:
+        through_forward = _pass_outputs(net, data)
+    finally:
+        moments._STOCK_TYPES = stock
+    for a, b in zip(direct[0], through_forward[0]):
+        assert torch.equal(a, b)
+    for a, b in zip(direct[1], through_forward[1]):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    ref = reference_population_stats(net, data)
+    eg.recalibrate(net, data, progress=False)
+    assert_stats_close(net[3], ref["3"])
