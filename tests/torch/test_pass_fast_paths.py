@@ -188,3 +188,23 @@ def test_a_pruned_or_affine_free_layer_is_normalized_as_pytorch_does():
     ref = reference_population_stats(net, data)
     eg.recalibrate(net, data, progress=False)
     assert_stats_close(net[3], ref["3"])
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_pool_rows_on_tensors_is_the_float64_union(equal):
+    """``stats.pool_rows`` as a GPU flush runs it (torch float64 tensors, Bessel-corrected variances), on
+    the CPU here: the mean and biased variance of all the groups' values together (NumPy float64)."""
+    from evalgap.stats import pool_rows
+
+    rng = np.random.default_rng(0)
+    sizes = [[6, 3], [6, 3], [6, 3]] if equal else [[6, 3], [2, 9], [4, 5]]
+    groups = [[rng.normal(50 + 10 * b, 1 + c, size=n) for c, n in enumerate(row)] for b, row in enumerate(sizes)]
+    counts = np.array(sizes, dtype=np.float64)
+    means = np.array([[g.mean() for g in row] for row in groups])
+    variances = np.array([[g.var(ddof=1) for g in row] for row in groups])
+    given = counts[:1] if equal else counts
+    n, mean, m2 = pool_rows(*(torch.from_numpy(a) for a in (given, means, variances)), correction=1)
+    values = [np.concatenate([row[c] for row in groups]) for c in range(2)]
+    np.testing.assert_allclose(n.numpy(), [v.size for v in values])
+    np.testing.assert_allclose(mean.numpy(), [v.mean() for v in values], rtol=1e-13)
+    np.testing.assert_allclose((m2 / n).numpy(), [v.var() for v in values], rtol=1e-12)

@@ -18,9 +18,10 @@ per channel, ...) goes through PyTorch's forward. A
 layer called again within a batch has its earlier call's moments copied (one ``(2, C)``
 stack) before the kernel overwrites them, and a layer that replaces its buffers instead of
 updating them in place (a subclass) has what it holds copied after the call.
-:func:`host_captures` pools a flush whose batches each call every layer once on the device
-(:func:`_pooled_snapshots`, float64) and moves only the pooled moments; any other flush moves in
-one transfer per device, its variances made biased with ``(n - 1) / n`` in float64 on the host.
+:func:`host_captures` pools a flush whose batches each call every layer once per layer
+(:func:`_pooled_snapshots`, float64; on a GPU before the transfer, so only the pooled moments
+move); any other flush moves in one transfer per device, its variances made biased with
+``(n - 1) / n`` in float64 on the host.
 Lazy layers not yet materialized use their own buffers, copied after each call. Frozen layers
 stay in eval mode; their wrapper measures the input's moments with ``torch.var_mean``.
 
@@ -313,16 +314,13 @@ def host_captures(captures: list) -> HostCaptures:
     return HostCaptures(index=index, count=count, channels=channels, mean=mean, var=var * np.repeat(bessel, channels))
 
 
-#: Devices that pool a flush themselves (float64 arithmetic); others (e.g. MPS, without float64) send it to the CPU first.
-_POOLING_DEVICES = ("cpu", "cuda")
-
-
 def _pooled_snapshots(index: np.ndarray, count: np.ndarray, values: list) -> HostCaptures | None:
     """A flush of whole snapshots (k batches, each calling the block's L layers once, in block order),
-    pooled per layer on the device in float64 with :func:`evalgap.stats.pool_rows` (the snapshots hold
-    Bessel-corrected variances: ``correction=1``); only the L pooled means and variances move to the host.
-    The union of a layer's k batch moments is one capture of ``N = sum n_b`` values, so the engine merges
-    these as it merges any capture. None when the flush is not such a grid."""
+    pooled per layer in float64 with :func:`evalgap.stats.pool_rows` (the snapshots hold Bessel-corrected
+    variances: ``correction=1``): on a GPU where the snapshots lie, so only the pooled means and variances
+    move to the host; elsewhere in NumPy after one transfer. The union of a layer's k batch moments is one
+    capture of ``N = sum n_b`` values, which the engine merges as it merges any capture. None when the
+    flush is not such a grid."""
     if not values or not all(type(v) is _Snapshot for v in values) or not values[0].single:
         return None
     layout = values[0].layout
@@ -334,14 +332,19 @@ def _pooled_snapshots(index: np.ndarray, count: np.ndarray, values: list) -> Hos
         return None
     counts = count.reshape(-1, width)
     per_channel = np.repeat(counts[:1] if np.all(counts == counts[:1]) else counts, layout.channels, axis=1)
-    block = torch.stack([values[r].block for r in rows]) if len(rows) > 1 else values[0].block[None]
-    device = block.device if block.device.type in _POOLING_DEVICES else torch.device("cpu")
+    half = layout.half
     with torch.no_grad():
-        b = block.to(device, torch.float64)
-        total, mean, m2 = pool_rows(torch.from_numpy(per_channel).to(device), b[:, : layout.half], b[:, layout.half :], correction=1)
-        host = torch.cat((mean, m2 / total)).to("cpu", torch.float64).numpy()
-    return HostCaptures(index=layout.order, count=counts.sum(axis=0), channels=layout.channels,
-                        mean=host[: layout.half], var=host[layout.half :])
+        block = torch.stack([values[r].block for r in rows]) if len(rows) > 1 else values[0].block[None]
+        if block.device.type == "cuda":  # pooled on the GPU: k rows in, one out
+            b = block.to(torch.float64)
+            total, mean, m2 = pool_rows(torch.from_numpy(per_channel).to(block.device), b[:, :half], b[:, half:], correction=1)
+            host = torch.cat((mean, m2 / total)).cpu().numpy()
+            mean, var = host[:half], host[half:]
+        else:  # the CPU pools in NumPy (as fast, fewer allocations); MPS has no float64: its rows move first
+            b = block.to("cpu", torch.float64).numpy()
+            total, mean, m2 = pool_rows(per_channel, b[:, :half], b[:, half:], correction=1)
+            var = m2 / total
+    return HostCaptures(index=layout.order, count=counts.sum(axis=0), channels=layout.channels, mean=mean, var=var)
 
 
 def _gathered(index: np.ndarray, values: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
