@@ -57,7 +57,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 averaged[k] = t / world
         labelled = [(x, torch.full((len(x),), rank if i % 2 else 2, dtype=torch.long)) for i, x in enumerate(rank_batches(rank))]
         report = eg.diagnose(make_model(), labelled, progress=False)
-        torch.save({"report": report.to_dict(), "state": state, "sync_state": sync_state, "averaged": averaged, "samples": result.samples, "batches": result.batches}, os.path.join(out, f"rank{rank}.pt"))
+        scored = eg.recalibrate(make_model(), labelled, progress=False, training_metrics=True).training_metrics
+        torch.save({"report": report.to_dict(), "training_metrics": scored, "state": state, "sync_state": sync_state, "averaged": averaged, "samples": result.samples, "batches": result.batches}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -87,6 +88,12 @@ def test_two_ranks_equal_one_process_over_the_union(tmp_path):
     for metric, d in one["metrics"].items():
         for mode, value in d["values"].items():
             assert r0["report"]["metrics"][metric]["values"][mode] == pytest.approx(value, rel=1e-5), (metric, mode)
+    # recalibrate's training_metrics too: reduced over the ranks, equal to one process over the union
+    assert r0["training_metrics"] == r1["training_metrics"]
+    union = eg.recalibrate(make_model(), labelled, progress=False, training_metrics=True).training_metrics
+    assert set(union) == {"loss", "accuracy"}
+    for metric, value in union.items():
+        assert r0["training_metrics"][metric] == pytest.approx(value, rel=1e-5), metric
     # averaging the ranks' buffers (unweighted, without the spread between the ranks' means)
     # is far off when the ranks see different classes; the exact combination is not
     for var_key in ("1.running_var",):  # the first layer, where the ranks' means differ most

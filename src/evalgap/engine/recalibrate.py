@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -224,17 +224,22 @@ def recalibrate(
     progress: bool = True,
     drop_ragged: bool = True,
     training_metrics: bool = False,
+    metric_options: Mapping[str, Any] | None = None,
 ) -> Recalibration:
     """Measure and write exact population statistics (see the module docstring).
 
     ``training_metrics``: also score the pass's own outputs with the adapter's metrics (the
-    model's loss and metrics): BatchNorm on batch statistics, dropout off, at the current
+    model's loss and metrics; ``metric_options`` go to ``adapter.metrics``, e.g. PyTorch's
+    ``loss_fn`` and ``metrics``): BatchNorm on batch statistics, dropout off, at the current
     weights, over every batch of the pass (ragged ones too), in ``result.training_metrics``.
     That is the training-mode side of the gap at fixed weights (diagnose's Td; T for a model
     without dropout), at no extra pass. Needs targets in the data. Across processes the
-    moments are combined but the metrics are this process's batches only (as diagnose's Td).
+    moments are combined; the metrics are reduced over the processes where the adapter's
+    metrics are (PyTorch, Flax), else they are this process's batches only (Keras).
     """
     start = time.perf_counter()
+    if metric_options and not training_metrics:
+        raise DataError(f"{', '.join(sorted(metric_options))} score the pass's outputs: pass training_metrics=True as well.")
     if max_batches is None and getattr(source, "infinite", False):
         raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_batches= (max_samples= for a callback).")
     first, source = peek(source)
@@ -247,7 +252,7 @@ def recalibrate(
     if not any(layer.tracks_statistics for layer in layers):
         raise _no_layer_error(adapter, model, layers)
     collective = adapter.collective(model)
-    score = _Score(adapter, model) if training_metrics else None
+    score = _Score(adapter, model, metric_options or {}) if training_metrics else None
     try:
         measured = measure(
             adapter, model, source, layers, include_frozen=include_frozen, max_batches=max_batches, drop_ragged=drop_ragged,
@@ -275,15 +280,15 @@ def recalibrate(
 class _Score:
     """Loss and metrics of a pass's outputs, with the adapter's metrics (built at the first batch)."""
 
-    def __init__(self, adapter: Adapter, model: Any):
-        self.adapter, self.model = adapter, model
+    def __init__(self, adapter: Adapter, model: Any, options: Mapping[str, Any]):
+        self.adapter, self.model, self.options = adapter, model, options
         self.metrics: Any = None
         self.state: Any = None
         self.value: dict[str, float] | None = None
 
     def update(self, batch: Batch, outputs: Any) -> None:
         if self.metrics is None:
-            self.metrics = self.adapter.metrics(self.model, batch, outputs)
+            self.metrics = self.adapter.metrics(self.model, batch, outputs, **self.options)
             self.state = self.metrics.new()
         self.state.update(batch, outputs)
 

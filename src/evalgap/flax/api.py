@@ -24,6 +24,9 @@ def recalibrate(
     batch_size: int | None = None,
     shuffle: bool = True,
     seed: int = 0,
+    training_metrics: bool = False,
+    loss_fn: Metric | None = None,
+    metrics: Mapping[str, Metric] | None = None,
 ) -> Recalibration | tuple[Recalibration, dict]:
     """Set every BatchNorm layer's moving statistics to the exact population statistics.
 
@@ -49,6 +52,11 @@ def recalibrate(
         train_arg: the name of the module's training-flag argument when it is not one of
             ``train``, ``training``, ``is_training`` (or ``deterministic``, ``eval``, ...).
         batch_size, shuffle, seed: for array data.
+        training_metrics: also score the pass's own outputs (BN on batch statistics, dropout
+            off, these weights, every batch including a ragged last one) with ``loss_fn`` and
+            ``metrics``, as :func:`diagnose` takes them (defaults where the shapes leave no
+            doubt): the training-mode numbers of exactly these weights, at no extra pass
+            (diagnose's Td). Needs ``(x, y)`` batches. In ``result.training_metrics``.
 
     Returns:
         NNX: :class:`evalgap.Recalibration` (per layer: statistics before and after, drift).
@@ -60,8 +68,10 @@ def recalibrate(
     """
     adapter = FlaxAdapter(train_arg=train_arg)
     source = adapter.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    options = {k: v for k, v in (("loss_fn", loss_fn), ("metrics", metrics)) if v is not None}
     result = engine.recalibrate(
         adapter, model, source, max_batches=max_batches, include_frozen=include_frozen, progress=progress, drop_ragged=drop_ragged,
+        training_metrics=training_metrics, metric_options=options,
     )
     if isinstance(adapter.target, LinenModel):
         return result, adapter.target.variables

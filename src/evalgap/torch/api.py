@@ -28,6 +28,9 @@ def recalibrate(
     shuffle: bool = True,
     seed: int = 0,
     max_samples: int | None = None,
+    training_metrics: bool = False,
+    loss_fn: Metric | None = None,
+    metrics: Mapping[str, Any] | None = None,
 ) -> Recalibration:
     """Set every BatchNorm layer's running statistics to the exact population statistics.
 
@@ -62,6 +65,12 @@ def recalibrate(
         batch_size, shuffle, seed: for array data and Datasets (see ``data``).
         max_samples: use at most this many samples: whole batches drawn at random from all
             of the arrays (the first batches of a loader).
+        training_metrics: also score the pass's own outputs (BN on batch statistics, dropout
+            off, these weights, every batch including a ragged last one) with ``loss_fn`` and
+            ``metrics``, as :func:`diagnose` takes them (defaults where the shapes leave no
+            doubt): the training-mode numbers of exactly these weights, at no extra pass
+            (diagnose's Td). Needs ``(input, target)`` batches. Reduced over the ranks of
+            ``process_group``. In ``result.training_metrics``.
 
     Returns:
         :class:`evalgap.Recalibration`, per layer: statistics before and after, drift.
@@ -73,8 +82,10 @@ def recalibrate(
     adapter = TorchAdapter(forward=forward, process_group=process_group)
     source = adapter.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
     source = source.take(max_samples) if max_samples is not None else source
+    options = {k: v for k, v in (("loss_fn", loss_fn), ("metrics", metrics)) if v is not None}
     return engine.recalibrate(
         adapter, model, source, max_batches=max_batches, include_frozen=include_frozen, progress=progress, drop_ragged=drop_ragged,
+        training_metrics=training_metrics, metric_options=options,
     )
 
 
