@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from . import engine
+from .errors import DataError
 from .torch.adapter import TorchAdapter
 from .torch.api import recalibrate
 from .torch.layers import find_batchnorms, modes_kept
@@ -57,17 +58,26 @@ class PreciseBN(pl.Callback):
         every_n_epochs: recalibrate before the validation of every n-th epoch.
         forward: ``forward(module, batch)`` to call the module yourself (default: ``module(batch[0])``).
         verbose: 1 prints one line per run.
+        training_metrics: also log ``train_mode_<metric>``: the recalibration pass's own outputs
+            (BN on batch statistics, dropout off, the weights validation sees) scored with
+            ``loss_fn`` and ``metrics`` as :func:`evalgap.torch.diagnose` takes them (default:
+            cross-entropy and accuracy for class scores), at no extra pass: the training-mode
+            numbers to read ``val_*`` against.
 
     Logs ``precise_bn_seconds``. Without a validation loop it recalibrates at the end of each
     due training epoch. Side effects: the module's BatchNorm running statistics, which is the
     point; training continues from them.
     """
 
-    def __init__(self, dataloader: Any = None, max_batches: int | None = None, every_n_epochs: int = 1, forward=None, verbose: int = 0):
+    def __init__(self, dataloader: Any = None, max_batches: int | None = None, every_n_epochs: int = 1, forward=None, verbose: int = 0,
+                 *, training_metrics: bool = False, loss_fn=None, metrics=None):
         engine.check_schedule(every_n_epochs, None)
         if dataloader is not None:
             engine.check_reiterable(dataloader, "evalgap.lightning.PreciseBN")
+        if (loss_fn is not None or metrics is not None) and not training_metrics:
+            raise DataError("loss_fn and metrics score the recalibration pass's outputs: pass training_metrics=True as well.")
         self.dataloader, self.max_batches, self.every, self.forward, self.verbose = dataloader, max_batches, every_n_epochs, forward, verbose
+        self.scoring = {"training_metrics": training_metrics, "loss_fn": loss_fn, "metrics": metrics}
         self.last = None
         self._modes = _TrainingModes()
         self._step_done = -1
@@ -92,9 +102,11 @@ class PreciseBN(pl.Callback):
         data = self.dataloader if self.dataloader is not None else trainer.train_dataloader
         t = time.perf_counter()
         with self._modes.restored(pl_module):
-            self.last = recalibrate(pl_module, data, max_batches=self.max_batches, forward=self.forward, progress=False)
+            self.last = recalibrate(pl_module, data, max_batches=self.max_batches, forward=self.forward, progress=False, **self.scoring)
         self._step_done = trainer.global_step
         pl_module.log("precise_bn_seconds", time.perf_counter() - t, on_step=False, on_epoch=True)
+        for name, value in (self.last.training_metrics or {}).items():  # reduced over the ranks already: no sync_dist
+            pl_module.log(f"train_mode_{name}", value, on_step=False, on_epoch=True)
         if self.verbose and trainer.is_global_zero:
             print(f"PreciseBN (epoch {trainer.current_epoch + 1}): {self.last.summary()}")
 

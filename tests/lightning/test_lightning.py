@@ -18,6 +18,7 @@ pytest.importorskip("sklearn")
 from torch import nn  # noqa: E402
 
 import evalgap.lightning as egl  # noqa: E402
+from evalgap import DataError  # noqa: E402
 import evalgap.torch as eg  # noqa: E402
 from evalgap.data import load_digits_rgb  # noqa: E402
 from evalgap.seed.torch_demo import small_resnet  # noqa: E402
@@ -93,6 +94,23 @@ def test_seed_in_miniature_without_and_with_precise_bn(digits):
     assert train_plain - val_plain > 0.3, accuracies  # the symptom: eval far below train on the same data
     assert abs(train_precise - val_precise) < 0.02, accuracies  # closed by exact statistics
     assert train_plain == pytest.approx(train_precise, abs=1e-6)  # moving statistics never feed the gradient
+
+
+def test_precise_bn_logs_the_training_mode_metrics_of_the_weights_validation_sees(digits, tmp_path):
+    """``train_mode_accuracy`` is the accuracy of the recalibration pass's outputs: at the last validation
+    (after which nothing trains) it equals an independent training-mode loop over the same batches."""
+    L.seed_everything(0, verbose=False)
+    module = Seed()
+    train, val = loaders(digits)
+    callback = egl.PreciseBN(val, training_metrics=True)
+    t = trainer([callback], epochs=2, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"))
+    t.fit(module, train, val)
+    rows = [r for r in csv.DictReader(open(os.path.join(t.logger.log_dir, "metrics.csv"))) if r.get("train_mode_accuracy")]
+    assert len(rows) == 2 and rows[-1]["train_mode_loss"]
+    assert float(rows[-1]["train_mode_accuracy"]) == pytest.approx(training_mode_accuracy(module, val), abs=1e-6)
+    assert float(rows[-1]["train_mode_accuracy"]) == pytest.approx(callback.last.training_metrics["accuracy"], abs=1e-6)
+    with pytest.raises(DataError, match="training_metrics=True"):
+        egl.PreciseBN(val, metrics={"accuracy": lambda out, y: (out.argmax(1) == y).float()})
 
 
 def test_gap_monitor_logs_reach_the_logger(digits, tmp_path):

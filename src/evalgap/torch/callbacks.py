@@ -32,7 +32,8 @@ class PreciseBN:
     after training steps (forward passes in training mode with gradients on):
     ``precise_bn.attach(model)`` (``detach()`` undoes it). Side effects: the model's
     BatchNorm running statistics, which is the point. Extra keyword arguments go to
-    :func:`evalgap.torch.recalibrate` (``batch_size``, ``seed``, ``process_group``, ...).
+    :func:`evalgap.torch.recalibrate` (``batch_size``, ``seed``, ``process_group``,
+    ``training_metrics``, ``loss_fn``, ``metrics``, ...).
     """
 
     def __init__(
