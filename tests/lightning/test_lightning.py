@@ -106,8 +106,12 @@ def test_precise_bn_logs_the_training_mode_metrics_of_the_weights_validation_see
     t = trainer([callback], epochs=2, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"))
     t.fit(module, train, val)
     rows = [r for r in csv.DictReader(open(os.path.join(t.logger.log_dir, "metrics.csv"))) if r.get("train_mode_accuracy")]
-    assert len(rows) == 2 and rows[-1]["train_mode_loss"]
+    assert len(rows) == 2
     assert float(rows[-1]["train_mode_accuracy"]) == pytest.approx(training_mode_accuracy(module, val), abs=1e-6)
+    with torch.no_grad():  # the same independent loop's cross-entropy, per sample
+        side = copy.deepcopy(module).train()
+        loss = sum(float(nn.functional.cross_entropy(side(x), y, reduction="sum")) for x, y in val) / len(val.dataset)
+    assert float(rows[-1]["train_mode_loss"]) == pytest.approx(loss, rel=1e-5)
     assert float(rows[-1]["train_mode_accuracy"]) == pytest.approx(callback.last.training_metrics["accuracy"], abs=1e-6)
     with pytest.raises(DataError, match="training_metrics=True"):
         egl.PreciseBN(val, metrics={"accuracy": lambda out, y: (out.argmax(1) == y).float()})

@@ -59,7 +59,6 @@ def test_the_direct_kernel_call_matches_pytorchs_forward_bit_for_bit(monkeypatch
     stock_calls = []
     forward = _BatchNorm.forward
     monkeypatch.setattr(_BatchNorm, "forward", lambda self, x: stock_calls.append(1) or forward(self, x))
-    monkeypatch.setattr(moments, "_is_stock", lambda bn: type(bn) in moments._STOCK_TYPES and "forward" not in bn.__dict__)
     direct = _pass_outputs(net, data)
     assert stock_calls == []  # every call of the pass went to the kernel directly
     monkeypatch.setattr(moments, "_STOCK_TYPES", ())
@@ -173,7 +172,14 @@ def test_a_pruned_or_affine_free_layer_is_normalized_as_pytorch_does():
         net[1].bias.uniform_(-1.0, 1.0)
     prune.l1_unstructured(net[1], "weight", amount=0.5)  # half of the weights zeroed: the next layer sees it
     data = [torch.randn(8, 4) * 3 + 2 for _ in range(3)]
-    direct = _pass_outputs(net, data)
+    stock_calls = []
+    forward = _BatchNorm.forward
+    _BatchNorm.forward = lambda self, x: stock_calls.append(1) or forward(self, x)
+    try:
+        direct = _pass_outputs(net, data)
+    finally:
+        _BatchNorm.forward = forward
+    assert stock_calls == []  # both layers took the direct call
     stock = moments._STOCK_TYPES
     moments._STOCK_TYPES = ()
     try:
@@ -208,3 +214,95 @@ def test_pool_rows_on_tensors_is_the_float64_union(equal):
     np.testing.assert_allclose(n.numpy(), [v.size for v in values])
     np.testing.assert_allclose(mean.numpy(), [v.mean() for v in values], rtol=1e-13)
     np.testing.assert_allclose((m2 / n).numpy(), [v.var() for v in values], rtol=1e-12)
+
+
+def test_torch_function_modes_and_overriding_parameters_see_f_batch_norm():
+    """An active TorchFunctionMode, or a weight whose tensor overrides ``__torch_function__``, sees the
+    ``F.batch_norm`` PyTorch's forward calls (the direct kernel call would hide it); statistics exact."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.batch_norm:
+                seen.append("mode")
+            return func(*args, **(kwargs or {}))
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is F.batch_norm:
+                seen.append("weight")
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            with Mode():
+                y = self.a(x)
+            return self.b(y * 2 + 1)
+
+    torch.manual_seed(0)
+    net = Net().train()
+    net.b.weight = nn.Parameter(torch.ones(3).as_subclass(Logged))
+    data = [torch.randn(8, 3) * 2 + 5 for _ in range(4)]
+    eg.recalibrate(net, data, progress=False)
+    assert seen.count("mode") == len(data) and seen.count("weight") == len(data)
+    xs = [d.double().numpy() for d in data]
+    ys = [2 * (x - x.mean(0)) / np.sqrt(x.var(0) + net.a.eps) + 1 for x in xs]
+    for bn, seen_by in ((net.a, np.concatenate(xs)), (net.b, np.concatenate(ys))):
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), seen_by.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), seen_by.var(0), rtol=1e-5)
+
+
+def test_a_forward_through_functional_call_and_a_keyword_call_is_measured_exactly():
+    """``torch.func.functional_call`` swaps every buffer entry for the call; a layer called with a keyword
+    argument goes through PyTorch's forward, which then updates the swapped-in tensors: what they hold
+    after the call is what the pass records."""
+    from torch.func import functional_call
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn(input=self.lin(x))
+
+    torch.manual_seed(0)
+    net = Net().train()
+    data = [torch.randn(8, 4) * 3 + 1 for _ in range(4)]
+    w, c = (p.detach().double().numpy() for p in (net.lin.weight, net.lin.bias))
+    seen_by = np.concatenate([d.double().numpy() @ w.T + c for d in data])
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    eg.recalibrate(net, data, progress=False, forward=lambda m, b: functional_call(m, state, (b,)))
+    np.testing.assert_allclose(net.bn.running_mean.double().numpy(), seen_by.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.bn.running_var.double().numpy(), seen_by.var(0), rtol=1e-5)
+
+
+def test_a_layer_that_only_sees_empty_inputs_stays_unreached_and_unwritten():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            rare = x[x[:, 0] > 1e6]  # never any row
+            return self.a(x).sum() + self.b(rare).sum()
+
+    torch.manual_seed(0)
+    net = Net().train()
+    before = net.b.running_var.clone()
+    data = [torch.randn(8, 3) * 2 + 5 for _ in range(3)]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = eg.recalibrate(net, data, progress=False)
+    assert r["b"].status == "unreached" and torch.equal(net.b.running_var, before)
+    x = torch.cat(data).double().numpy()
+    np.testing.assert_allclose(net.a.running_var.double().numpy(), x.var(0), rtol=1e-5)

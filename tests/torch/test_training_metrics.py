@@ -88,3 +88,17 @@ def test_options_without_training_metrics_or_data_without_targets_are_clear_erro
         eg.recalibrate(net, [x for x, _ in batches], training_metrics=True, progress=False)
     assert state_snapshot(net) == before
     assert eg.recalibrate(net, batches, progress=False).training_metrics is None
+
+
+def test_a_last_batch_of_one_sample_is_left_out_of_the_scores_and_said():
+    """Arrays of 17 samples in batches of 8: the last batch holds one sample, which training-mode BatchNorm
+    refuses; the scores are those of the 16 others (float64 reference) and a note says so."""
+    net = _net()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(17, 5, generator=g) * 3 + 10
+    y = torch.randint(0, 3, (17,), generator=g)
+    result = eg.recalibrate(net, (x, y), batch_size=8, shuffle=False, training_metrics=True, progress=False)
+    z = np.concatenate(_reference_logits(net, [(x[:8], y[:8]), (x[8:16], y[8:16])]))
+    assert result.training_metrics["accuracy"] == pytest.approx((z.argmax(1) == y[:16].numpy()).mean(), abs=1e-9)
+    assert any("one sample" in note for note in result.notes)
+    assert result.samples == 16 and result.skipped_samples == 1

@@ -103,6 +103,8 @@ class LayerMoments:
 
     def _merge(self, indices: list[int], parts: list[ChannelMoments]) -> None:
         for index, part in zip(indices, parts):
+            if part.count == 0:  # calls on empty inputs carry no values: a layer that only had those stays unreached
+                continue
             self.moments[index] = part if self.moments[index] is None else self.moments[index].merge(part)
 
     def order(self) -> list[int]:

@@ -114,7 +114,7 @@ def measure(
                     if max_batches is not None and index + 1 >= max_batches:
                         break
                     index += 1
-                    _run_batch(run, batch, result, acc, drop_ragged, on_output)
+                    _run_batch(run, batch, result, acc, drop_ragged, on_output, adapter.one_sample_batches)
                     if result.batches % FLUSH_EVERY == 0:
                         acc.flush()
                     advance(1)
@@ -135,7 +135,8 @@ def measure(
     return Measured(result, tracked, batch_statistics, before, acc, static)
 
 
-def _run_batch(run, batch: Batch, result: Recalibration, acc: LayerMoments, drop_ragged: bool, on_output: OnOutput | None) -> None:
+def _run_batch(run, batch: Batch, result: Recalibration, acc: LayerMoments, drop_ragged: bool, on_output: OnOutput | None,
+               one_sample_batches: bool = True) -> None:
     n = batch.size
     if result.batch_size is None:
         result.batch_size = n
@@ -144,6 +145,10 @@ def _run_batch(run, batch: Batch, result: Recalibration, acc: LayerMoments, drop
         result.skipped_batches += 1
         result.skipped_samples += n or 0
         if on_output is None:
+            return
+        if n == 1 and not one_sample_batches:  # no batch statistics, and the framework's training mode refuses it
+            result.notes.append("training_metrics: left out a last batch of one sample (one value per channel has no batch "
+                                "statistics; BatchNorm refuses it in training mode).")
             return
     captures, outputs = run(batch)
     if not ragged:

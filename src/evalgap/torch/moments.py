@@ -13,8 +13,8 @@ batch one ``clone`` of the scratch block keeps every layer's moments, left on th
 a stock BatchNorm1d/2d/3d the wrapper makes the kernel call PyTorch's forward would make,
 ``torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, cudnn)``, itself: the same op with
 the same arguments, without that forward's Python work (so the pass costs less per call than a
-training-mode forward); what it does not cover (a tensor subclass, keyword arguments, one value
-per channel, ...) goes through PyTorch's forward. A
+training-mode forward); what it does not cover (a ``__torch_function__`` override or mode,
+keyword arguments, one value per channel, ...) goes through PyTorch's forward. A
 layer called again within a batch has its earlier call's moments copied (one ``(2, C)``
 stack) before the kernel overwrites them, and a layer that replaces its buffers instead of
 updating them in place (a subclass) has what it holds copied after the call.
@@ -209,47 +209,38 @@ def _is_stock(bn: _BatchNorm) -> bool:
 
 def _stock_slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: _Calls) -> Callable:
     """:func:`_slot_forward` for a stock layer: the kernel call ``_BatchNorm.forward`` makes in training
-    mode with momentum 1.0 (``torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, cudnn)``,
-    the same op with the same arguments, so the same output and moments), without that forward's
-    Python work. Anything else (a tensor subclass, eval mode set within the forward, eps <= 0, one
-    value per channel) goes through ``call``, which behaves (or raises) as PyTorch's forward does."""
+    mode with momentum 1.0, ``torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, cudnn)`` on the
+    slot (the same op on the same input, weight, bias and eps, so the same output and moments), without
+    that forward's Python work. Anything else goes through :func:`_slot_forward` (PyTorch's forward, which
+    behaves or raises as it does outside the pass): keyword arguments, a ``__torch_function__`` override
+    on the input, weight or bias or an active TorchFunctionMode (they must see ``F.batch_norm``), eval
+    mode set within the model's forward, eps <= 0, one value per channel."""
     records, latest = calls.records, calls.latest
+    general = _slot_forward(index, call, bn, mean, var, calls)
     check_dim, params, attrs = bn._check_input_dim, bn._parameters, bn.__dict__
-    batch_norm, cudnn_enabled, tensor = torch.batch_norm, torch._C._get_cudnn_enabled, torch.Tensor
+    batch_norm, cudnn_enabled, overridden = torch.batch_norm, torch._C._get_cudnn_enabled, torch._C._has_torch_function_variadic
 
     def forward(*args, **kwargs):
-        if len(args) != 1 or kwargs or type(args[0]) is not tensor or not attrs["training"] or not attrs["eps"] > 0:
-            return _slot_call(index, call, mean, var, records, latest, args, kwargs)
+        if len(args) != 1 or kwargs or not attrs["training"] or not attrs["eps"] > 0:
+            return general(*args, **kwargs)
         x = args[0]
+        weight = attrs["weight"] if "weight" in attrs else params["weight"]  # as ``bn.weight`` resolves, without __getattr__
+        bias = attrs["bias"] if "bias" in attrs else params["bias"]
+        if overridden(x, weight, bias):
+            return general(x)
         check_dim(x)
-        shape = x.shape
-        n = x.numel() // shape[1]
+        n = x.numel() // x.shape[1]
         if n == 1:
             return call(x)  # PyTorch's forward raises its own error (one value per channel)
         at = latest.get(index)
         if at is not None:  # the slot holds this layer's earlier call of the batch, which the kernel is about to overwrite
             records[at][2] = torch.stack((mean, var))
-        weight = attrs["weight"] if "weight" in attrs else params["weight"]  # as ``bn.weight`` resolves, without __getattr__
-        bias = attrs["bias"] if "bias" in attrs else params["bias"]
         out = batch_norm(x, weight, bias, mean, var, True, 1.0, attrs["eps"], cudnn_enabled())
         latest[index] = len(records)
         records.append([index, n, None, True])
         return out
 
     return forward
-
-
-def _slot_call(index, call, mean, var, records, latest, args, kwargs):
-    """A stock layer's call that the direct kernel call does not cover: PyTorch's own forward (which
-    writes the slot in place, as a stock layer's buffers are the slot's views)."""
-    x = _input_of(args, kwargs)
-    at = latest.pop(index, None)
-    if at is not None:
-        records[at][2] = torch.stack((mean, var))
-    out = call(*args, **kwargs)
-    latest[index] = len(records)
-    records.append([index, x.numel() // x.shape[1], None, True])
-    return out
 
 
 def _own_buffers_forward(index: int, call: Callable, bn: _BatchNorm, calls: _Calls) -> Callable:
@@ -331,6 +322,8 @@ def _pooled_snapshots(index: np.ndarray, count: np.ndarray, values: list) -> Hos
     if any(values[r] is not values[r + width - 1] for r in rows):  # a row of calls spans two batches
         return None
     counts = count.reshape(-1, width)
+    if not np.all(counts.sum(axis=0) > 0):  # a layer whose inputs were all empty: the host path leaves it out
+        return None
     per_channel = np.repeat(counts[:1] if np.all(counts == counts[:1]) else counts, layout.channels, axis=1)
     half = layout.half
     with torch.no_grad():
