@@ -9,7 +9,9 @@
 #     precise-bn, momentum0.9 (`evalgap reproduce`), and plain model.fit vs reproduce in images/s;
 # (b) recalibration ratios to a training-mode forward: PyTorch fp32 / channels-last / bf16
 #     autocast against update_bn and fvcore (ResNet50, and MobileNetV2 at batch 16 and 64),
-#     Keras per backend present, Flax if present.
+#     Keras per backend present, Flax if present;
+# (c) the PyTorch pass's fast paths on the GPU (bench/gpu_checks.py: the direct BN kernel call bit for
+#     bit against PyTorch's forward, a flush pooled on the device against the host, float64 exactness).
 # Writes under OUT: summary.md (the tables, GPU named), results.json, ratios.csv, ratios.png,
 # reproduce.json, reproduce.csv, reproduce.png and log.txt (8 files, the most a device call returns).
 #
@@ -23,7 +25,7 @@
 # EVALGAP_GPU_KERAS_BACKENDS (the backends to time recalibration on; default: every one importable),
 # EVALGAP_GPU_BUDGET (seconds for the whole script, default 470 in full mode, under the 8 minutes asked: each step's timeout is
 # cut to what is left, less 25 s for the summary, so summary.md is written even when a step runs long).
-# Steps run in order of what the GPU issue needs most: seed job, PyTorch ratios, fit vs reproduce, Keras, Flax.
+# Steps run in order of what the GPU issue needs most: seed job, PyTorch ratios, PyTorch checks, fit vs reproduce, Keras, Flax.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu.sh OUT [--smoke]}
 MODE=${2:-full}
@@ -49,13 +51,13 @@ if [ "$MODE" = "--smoke" ]; then
   IMG=32; LIMIT=(--limit-per-class 2); EPOCHS=1; RUNS=1; TORCH_RUNS=1
   TORCH=(--batches 1 --batch-size 2 --image-size 32)
   KERAS=(--batches 1 --batch-size 2 --image-size 32); FLAX=(--batches 1 --batch-size 2 --image-size 16)
-  FIT_EPOCHS=1; T_JOB=600; T_FIT=600; T_BENCH=300; BUDGET=${EVALGAP_GPU_BUDGET:-0}
+  FIT_EPOCHS=1; T_JOB=600; T_FIT=600; T_BENCH=300; BUDGET=${EVALGAP_GPU_BUDGET:-0}; CHECKS=(--image-size 32)
   VARIANTS=seed,precise-bn; SETTINGS=""  # momentum0.9 and reproduce's settings take code paths the seed job runs
 else
   IMG=256; LIMIT=(); EPOCHS=10; RUNS=5; TORCH_RUNS=15  # a PyTorch run takes well under a second there
   TORCH=(--batches 8 --batch-size 64 --image-size 224)
   KERAS=(--batches 8 --batch-size 64 --image-size 224); FLAX=(--batches 8 --batch-size 64 --image-size 224)
-  FIT_EPOCHS=3; T_JOB=300; T_FIT=120; T_BENCH=60; BUDGET=${EVALGAP_GPU_BUDGET:-470}
+  FIT_EPOCHS=3; T_JOB=300; T_FIT=120; T_BENCH=60; BUDGET=${EVALGAP_GPU_BUDGET:-470}; CHECKS=()
   VARIANTS=seed,precise-bn,momentum0.9; SETTINGS=none,seed
 fi
 
@@ -98,6 +100,7 @@ for setting in "resnet50 fp32::" "resnet50 fp32 32 batches::--batches 32" "resne
   # shellcheck disable=SC2086
   step "torch $name" "$T_BENCH" "$PY" bench/recalibrate_torch.py "${TORCH[@]}" --runs "$TORCH_RUNS" $flags $model --json "$file"
 done
+step "torch checks" "$T_BENCH" "$PY" bench/gpu_checks.py "${CHECKS[@]}" --json "$WORK/checks.json"
 step fit-vs-reproduce "$T_FIT" env KERAS_BACKEND="$BACKEND" "$PY" bench/reproduce_keras.py --data "$DATA" --image-size "$IMG" "${LIMIT[@]}" \
   --epochs "$FIT_EPOCHS" --settings "$SETTINGS" --json "$WORK/fit_vs_reproduce.json"
 BACKENDS=${EVALGAP_GPU_KERAS_BACKENDS:-$("$PY" bench/gpu_summary.py --keras-backends)}

@@ -58,7 +58,7 @@ def collect(work: Path, out: Path) -> int:
     env = _load(work / "environment.json") or {}
     device = env.get("gpu") or f"no GPU ({env.get('cpu', '?')}, {env.get('cpus', '?')} CPUs)"
     steps = [json.loads(line) for line in (work / "steps.jsonl").read_text().splitlines()] if (work / "steps.jsonl").exists() else []
-    results: dict = {"environment": env, "steps": steps, "recalibration": [], "fit_vs_reproduce": None, "seed_job": None}
+    results: dict = {"environment": env, "steps": steps, "recalibration": [], "fit_vs_reproduce": None, "seed_job": None, "checks": None}
     md = [f"# evalgap on {device}", "", f"Packages: {', '.join(f'{k} {v}' for k, v in env.get('packages', {}).items())}", ""]
     failed = [s for s in steps if s["exit"] != 0]
     if failed:
@@ -103,6 +103,12 @@ def collect(work: Path, out: Path) -> int:
     for r in (flax or {}).get("results", []):
         rows.append({"framework": f"flax/{r['kind']}", "setting": flax["setting"], "method": "evalgap.flax.recalibrate",
                      "seconds": r["recalibrate_s"], "ratio": r["ratio"]})
+    checks = _load(work / "checks.json")
+    if checks:
+        results["checks"] = checks
+        md += [f"## The PyTorch pass's fast paths ({checks['device']}, torch {checks['torch']})", "", "| check | result | detail |", "|---|---|---|"]
+        md += [f"| {c['check']} | {'ok' if c['ok'] else '**FAILED**'} | {c['detail']} |" for c in checks["checks"]]
+        md.append("")
     results["recalibration"] = rows
     if rows:
         md += [f"## Recalibration / training-mode forward ({device}, side by side in one process, median)", "",

@@ -86,6 +86,10 @@ def test_gpu_script_smoke_writes_every_table(tmp_path):
     assert any(r["framework"] == "keras/torch" for r in ratios)
     if __import__("importlib").util.find_spec("flax") is not None:
         assert {"flax/nnx", "flax/linen"} <= {r["framework"] for r in ratios}
+    # (c) the PyTorch pass's fast paths, as the GPU run checks them (here on the CPU)
+    checks = results["checks"]["checks"]
+    assert {"direct = forward (resnet50, fp32)", "exact (resnet50, fp32)", "direct = forward (resnet50, bf16 autocast)"} <= {c["check"] for c in checks}
+    assert all(c["ok"] for c in checks), checks
     summary = (out / "summary.md").read_text()
     assert "## The seed's job" in summary and "## Recalibration / training-mode forward" in summary and "images/s" in summary
     assert (out / "ratios.png").read_bytes()[:4] == b"\x89PNG" and (out / "reproduce.png").read_bytes()[:4] == b"\x89PNG"
