@@ -11,14 +11,14 @@ wrapped for the pass (an instance attribute, put back on exit; no hooks, whose d
 costs more than the wrapper): it notes the call (layer, values per channel), and after the
 batch one ``clone`` of the scratch block keeps every layer's moments, left on the device. For
 a stock BatchNorm1d/2d/3d the wrapper makes the kernel call PyTorch's forward would make,
-``torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, cudnn)``, itself: the same op with
-the same arguments, without that forward's Python work (so the pass costs less per call than a
+``torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, cudnn)`` on its slot, itself: the
+same op on the same input, weight, bias and eps, without that forward's Python work (so the pass costs less per call than a
 training-mode forward); what it does not cover (a ``__torch_function__`` override or mode,
 keyword arguments, one value per channel, ...) goes through PyTorch's forward. A
 layer called again within a batch has its earlier call's moments copied (one ``(2, C)``
 stack) before the kernel overwrites them, and a layer that replaces its buffers instead of
 updating them in place (a subclass) has what it holds copied after the call.
-:func:`host_captures` pools a flush whose batches each call every layer once per layer
+:func:`host_captures` pools, per layer, a flush whose batches each call every layer once
 (:func:`_pooled_snapshots`, float64; on a GPU before the transfer, so only the pooled moments
 move); any other flush moves in one transfer per device, its variances made biased with
 ``(n - 1) / n`` in float64 on the host.
