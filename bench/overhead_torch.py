@@ -7,12 +7,10 @@ side in this process, in a new random order each run; the minimum of R runs is r
 (overhead only ever adds time, so the minimum is its cleanest reading on a noisy machine).
 
     python bench/overhead_torch.py [--model mobilenet_v2|resnet50] [--batches 1,16] [--runs 41] [--clock wall|thread]
-        [--counter-ab] [--json FILE]
+        [--json FILE]
 
 ``--clock thread`` times with this thread's CPU time (torch runs on this thread only), which other
-processes on a shared machine disturb less. ``--counter-ab`` adds "evalgap (counter)": evalgap with
-every BN layer's ``num_batches_tracked`` pointed at a scratch counter (as before it was set to None
-for PyTorch's own forward), side by side with the current pass.
+processes on a shared machine disturb less.
 """
 
 from __future__ import annotations
@@ -34,17 +32,6 @@ from _torch_resnet import resnet50  # noqa: E402
 import evalgap.torch as eg  # noqa: E402
 
 
-def counted(model, batches) -> None:
-    """evalgap.torch.recalibrate with num_batches_tracked counted in every call (the pass before it was None)."""
-    from evalgap.torch import moments
-
-    stock, moments._STOCK_FORWARDS = moments._STOCK_FORWARDS, ()
-    try:
-        eg.recalibrate(model, batches, progress=False)
-    finally:
-        moments._STOCK_FORWARDS = stock
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["mobilenet_v2", "resnet50"], default="mobilenet_v2")
@@ -53,7 +40,6 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--runs", type=int, default=41)
     p.add_argument("--clock", choices=["wall", "thread"], default="wall")
-    p.add_argument("--counter-ab", action="store_true", help="also time the pass with num_batches_tracked counted (the old way)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
@@ -68,7 +54,7 @@ def main() -> None:
         update_bn_stats = None
     print(f"{args.model} ({layers} BN layers), batches of {args.batch_size}x3x{args.image_size}x{args.image_size}, 1 thread, "
           f"torch {torch.__version__}, min of {args.runs} runs, {args.clock} clock; ms added to a training-mode forward over the same batches")
-    shown = ("evalgap", "fvcore", "update_bn") + (("evalgap (counter)",) if args.counter_ab else ())
+    shown = ("evalgap", "fvcore", "update_bn")
     print(f"{'batches':>7s} {'forward ms':>10s} " + " ".join(f"{m:>16s}" for m in shown))
     rows = []
     for k in (int(b) for b in args.batches.split(",")):
@@ -84,8 +70,6 @@ def main() -> None:
                    "update_bn": lambda: torch.optim.swa_utils.update_bn(batches, model)}
         if update_bn_stats is not None:
             methods["fvcore"] = lambda: update_bn_stats(model.train(), batches, num_iters=k)
-        if args.counter_ab:
-            methods["evalgap (counter)"] = lambda: counted(model, batches)
         for fn in methods.values():  # warm-up
             model.load_state_dict(snapshot)
             fn()

@@ -92,7 +92,8 @@ def pool_rows(counts: Any, means: Any, variances: Any, *, correction: int = 0, s
     ``M2 = (n - correction) sum_b var_b + n sum_b (mu_b - mean)^2`` (no weighted sums).
     Pure arithmetic and column sums (``sum0``, default ``a.sum(axis=0)``): runs on NumPy arrays and on
     framework tensors alike (PyTorch pools a flush on its device with it). Give float64 values: ``mu_b -
-    mean`` cancels in lower precisions. A column with N = 0 divides by zero. Returns ``(N, mean, M2)``.
+    mean`` cancels in lower precisions. Every group needs n_b >= 1 (n_b >= 2 with correction 1):
+    an empty group would still subtract ``correction * var_b``. Returns ``(N, mean, M2)``.
     """
     total = (lambda a: a.sum(axis=0)) if sum0 is None else sum0
     k = means.shape[0]

@@ -203,3 +203,14 @@ def test_several_inputs_in_a_flat_batch_get_a_hint_naming_both_ways():
     flat = [(torch.randn(16, 6), torch.randn(16, 2), torch.randint(0, 3, (16,))) for _ in range(2)]
     with pytest.raises(RecalibrationError, match=r"\(\(input1, input2, \.\.\.\), target\).*forward=lambda"):
         eg.recalibrate(model, flat, progress=False)
+
+
+def test_buffers_that_are_inference_tensors_are_a_clear_error_that_changes_nothing():
+    from evalgap import ModelError
+
+    with torch.inference_mode():
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).train()
+    before = net[1].running_var.clone()
+    with pytest.raises(ModelError, match="inference tensors"):
+        eg.recalibrate(net, [torch.randn(8, 4) for _ in range(3)], progress=False)
+    assert torch.equal(net[1].running_var, before)

@@ -306,3 +306,102 @@ def test_a_layer_that_only_sees_empty_inputs_stays_unreached_and_unwritten():
     assert r["b"].status == "unreached" and torch.equal(net.b.running_var, before)
     x = torch.cat(data).double().numpy()
     np.testing.assert_allclose(net.a.running_var.double().numpy(), x.var(0), rtol=1e-5)
+
+
+def test_a_layer_with_empty_inputs_in_some_batches_is_exact():
+    """Each batch calls every layer once, but one layer's input is empty in some batches: those calls
+    weigh nothing (the slot still holds an earlier call's moments, which must not count)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            return self.a(x).sum() + self.b(x[x[:, 0] > 4] * 3).sum()
+
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 2, generator=g) + torch.tensor([5.0 if k % 2 else 0.0, 1.0]) for k in range(6)]
+    net = Net().train()
+    seen = []
+    hook = net.b.register_forward_pre_hook(lambda m, a: seen.append(a[0].double().numpy()))
+    eg.recalibrate(net, data, progress=False)
+    hook.remove()
+    assert any(len(s) == 0 for s in seen) and any(len(s) > 1 for s in seen)
+    x = np.concatenate(seen)
+    np.testing.assert_allclose(net.b.running_mean.double().numpy(), x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(net.b.running_var.double().numpy(), x.var(0), rtol=1e-5)
+
+
+def test_hooks_that_read_the_counter_or_set_the_momentum_see_the_layers_own_values():
+    """A momentum warm-up hook reads ``num_batches_tracked`` and sets ``momentum``: during the pass it reads
+    the layer's own count (a copy), its momentum does not reach the pass (set back to 1.0 before each
+    call, for layers on PyTorch's forward too), and afterwards counter, momentum and hook are as they were."""
+
+    class Sub(nn.BatchNorm1d):  # a subclass: the pass goes through its (PyTorch's) forward
+        def forward(self, x):
+            return super().forward(x)
+
+    read = []
+
+    def warm_up(bn, args):
+        read.append(int(bn.num_batches_tracked))
+        bn.momentum = 1.0 / (2 + int(bn.num_batches_tracked))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), Sub(4)).train()
+    for bn in (net[1], net[2]):
+        bn.num_batches_tracked.fill_(7)
+        bn.register_forward_pre_hook(warm_up)
+    momenta = (net[1].momentum, net[2].momentum)
+    data = [torch.randn(8, 3) * 2 + 1 for _ in range(4)]
+    ref = reference_population_stats(nn.Sequential(*[copy_module(m) for m in net]), data)
+    read.clear()
+    eg.recalibrate(net, data, progress=False)
+    assert read[:2] == [7, 7]
+    assert int(net[1].num_batches_tracked) == int(net[2].num_batches_tracked) == 7
+    assert (net[1].momentum, net[2].momentum) == momenta
+    assert_stats_close(net[1], ref["1"])
+    assert_stats_close(net[2], ref["2"])
+
+
+def copy_module(m: nn.Module) -> nn.Module:
+    import copy
+
+    out = copy.deepcopy(m)
+    out._forward_pre_hooks.clear()
+    return out
+
+
+@pytest.mark.parametrize("change", ["eval", "momentum"])
+def test_a_model_that_changes_a_layers_mode_or_momentum_in_forward_gets_a_clear_error(change):
+    """The model's forward puts the layer in eval mode, or the layer's own forward changes its momentum
+    before normalizing: the slot would not hold that call's batch moments. A ModelError names the layer
+    and the model is unchanged."""
+    from evalgap import ModelError
+
+    class Drifting(nn.BatchNorm1d):
+        def forward(self, x):
+            self.momentum = 0.3
+            return super().forward(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(3, 4), (Drifting(4) if change == "momentum" else nn.BatchNorm1d(4))
+
+        def forward(self, x):
+            if change == "eval":
+                self.bn.eval()
+            out = self.bn(self.lin(x))
+            self.bn.train()
+            return out
+
+    torch.manual_seed(0)
+    net = Net().train()
+    net.bn.momentum = 0.1
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kind = type(net.bn).__name__
+    with pytest.raises(ModelError, match=rf"^bn \({kind}, 4 channels\) (is put in eval mode|changes its momentum)"):
+        eg.recalibrate(net, [torch.randn(8, 3) for _ in range(3)], progress=False)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items()) and net.bn.momentum == 0.1

@@ -5,6 +5,8 @@ batch normalized by its own biased statistics as in training, dropout off, every
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,18 @@ def test_a_last_batch_of_one_sample_is_left_out_of_the_scores_and_said():
     assert result.training_metrics["accuracy"] == pytest.approx((z.argmax(1) == y[:16].numpy()).mean(), abs=1e-9)
     assert any("one sample" in note for note in result.notes)
     assert result.samples == 16 and result.skipped_samples == 1
+
+
+def test_a_last_batch_of_one_image_is_scored_where_batchnorm2d_takes_it():
+    """BatchNorm2d normalizes one image by its H x W values per channel: the one-sample last batch is
+    scored with the others (float64 reference of every sample), and no note says otherwise."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).train()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(9, 2, 4, 4, generator=g) * 2 + 1, torch.randint(0, 2, (9,), generator=g)
+    result = eg.recalibrate(net, (x, y), batch_size=4, shuffle=False, training_metrics=True, progress=False)
+    with torch.no_grad():  # training mode on a copy, batch by batch: an independent reference
+        side = copy.deepcopy(net).train()
+        z = torch.cat([side(x[i:i + 4]) for i in range(0, 9, 4)]).double().numpy()
+    assert result.training_metrics["accuracy"] == pytest.approx((z.argmax(1) == y.numpy()).mean(), abs=1e-9)
+    assert not any("one sample" in note for note in result.notes)

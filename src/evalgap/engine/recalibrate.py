@@ -146,11 +146,14 @@ def _run_batch(run, batch: Batch, result: Recalibration, acc: LayerMoments, drop
         result.skipped_samples += n or 0
         if on_output is None:
             return
-        if n == 1 and not one_sample_batches:  # no batch statistics, and the framework's training mode refuses it
-            result.notes.append("training_metrics: left out a last batch of one sample (one value per channel has no batch "
-                                "statistics; BatchNorm refuses it in training mode).")
-            return
-    captures, outputs = run(batch)
+    try:
+        captures, outputs = run(batch)
+    except ValueError as exc:  # PyTorch's BatchNorm refuses one value per channel (an (N, C) batch of one sample)
+        if not (ragged and n == 1 and not one_sample_batches) or isinstance(exc, EvalgapError):
+            raise
+        result.notes.append(f"training_metrics: left out the last batch, of one sample, which the model refuses in "
+                            f"training mode ({exc}).")
+        return
     if not ragged:
         acc.add(captures, n or 0)
         result.batches += 1
@@ -213,10 +216,15 @@ def write(adapter: Adapter, measured: Measured) -> None:
     before = {id(layer): b for layer, b in zip(measured.layers, measured.before)}
     try:
         adapter.write(layers, stats)
-    except BaseException:
+    except BaseException as exc:
         restore = [(layer, before[id(layer)]) for layer in layers if before[id(layer)] is not None]
         adapter.write([layer for layer, _ in restore], [b for _, b in restore])
-        raise
+        if isinstance(exc, EvalgapError) or not isinstance(exc, Exception):
+            raise
+        hint = getattr(adapter, "hint", None)
+        extra = hint(exc) if hint is not None else None
+        raise RecalibrationError(f"writing the statistics failed ({type(exc).__name__}: {exc}); the model was restored exactly as "
+                                 f"it was." + (" " + extra if extra else "")) from exc
 
 
 def recalibrate(

@@ -80,6 +80,8 @@ class TorchAdapter:
         buffers = [b[k] for b in (layer.handle._buffers for layer in norm_layers) for k in ("running_mean", "running_var")]
         if not buffers:
             return
+        if not torch.is_inference_mode_enabled() and any(buf.is_inference() for buf in buffers):  # before any write
+            raise ModelError("cannot write the statistics. " + self.hint(RuntimeError("inference tensor")) + " The model is unchanged.")
         flat = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for pair in stats for v in pair])
         host = torch.from_numpy(flat)
         sizes = [buf.numel() for buf in buffers]
@@ -109,6 +111,10 @@ class TorchAdapter:
         return x.numpy(), (1 if x.dim() >= 3 else -1)
 
     def hint(self, exc: Exception) -> str | None:
+        if "inference tensor" in str(exc).lower():
+            return ("The BatchNorm buffers are inference tensors (the model was built or loaded under torch.inference_mode), "
+                    "which no code outside inference mode may write: build or load the model outside inference_mode, or "
+                    "replace the buffers with clones (bn.running_mean = bn.running_mean.clone(), likewise running_var).")
         if "more than 1 value per channel" in str(exc):
             return ("A batch with one value per channel (one sample of a (N, C) input) has no batch statistics, so "
                     "training-mode BatchNorm refuses it: give data of at least 2 samples, in batches of the training "

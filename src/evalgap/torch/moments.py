@@ -4,9 +4,8 @@ During the pass the model is in eval mode (dropout off); each layer that normali
 statistics is in training mode with ``momentum = 1.0`` and fresh scratch buffers in place of
 its ``running_mean`` / ``running_var`` (views of one zeroed block), so after a call the scratch
 holds exactly that call's mean and Bessel-corrected variance, computed by the BN kernel that
-reads the activations anyway. Its ``num_batches_tracked`` is None for the pass when it runs
-PyTorch's own ``forward`` (which then skips the counter: one kernel launch less per call), else
-a scratch counter. Each layer's ``forward`` is
+reads the activations anyway. Its ``num_batches_tracked`` is a copy of its own (hooks and
+subclasses may read it). Each layer's ``forward`` is
 wrapped for the pass (an instance attribute, put back on exit; no hooks, whose dispatch
 costs more than the wrapper): it notes the call (layer, values per channel), and after the
 batch one ``clone`` of the scratch block keeps every layer's moments, left on the device. For
@@ -46,14 +45,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from ..engine import Batch, HostCaptures, NormLayer
+from ..errors import ModelError
 from ..stats import pool_rows
 from .data import Forward, call_model, to_device
 from .layers import modes_kept, set_training
 
 _STATE = ("running_mean", "running_var", "num_batches_tracked")
-#: Forwards that treat ``num_batches_tracked = None`` as "not counted" (BatchNorm1d/2d/3d's; SyncBatchNorm's
-#: asserts it is set, and lazy layers reset it when they materialize).
-_STOCK_FORWARDS = (_BatchNorm.forward,)
 
 
 class _Layout:
@@ -108,18 +105,20 @@ class _Scratch:
                 self.group[index] = g
             self.blocks.append(block)
             self.layouts.append(_Layout([index for index, _ in members], sizes))
-        self.counters: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # each layer's num_batches_tracked, copied (one stack per device and dtype): a hook or a subclass
+        # may read it; PyTorch's forward adds to the copy, the direct kernel call never touches it
+        counters: dict[tuple[torch.device, torch.dtype, torch.Size], list[tuple[int, torch.Tensor]]] = {}
+        for _, bn in bns:
+            t = bn._buffers.get("num_batches_tracked")
+            if t is not None:
+                counters.setdefault((t.device, t.dtype, t.shape), []).append((id(bn), t))
+        self.counters: dict[int, torch.Tensor] = {}  # id(bn) -> its copy
+        for members in counters.values():
+            self.counters.update(zip((key for key, _ in members), torch.stack([t for _, t in members]).unbind(0)))
 
     def snapshots(self) -> list[_Snapshot]:
         single = len(self.blocks) == 1
         return [_Snapshot(block.clone(), layout, single) for block, layout in zip(self.blocks, self.layouts)]
-
-    def counter(self, t: torch.Tensor) -> torch.Tensor:
-        """One counter every layer adds its calls to (the count is thrown away)."""
-        key = (t.device, t.dtype)
-        if key not in self.counters:
-            self.counters[key] = torch.zeros_like(t)
-        return self.counters[key]
 
 
 def _swap_in_scratch(bn: _BatchNorm, scratch: _Scratch) -> tuple[Any, ...]:
@@ -136,12 +135,7 @@ def _swap_in_scratch(bn: _BatchNorm, scratch: _Scratch) -> tuple[Any, ...]:
     if views is not None:
         buffers["running_mean"], buffers["running_var"] = views
     if buffers.get("num_batches_tracked") is not None:
-        if views is not None and "forward" not in bn.__dict__ and type(bn).forward in _STOCK_FORWARDS:
-            # PyTorch's own forward reads the counter only for momentum=None and skips it when it is None:
-            # one kernel launch (``add_``) less per call
-            buffers["num_batches_tracked"] = None
-        else:  # a subclass's or the user's forward may read it
-            buffers["num_batches_tracked"] = scratch.counter(buffers["num_batches_tracked"])
+        buffers["num_batches_tracked"] = scratch.counters[id(bn)]
     return saved
 
 
@@ -170,19 +164,28 @@ def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
-def _slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: _Calls) -> Callable:
-    """Note the call; its moments stay in the scratch slot (``mean``, ``var``) until the batch ends."""
+def _slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: _Calls, name: str = "") -> Callable:
+    """Note the call; its moments stay in the scratch slot (``mean``, ``var``) until the batch ends.
+
+    The call runs with momentum 1.0 (set again before each call: a hook may have changed it); a model
+    that puts the layer in eval mode, or changes its momentum, within its forward gets a ModelError
+    (the slot would not hold this call's moments)."""
     records, latest = calls.records, calls.latest
-    buffers = bn._buffers
+    buffers, attrs = bn._buffers, bn.__dict__
     where = (mean.data_ptr(), var.data_ptr())
 
     def forward(*args, **kwargs):
         x = _input_of(args, kwargs)
+        if not attrs["training"]:
+            raise _mode_error(name, bn, "is put in eval mode within the model's forward")
         at = latest.get(index)
         if at is not None:  # the slot holds this layer's earlier call of the batch, which the kernel is about to overwrite
             records[at][2] = torch.stack((mean, var))
             del latest[index]
+        object.__setattr__(bn, "momentum", 1.0)
         out = call(*args, **kwargs)  # a call that raises leaves no record
+        if attrs["momentum"] != 1.0:
+            raise _mode_error(name, bn, f"changes its momentum within its forward (to {attrs['momentum']})")
         n = x.numel() // x.shape[1]
         if buffers["running_mean"] is mean and buffers["running_var"] is var and (mean.data_ptr(), var.data_ptr()) == where:
             latest[index] = len(records)
@@ -192,6 +195,15 @@ def _slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.Tensor
         return out
 
     return forward
+
+
+def _mode_error(name: str, bn: _BatchNorm, what: str) -> ModelError:
+    return ModelError(
+        f"{name or 'a layer'} ({type(bn).__name__}, {bn.num_features} channels) {what}: evalgap's pass reads each call's batch moments from "
+        "the layer in training mode with momentum 1.0, so it cannot measure this layer. Put the layer in eval mode before "
+        "calling evalgap if it should keep its statistics (it is then treated as frozen), or keep its mode and momentum "
+        "out of forward. The model is unchanged."
+    )
 
 
 #: Layer types whose forward is PyTorch's own ``_BatchNorm.forward`` (not SyncBatchNorm, lazy or parametrized classes).
@@ -207,21 +219,23 @@ def _is_stock(bn: _BatchNorm) -> bool:
             and all(k in bn._parameters or k in own for k in ("weight", "bias")))
 
 
-def _stock_slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: _Calls) -> Callable:
+def _stock_slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: _Calls,
+                        name: str = "") -> Callable:
     """:func:`_slot_forward` for a stock layer: the kernel call ``_BatchNorm.forward`` makes in training
     mode with momentum 1.0, ``torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, cudnn)`` on the
     slot (the same op on the same input, weight, bias and eps, so the same output and moments), without
-    that forward's Python work. Anything else goes through :func:`_slot_forward` (PyTorch's forward, which
-    behaves or raises as it does outside the pass): keyword arguments, a ``__torch_function__`` override
-    on the input, weight or bias or an active TorchFunctionMode (they must see ``F.batch_norm``), eval
-    mode set within the model's forward, eps <= 0, one value per channel."""
+    that forward's Python work (the momentum is not read: 1.0 is passed). Anything else goes through
+    :func:`_slot_forward` (PyTorch's forward, which behaves or raises as it does outside the pass): keyword
+    arguments, a ``__torch_function__`` override on the input, weight or bias or an active
+    TorchFunctionMode (they must see ``F.batch_norm``), eval mode set within the model's forward (an
+    error), eps <= 0, one value per channel."""
     records, latest = calls.records, calls.latest
-    general = _slot_forward(index, call, bn, mean, var, calls)
+    general = _slot_forward(index, call, bn, mean, var, calls, name)
     check_dim, params, attrs = bn._check_input_dim, bn._parameters, bn.__dict__
     batch_norm, cudnn_enabled, overridden = torch.batch_norm, torch._C._get_cudnn_enabled, torch._C._has_torch_function_variadic
 
     def forward(*args, **kwargs):
-        if len(args) != 1 or kwargs or not attrs["training"] or not attrs["eps"] > 0:
+        if len(args) != 1 or kwargs or not attrs["training"] or not attrs["eps"] > 0:  # (eval mode: an error there)
             return general(*args, **kwargs)
         x = args[0]
         weight = attrs["weight"] if "weight" in attrs else params["weight"]  # as ``bn.weight`` resolves, without __getattr__
@@ -322,7 +336,7 @@ def _pooled_snapshots(index: np.ndarray, count: np.ndarray, values: list) -> Hos
     if any(values[r] is not values[r + width - 1] for r in rows):  # a row of calls spans two batches
         return None
     counts = count.reshape(-1, width)
-    if not np.all(counts.sum(axis=0) > 0):  # a layer whose inputs were all empty: the host path leaves it out
+    if not np.all(counts > 0):  # an empty input (its slot still holds an earlier call): the host path weighs it 0
         return None
     per_channel = np.repeat(counts[:1] if np.all(counts == counts[:1]) else counts, layout.channels, axis=1)
     half = layout.half
@@ -400,7 +414,7 @@ def _pass(model, layers, batch_statistics, forward, device, local_sync) -> Itera
                     saved.append((bn, _swap_in_scratch(bn, scratch)))
                     if index in scratch.group:
                         slot = _stock_slot_forward if own is None and _is_stock(bn) else _slot_forward
-                        wrapper = slot(index, call, bn, *scratch.views[id(bn)], calls)
+                        wrapper = slot(index, call, bn, *scratch.views[id(bn)], calls, layer.name)
                     else:
                         wrapper = _own_buffers_forward(index, call, bn, calls)
                 else:
