@@ -51,6 +51,15 @@ def _pass_outputs(net: nn.Module, data: list) -> tuple[list, list]:
     return outputs, moments_
 
 
+def _assert_same_passes(one: tuple[list, list], other: tuple[list, list]) -> None:
+    """Outputs and host moments of two passes, bit for bit."""
+    for a, b in zip(one[0], other[0]):
+        assert torch.equal(a, b)
+    for a, b in zip(one[1], other[1]):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+
+
 def test_the_direct_kernel_call_matches_pytorchs_forward_bit_for_bit(monkeypatch):
     torch.manual_seed(0)
     net = Mixed().train()
@@ -64,34 +73,50 @@ def test_the_direct_kernel_call_matches_pytorchs_forward_bit_for_bit(monkeypatch
     monkeypatch.setattr(moments, "_STOCK_TYPES", ())
     through_forward = _pass_outputs(net, data)
     assert len(stock_calls) == 4 * len(data)
-    for a, b in zip(direct[0], through_forward[0]):
-        assert torch.equal(a, b)
-    for a, b in zip(direct[1], through_forward[1]):
-        for u, v in zip(a, b):
-            np.testing.assert_array_equal(u, v)
+    _assert_same_passes(direct, through_forward)
     ref = reference_population_stats(net, data)
     eg.recalibrate(net, data, progress=False)
     for name in ("stem.1", "bn", "head.2"):
         assert_stats_close(net.get_submodule(name), ref[name])
 
 
-def test_calls_the_direct_path_does_not_cover_go_through_pytorchs_forward():
-    """A tensor subclass's ``__torch_function__`` sees ``F.batch_norm`` as PyTorch's forward calls it, and
-    a keyword argument reaches that forward; the statistics stay exact (float64 NumPy reference)."""
-    seen = []
+def _f_batch_norm_logger(seen: list, tag: str) -> type:
+    """A tensor subclass whose ``__torch_function__`` notes ``tag`` for every ``F.batch_norm`` it sees."""
 
     class Logged(torch.Tensor):
         @classmethod
         def __torch_function__(cls, func, types, args=(), kwargs=None):
             if func is F.batch_norm:
-                seen.append(func)
+                seen.append(tag)
             return super().__torch_function__(func, types, args, kwargs or {})
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    return Logged
 
+
+class _AB(nn.Module):
+    """Two BatchNorm1d layers of 3 channels, ``a`` and ``b``; subclasses say how forward calls them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+
+def _assert_a_then_b(net: nn.Module, data: list) -> None:
+    """``net.a`` saw the data and ``net.b`` saw ``2 a(x) + 1`` (a's weight 1, bias 0): float64 NumPy reference."""
+    xs = [d.double().numpy() for d in data]
+    ys = [2 * (x - x.mean(0)) / np.sqrt(x.var(0) + net.a.eps) + 1 for x in xs]
+    for bn, seen_by in ((net.a, np.concatenate(xs)), (net.b, np.concatenate(ys))):
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), seen_by.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), seen_by.var(0), rtol=1e-5)
+
+
+def test_calls_the_direct_path_does_not_cover_go_through_pytorchs_forward():
+    """A tensor subclass's ``__torch_function__`` sees ``F.batch_norm`` as PyTorch's forward calls it, and
+    a keyword argument reaches that forward; the statistics stay exact (float64 NumPy reference)."""
+    seen = []
+    Logged = _f_batch_norm_logger(seen, "input")
+
+    class Net(_AB):
         def forward(self, x):
             y = self.a(x.as_subclass(Logged)).as_subclass(torch.Tensor)
             return self.b(input=y * 2 + 1)
@@ -101,11 +126,7 @@ def test_calls_the_direct_path_does_not_cover_go_through_pytorchs_forward():
     data = [torch.randn(8, 3) * 2 + 5 for _ in range(4)]
     r = eg.recalibrate(net, data, progress=False)
     assert len(seen) == len(data) and r["a"].calls == r["b"].calls == len(data)
-    xs = [d.double().numpy() for d in data]
-    ys = [2 * (x - x.mean(0)) / np.sqrt(x.var(0) + net.a.eps) + 1 for x in xs]  # a's output (weight 1, bias 0) into b
-    for bn, seen_by in ((net.a, np.concatenate(xs)), (net.b, np.concatenate(ys))):
-        np.testing.assert_allclose(bn.running_mean.double().numpy(), seen_by.mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(bn.running_var.double().numpy(), seen_by.var(0), rtol=1e-5)
+    _assert_a_then_b(net, data)
 
 
 def test_a_flush_of_batches_of_different_sizes_is_pooled_exactly(monkeypatch):
@@ -186,11 +207,7 @@ def test_a_pruned_or_affine_free_layer_is_normalized_as_pytorch_does():
         through_forward = _pass_outputs(net, data)
     finally:
         moments._STOCK_TYPES = stock
-    for a, b in zip(direct[0], through_forward[0]):
-        assert torch.equal(a, b)
-    for a, b in zip(direct[1], through_forward[1]):
-        for u, v in zip(a, b):
-            np.testing.assert_array_equal(u, v)
+    _assert_same_passes(direct, through_forward)
     ref = reference_population_stats(net, data)
     eg.recalibrate(net, data, progress=False)
     assert_stats_close(net[3], ref["3"])
@@ -229,18 +246,9 @@ def test_torch_function_modes_and_overriding_parameters_see_f_batch_norm():
                 seen.append("mode")
             return func(*args, **(kwargs or {}))
 
-    class Logged(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            if func is F.batch_norm:
-                seen.append("weight")
-            return super().__torch_function__(func, types, args, kwargs or {})
+    Logged = _f_batch_norm_logger(seen, "weight")
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
-
+    class Net(_AB):
         def forward(self, x):
             with Mode():
                 y = self.a(x)
@@ -252,11 +260,7 @@ def test_torch_function_modes_and_overriding_parameters_see_f_batch_norm():
     data = [torch.randn(8, 3) * 2 + 5 for _ in range(4)]
     eg.recalibrate(net, data, progress=False)
     assert seen.count("mode") == len(data) and seen.count("weight") == len(data)
-    xs = [d.double().numpy() for d in data]
-    ys = [2 * (x - x.mean(0)) / np.sqrt(x.var(0) + net.a.eps) + 1 for x in xs]
-    for bn, seen_by in ((net.a, np.concatenate(xs)), (net.b, np.concatenate(ys))):
-        np.testing.assert_allclose(bn.running_mean.double().numpy(), seen_by.mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(bn.running_var.double().numpy(), seen_by.var(0), rtol=1e-5)
+    _assert_a_then_b(net, data)
 
 
 def test_a_forward_through_functional_call_and_a_keyword_call_is_measured_exactly():
