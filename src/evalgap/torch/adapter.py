@@ -17,6 +17,13 @@ from .distributed import collective
 from .remedies import REMEDIES
 
 
+_INFERENCE_TENSORS = (
+    "The BatchNorm buffers are inference tensors (the model was built or loaded under torch.inference_mode), which no "
+    "code outside inference mode may write: build or load the model outside inference_mode, or replace the buffers "
+    "with clones (bn.running_mean = bn.running_mean.clone(), likewise running_var)."
+)
+
+
 class TorchAdapter:
     """One call's PyTorch options: ``forward(model, batch)`` and the ``process_group``."""
 
@@ -61,10 +68,14 @@ class TorchAdapter:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         flat = moments.flat_to_host(tensors)
         parts = iter(np.split(flat, np.cumsum([t.numel() for t in tensors])[:-1]) if tensors else ())
-        return [
-            (lambda part: part if v.dim() == 1 else part.reshape(tuple(v.shape)))(next(parts)) if isinstance(v, torch.Tensor) else np.asarray(v)
-            for v in values
-        ]
+        out = []
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                part = next(parts)
+                out.append(part if v.dim() == 1 else part.reshape(tuple(v.shape)))
+            else:
+                out.append(np.asarray(v))
+        return out
 
     def read(self, norm_layers: Sequence[NormLayer]):
         """Each layer's (running_mean, running_var) as float64 arrays (None if lazy): one transfer for all."""
@@ -81,7 +92,7 @@ class TorchAdapter:
         if not buffers:
             return
         if not torch.is_inference_mode_enabled() and any(buf.is_inference() for buf in buffers):  # before any write
-            raise ModelError("cannot write the statistics. " + self.hint(RuntimeError("inference tensor")) + " The model is unchanged.")
+            raise ModelError(f"cannot write the statistics. {_INFERENCE_TENSORS} The model is unchanged.")
         flat = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for pair in stats for v in pair])
         host = torch.from_numpy(flat)
         sizes = [buf.numel() for buf in buffers]
@@ -112,9 +123,7 @@ class TorchAdapter:
 
     def hint(self, exc: Exception) -> str | None:
         if "inference tensor" in str(exc).lower():
-            return ("The BatchNorm buffers are inference tensors (the model was built or loaded under torch.inference_mode), "
-                    "which no code outside inference mode may write: build or load the model outside inference_mode, or "
-                    "replace the buffers with clones (bn.running_mean = bn.running_mean.clone(), likewise running_var).")
+            return _INFERENCE_TENSORS
         if "more than 1 value per channel" in str(exc):
             return ("A batch with one value per channel (one sample of a (N, C) input) has no batch statistics, so "
                     "training-mode BatchNorm refuses it: give data of at least 2 samples, in batches of the training "
