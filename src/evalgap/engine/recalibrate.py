@@ -216,15 +216,10 @@ def write(adapter: Adapter, measured: Measured) -> None:
     before = {id(layer): b for layer, b in zip(measured.layers, measured.before)}
     try:
         adapter.write(layers, stats)
-    except BaseException as exc:
+    except BaseException:
         restore = [(layer, before[id(layer)]) for layer in layers if before[id(layer)] is not None]
         adapter.write([layer for layer, _ in restore], [b for _, b in restore])
-        if isinstance(exc, EvalgapError) or not isinstance(exc, Exception):
-            raise
-        hint = getattr(adapter, "hint", None)
-        extra = hint(exc) if hint is not None else None
-        raise RecalibrationError(f"writing the statistics failed ({type(exc).__name__}: {exc}); the model was restored exactly as "
-                                 f"it was." + (" " + extra if extra else "")) from exc
+        raise
 
 
 def recalibrate(
