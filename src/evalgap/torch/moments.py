@@ -11,8 +11,8 @@ costs more than the wrapper): it notes the call (layer, values per channel), and
 batch one ``clone`` of the scratch block keeps every layer's moments, left on the device. For
 a stock BatchNorm1d/2d/3d the wrapper makes the kernel call PyTorch's forward would make,
 ``torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, cudnn)`` on its slot, itself: the
-same op on the same input, weight, bias and eps, without that forward's Python work (so the pass costs less per call than a
-training-mode forward); what it does not cover (a ``__torch_function__`` override or mode,
+same op on the same input, weight, bias and eps, without that forward's Python work (so the pass
+costs less per call than a training-mode forward); what it does not cover (a ``__torch_function__`` override or mode,
 keyword arguments, one value per channel, ...) goes through PyTorch's forward. A
 layer called again within a batch has its earlier call's moments copied (one ``(2, C)``
 stack) before the kernel overwrites them, and a layer that replaces its buffers instead of
@@ -245,7 +245,7 @@ def _stock_slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.
         check_dim(x)
         n = x.numel() // x.shape[1]
         if n == 1:
-            return call(x)  # PyTorch's forward raises its own error (one value per channel)
+            return general(x)  # PyTorch's forward raises its own error (one value per channel)
         at = latest.get(index)
         if at is not None:  # the slot holds this layer's earlier call of the batch, which the kernel is about to overwrite
             records[at][2] = torch.stack((mean, var))
@@ -413,7 +413,7 @@ def _pass(model, layers, batch_statistics, forward, device, local_sync) -> Itera
                     set_training(bn, True)
                     saved.append((bn, _swap_in_scratch(bn, scratch)))
                     if index in scratch.group:
-                        slot = _stock_slot_forward if own is None and _is_stock(bn) else _slot_forward
+                        slot = _stock_slot_forward if _is_stock(bn) else _slot_forward  # (no instance forward of the user's)
                         wrapper = slot(index, call, bn, *scratch.views[id(bn)], calls, layer.name)
                     else:
                         wrapper = _own_buffers_forward(index, call, bn, calls)
