@@ -101,6 +101,24 @@ def test_a_failing_pass_is_an_evalgap_error_naming_the_pass():
     assert state_snapshot(model) == before
 
 
+def test_a_failing_recalibration_names_the_batch_it_failed_at_and_whether_reading_it_failed():
+    x, y = data()
+    model = trained(net(), x, y)
+    before = state_snapshot(model)
+    good = batches(x, y)
+
+    def loader_failing_on_batch_2():
+        yield from good[:2]
+        raise OSError("corrupt file")
+
+    with pytest.raises(RecalibrationError, match=r"failed while reading batch 2 of the data \(OSError: corrupt file\)"):
+        eg.recalibrate(model, loader_failing_on_batch_2(), progress=False)
+    wrong_at_1 = [good[0], (torch.randn(16, 5), good[1][1])]  # 5 features for a Linear(6, ...)
+    with pytest.raises(RecalibrationError, match="failed at batch 1 "):
+        eg.recalibrate(model, wrong_at_1, progress=False)
+    assert state_snapshot(model) == before
+
+
 def test_one_fit_number_goes_to_the_primary_metric_asked_for():
     x, y = data()
     model = trained(net(), x, y)

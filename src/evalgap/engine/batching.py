@@ -223,6 +223,32 @@ def materialize(source: Any) -> Any:
     return ListBatches(batches, batch_size=source.batch_size or batches[0].size, size_note=source.size_note, order=source.order)
 
 
+class Cursor:
+    """Where a pass over batches is: ``index`` of the last batch read (-1 before the first) and
+    whether the next one is being read, so an error names the batch it happened at."""
+
+    def __init__(self) -> None:
+        self.index, self.reading = -1, False
+
+    def over(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """The batches of ``batches`` (an iterator, closed by its owner), counted."""
+        end = object()
+        while True:
+            self.reading = True  # stays True when reading raises
+            batch = next(batches, end)
+            self.reading = False
+            if batch is end:
+                return
+            self.index += 1
+            yield batch
+
+    def where(self, before: str) -> str:
+        """``while reading batch k of the data``, ``at batch k``, or ``before`` when no batch was reached."""
+        if self.reading:
+            return f"while reading batch {self.index + 1} of the data"
+        return f"at batch {self.index}" if self.index >= 0 else before
+
+
 class _Chained:
     """A source that yields an already-read first batch, then the rest of a one-shot stream."""
 

@@ -27,7 +27,7 @@ from ..attribution import choose_primary, decompose
 from ..diagnosis import Context, InputScale, build_report, label_mix
 from ..errors import DataError, EvalgapError, RecalibrationError
 from ..report import Report
-from .batching import materialize, peek, without_singleton_batch
+from .batching import Cursor, materialize, peek, without_singleton_batch
 from .protocol import Adapter, BatchSource, Metrics, NormLayer
 from .recalibrate import assemble, measure
 
@@ -78,12 +78,12 @@ class _Run:
         """
         batches = self.probe if batches is None else batches
         what = {"E": "evaluation mode", "P": "population statistics", "T": "training mode"}[mode]
-        index = -1
+        cursor = Cursor()
         try:
             with self.adapter.predictor(self.model, mode, layers, stats) as predict, \
                     progress_bar(f"diagnosing: {what}", getattr(batches, "total", None), self.progress) as advance:
                 state = None
-                for index, batch in enumerate(batches):
+                for batch in cursor.over(iter(batches)):
                     advance(1)
                     outputs = predict(batch)
                     if self.metrics is None:
@@ -97,10 +97,10 @@ class _Run:
         except Exception as exc:
             if isinstance(exc, EvalgapError):
                 raise
-            where = f"batch {index}" if index >= 0 else "the start of the pass"
+            where = cursor.where("at the start of the pass")
             hint = getattr(self.adapter, "hint", lambda e: None)(exc)
             raise RecalibrationError(
-                f"diagnose's {what} pass failed at {where} ({type(exc).__name__}: {exc}); the model was restored exactly as "
+                f"diagnose's {what} pass failed {where} ({type(exc).__name__}: {exc}); the model was restored exactly as "
                 "it was." + (" " + hint if hint else "") + " Check that the data fit the model and that loss_fn/metrics "
                 "return one number per batch or one per sample."
             ) from exc

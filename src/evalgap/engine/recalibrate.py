@@ -25,7 +25,7 @@ from .._checks import check_finite
 from .._progress import progress_bar
 from ..errors import DataError, EvalgapError, ModelError, RecalibrationError
 from ..recalibration import LayerRecalibration, Recalibration
-from .batching import peek
+from .batching import Cursor, peek
 from .moments import FLUSH_EVERY, LayerMoments
 from .protocol import Adapter, Batch, BatchSource, Collective, NormLayer
 
@@ -103,17 +103,16 @@ def measure(
     before = adapter.read(tracked)
     result = Recalibration(framework=adapter.framework(model), batch_size=source.batch_size)
     acc = LayerMoments(tracked, adapter.host_captures)
-    index = -1
+    cursor = Cursor()
     total = getattr(source, "total", None)
     total = min(total, max_batches) if total is not None and max_batches is not None else (total or max_batches)
     try:
         batches = iter(source)
         with adapter.moments_pass(model, tracked, batch_statistics) as run, progress_bar(description, total, progress) as advance:
             try:
-                for batch in batches:
-                    if max_batches is not None and index + 1 >= max_batches:
+                for batch in cursor.over(batches):
+                    if max_batches is not None and cursor.index >= max_batches:
                         break
-                    index += 1
                     _run_batch(run, batch, result, acc, drop_ragged, on_output, adapter.one_sample_batches)
                     if result.batches % FLUSH_EVERY == 0:
                         acc.flush()
@@ -127,7 +126,7 @@ def measure(
     except BaseException as exc:  # the pass restored the model; nothing was written
         if isinstance(exc, EvalgapError) or not isinstance(exc, Exception):
             raise
-        raise RecalibrationError(_explain(adapter, exc, index)) from exc
+        raise RecalibrationError(_explain(adapter, exc, cursor.where("while setting up the pass"))) from exc
     if result.batches == 0:
         skipped = f" of full size (left out {result.skipped_samples} samples of ragged batches)" if result.skipped_batches else ""
         raise DataError(f"the data yielded no batch{skipped}: no full batch to use; give at least one batch of the training batch size.")
@@ -172,9 +171,8 @@ def _combine(acc: LayerMoments, collective: Collective, result: Recalibration, l
     result.notes.append(f"statistics combined exactly over {collective.description}.")
 
 
-def _explain(adapter: Adapter, exc: Exception, index: int) -> str:
-    where = f"batch {index}" if index >= 0 else "setting up the pass"
-    msg = f"the statistics pass failed at {where} ({type(exc).__name__}: {exc}); the model was restored exactly as it was."
+def _explain(adapter: Adapter, exc: Exception, where: str) -> str:
+    msg = f"the statistics pass failed {where} ({type(exc).__name__}: {exc}); the model was restored exactly as it was."
     hint = getattr(adapter, "hint", None)
     extra = hint(exc) if hint is not None else None
     return msg + (" " + extra if extra else "")
