@@ -104,7 +104,7 @@ class Recalibration:
     """What :func:`evalgap.torch.recalibrate` / :func:`evalgap.keras.recalibrate` did.
 
     ``layers`` are in the order the layers were first called (forward order), then the
-    layers no data reached. ``samples`` counts the examples forwarded, ``skipped_samples``
+    layers no data reached (never called, or called with empty inputs only). ``samples`` counts the examples forwarded, ``skipped_samples``
     those of ragged batches left out (a batch smaller than the first has other statistics).
     ``batching`` says how the batches were drawn (shuffled arrays, the user's batches, ...);
     ``batch_size_note`` where the batch size came from when the user did not give it

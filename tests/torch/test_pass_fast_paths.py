@@ -296,7 +296,7 @@ def test_a_layer_that_only_sees_empty_inputs_stays_unreached_and_unwritten():
 
         def forward(self, x):
             rare = x[x[:, 0] > 1e6]  # never any row
-            return self.a(x).sum() + self.b(rare).sum()
+            return self.b(rare).sum() + self.a(x).sum()
 
     torch.manual_seed(0)
     net = Net().train()
@@ -308,6 +308,7 @@ def test_a_layer_that_only_sees_empty_inputs_stays_unreached_and_unwritten():
         warnings.simplefilter("error")
         r = eg.recalibrate(net, data, progress=False)
     assert r["b"].status == "unreached" and torch.equal(net.b.running_var, before)
+    assert [layer.name for layer in r.layers] == ["a", "b"]  # listed after the reached layers, though called first
     x = torch.cat(data).double().numpy()
     np.testing.assert_allclose(net.a.running_var.double().numpy(), x.var(0), rtol=1e-5)
 

@@ -108,9 +108,10 @@ class LayerMoments:
             self.moments[index] = part if self.moments[index] is None else self.moments[index].merge(part)
 
     def order(self) -> list[int]:
-        """Layer indices in forward order (first call), then the layers no data reached."""
+        """Layer indices in forward order (first call), then the layers no data reached (called with
+        empty inputs only, or never)."""
         n = len(self.moments)
-        return sorted(range(n), key=lambda i: self.first_seen.get(i, n + i))
+        return sorted(range(n), key=lambda i: self.first_seen.get(i, n + i) if self.moments[i] is not None else 2 * n + i)
 
     def combine(self, collective: Collective, channels: list[int], counters: list[float]) -> list[float]:
         """Replace every layer's state with the union over all processes; return the summed counters.
