@@ -105,8 +105,8 @@ class Recalibration:
 
     ``layers`` are in the order the layers were first called (forward order), then the
     layers no data reached (never called, or called with empty inputs only). ``samples``
-    counts the examples forwarded, ``skipped_samples`` those of ragged batches left out (a batch smaller than the first has other statistics).
-    ``batching`` says how the batches were drawn (shuffled arrays, the user's batches, ...);
+    counts the examples forwarded, ``skipped_samples`` those of ragged batches left out (a
+    batch smaller than the first has other statistics). ``batching`` says how the batches were drawn (shuffled arrays, the user's batches, ...);
     ``batch_size_note`` where the batch size came from when the user did not give it
     (``None`` when given). ``training_metrics`` (with ``training_metrics=True``): the model's
     loss and metrics on the pass's own outputs, BatchNorm on batch statistics and dropout off,
