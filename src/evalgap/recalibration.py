@@ -103,15 +103,15 @@ def render_plain(renderable: Any, width: int = 120) -> str:
 class Recalibration:
     """What :func:`evalgap.torch.recalibrate` / :func:`evalgap.keras.recalibrate` did.
 
-    ``layers`` are in the order the layers were first called (forward order), then the
-    layers no data reached (never called, or called with empty inputs only). ``samples``
-    counts the examples forwarded, ``skipped_samples`` those of ragged batches left out (a
-    batch smaller than the first has other statistics). ``batching`` says how the batches were drawn (shuffled arrays, the user's batches, ...);
-    ``batch_size_note`` where the batch size came from when the user did not give it
-    (``None`` when given). ``training_metrics`` (with ``training_metrics=True``): the model's
-    loss and metrics on the pass's own outputs, BatchNorm on batch statistics and dropout off,
-    at the weights it was called with; else ``None``.
-    """
+    ``layers`` are in the order the layers were first called (forward order), then the layers no
+    data reached (never called, or called with empty inputs only). ``samples`` counts the
+    examples forwarded, ``skipped_samples`` those of ragged batches left out (a batch smaller
+    than the first has other statistics). ``batching`` says how the batches were drawn (shuffled
+    arrays, the user's batches, ...); ``batch_size_note`` where the batch size came from when
+    the user did not give it (``None`` when given). ``training_metrics`` (with
+    ``training_metrics=True``): the model's loss and metrics on the pass's own outputs,
+    BatchNorm on batch statistics and dropout off, at the weights it was called with; else
+    ``None``. """
 
     framework: str
     layers: list[LayerRecalibration] = field(default_factory=list)
