@@ -111,7 +111,8 @@ class Recalibration:
     the user did not give it (``None`` when given). ``training_metrics`` (with
     ``training_metrics=True``): the model's loss and metrics on the pass's own outputs,
     BatchNorm on batch statistics and dropout off, at the weights it was called with; else
-    ``None``. """
+    ``None``.
+    """
 
     framework: str
     layers: list[LayerRecalibration] = field(default_factory=list)
