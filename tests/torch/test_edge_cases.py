@@ -88,6 +88,28 @@ def test_a_last_batch_of_one_sample_is_left_out_of_every_mode_and_said():
     assert arrays.probe["samples"] == 64
 
 
+def test_a_last_batch_of_one_sample_stays_in_every_mode_when_the_model_takes_it():
+    """BatchNorm2d sees H*W values per channel: training mode takes one sample, so E is the user's loop over all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).double()
+    model[1].running_mean.fill_(0.5)
+    model[1].running_var.fill_(3.0)
+    x, y = torch.randn(22, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (22,))
+    model.eval()
+    with torch.no_grad():  # the evaluation loop: a mean over all 22 samples
+        out = model(x)
+    expected = nn.functional.cross_entropy(out, y).item(), (out.argmax(1) == y).double().mean().item()
+    before = state_snapshot(model)
+    for given in (batches(x, y, 7), (x, y)):  # 3 batches of 7 and one of 1, as a list and as arrays
+        report = eg.diagnose(model, given, batch_size=7, shuffle=False, progress=False)
+        values = {name: report.decompositions[name].values for name in ("loss", "accuracy")}
+        assert report.probe["samples"] == 22 and not any("one sample" in n for n in report.notes)
+        assert values["loss"]["E"] == pytest.approx(expected[0], rel=1e-12)
+        assert values["accuracy"]["E"] == pytest.approx(expected[1], rel=1e-6)  # counted in float32
+    assert state_snapshot(model) == before
+
+
 def test_a_failing_pass_is_an_evalgap_error_naming_the_pass():
     x, y = data()
     model = trained(net(), x, y)

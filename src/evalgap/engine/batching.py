@@ -112,12 +112,14 @@ class ArrayBatches:
     def __iter__(self) -> Iterator[Batch]:
         order = self._indices()
         for start in self._starts:
-            idx = order[start : start + self.batch_size]
-            if not self.shuffle:  # contiguous: a view, no copy
-                x, y, w = tree_map(lambda a, s=slice(int(idx[0]), int(idx[-1]) + 1): a[s], self.arrays)
-            else:
-                x, y, w = tree_map(lambda a, i=idx: a[i], self.arrays)
-            yield self.to_batch(x, y, w, len(idx))
+            yield self._cut(order[start : start + self.batch_size])
+
+    def _cut(self, idx: np.ndarray) -> Batch:
+        if not self.shuffle:  # contiguous: a view, no copy
+            x, y, w = tree_map(lambda a, s=slice(int(idx[0]), int(idx[-1]) + 1): a[s], self.arrays)
+        else:
+            x, y, w = tree_map(lambda a, i=idx: a[i], self.arrays)
+        return self.to_batch(x, y, w, len(idx))
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -290,20 +292,24 @@ def peek(source: Any) -> tuple[Batch | None, Any]:
     return first, _Chained(source, first, it)
 
 
-def without_singleton_batch(source: Any) -> Any:
-    """The source without a last batch of one sample when batches are larger: one value per channel has no
-    batch statistics (PyTorch refuses it in training mode), so diagnose leaves it out of every mode for
-    adapters whose training mode refuses it (``Adapter.one_sample_batches``)."""
+def without_singleton_batch(source: Any, refuses: Callable[[Batch], bool]) -> Any:
+    """The source without its last batch when that batch holds one sample (the others more) and
+    ``refuses(batch)``: PyTorch's BatchNorm refuses one value per channel in training mode, so
+    diagnose leaves such a batch out of every mode, for the modes to score the same samples.
+    The returned source's ``left_out`` is 1."""
     if isinstance(source, ArrayBatches):
-        if source.batch_size > 1 and source._starts and source.samples - source._starts[-1] == 1:
+        starts = source._starts
+        if source.batch_size > 1 and len(starts) > 1 and source.samples - starts[-1] == 1:
+            if not refuses(source._cut(source._indices()[starts[-1]:])):
+                return source
             out = ArrayBatches.__new__(ArrayBatches)
             out.__dict__.update(source.__dict__)
-            out._starts = source._starts[:-1]
+            out._starts = starts[:-1]
             out.left_out = 1
-            return out if out._starts else source
+            return out
         return source
     batches = list(source)
-    if len(batches) > 1 and batches[-1].size == 1 and (batches[0].size or 0) > 1:
+    if len(batches) > 1 and batches[-1].size == 1 and (batches[0].size or 0) > 1 and refuses(batches[-1]):
         kept = ListBatches(batches[:-1], batch_size=source.batch_size, size_note=source.size_note, order=source.order)
         kept.left_out = 1
         return kept

@@ -27,8 +27,8 @@ from ..attribution import choose_primary, decompose
 from ..diagnosis import Context, InputScale, build_report, label_mix
 from ..errors import DataError, EvalgapError, RecalibrationError
 from ..report import Report
-from .batching import Cursor, materialize, peek, without_singleton_batch
-from .protocol import Adapter, BatchSource, Metrics, NormLayer
+from .batching import Cursor, ListBatches, materialize, peek, without_singleton_batch
+from .protocol import Adapter, Batch, BatchSource, Metrics, NormLayer
 from .recalibrate import assemble, measure
 
 
@@ -128,16 +128,17 @@ def diagnose(
     elif getattr(source, "infinite", False):
         raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_samples= to say how much to probe.")
     probe = materialize(source)
-    if not adapter.one_sample_batches:
-        probe = without_singleton_batch(probe)
     first, probe = peek(probe)
     if first is None:
         raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")
     if first.targets is None:
         raise DataError("diagnose needs targets to measure the loss and metrics: pass (x, y), not x alone.")
     model = adapter.prepare(model, first)
+    layers = adapter.layers(model)
+    if not adapter.one_sample_batches:
+        probe = without_singleton_batch(probe, lambda batch: _refuses_one_sample(adapter, model, layers, batch))
     collective = adapter.collective(model)
-    run = _Run(adapter, model, probe, adapter.layers(model), progress and (collective is None or collective.rank == 0),
+    run = _Run(adapter, model, probe, layers, progress and (collective is None or collective.rank == 0),
                metric_options=dict(metric_options or {}))
     try:
         return _measure_and_explain(run, collective, probe, training, primary, max_samples, val_source, start)
@@ -145,6 +146,19 @@ def diagnose(
         close = getattr(run.metrics, "close", None)
         if close is not None:
             close()
+
+
+def _refuses_one_sample(adapter: Adapter, model: Any, layers: list[NormLayer], batch: Batch) -> bool:
+    """Whether training mode refuses ``batch``, of one sample (PyTorch's BatchNorm raises a ValueError on
+    one value per channel; a BatchNorm2d on a feature map takes it). One forward of that sample, nothing
+    kept. Without moving statistics evaluation mode normalizes by the batch too: left out as refused."""
+    if not any(layer.tracks_statistics for layer in layers):
+        return bool(layers)
+    try:
+        measure(adapter, model, ListBatches([batch], batch_size=1, size_note=None, order=""), layers, progress=False)
+    except EvalgapError as exc:  # anything else fails again, and is reported, in the passes themselves
+        return isinstance(exc, RecalibrationError) and isinstance(exc.__cause__, ValueError)
+    return False
 
 
 def _measure_and_explain(run: "_Run", collective, probe, training: Training, primary, max_samples, val_source, start) -> Report:
@@ -233,7 +247,8 @@ def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) 
     size_note = f"batch size {probe.batch_size} ({probe.size_note})" if probe.size_note else None
     notes += [n for n in (size_note, f"probe: {probe.order}") if n]
     if getattr(probe, "left_out", 0):
-        notes.append("left out the last sample: a batch of one sample has no batch statistics.")
+        notes.append("left out the last sample from every mode: the model refuses a batch of one sample in training "
+                     "mode (BatchNorm needs more than one value per channel).")
     sizes = [b.size or 0 for b in probe]
     mix = label_mix(probe, adapter.to_host)
     info = {"order": probe.order, "batches": len(sizes), "samples": sum(sizes), "batch_size": probe.batch_size}
