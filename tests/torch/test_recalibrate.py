@@ -156,6 +156,31 @@ def test_batch_formats_custom_forward_and_max_batches():
         assert_stats_close(m[1], ref)
 
 
+def test_a_loader_over_an_iterable_dataset_without_length():
+    """DataLoader has __len__, which raises TypeError over an IterableDataset without one: no total, still exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    xs = [torch.randn(8, 3) * 5 + 3 for _ in range(3)]
+    ys = [torch.randint(0, 2, (8,)) for _ in range(3)]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for x, y in zip(xs, ys):
+                yield from zip(x, y)
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=8)
+    ref = reference_population_stats(net, xs)["1"]
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.cat(xs))
+    expected = nn.functional.cross_entropy(out, torch.cat(ys)).item()
+    report = eg.diagnose(net, loader, progress=False)
+    assert report.probe["samples"] == 24 and report.decompositions["loss"].values["E"] == pytest.approx(expected, rel=1e-5)
+    r = eg.recalibrate(net, loader, progress=False)
+    assert r.batches == 3 and r.samples == 24
+    assert_stats_close(net[1], ref)
+
+
 def test_ragged_last_batch_is_left_out_and_counted():
     torch.manual_seed(0)
     net = nn.Sequential(nn.BatchNorm1d(3))

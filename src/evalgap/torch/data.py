@@ -193,9 +193,20 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
         )
     if batch_size is not None:
         logger.info("batch_size=%s is ignored: the data are already batched", batch_size)
-    total = len(data) if hasattr(data, "__len__") and not isinstance(data, Mapping) else None
+    total = _length(data)
     make = (lambda: iterate_keeping_random_states(data)) if isinstance(data, torch.utils.data.DataLoader) else (lambda: data)
     return StreamBatches(make, to_batch=_stream_batch, reiterable=not hasattr(data, "__next__"), total=total)
+
+
+def _length(data: Any) -> int | None:
+    """``len(data)``, or None where the data have none: a DataLoader over an IterableDataset without
+    ``__len__`` has the method but raises TypeError."""
+    if isinstance(data, Mapping) or not hasattr(data, "__len__"):
+        return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def _dataset_batches(dataset, batch_size: int, shuffle: bool, seed: int):
