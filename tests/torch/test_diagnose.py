@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,40 @@ def test_heavy_dropout(digits):
     name, value = top(report)
     assert name == "training_only_layers" and value < -0.01, str(report)
     assert [k for k, _ in report.causes] == ["training_only_layers"]
+
+
+class Head(nn.Module):
+    """Dropout written in forward, as timm's classifier heads write it: no class name says so."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return nn.functional.dropout(x, self.p, training=self.training)
+
+
+def test_functional_dropout_is_measured_in_training_mode(digits):
+    x, y = digits
+    xn = x[:480] / 255.0
+    torch.manual_seed(0)
+    model = net()
+    train(model, xn, y[:480], epochs=1)
+    model = nn.Sequential(*model[:-1], Head(0.5), model[-1])
+    data = batches(xn, y[:480])
+    torch.manual_seed(7)
+    report = eg.diagnose(model, data, progress=False)
+    torch.manual_seed(7)  # the same draws in the user's own training-mode loop
+    side = copy.deepcopy(model).train()
+    with torch.no_grad():
+        losses = [nn.functional.cross_entropy(side(a), b, reduction="sum").item() for a, b in data]
+    values = report.decompositions["loss"].values
+    assert values["T"] == pytest.approx(sum(losses) / len(xn), rel=1e-5)
+    assert values["T"] != pytest.approx(values["Td"], rel=1e-3), str(report)  # half of the features dropped
+    assert any("training mode changes the outputs beyond BatchNorm" in n for n in report.notes)
+    plain = eg.diagnose(model[:-2] + model[-1:], data, progress=False)  # the same weights without it: T = Td
+    assert plain.decompositions["loss"].values["T"] == plain.decompositions["loss"].values["Td"]
+    assert not any("beyond BatchNorm" in n for n in plain.notes)
 
 
 def test_small_batches_in_class_order(digits):

@@ -6,7 +6,8 @@ Passes over the same probe batches, at fixed weights (see :mod:`evalgap.attribut
 2. Td: the moments pass of :func:`evalgap.engine.recalibrate.measure` (BN on batch
    statistics, dropout off), which also gives the exact population statistics;
 3. P: evaluation mode with the population statistics (a side copy or a stateless call);
-4. only with training-only layers: T, full training mode (frozen BN stays frozen);
+4. T, full training mode (frozen BN stays frozen): only with training-only layers, or when
+   training mode changes the first batch's outputs beyond BN (functional dropout); else T = Td;
    only with frozen BN layers: P with those recalibrated too (their effect);
    only with ``val_data``: E on the validation data.
 
@@ -27,7 +28,7 @@ from ..attribution import choose_primary, decompose
 from ..diagnosis import Context, InputScale, build_report, label_mix
 from ..errors import DataError, EvalgapError, RecalibrationError
 from ..report import Report
-from .batching import Cursor, ListBatches, materialize, peek, without_singleton_batch
+from .batching import Cursor, ListBatches, materialize, peek, tree_leaves, without_singleton_batch
 from .protocol import Adapter, Batch, BatchSource, Metrics, NormLayer
 from .recalibrate import assemble, measure
 
@@ -68,9 +69,11 @@ class _Run:
     metrics: Metrics | None = None
     by_mode: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    first: dict[str, tuple[Batch, Any]] = field(default_factory=dict)  # a mode's first batch and its outputs
 
-    def score(self, mode: str, layers=(), stats=(), batches: Any = None) -> dict[str, float]:
-        """Loss and metrics of the batches (the probe by default) with the adapter's predictor.
+    def score(self, mode: str, layers=(), stats=(), batches: Any = None, keep_first: bool = False) -> dict[str, float]:
+        """Loss and metrics of the batches (the probe by default) with the adapter's predictor;
+        ``keep_first``: the first batch and its outputs are kept in ``first[mode]``.
 
         A framework error in the pass (a shape the model cannot take, a loss that does not
         return a scalar) becomes a :class:`evalgap.RecalibrationError` naming the mode and
@@ -86,6 +89,8 @@ class _Run:
                 for batch in cursor.over(iter(batches)):
                     advance(1)
                     outputs = predict(batch)
+                    if keep_first and mode not in self.first:
+                        self.first[mode] = (batch, outputs)
                     if self.metrics is None:
                         self.metrics = self.adapter.metrics(self.model, batch, outputs, **self.metric_options)
                     if state is None:
@@ -163,10 +168,11 @@ def _refuses_one_sample(adapter: Adapter, model: Any, layers: list[NormLayer], b
 
 def _measure_and_explain(run: "_Run", collective, probe, training: Training, primary, max_samples, val_source, start) -> Report:
     adapter, model = run.adapter, run.model
-    run.by_mode["E"] = run.score("E")
+    run.by_mode["E"] = run.score("E", keep_first=True)
     measured = _batch_statistic_modes(run, collective)
     facts = adapter.facts(model)
-    run.by_mode["T"] = run.score("T") if facts.training_only else run.by_mode["Td"]
+    trains_differently = bool(facts.training_only) or _training_mode_differs(run, collective)
+    run.by_mode["T"] = run.score("T") if trains_differently else run.by_mode["Td"]
     frozen_effect = _frozen_effect(run, measured, collective)
     if val_source is not None:
         val = val_source.take(max_samples) if max_samples is not None else val_source
@@ -190,13 +196,44 @@ def _batch_statistic_modes(run: _Run, collective):
             )
         return None
     state = run.metrics.new()
+
+    def on_output(batch: Batch, outputs: Any) -> None:
+        run.first.setdefault("Td", (batch, outputs))
+        state.update(batch, outputs)
+
     measured = measure(
-        run.adapter, run.model, run.probe, run.layers, on_output=state.update, collective=collective,
+        run.adapter, run.model, run.probe, run.layers, on_output=on_output, collective=collective,
         progress=run.progress, description="diagnosing: batch statistics",
     )
     run.by_mode["Td"] = state.result()
     run.by_mode["P"] = run.score("P", *measured.population())
     return measured
+
+
+def _training_mode_differs(run: _Run, collective) -> bool:
+    """Whether training mode changes the outputs beyond BatchNorm's batch statistics, in code no layer
+    class names (``F.dropout(x, training=self.training)``, a branch on the training flag): T and Td
+    on the first batch, compared (relative 1e-3). One forward; every process takes the same answer."""
+    batch, expected = run.first.get("Td") or run.first["E"]  # without moving statistics Td = E
+    run.score("T", batches=ListBatches([batch], batch_size=batch.size, size_note=None, order="the first batch"), keep_first=True)
+    got, want = (run.adapter.to_host(tree_leaves(out)) for out in (run.first.pop("T")[1], expected))
+    differs = len(got) != len(want) or not all(_close(a, b) for a, b in zip(got, want))
+    if collective is not None:
+        differs = bool(np.asarray(collective.sum(np.array([float(differs)])))[0] > 0)
+    if differs:
+        run.notes.append("training mode changes the outputs beyond BatchNorm (code that depends on the training flag, "
+                         "e.g. F.dropout(x, training=self.training)): T measured in training mode.")
+    return differs
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape:
+        return False
+    if not (np.issubdtype(b.dtype, np.number) or b.dtype == bool):
+        return True  # strings, objects: not outputs a mode changes
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    scale = float(np.max(np.abs(b[np.isfinite(b)]), initial=0.0)) or 1.0
+    return bool(np.allclose(a, b, rtol=1e-3, atol=1e-3 * scale, equal_nan=True))
 
 
 def _frozen_effect(run: _Run, measured, collective) -> dict[str, float]:
