@@ -18,6 +18,12 @@ from .engine import ModelFacts, is_training_only, tree_leaves
 NON_BN_NORMALIZATION = ("LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization")
 
 
+#: Layers through which the model transforms its own inputs (rescales, normalizes, embeds or looks them up):
+#: the raw inputs' scale then says nothing about what reaches the first BatchNorm.
+INPUT_TRANSFORMS = ("Rescaling", "Normalization", "Embedding", "CategoryEncoding", "StringLookup", "IntegerLookup",
+                    "Hashing", "TextVectorization", "Discretization")
+
+
 def walk(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Every sub-layer with a path name (``outer/inner/layer``), depth first, each once."""
     seen: set[int] = set()
@@ -44,13 +50,14 @@ def replicas(model: Any) -> int:
 
 
 def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
-    """Training-only layers, per-sample normalization, replicas and synchronized BN of a Keras model."""
+    """Training-only layers, per-sample normalization, replicas, synchronized BN and input transforms of a Keras model."""
     layers = list(walk(model))
     return ModelFacts(
         training_only=[name for name, layer in layers if is_training_only(type(layer).__name__)],
         other_normalization=[name for name, layer in layers if type(layer).__name__ in NON_BN_NORMALIZATION],
         replicas=replicas(model),
         synchronized=bool(bns) and all(getattr(bn, "synchronized", False) for _, bn in bns),
+        input_transforms=[name for name, layer in layers if any(c.__name__ in INPUT_TRANSFORMS for c in type(layer).__mro__)],
     )
 
 

@@ -100,6 +100,25 @@ def test_healthy_normalized_model_has_no_cause(digits):
     assert report.finding("input_scale") is None
 
 
+def test_inputs_the_model_rescales_or_embeds_itself_get_no_scale_advice(digits):
+    """Raw pixels into Rescaling(1/255), token ids into an Embedding: what reaches BatchNorm is not the raw data."""
+    x, y = digits
+    x, y = x[:240], y[:240]
+    inp = keras.Input((16, 16, 3))
+    rescaled = keras.Model(inp, net()(layers.Rescaling(1 / 255.0, name="scale")(inp)))
+    rescaled.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    tokens = np.random.default_rng(0).integers(1, 200, size=(240, 12)).astype("int32")
+    embedded = keras.Sequential([keras.Input((12,), dtype="int32"), layers.Embedding(200, 8, name="embed"),
+                                 layers.BatchNormalization(), layers.GlobalAveragePooling1D(), layers.Dense(10)])
+    embedded.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    for model, data, layer in ((rescaled, x, "scale"), (embedded, tokens, "embed")):
+        report = eg.diagnose(model, (data, y), batch_size=BATCH, progress=False)
+        assert report.finding("input_scale") is None, str(report)
+        assert any(n.startswith("input scale not judged") and layer in n for n in report.notes), report.notes
+    plain = eg.diagnose(net(), (x, y), batch_size=BATCH, progress=False)  # the same pixels with no Rescaling
+    assert "raw [0, 255]" in plain.finding("input_scale").message
+
+
 def test_heavy_dropout(digits):
     x, y = digits
     model = healthy(x / 255.0, y, dropout=0.7)

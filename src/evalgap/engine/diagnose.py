@@ -277,10 +277,12 @@ def _input_sample(adapter: Adapter, batches, limit: int = 2048) -> tuple[np.ndar
 
 def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) -> Context:
     adapter = run.adapter
-    sample = _input_sample(adapter, probe)
+    sample = None if facts.input_transforms else _input_sample(adapter, probe)
     tracked = [layer for layer in run.layers if layer.tracks_statistics]
     notes = [] if recal is None else [n for n in recal.notes]
     notes += run.notes + list(run.metrics.notes)
+    if facts.input_transforms:
+        notes.append(f"input scale not judged: the model transforms its inputs itself ({', '.join(facts.input_transforms[:3])}).")
     size_note = f"batch size {probe.batch_size} ({probe.size_note})" if probe.size_note else None
     notes += [n for n in (size_note, f"probe: {probe.order}") if n]
     if getattr(probe, "left_out", 0):

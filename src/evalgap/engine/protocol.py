@@ -183,6 +183,7 @@ class ModelFacts:
     replicas: int = 1
     synchronized: bool = False
     per_process_batches: bool = False  # each process has its own batches (torch.distributed): global = local x replicas
+    input_transforms: list[str] = field(default_factory=list)  # layers that rescale/normalize/embed the inputs in the model
 
 
 class Remedies(Protocol):
