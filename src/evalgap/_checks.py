@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -45,8 +45,9 @@ def check_label_dtype(y) -> None:
         )
 
 
-def check_labels(y: np.ndarray, classes: int) -> None:
-    """Numeric integer class labels that lie in [0, classes)."""
+def check_labels(y: np.ndarray, classes: int, ignored: Collection[int] = ()) -> None:
+    """Numeric integer class labels that lie in [0, classes), apart from ``ignored`` values (a loss's
+    or metric's ``ignore_class``, e.g. 255 for unlabelled pixels)."""
     check_label_dtype(y)
     y = np.asarray(y)
     if not np.issubdtype(y.dtype, np.integer):
@@ -54,6 +55,8 @@ def check_labels(y: np.ndarray, classes: int) -> None:
             y = y.astype(np.int64)
         else:
             return
+    if len(ignored):
+        y = y[~np.isin(y, list(ignored))]
     if y.size and (y.min() < 0 or y.max() >= classes):
         raise DataError(
             f"labels must be class indices in [0, {classes}) for a model with {classes} outputs, but they range over "

@@ -61,6 +61,19 @@ def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
     )
 
 
+def ignored_labels(*specs: Any) -> set[int]:
+    """The ``ignore_class`` values of the losses and metrics in ``specs`` (nested as compiled): labels
+    that the model's own loss and metrics skip, so no label check may refuse them."""
+    out = set()
+    for obj in tree_leaves(list(specs)):
+        value = getattr(obj, "ignore_class", None)
+        if value is None:
+            value = (getattr(obj, "_fn_kwargs", None) or {}).get("ignore_class")
+        if value is not None:
+            out.add(int(value))
+    return out
+
+
 def metric_copies(spec: Any, metric_class: type, borrowed: list) -> Any:
     """``spec`` (metrics as compiled: nested lists and dicts) with every Metric re-created from its config;
     one that cannot be is appended to ``borrowed`` and used as it is (its state is put back afterwards)."""

@@ -206,6 +206,28 @@ def test_no_batchnorm_all_frozen_bad_labels_and_generators(digits):
         eg.PreciseBN(b for b in [(xn, yn)])
 
 
+def test_labels_the_compiled_loss_ignores_are_taken_as_evaluate_takes_them():
+    """Segmentation with a void label (255): ignore_class in the loss and the metric; E equals evaluate."""
+    from evalgap import DataError
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, size=(64, 8, 8))
+    y[:, :2] = 255
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, padding="same"), layers.BatchNormalization(),
+                              layers.ReLU(), layers.Conv2D(3, 1)])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255),
+                  metrics=[keras.metrics.MeanIoU(3, ignore_class=255, sparse_y_pred=False)])
+    expected = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    report = eg.diagnose(model, (x, y), batch_size=16, shuffle=False, progress=False)
+    for name, value in expected.items():
+        assert report.decompositions[name].values["E"] == pytest.approx(value, rel=1e-5), name
+    y[0, 2, 2] = 7  # a label that is neither a class nor ignored
+    with pytest.raises(DataError, match=r"\[0, 3\)"):
+        eg.diagnose(model, (x, y), batch_size=16, progress=False)
+
+
 def test_a_last_batch_of_one_sample_counts_as_evaluate_counts_it():
     # 97 samples in batches of 32: evaluate counts the last sample; so do E and every other mode (Keras trains on it too)
     rng = np.random.default_rng(0)

@@ -91,6 +91,19 @@ def test_heavy_dropout_and_a_frozen_backbone(digits):
     assert not report.causes or report.causes[0][0] != "stale_moving_statistics", str(report)
 
 
+def test_labels_the_compiled_loss_ignores_are_taken_as_evaluate_takes_them():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, size=(64, 8, 8))
+    y[:, :2] = -1  # the void label
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, padding="same"), layers.BatchNormalization(),
+                              layers.ReLU(), layers.Conv2D(3, 1)])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1))
+    expected = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    report = eg.diagnose(model, (x, y), batch_size=16, shuffle=False, progress=False)
+    assert report.decompositions["loss"].values["E"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
 def test_bad_labels_and_one_shot_generators_are_refused(digits):
     from evalgap import DataError
 

@@ -20,7 +20,7 @@ import numpy as np
 from keras import ops
 
 from .._checks import check_labels
-from .._keras_common import classifier_defaults, metric_copies
+from .._keras_common import classifier_defaults, ignored_labels, metric_copies
 from ..engine import Batch
 from ..errors import ModelError
 
@@ -46,6 +46,7 @@ class KerasMetrics:
         self.borrowed: list = []
         self._saved = None
         self.classes = self._classes(outputs[0])
+        self.ignored = ignored_labels(self.loss, self.metrics)
         self.names: list[str] = []
 
     @staticmethod
@@ -88,7 +89,7 @@ class _State:
         y_pred, losses = outputs
         y, w = batch.targets, batch.weights
         if self.spec.classes and isinstance(y, np.ndarray) and y.ndim == len(y_pred.shape) - 1:
-            check_labels(y, self.spec.classes)
+            check_labels(y, self.spec.classes, self.spec.ignored)
         parts = []
         if self.loss is not None:
             value = self.loss(y, y_pred, w)

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._checks import check_labels
-from .._keras_common import classifier_defaults, metric_copies
+from .._keras_common import classifier_defaults, ignored_labels, metric_copies
 from ..engine import Batch, tree_map
 from ..errors import ModelError
 from .layers import keras, walk
@@ -59,6 +59,7 @@ class TfKerasMetrics:
         self.borrowed: list = []
         self._saved = None
         self.classes = self._classes(outputs[0])
+        self.ignored = ignored_labels(self.loss, self.metrics[:2] if self.metrics else None)
         self.names: list[str] = []
 
     @staticmethod
@@ -106,7 +107,7 @@ class _State:
         y_pred, losses = outputs
         y, w = batch.targets, batch.weights
         if self.spec.classes and isinstance(y, np.ndarray) and y.ndim == len(y_pred.shape) - 1:
-            check_labels(y, self.spec.classes)
+            check_labels(y, self.spec.classes, self.spec.ignored)
         y, w = _tensors(y), _tensors(w)
         self.loss(y, y_pred, w, regularization_losses=losses)
         if self.metrics is not None:
