@@ -71,6 +71,9 @@ def test_streams_keep_the_users_order_and_take_the_first_batches():
     [
         ((8, 5), (8,), True, False, "classification"),
         ((8, 5, 4, 4), (8, 4, 4), True, False, "segmentation"),
+        ((8, 5), (8, 1), True, False, "classification"),  # (N, 1) labels, as keras.datasets give them
+        ((8, 5, 4, 4), (8, 1, 4, 4), True, False, "segmentation"),
+        ((8, 5, 4, 4), (8, 2, 4, 4), True, False, None),
         ((8,), (8,), False, True, "binary"),
         ((8, 1), (8, 1), False, True, "binary"),
         ((8, 1), (8,), True, True, "binary"),

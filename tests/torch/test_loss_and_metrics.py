@@ -139,6 +139,14 @@ def test_default_class_scores_cross_entropy_and_accuracy():
     check_against_loops(report, model, data, {"loss": ce, "accuracy": argmax_accuracy})
 
 
+def test_default_class_scores_take_labels_of_shape_n_1():
+    """(N, 1) integer labels, as keras.datasets.cifar10 gives them: the same loss and accuracy as (N,)."""
+    model, data = classification()
+    column = [(x, y[:, None]) for x, y in data]
+    report = eg.diagnose(model, column, progress=False)
+    check_against_loops(report, model, data, {"loss": ce, "accuracy": argmax_accuracy})
+
+
 def test_default_segmentation_per_pixel_cross_entropy_and_pixel_accuracy():
     g = torch.Generator().manual_seed(1)
     x = 2.0 * torch.randn(64, 3, 6, 6, generator=g) + 1.0
@@ -233,7 +241,14 @@ def test_torchmetrics_objects_are_computed_over_all_batches_and_left_untouched()
     computed = {k: m.compute().clone() for k, m in given.items()}
     states = {k: {s: v.clone() for s, v in m.metric_state.items()} for k, m in given.items()}
 
-    report = eg.diagnose(model, data, metrics=given, progress=False)
+    class CrossEntropy(tm.MeanMetric):  # a torchmetrics object as loss_fn: computed over all batches, left untouched
+        def update(self, out, y):
+            super().update(F.cross_entropy(out, y, reduction="none"))
+
+    loss = CrossEntropy()
+    report = eg.diagnose(model, data, loss_fn=loss, metrics=given, progress=False)
+    assert loss.update_count == 0 and float(loss.weight) == 0.0
+    assert report.decompositions["loss"].values["E"] == pytest.approx(per_sample(outputs(model, data), ce), rel=RTOL)
 
     for k, m in given.items():
         assert isinstance(m, tm.Metric)

@@ -7,8 +7,8 @@ shapes and dtypes leave no doubt; otherwise the adapter asks for ``loss_fn``/``m
 =================  ===========================================  ============================
 task               output / targets                             loss, metrics
 =================  ===========================================  ============================
-``classification`` scores (N, C), C > 1 / integers (N,)          cross-entropy, accuracy
-``segmentation``   scores (N, C, *S) / integers (N, *S)          per-pixel CE, pixel accuracy
+``classification`` scores (N, C), C > 1 / integers (N,) or (N, 1)  cross-entropy, accuracy
+``segmentation``   scores (N, C, *S) / integers (N, [1,] *S)     per-pixel CE, pixel accuracy
 ``binary``         one logit (N,) or (N, 1) / 0-1 values          BCE with logits, accuracy
 ``regression``     any / floats of the output's shape, not 0-1    MSE only
 =================  ===========================================  ============================
@@ -48,6 +48,8 @@ def default_task(output_shape: Sequence[int], target_shape: Sequence[int], integ
             return "binary"
         return None if integer_targets else "regression"
     if integer_targets:
+        if len(tgt) == len(out) >= 2 and tgt[1] == 1 and out[1] > 1:  # (N, 1) labels, as Keras's sparse losses take them
+            tgt = tgt[:1] + tgt[2:]
         if len(out) == 2 and out[1] > 1 and tgt == (out[0],):
             return "classification"
         if len(out) >= 3 and out[1] > 1 and tgt == (out[0], *out[2:]):

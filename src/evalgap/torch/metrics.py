@@ -50,12 +50,17 @@ def is_torchmetric(m: Any) -> bool:
     return all(hasattr(m, a) for a in ("update", "compute", "reset")) and not isinstance(m, nn.modules.loss._Loss)
 
 
+def _labels(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class indices shaped as the scores without their class axis: (N, 1) labels as (N,) (engine.tasks)."""
+    return target.reshape(output.shape[:1] + output.shape[2:])
+
+
 def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(output, target.long())  # int32/int16 labels too, as NumPy and pandas give them
+    return nn.functional.cross_entropy(output, _labels(output, target).long())  # int32/int16 labels too, as NumPy gives them
 
 
 def _accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (output.argmax(1) == target).float().mean()
+    return (output.argmax(1) == _labels(output, target)).float().mean()
 
 
 def _binary_accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -140,7 +145,7 @@ class _State:
         self.spec = spec
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.objects = {name: copy.deepcopy(m) for name, m in spec.metrics.items() if is_torchmetric(m)}
+        self.objects = {name: copy.deepcopy(m) for name, m in (("loss", spec.loss_fn), *spec.metrics.items()) if is_torchmetric(m)}
         for m in self.objects.values():
             m.reset()
 
