@@ -75,6 +75,42 @@ def test_attached_hook_leaves_frozen_layers_alone():
     assert torch.equal(model[4].running_var, before)
 
 
+class Frozen(nn.Sequential):
+    """A model class with its own train(), keeping its BatchNorm frozen."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        self[1].eval()
+        return self
+
+
+def test_copies_of_an_attached_model_switch_modes_plainly_and_pickle():
+    """An EMA copy (deepcopy) or a saved model must not drive, or be driven by, the attached original."""
+    import io
+
+    model, data = setup()
+    model = Frozen(*model)
+    hook = eg.PreciseBN(data, verbose=0).attach(model)
+    train_epoch(model, data)
+    assert model.training and not model[1].training
+    ema = copy.deepcopy(model)
+    ema.train()
+    ema(data[0])  # a training step on the copy
+    ema.eval()
+    assert not ema.training and model.training and hook.last is None  # the copy switched itself, and fired nothing
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded.train()
+    assert not loaded[1].training  # the class's own train() runs
+    loaded.eval()
+    assert hook.last is None and loaded.train.__func__ is Frozen.train
+    train_epoch(model, data)
+    model.eval()  # the original still fires, with its class's frozen layer left alone
+    assert hook.last is not None and [layer.status for layer in hook.last.layers] == ["frozen"]
+
+
 def test_generators_are_refused_with_the_reason():
     from evalgap import DataError
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import types
 from typing import Any, Iterable
 
 import torch
@@ -67,28 +68,17 @@ class PreciseBN:
 
     # ---- automatic mode: recalibrate when the model goes from training to evaluation -----
     def attach(self, model: nn.Module) -> "PreciseBN":
-        """Recalibrate each time ``model.eval()`` (or ``train(False)``) follows training steps."""
+        """Recalibrate each time ``model.eval()`` (or ``train(False)``) follows training steps.
+
+        Sets ``model.train`` (the class's own ``train`` runs inside) and a forward pre-hook. A copy
+        of the model (``copy.deepcopy``, as EMA helpers make; ``torch.save``/``pickle``) switches
+        modes plainly and never fires: only ``model`` is attached.
+        """
         if self._model is not None:
             raise EvalgapError("this PreciseBN is already attached to a model: detach() it first.")
-        orig = model.train
-        hook = self
-
-        def train(mode: bool = True):
-            if model.training and not mode and hook._trained and not hook._busy:
-                hook._busy = True  # recalibrate itself switches modes
-                try:
-                    hook(model)  # still in training mode: frozen (eval-mode) BN layers are recognized
-                finally:
-                    hook._busy = False
-            return orig(mode)
-
-        def mark(module, inputs):
-            if module.training and torch.is_grad_enabled() and not hook._busy:
-                hook._trained = True
-
         self._model, self._trained = model, False
-        self._hook = model.register_forward_pre_hook(mark)
-        model.train = train  # type: ignore[method-assign]
+        self._hook = model.register_forward_pre_hook(_TrainingSteps(self))
+        model.train = types.MethodType(_TrainSwitch(self), model)  # type: ignore[method-assign]
         return self
 
     def detach(self) -> None:
@@ -97,6 +87,48 @@ class PreciseBN:
         if self._hook is not None:
             self._hook.remove()
         self._model = self._hook = None
+
+
+class _TrainSwitch:
+    """``model.train`` of an attached model: recalibrates on a switch to evaluation mode after training
+    steps. Bound with ``types.MethodType``: a deepcopy binds it to the copy (which it leaves to its
+    class's ``train``), and a pickle stores the plain ``train`` (a method pickles as its name)."""
+
+    __name__ = "train"
+
+    def __init__(self, precise_bn: PreciseBN):
+        self.precise_bn = precise_bn
+
+    def __call__(self, model: nn.Module, mode: bool = True) -> nn.Module:
+        hook = self.precise_bn
+        if model is hook._model and model.training and not mode and hook._trained and not hook._busy:
+            hook._busy = True  # recalibrate itself switches modes
+            try:
+                hook(model)  # still in training mode: frozen (eval-mode) BN layers are recognized
+            finally:
+                hook._busy = False
+        return type(model).train(model, mode)
+
+
+class _TrainingSteps:
+    """Forward pre-hook of an attached model: notes a training step (training mode, gradients on).
+    A copy of the model gets a hook that does nothing (:class:`_NoHook`)."""
+
+    def __init__(self, precise_bn: PreciseBN):
+        self.precise_bn = precise_bn
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        hook = self.precise_bn
+        if module is hook._model and module.training and torch.is_grad_enabled() and not hook._busy:
+            hook._trained = True
+
+    def __reduce__(self):
+        return (_NoHook, ())
+
+
+class _NoHook:
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        return None
 
 
 class GapMonitor:
