@@ -141,6 +141,13 @@ def test_a_failing_recalibration_names_the_batch_it_failed_at_and_whether_readin
     assert state_snapshot(model) == before
 
 
+def test_dict_batches_without_a_target_key_name_the_keys_read():
+    x, y = data()
+    model = trained(net(), x, y)
+    with pytest.raises(DataError, match=r"dicts with the keys 'image', 'mask'.*'label', .* or 'targets': rename yours"):
+        eg.diagnose(model, [{"image": x[:16], "mask": y[:16]}], progress=False)
+
+
 def test_one_fit_number_goes_to_the_primary_metric_asked_for():
     x, y = data()
     model = trained(net(), x, y)
@@ -234,6 +241,24 @@ def test_a_model_with_several_positional_inputs_gets_the_input_tuple_unpacked():
     eg.recalibrate(model, batches, progress=False)
     np.testing.assert_allclose(model.bn.running_mean.double().numpy(), h.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.bn.running_var.double().numpy(), h.var(0), rtol=1e-5)
+
+
+def test_an_optional_second_input_in_a_tuple_gets_a_hint_to_unpack_it():
+    """forward(self, x, meta=None): a tuple input is not unpacked (its first argument might take a tuple), so say how."""
+
+    class Optional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn = nn.Linear(6, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x, meta=None):
+            return self.bn(self.a(x) if meta is None else self.a(x) + meta)
+
+    batches = [((torch.randn(16, 6), torch.randn(16, 4)), torch.randint(0, 3, (16,))) for _ in range(2)]
+    with pytest.raises(RecalibrationError, match=r"forward=lambda model, batch: model\(\*batch\[0\]\)"):
+        eg.recalibrate(Optional(), batches, progress=False)
+    r = eg.recalibrate(Optional(), batches, progress=False, forward=lambda model, batch: model(*batch[0]))
+    assert r.batches == 2
 
 
 def test_several_inputs_in_a_flat_batch_get_a_hint_naming_both_ways():

@@ -137,7 +137,7 @@ def diagnose(
     if first is None:
         raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")
     if first.targets is None:
-        raise DataError("diagnose needs targets to measure the loss and metrics: pass (x, y), not x alone.")
+        raise DataError("diagnose needs targets to measure the loss and metrics: pass (x, y), not x alone." + _dict_hint(adapter, first))
     model = adapter.prepare(model, first)
     layers = adapter.layers(model)
     if not adapter.one_sample_batches:
@@ -151,6 +151,14 @@ def diagnose(
         close = getattr(run.metrics, "close", None)
         if close is not None:
             close()
+
+
+def _dict_hint(adapter: Adapter, batch: Batch) -> str:
+    keys = getattr(adapter, "target_keys", ())
+    if not isinstance(batch.raw, Mapping) or not keys:
+        return ""
+    return (f" The batches are dicts with the keys {', '.join(map(repr, batch.raw))}, and the targets are read from the key "
+            f"{', '.join(map(repr, keys[:-1]))} or {keys[-1]!r}: rename yours, or give the batches as (x, y).")
 
 
 def _refuses_one_sample(adapter: Adapter, model: Any, layers: list[NormLayer], batch: Batch) -> bool:

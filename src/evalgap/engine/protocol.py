@@ -214,6 +214,7 @@ class Adapter(Protocol):
     convention: Convention
     frozen_means: str  # what "frozen" is in this framework, for notes
     one_sample_batches: bool  # training mode takes a batch of one sample (PyTorch refuses one value per channel)
+    target_keys: tuple[str, ...] = ()  # the keys a dict batch holds its targets under, where the adapter reads dicts
     bn_kind: str  # how errors name the framework's BatchNorm layers ("BatchNormalization layer")
     remedies: Remedies
 

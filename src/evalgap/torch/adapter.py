@@ -31,6 +31,7 @@ class TorchAdapter:
     convention = "torch"
     frozen_means = "eval mode during training"
     one_sample_batches = False  # BatchNorm raises on one value per channel in training mode
+    target_keys = data.TARGET_KEYS  # where a dict batch holds its targets
     remedies = REMEDIES
     bn_kind = "BatchNorm layer (torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm or a _BatchNorm subclass)"
 
@@ -131,6 +132,10 @@ class TorchAdapter:
         if isinstance(exc, TypeError) and "forward() missing" in str(exc) and "required positional argument" in str(exc):
             return ("The model's forward takes several inputs: give each batch as ((input1, input2, ...), target), "
                     "which evalgap passes unpacked, or pass forward=lambda model, batch: model(batch[0], batch[1]).")
+        if isinstance(exc, (TypeError, AttributeError)) and "tuple" in str(exc):
+            return ("The model got a tuple as its input: a tuple input is passed unpacked only to a forward that requires "
+                    "several positional arguments; for forward(self, x, extra=None) pass "
+                    "forward=lambda model, batch: model(*batch[0]).")
         return None
 
 
