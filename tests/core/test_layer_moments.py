@@ -84,6 +84,20 @@ def test_a_layer_called_with_one_value_per_channel_is_named():
         acc.flush()
 
 
+@pytest.mark.parametrize("flush_between", [False, True])
+def test_one_value_per_channel_beside_larger_calls_is_pooled_exactly(flush_between):
+    """A ragged last batch of one sample (drop_ragged=False): its values count, as Keras's fit trains on them."""
+    rng = np.random.default_rng(3)
+    full, last = rng.normal(7, 3, (16, 3)), rng.normal(7, 3, (1, 3))
+    acc = LayerMoments(_layers(), HostCaptures.from_list)
+    acc.add([(0, 16, full.mean(0), full.var(0))], 16)
+    if flush_between:
+        acc.flush()
+    acc.add([(0, 1, last[0], np.zeros(3))], 1)
+    acc.flush()
+    _check(acc, {0: np.concatenate([full, last])})
+
+
 def test_a_layer_whose_channels_change_is_named():
     acc = LayerMoments(_layers(), HostCaptures.from_list)
     acc.add([(1, 4, np.zeros(5), np.ones(5)), (1, 4, np.zeros(6), np.ones(6))], 4)

@@ -67,9 +67,12 @@ class LayerMoments:
             return
         caps = self.host_captures(self.pending)
         self.pending.clear()
-        single = np.flatnonzero(caps.count == 1)
-        if single.size:
-            check_count(1, self.names[int(caps.index[single[0]])])
+        single = caps.index[caps.count == 1]
+        if single.size:  # one value per channel is fine beside larger calls (a ragged last batch), not alone
+            larger = set(caps.index[caps.count > 1].tolist()) | {i for i, m in enumerate(self.moments) if m is not None}
+            lone = [int(i) for i in single if int(i) not in larger]
+            if lone:
+                check_count(1, self.names[lone[0]])
         if self._merge_regular(caps):
             return
         starts = np.cumsum(caps.channels) - caps.channels  # where each capture's values begin
