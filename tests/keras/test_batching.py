@@ -163,8 +163,11 @@ def test_an_unbatched_dataset_and_list_labels_are_named_with_the_fix():
         eg.recalibrate(model, tf.data.Dataset.from_tensor_slices(x), progress=False)
     with pytest.raises(DataError, match=r"y is a Python list of numbers: pass it as an array \(np.asarray\(y\)\)"):
         eg.diagnose(model, (x, list(y)), batch_size=16, progress=False)
+    with pytest.raises(DataError, match=r"a list is read as a list of batches.*pass a tuple, \(x, y\)"):
+        eg.recalibrate(model, [x, y], batch_size=16, progress=False)
     for v, b in zip(model.variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
+    assert eg.recalibrate(model, [(x[:32], y[:32]), (x[32:], y[32:])], batch_size=32, progress=False).batches == 2  # batches
     assert eg.diagnose(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16), progress=False).samples == 64
     # one feature given as (n,) for Input((1,)): Keras adds the axis, so no refusal
     one = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4), keras.layers.BatchNormalization(), keras.layers.Dense(1)])

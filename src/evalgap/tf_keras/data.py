@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_label_dtype
-from .._keras_common import check_no_number_lists
+from .._keras_common import check_no_number_lists, check_not_arrays_in_a_list
 from ..engine import ArrayBatches, Batch, StreamBatches, tree_leaves, tree_map
 from ..errors import DataError
 from .layers import keras
@@ -101,6 +101,7 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
     if data is None:
         raise DataError("data is None: pass the training data (arrays, a tf.data.Dataset, a keras.utils.Sequence or batches).")
     check_no_number_lists(data)
+    check_not_arrays_in_a_list(data, batch_size)
     if is_array_structure(data):
         size = int(batch_size or DEFAULT_BATCH_SIZE)
         note = None if batch_size else "Keras's default for arrays; pass batch_size= to use your training batch size"
