@@ -60,6 +60,20 @@ class LinenCNN(nn.Module):
         return nn.BatchNorm(use_running_average=not train, epsilon=1e-3, name="bn3")(nn.Dense(CLASSES, kernel_init=INIT, name="fc")(x))
 
 
+class CallArgs(nnx.Module):
+    """An ``NnxCNN``'s layers with their modes as call arguments and a ``train`` flag: bn2 frozen at the call site
+    (a frozen backbone, whatever its attribute), bn1 and bn3 ``use_running_average=not train``; no dropout (``forward``)."""
+
+    def __init__(self, net: NnxCNN):
+        self.net = net
+
+    def __call__(self, x, train: bool = False):
+        n = self.net
+        x = nnx.relu(n.bn1(n.c1(x), use_running_average=not train))
+        x = nnx.relu(n.bn2(n.c2(x), use_running_average=True))
+        return n.bn3(n.fc(x.mean((1, 2))), use_running_average=not train)
+
+
 def far_batches(n: int = 5, size: int = 16, seed: int = 1, hw: int = 8):
     """Inputs far from zero (N(100, 30)) with integer labels."""
     rng = np.random.default_rng(seed)

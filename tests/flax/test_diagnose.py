@@ -241,3 +241,50 @@ def test_user_callables_get_the_output_as_returned_and_may_give_one_value_per_sa
     pairs = nnx_eval_outputs(model, data)
     check(report, "loss", "E", pairs, lambda out, y: np.mean(np.asarray(loss(out, y), np.float64)))
     check(report, "acc", "E", pairs, lambda out, y: acc(out[0], y))
+
+
+def test_nnx_layer_frozen_at_the_call_site_stays_frozen_in_every_mode():
+    """T equals a model(x, train=True) loop, Td the float64 reference with bn2 on its moving statistics, P and the
+    frozen effect evaluation loops of the model recalibrated without and with include_frozen."""
+    from ._reference import CallArgs
+
+    net, data = nnx_model(frozen=False), far_batches()
+    model = CallArgs(net)
+    before = nnx_snapshot(model)
+    report = eg.diagnose(model, data, progress=False)
+    assert changed(before, nnx_snapshot(model)) == set()
+    assert report.recalibration["net/bn2"].status == "frozen"
+    train = nnx.jit(lambda m, x: m(x, train=True))
+    t_pairs = [(train(nnx.clone(model), x), y) for x, y in data]
+    evaluate = nnx.jit(lambda m, x: m(x, train=False))
+    fixed, all_fixed = nnx.clone(model), nnx.clone(model)
+    eg.recalibrate(fixed, data, progress=False)
+    eg.recalibrate(all_fixed, data, include_frozen=True, progress=False)
+    w = nnx_weights(net)
+    for name, fn in (("loss", ce), ("accuracy", acc)):
+        check(report, name, "T", t_pairs, fn)
+        check(report, name, "Td", [(forward(w, x, batch={"bn1", "bn3"}), y) for x, y in data], fn)
+        check(report, name, "E", [(evaluate(model, x), y) for x, y in data], fn)
+        check(report, name, "P", [(evaluate(fixed, x), y) for x, y in data], fn)
+    p_all = per_sample([(evaluate(all_fixed, x), y) for x, y in data], acc)
+    frozen = report.finding("frozen")
+    assert frozen.numbers["layers"] == ["net/bn2"]
+    assert frozen.numbers["effect"] == pytest.approx(p_all - report.decompositions["accuracy"].values["P"], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64])
+def test_default_loss_takes_n_by_1_integer_labels_as_class_indices(dtype):
+    """Keras's (N, 1) labels (keras.datasets.cifar10) with (N, C) class scores: optax's cross-entropy and the accuracy
+    of the (N,) labels, as Keras's sparse categorical cross-entropy takes them."""
+    data = tabular(lambda x, r: r.integers(0, 3, len(x)))
+    model = mlp(3)
+    report = eg.diagnose(model, [(x, y.reshape(-1, 1).astype(dtype)) for x, y in data], progress=False)
+    assert set(report.decompositions) == {"loss", "accuracy"}
+    pairs = nnx_eval_outputs(model, data)
+    check(report, "loss", "E", pairs, ce)
+    check(report, "accuracy", "E", pairs, acc)
+    fixed = nnx.clone(model)
+    eg.recalibrate(fixed, data, progress=False)
+    check(report, "loss", "P", nnx_eval_outputs(fixed, data), ce)
+    with pytest.raises(evalgap.DataError, match=r"labels must be class indices in \[0, 3\)"):
+        eg.diagnose(model, [(x, (y + 3).reshape(-1, 1).astype(dtype)) for x, y in data], progress=False)

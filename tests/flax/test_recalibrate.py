@@ -170,3 +170,32 @@ def test_inputs_near_1e3_with_a_spread_of_1(kind):
     np.testing.assert_allclose(np.asarray(var, np.float64), x.var(0), rtol=1e-5)
     first = data[0].astype(np.float64).reshape(-1, 3).var(0)
     assert np.max(np.abs(fast / first - 1)) > 0.01  # the cancellation this test is about
+
+
+@pytest.mark.parametrize("state", ["train", "eval"])
+def test_nnx_layer_frozen_at_the_call_site_is_left_alone(state):
+    """bn2(x, use_running_average=True) in __call__ is frozen whatever its attribute says (False here); the layers
+    called with use_running_average=not train are on batch statistics in training, also after model.eval()."""
+    from ._reference import CallArgs
+
+    net, data = nnx_model(frozen=False), far_batches()
+    model = CallArgs(net)
+    if state == "eval":
+        model.eval()  # every attribute True: the call arguments still decide
+    ref = population(nnx_weights(net), data, batch={"bn1", "bn3"})
+    before = nnx_snapshot(model)
+
+    result = eg.recalibrate(model, data, progress=False)
+
+    assert {layer.name: layer.status for layer in result.layers} == {"net/bn1": "recalibrated", "net/bn2": "frozen", "net/bn3": "recalibrated"}
+    for name in ("bn1", "bn3"):
+        bn = getattr(net, name)
+        assert_stats_close(bn.mean[...], bn.var[...], ref[name], name=name)
+    assert_stats_close(result["net/bn2"].mean_after, result["net/bn2"].var_after, ref["bn2"], name="bn2 (measured)")
+    assert changed(before, nnx_snapshot(model)) == {f"['net']['{n}']['{s}'].value" for n in ("bn1", "bn3") for s in ("mean", "var")}
+
+    all_layers = CallArgs(nnx_model(frozen=False))  # include_frozen=True recalibrates it, as for a layer frozen by its attribute
+    ref = population(nnx_weights(all_layers.net), data, batch={"bn1", "bn2", "bn3"})
+    result = eg.recalibrate(all_layers, data, include_frozen=True, progress=False)
+    assert result["net/bn2"].status == "recalibrated"
+    assert_stats_close(all_layers.net.bn2.mean[...], all_layers.net.bn2.var[...], ref["bn2"], name="bn2")

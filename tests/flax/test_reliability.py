@@ -139,3 +139,50 @@ def test_every_layer_frozen_changes_nothing_and_says_so():
     assert changed(before, nnx_snapshot(model)) == set()
     assert {layer.status for layer in result.layers} == {"frozen"} and not result.recalibrated
     assert any("include_frozen=True" in n for n in result.notes)
+
+
+def test_dict_batches_without_an_input_key_name_the_keys_and_the_fix():
+    model, data = nnx_model(), far_batches(2)
+    (module, variables), unkeyed = linen_model(), [{"feat": x, "label": y} for x, y in data]
+    before, linen_before = nnx_snapshot(model), snapshot(variables)
+    for target in (model, (module, variables)):
+        for run in (eg.recalibrate, eg.diagnose):
+            with pytest.raises(DataError) as info:
+                run(target, unkeyed, progress=False)
+            text = str(info.value)
+            assert "without an input key" in text and "'feat', 'label'" in text and "'image'" in text and "(x, y)" in text
+    assert changed(before, nnx_snapshot(model)) == set() and snapshot(variables) == linen_before
+    with pytest.raises(DataError, match="'feat', 'label'.*batch_size="):  # arrays, not batches
+        eg.recalibrate(model, {"feat": data[0][0], "label": data[0][1]}, batch_size=8, progress=False)
+
+
+def test_a_model_that_takes_a_dict_still_gets_one():
+    """A dict batch without an input key is the model's input (its targets taken out): the statistics of a + b."""
+
+    class TwoInputs(nnx.Module):
+        def __init__(self, rngs):
+            self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+        def __call__(self, inputs):
+            return self.bn(inputs["a"] + inputs["b"])
+
+    rng = np.random.default_rng(0)
+    data = [{"a": rng.normal(5, 2, (8, 3)).astype(np.float32), "b": rng.normal(-1, 1, (8, 3)).astype(np.float32),
+             "label": rng.integers(0, 3, 8)} for _ in range(3)]
+    model = TwoInputs(nnx.Rngs(0))
+    eg.recalibrate(model, data, progress=False)
+    x = np.concatenate([d["a"].astype(np.float64) + d["b"] for d in data])
+    np.testing.assert_allclose(np.asarray(model.bn.mean[...], np.float64), x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.bn.var[...], np.float64), x.var(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("batches", [["abc", "def"], [("abc", np.zeros(2))], [(np.array(["a", "b"]), np.zeros(2))]])
+def test_string_inputs_are_named_in_a_short_message(batches):
+    model = nnx_model()
+    before = nnx_snapshot(model)
+    for target in (model, linen_model()):
+        for run in (eg.recalibrate, eg.diagnose):
+            with pytest.raises(DataError, match="not a numeric array") as info:
+                run(target, batches, progress=False)
+            assert len(str(info.value)) < 300 and "GraphDef" not in str(info.value)
+    assert changed(before, nnx_snapshot(model)) == set()

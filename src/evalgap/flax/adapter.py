@@ -42,9 +42,21 @@ class FlaxAdapter:
         return data.batches(source, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=targets)
 
     def prepare(self, model: Any, first: Batch) -> NnxModel | LinenModel:
+        """The wrapped model, its training-mode call traced once on the first batch (:func:`forward.discover`).
+
+        A failed trace: a DataError for a dict batch without an input key; Linen's ModelError;
+        NNX goes on without the call arguments (the passes then name the failing batch).
+        """
         target = layers.wrap(model, train_arg=self.train_arg)
-        if isinstance(target, LinenModel) and not target.batchnorms:
-            forward.discover(target, first.inputs)
+        if isinstance(target, NnxModel) and target.calls is None or isinstance(target, LinenModel) and not target.batchnorms:
+            try:
+                forward.discover(target, first.inputs)
+            except Exception as exc:
+                error = data.unkeyed_dict(first.raw, exc.__cause__ or exc)
+                if error is not None:
+                    raise error from exc
+                if isinstance(target, LinenModel):
+                    raise
         self.target, self._first = target, first.inputs
         return target
 

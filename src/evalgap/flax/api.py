@@ -46,7 +46,7 @@ def recalibrate(
             statistics of the whole global batch. Use the training batch size.
         max_batches: stop after this many batches.
         include_frozen: also recalibrate frozen layers (``use_running_average=True`` while
-            the model trains). Default: left alone and listed.
+            the model trains, as an attribute or a call argument). Default: left alone and listed.
         progress: show a progress bar.
         drop_ragged: leave out batches smaller than the first (counted in the result).
         train_arg: the name of the module's training-flag argument when it is not one of

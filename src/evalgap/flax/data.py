@@ -7,8 +7,10 @@ the order). Anything else (a list of batches, a generator, a ``tf.data``/grain i
 turned into NumPy) is taken batch by batch in the user's order. A batch is an array (the
 input), a tuple/list ``(x, y[, w])``, or a dict holding the input under one of
 :data:`INPUT_KEYS` and the targets under one of :data:`TARGET_KEYS` (a dict without an
-input key is the input itself). NumPy and JAX arrays are passed as they are, so a batch
-sharded over several devices stays sharded; other array types (``tf.Tensor``) become NumPy.
+input key is the input itself, for a model that takes a dict; :func:`unkeyed_dict` explains
+a model that fails on it). NumPy and JAX arrays are passed as they are, so a batch sharded
+over several devices stays sharded; other array types (``tf.Tensor``) become NumPy; inputs
+that are not numeric (strings, file paths) are refused with a DataError.
 """
 
 from __future__ import annotations
@@ -69,13 +71,43 @@ def split(raw: Any) -> tuple[Any, Any, Any]:
     return raw, None, None
 
 
-def _batch(x: Any, y: Any, w: Any, n: int | None = None) -> Batch:
+def _check_input(x: Any) -> None:
+    """A DataError unless every leaf of the model's input is a numeric array or a number."""
+    for leaf in tree_leaves(x):
+        if isinstance(leaf, (str, bytes)):
+            what = f"a {type(leaf).__name__} ({leaf[:40]!r})"
+        elif isinstance(leaf, np.ndarray) and leaf.dtype.kind in "USO":
+            what = f"a NumPy array of dtype {leaf.dtype}"
+        elif _is_array(leaf) or isinstance(leaf, (bool, int, float, complex, np.number, np.bool_)):
+            continue
+        else:
+            what = f"a {type(leaf).__name__}"
+        raise DataError(f"the model's input holds {what}, not a numeric array: decode strings, file paths or images into "
+                        "arrays first and pass (x, y) batches of NumPy or JAX arrays.")
+
+
+def _batch(x: Any, y: Any, w: Any, n: int | None = None, raw: Any = None) -> Batch:
     x, y, w = (tree_map(_as_array, p) for p in (x, y, w))
-    return Batch(x, y, w, n if n is not None else leading_dim(x), (x, y) if y is not None else x)
+    _check_input(x)
+    return Batch(x, y, w, n if n is not None else leading_dim(x), raw if raw is not None else (x, y) if y is not None else x)
 
 
 def _stream_batch(raw: Any) -> Batch:
-    return _batch(*split(raw))
+    unkeyed = isinstance(raw, Mapping) and _key(raw, INPUT_KEYS) is None
+    return _batch(*split(raw), raw=raw if unkeyed else None)  # an unkeyed dict as given: its keys, for unkeyed_dict
+
+
+def unkeyed_dict(raw: Any, exc: BaseException) -> DataError | None:
+    """The error for a model that failed on a dict batch without an input key (its other entries as a dict), else None."""
+    if not isinstance(raw, Mapping) or _key(raw, INPUT_KEYS) is not None:
+        return None
+    yk = _key(raw, TARGET_KEYS)
+    found = ", ".join(repr(k) for k in raw) + (f" ({yk!r} taken as the targets)" if yk else "")
+    return DataError(
+        f"the batches are dicts without an input key: found {found}; recognised input keys are {', '.join(map(repr, INPUT_KEYS))}. "
+        f"The other entries were passed to the model as a dict, and it failed on them ({type(exc).__name__}: {str(exc)[:200]}). "
+        "Put the input under one of those keys (e.g. {'image': x, 'label': y}) or pass (x, y) tuples."
+    )
 
 
 def _arrays(data: Any) -> tuple[Any, Any, Any] | None:
@@ -102,6 +134,9 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
         return ArrayBatches(arrays, batch_size=batch_size, shuffle=shuffle, seed=seed, to_batch=_batch)
     if batch_size is not None:
         logger.info("batch_size=%s is ignored: the data are already batched", batch_size)
+    if isinstance(data, Mapping) and _key(data, INPUT_KEYS) is None:
+        raise DataError(f"a dict of arrays needs its input under one of the keys {', '.join(map(repr, INPUT_KEYS))} (found "
+                        f"{', '.join(map(repr, data))}): rename it, or pass (x, y) arrays with batch_size=.")
     if not hasattr(data, "__iter__") or isinstance(data, (str, bytes, Mapping)):
         raise DataError(f"cannot read batches from {type(data).__name__}: pass (x, y) arrays with batch_size=, "
                         "or an iterable of (x, y) batches.")

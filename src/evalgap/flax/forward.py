@@ -7,7 +7,8 @@ the model's own training flag. The model never changes:
 
 - NNX: the compiled function gets ``nnx.split(model)``'s state and merges it into a private
   copy inside the trace; the copy's BatchNorm and Dropout objects get a subclass that applies
-  the plan per call (the call argument wins over any the model passes). What the copy updates
+  the plan per call (the call argument wins over any the model passes; which layers the
+  model's own calls freeze is read beforehand by :func:`discover`). What the copy updates
   (moving statistics, RNG counts) is dropped with it.
 - Linen: ``module.apply`` under :func:`flax.linen.intercept_methods`; each BatchNorm/Dropout
   call runs with the plan's attributes and the updated collections are dropped.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -172,6 +172,30 @@ def _nnx_subclass(cls: type) -> type:
     return _NNX_CLASSES[cls]
 
 
+_NNX_RECORDING: dict[type, type] = {}
+
+
+def _given(value: Any) -> bool | None:
+    """A call's ``use_running_average`` as a Python bool; None when not passed or not known at trace time."""
+    try:
+        return None if value is None else bool(value)
+    except Exception:  # a traced value: decided inside the computation
+        return None
+
+
+def _nnx_recording(cls: type) -> type:
+    """``cls`` (a BatchNorm class) recording the ``use_running_average`` each call passes, on its moving statistics."""
+    if cls not in _NNX_RECORDING:
+
+        def __call__(self, x, use_running_average=None, *, mask=None):
+            path, seen = self.__dict__["_evalgap"]
+            seen.setdefault(path, _given(use_running_average))  # a shared layer: its first call, as for Linen
+            return cls.__call__(self, x, use_running_average=True, mask=mask)
+
+        _NNX_RECORDING[cls] = type(f"EvalgapRecording{cls.__name__}", (cls,), {"__call__": __call__})
+    return _NNX_RECORDING[cls]
+
+
 def _nnx_apply_plan(model: Any, plan: Plan, sink: list, overrides: tuple, key: Any) -> None:
     from flax import nnx
 
@@ -184,12 +208,19 @@ def _nnx_apply_plan(model: Any, plan: Plan, sink: list, overrides: tuple, key: A
     for path, (mean, var) in zip(plan.overrides, overrides):
         modules[path].mean[...] = mean.astype(modules[path].mean[...].dtype)
         modules[path].var[...] = var.astype(modules[path].var[...].dtype)
+    _nnx_dropout(modules, plan.dropout, key)
+
+
+def _nnx_dropout(modules: dict, on: bool, key: Any) -> None:
+    """Every Dropout (and other module with ``deterministic``) of a private copy on (fixed key) or off."""
+    from flax import nnx
+
     for k, (path, m) in enumerate(sorted(modules.items(), key=lambda item: str(item[0]))):
         if isinstance(m, nnx.Dropout):
-            object.__setattr__(m, "_evalgap", (plan.dropout, jax.random.fold_in(key, k)))
+            object.__setattr__(m, "_evalgap", (on, jax.random.fold_in(key, k)))
             object.__setattr__(m, "__class__", _nnx_subclass(type(m)))
         elif path and hasattr(m, "deterministic") and not isinstance(m, nnx.BatchNorm):
-            object.__setattr__(m, "deterministic", not plan.dropout)
+            object.__setattr__(m, "deterministic", not on)
 
 
 def _nnx_forward(graphdef: Any, plan: Plan, flag: Flag | None, state: Any, x: Any, overrides: tuple, key: Any):
@@ -202,6 +233,46 @@ def _nnx_forward(graphdef: Any, plan: Plan, flag: Flag | None, state: Any, x: An
     return pack(sink), out
 
 
+def _nnx_discover(graphdef: Any, flag: Flag | None, seen: dict, state: Any, x: Any) -> None:
+    """The training-mode call traced by :func:`discover` (``model.train()``, the flag True): BatchNorm calls recorded."""
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    model.set_attributes(deterministic=False, use_running_average=False, raise_if_not_found=False)  # model.train()
+    modules = dict(nnx.iter_modules(model))
+    for path, m in modules.items():
+        if isinstance(m, nnx.BatchNorm):
+            object.__setattr__(m, "_evalgap", (path, seen))
+            object.__setattr__(m, "__class__", _nnx_recording(type(m)))
+    _nnx_dropout(modules, False, jax.random.key(0))
+    model(x, **(flag.kwargs(True) if flag else {}))
+
+
+def _discover_nnx(target: NnxModel, x: Any) -> None:
+    from flax import nnx
+
+    graphdef, state = nnx.split(target.module)
+    leaves, structure = jax.tree.flatten(x)
+    shapes = tuple((np.shape(a), str(getattr(a, "dtype", type(a).__name__))) for a in leaves)
+
+    def trace() -> dict:
+        seen: dict = {}
+        jax.eval_shape(_bound(_nnx_discover, graphdef, target.flag, seen), state, x)
+        return seen
+
+    target.calls = dict(_cached(("nnx-discover", graphdef, target.flag, structure, shapes), trace))
+
+
+def _bound(fn: Callable, *static: Any) -> Callable:
+    """``fn`` with its leading arguments bound, named as ``fn`` (a partial's repr, in JAX's errors, holds the whole model)."""
+
+    def call(*args):
+        return fn(*static, *args)
+
+    call.__name__ = call.__qualname__ = fn.__name__
+    return call
+
+
 class NnxProgram:
     """The compiled forward of one NNX model under one plan; split the model once per pass."""
 
@@ -209,7 +280,7 @@ class NnxProgram:
         from flax import nnx
 
         self.graphdef, self.state = nnx.split(target.module)
-        build = lambda: jax.jit(partial(_nnx_forward, self.graphdef, plan, target.flag))  # noqa: E731
+        build = lambda: jax.jit(_bound(_nnx_forward, self.graphdef, plan, target.flag))  # noqa: E731
         self.fn = _cached(("nnx", self.graphdef, plan, target.flag), build)
 
     def __call__(self, x: Any, overrides: tuple = (), key: Any = None):
@@ -289,20 +360,25 @@ class LinenProgram:
 
     def __init__(self, target: LinenModel, plan: Plan):
         args = (plan, target.flag, target.mutable, target.rng_collections)
-        build = lambda: jax.jit(partial(_linen_forward, target.module, *args))  # noqa: E731
+        build = lambda: jax.jit(_bound(_linen_forward, target.module, *args))  # noqa: E731
         self.fn = _cached(("linen", _owner(target.module), *args), build)
 
     def __call__(self, variables: Any, x: Any, key: Any = None):
         return self.fn(variables, x, jax.random.key(0) if key is None else key)
 
 
-def discover(target: LinenModel, x: Any) -> None:
-    """Trace the Linen model once in training mode (shapes only, :func:`jax.eval_shape`) and record its layers.
+def discover(target: NnxModel | LinenModel, x: Any) -> None:
+    """Trace the model once in training mode (shapes only, :func:`jax.eval_shape`) and record its layers.
 
-    Fills ``target.batchnorms`` (the BatchNorm layers called, in call order, then those of
-    ``batch_stats`` the call did not reach), ``target.others`` and ``target.rng_collections``.
-    Cached per module, variable shapes and input shapes (PreciseBN traces once per model).
+    NNX: fills ``target.calls`` (per BatchNorm path, the ``use_running_average`` its call
+    passes after ``model.train()``, None for none; BatchNorm on moving statistics and dropout
+    off in the trace). Linen: fills ``target.batchnorms`` (the BatchNorm layers called,
+    in call order, then those of ``batch_stats`` the call did not reach), ``target.others``
+    and ``target.rng_collections``. Cached per model structure, flag and input shapes
+    (PreciseBN traces once per model).
     """
+    if isinstance(target, NnxModel):
+        return _discover_nnx(target, x)
     leaves, structure = jax.tree.flatten((target.variables, x))
     shapes = tuple((np.shape(a), str(getattr(a, "dtype", type(a).__name__))) for a in leaves)
     key = ("discover", _owner(target.module), target.flag, structure, shapes)

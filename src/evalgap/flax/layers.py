@@ -8,10 +8,14 @@ model is a module (a description) and a variables tree; its BatchNorm statistics
 trace of the model in training mode (:func:`evalgap.flax.forward.discover`: shapes only).
 
 Frozen: a BatchNorm layer that normalizes with its moving statistics during training. NNX:
+the ``use_running_average`` its call passes in the model's training-mode call (after
+``model.train()``, with the training flag True; one abstract trace,
+:func:`evalgap.flax.forward.discover`): ``self.bn(x, use_running_average=True)`` is frozen,
+``use_running_average=not train`` is not. A call that passes none: the attribute
 ``use_running_average=True`` while the model is in training mode (another BatchNorm or a
 Dropout is in training mode); when the whole model is in evaluation mode (``model.eval()``)
 the attribute says nothing and no layer is frozen. Linen: ``use_running_average`` is True in
-the training-mode trace (``nn.BatchNorm(use_running_average=True)`` fixed at construction).
+the training-mode trace (the call's argument, else the attribute).
 """
 
 from __future__ import annotations
@@ -108,7 +112,10 @@ def _nnx_batchnorms(model: Any) -> tuple[list[tuple[Path, Any]], bool]:
 
 
 def is_frozen(bn: Any, model: Any) -> bool:
-    """An ``nnx.BatchNorm`` is frozen when it uses its moving statistics while the model is in training mode."""
+    """An ``nnx.BatchNorm`` is frozen when it uses its moving statistics while the model is in training mode.
+
+    By the attributes alone; recalibrate and diagnose also see a call's ``use_running_average``.
+    """
     return bn.use_running_average is True and _nnx_batchnorms(model)[1]
 
 
@@ -118,6 +125,8 @@ class NnxModel:
 
     module: Any
     flag: Flag | None = None
+    #: Per BatchNorm path, the ``use_running_average`` its training-mode call passes (None: none); None: not traced.
+    calls: dict[Path, bool | None] | None = None
 
     @property
     def name(self) -> str:
@@ -125,13 +134,14 @@ class NnxModel:
 
     def norm_layers(self) -> list[NormLayer]:
         batchnorms, training = _nnx_batchnorms(self.module)
+        given = [(self.calls or {}).get(path) for path, _ in batchnorms]
         return [
             NormLayer(
                 name=path_name(path) or type(bn).__name__, handle=BNRef(path, bn), kind=type(bn).__name__,
                 channels=int(bn.num_features), eps=float(bn.epsilon), momentum=float(bn.momentum),
-                frozen=bn.use_running_average is True and training,
+                frozen=bn.use_running_average is True and training if call is None else call,
             )
-            for path, bn in batchnorms
+            for (path, bn), call in zip(batchnorms, given)
         ]
 
     def facts(self) -> ModelFacts:

@@ -12,6 +12,8 @@ the prediction in the output (:func:`prediction`), with Flax's channels-last lay
 scores on the last axis):
 
 - classification and segmentation: ``optax.softmax_cross_entropy_with_integer_labels``, accuracy;
+  integer targets with a last axis of 1 (Keras's ``(N, 1)`` labels) are class indices, as
+  Keras's sparse categorical cross-entropy takes them;
 - binary (one logit, 0/1 targets): ``optax.sigmoid_binary_cross_entropy``, accuracy at logit 0;
 - regression (float targets shaped like the output): mean squared error (``optax.squared_error``).
 """
@@ -46,14 +48,19 @@ def prediction(output: Any) -> Any:
                      "(or a dict with 'logits').")
 
 
+def _indices(output, target):
+    """Integer class indices shaped like the class scores without their last axis (``(N, 1)`` labels as ``(N,)``)."""
+    return target.reshape(output.shape[:-1]).astype(jnp.int32)
+
+
 def _ce(output, target):
     import optax
 
-    return optax.softmax_cross_entropy_with_integer_labels(output.astype(jnp.float32), target.astype(jnp.int32)).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(output.astype(jnp.float32), _indices(output, target)).mean()
 
 
 def _accuracy(output, target):
-    return (jnp.argmax(output, -1) == target).mean()
+    return (jnp.argmax(output, -1) == _indices(output, target)).mean()
 
 
 def _bce(output, target):
@@ -90,7 +97,9 @@ def _task(output: Any, target: Any) -> str:
     shape = tuple(output.shape)
     first = (shape[0], shape[-1], *shape[1:-1]) if len(shape) >= 3 else shape
     binary = bool(t.size) and bool(np.isin(t, (0, 1)).all())
-    task = default_task(first, t.shape, t.dtype.kind in "iub", binary)
+    integers = t.dtype.kind in "iub"
+    indices = integers and len(shape) >= 2 and shape[-1] > 1 and t.shape == (*shape[:-1], 1)  # Keras's (N, 1) labels
+    task = default_task(first, t.shape[:-1] if indices else t.shape, integers, binary)
     if task is None:
         raise DataError(
             f"cannot choose a loss for outputs of shape {shape} and {t.dtype} targets of shape {t.shape}: pass "
