@@ -4,12 +4,37 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
 
 from .errors import DataError, ModelError
+
+#: The size images are resized to when neither --image-size nor the model fixes it (the seed's).
+DEFAULT_IMAGE_SIZE = 256
+
+
+def _int_at_least(low: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse names the flag and exits 2 otherwise)."""
+    return _int_at_least(1, text)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    return _int_at_least(0, text)
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,12 +45,14 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tfds-data-dir", metavar="DIR", help="tfds data_dir")
     p.add_argument("--tfds-manual-dir", metavar="DIR", help="folder holding the data set's downloaded zip")
     p.add_argument("--download", action="store_true", help="let tfds download even if the network check fails")
-    p.add_argument("--image-size", type=int, default=256, help="images are resized with padding to S x S (default 256)")
-    p.add_argument("--batch-size", type=int, default=32, help="the training batch size (default 32)")
-    p.add_argument("--max-samples", type=int, default=None, help="use at most N samples: whole batches drawn at random from all of the data")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled batches (default 0)")
+    p.add_argument("--image-size", type=positive_int, default=None, metavar="S",
+                   help=f"images are resized with padding to S x S (default: a Keras model's input height and width where its input "
+                        f"shape fixes them, else {DEFAULT_IMAGE_SIZE})")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="the training batch size (default 32)")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="use at most N samples: whole batches drawn at random from all of the data")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the shuffled batches (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="batch the images in the order they are read, instead of shuffled as fit does")
-    p.add_argument("--limit-per-class", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--limit-per-class", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (counted) instead of failing")
 
 
@@ -33,8 +60,7 @@ def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     """(x uint8/float NHWC, y int, description) from --data / --tfds / --npz."""
     from .data import load_image_folder, load_npz, load_tfds
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise DataError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    size = DEFAULT_IMAGE_SIZE if args.image_size is None else args.image_size
     if not getattr(args, "tfds", None) and (args.tfds_data_dir or args.tfds_manual_dir or args.download):
         raise DataError("--tfds-data-dir, --tfds-manual-dir and --download go with --tfds NAME.")
     if getattr(args, "npz", None):
@@ -43,10 +69,10 @@ def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     if args.tfds:
         s = load_tfds(
             args.tfds, data_dir=args.tfds_data_dir, manual_dir=args.tfds_manual_dir,
-            download=True if args.download else None, image_size=args.image_size, limit_per_class=args.limit_per_class,
+            download=True if args.download else None, image_size=size, limit_per_class=args.limit_per_class,
         )
     else:
-        s = load_image_folder(args.data, args.image_size, limit_per_class=args.limit_per_class, skip_bad=args.skip_bad)
+        s = load_image_folder(args.data, size, limit_per_class=args.limit_per_class, skip_bad=args.skip_bad)
     note = f"{s.source}: {len(s)} images, {len(s.class_names)} classes"
     if s.converted:
         note += f", {s.converted} converted to RGB (grayscale, RGBA, ...)"
@@ -55,15 +81,89 @@ def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     return s.images, s.labels, note
 
 
-def load_keras_model(path: str):
-    import keras
+def saved_by_keras2(path: str) -> bool:
+    """True for a model that Keras 2 (tf_keras) saved: a ``.keras`` zip or HDF5 file recording keras_version 2.x, or a
+    SavedModel folder with Keras metadata (Keras 3 writes none)."""
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "keras_metadata.pb"))
+    version = None
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                version = json.loads(zf.read("metadata.json")).get("keras_version")
+        else:
+            with open(path, "rb") as fh:
+                hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+            if hdf5:
+                import h5py
 
+                with h5py.File(path, "r") as f:
+                    version = f.attrs.get("keras_version")
+    except (ImportError, OSError, KeyError, ValueError, AttributeError):  # unreadable, or not a model: the loader says so
+        return False
+    if isinstance(version, bytes):
+        version = version.decode(errors="replace")
+    return isinstance(version, str) and version.startswith("2.")
+
+
+def load_keras_model(path: str) -> Any:
+    """The Keras 3 model saved in ``path``, or the Keras 2 (tf_keras) one where Keras 2 saved it (:func:`saved_by_keras2`)."""
     if not os.path.exists(path):
         raise ModelError(f"{path} does not exist: pass a model saved with model.save('model.keras').")
+    if saved_by_keras2(path):
+        try:
+            from .tf_keras.layers import keras as keras2
+        except ImportError as exc:
+            raise ModelError(f"{path} was saved by Keras 2, and tf_keras cannot be imported here ({exc}): install tf-keras "
+                             "matching your TensorFlow (pip install 'evalgap[tf-keras]').") from None
+        try:
+            return keras2.models.load_model(path)
+        except Exception as exc:
+            raise ModelError(f"{path} is a Keras 2 model that tf_keras {keras2.__version__} cannot load ({type(exc).__name__}: {exc}).") from exc
+    import keras
+
     try:
         return keras.saving.load_model(path)
     except Exception as exc:
         raise ModelError(f"{path} is not a Keras model file that Keras {keras.__version__} can load ({type(exc).__name__}: {exc}).") from exc
+
+
+def keras_api(path: str) -> Any:
+    """The evalgap module for the model in ``path``: ``evalgap.tf_keras`` where Keras 2 saved it, else ``evalgap.keras``."""
+    return importlib.import_module("evalgap.tf_keras" if saved_by_keras2(path) else "evalgap.keras")
+
+
+def _fixed_input_size(model: Any) -> tuple[int, int] | None:
+    """(height, width) of a Keras model's one image input where its shape fixes both, else None."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):  # a subclassed or unbuilt model: no input shape to read
+        return None
+    if not inputs or len(inputs) != 1:
+        return None
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:3]):
+        return None
+    return int(shape[1]), int(shape[2])
+
+
+def keras_image_size(model: Any, given: int | None) -> tuple[int, str | None]:
+    """The size ``--data`` / ``--tfds`` images are resized to for a Keras model, and a note when the model chose it.
+
+    A model whose input shape fixes height and width gets them (``given`` must then agree); otherwise
+    ``given``, by default 256.
+    """
+    fixed = _fixed_input_size(model)
+    if fixed is None:
+        return (DEFAULT_IMAGE_SIZE if given is None else given), None
+    height, width = fixed
+    if height != width:
+        raise DataError(f"the model takes {height}x{width} images, but --data and --tfds resize to squares (S x S): "
+                        f"pass --npz with images of {height}x{width}, or use the Python API with your own preprocessing.")
+    if given is not None and given != height:
+        raise DataError(f"--image-size {given} does not fit the model, whose input is {height}x{width}: "
+                        f"leave --image-size out (the model's size is used) or pass --image-size {height}.")
+    return height, (None if given is not None else f"resized with padding to {height}x{width}, the model's input size")
 
 
 def load_torch_model(spec: str, weights: str | None):

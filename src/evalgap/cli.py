@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from ._files import atomic_write
 from .errors import DataError, EvalgapError
@@ -40,23 +41,31 @@ def _check_model_flags(args: argparse.Namespace) -> None:
         raise DataError("--weights goes with --torch-model.")
 
 
+def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, str, dict]:
+    """The model, the evalgap module for it (torch, keras, tf_keras), its data, the data's note and that module's extra options."""
+    from ._cli_io import float_input, keras_api, keras_image_size, load_arrays, load_keras_model, load_torch_model, torch_arrays
+
+    if args.torch_model:
+        import evalgap.torch as api
+
+        x, y, note = load_arrays(args)
+        model = load_torch_model(args.torch_model, args.weights)
+        return model, api, torch_arrays(x, y, model), note, {"forward": float_input}
+    model = load_keras_model(args.model)
+    size_note = None
+    if not args.npz:  # --data and --tfds resize the images: to the model's input size where it is fixed
+        args.image_size, size_note = keras_image_size(model, args.image_size)
+    x, y, note = load_arrays(args)
+    return model, keras_api(args.model), (x, y), f"{note}, {size_note}" if size_note else note, {}
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ._cli_io import float_input, load_arrays, load_keras_model, load_torch_model, torch_arrays
-
     _check_model_flags(args)
-    x, y, note = load_arrays(args)
+    model, eg, data, note, extra = _model_and_data(args)
     options = dict(_batching(args), max_samples=args.max_samples, primary=args.primary, progress=not args.quiet)
-    if args.torch_model:
-        import evalgap.torch as eg
-
-        model = load_torch_model(args.torch_model, args.weights)
-        report = eg.diagnose(model, torch_arrays(x, y, model), forward=float_input, **options)
-    else:
-        import evalgap.keras as eg
-
-        report = eg.diagnose(load_keras_model(args.model), (x, y), **options)
+    report = eg.diagnose(model, data, **options, **extra)
     report.notes.insert(0, note)
     Console(width=None if sys.stdout.isatty() else 120).print(report)
     if args.json:
@@ -86,38 +95,34 @@ def _check_output(args: argparse.Namespace, source: str, suffixes: tuple[str, ..
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
-    from ._cli_io import float_input, load_arrays, load_keras_model, load_torch_model, torch_arrays
+    from ._cli_io import saved_by_keras2
 
     _check_model_flags(args)
     if args.torch_model:
-        if args.overwrite and not args.output:
-            if not args.weights:
-                raise DataError("--in-place replaces the --weights file: give --weights.")
-            args.output = args.weights
-        if not args.output:
+        source, suffixes, what = args.weights, (".pt", ".pth"), "state_dict"
+        if args.overwrite and not args.output and not args.weights:
+            raise DataError("--in-place replaces the --weights file: give --weights.")
+    else:  # Keras 3 writes .keras; a Keras 2 model is written in its own format, .keras or .h5
+        source, suffixes, what = args.model, (".keras", ".h5") if saved_by_keras2(args.model) else (".keras",), "model"
+    if args.overwrite and not args.output:
+        if not source.endswith(suffixes):
+            flag = "--weights" if args.torch_model else "MODEL"
+            raise DataError(f"--in-place writes over {flag} ({source}), which must then end in {' or '.join(suffixes)}: "
+                            f"give -o NAME{suffixes[0]} to write the recalibrated {what} there instead.")
+        args.output = source
+    if not args.output:
+        if args.torch_model:
             raise DataError("give -o fixed.pt (where to write the recalibrated state_dict), or --in-place to replace --weights.")
-        _check_output(args, args.weights or "", (".pt", ".pth"))
-    else:
-        if args.overwrite and not args.output:
-            args.output = args.model
-        if not args.output:
-            raise DataError("give -o fixed.keras (where to write the recalibrated model), or --in-place to replace MODEL.")
-        _check_output(args, args.model, (".keras",))
-    x, y, note = load_arrays(args)
+        raise DataError("give -o fixed.keras (where to write the recalibrated model), or --in-place to replace MODEL.")
+    _check_output(args, source or "", suffixes)
+    model, eg, data, note, extra = _model_and_data(args)
     options = dict(_batching(args), max_samples=args.max_samples, progress=not args.quiet)
+    result = eg.recalibrate(model, data, **options, **extra)
     if args.torch_model:
         import torch
 
-        import evalgap.torch as eg
-
-        model = load_torch_model(args.torch_model, args.weights)
-        result = eg.recalibrate(model, torch_arrays(x, y, model), forward=float_input, **options)
         write = lambda tmp: torch.save(model.state_dict(), tmp)  # noqa: E731
     else:
-        import evalgap.keras as eg
-
-        model = load_keras_model(args.model)
-        result = eg.recalibrate(model, (x, y), **options)
         write = model.save
     print(note)
     print(result)
@@ -131,8 +136,6 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .seed.common import demo_console
     from .seed.reproduce import VARIANTS, reproduce
 
-    if args.epochs < 1:
-        raise DataError(f"--epochs must be >= 1, got {args.epochs}.")
     variants = [v.strip() for v in ",".join(args.variants).split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -148,7 +151,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _model_arguments(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("model", nargs="?", help="a saved Keras model (.keras)")
+    p.add_argument("model", nargs="?", help="a saved Keras model (.keras; Keras 2 models also .h5 or a SavedModel folder)")
     p.add_argument("--torch-model", metavar="MODULE:FACTORY", help=f"a PyTorch model factory instead of MODEL ({what})")
     p.add_argument("--weights", metavar="FILE", help="state_dict for --torch-model (.pt)")
 
@@ -175,7 +178,7 @@ def _add_recalibrate(sub) -> None:
     rec = sub.add_parser("recalibrate", help="write a copy of a model with exact BatchNorm statistics (Keras .keras or PyTorch state_dict)",
                          epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arguments(rec, "its state_dict is written")
-    rec.add_argument("-o", "--output", help="where to write the recalibrated model (.keras) or state_dict (.pt)")
+    rec.add_argument("-o", "--output", help="where to write the recalibrated model (.keras; .h5 too for a Keras 2 model) or state_dict (.pt)")
     rec.add_argument("--overwrite", "--in-place", dest="overwrite", action="store_true",
                      help="allow -o to be the input (--in-place: replace --weights / MODEL)")
     add_data_arguments(rec)
@@ -192,17 +195,8 @@ def _precise_every(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'seed' or a whole number >= 0 (0: never, 1: every epoch), got {text!r}") from None
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 (0: all images), got {text!r}")
-    return value
-
-
 def _add_reproduce(sub) -> None:
+    from ._cli_io import non_negative_int, positive_int
     from .seed.common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE
 
     rep = sub.add_parser("reproduce", help="the seed's training job (ResNet50 on UC Merced) with its remedies and the fix")
@@ -212,10 +206,10 @@ def _add_reproduce(sub) -> None:
     rep.add_argument("--tfds-data-dir", metavar="DIR")
     rep.add_argument("--tfds-manual-dir", metavar="DIR", help="folder holding UCMerced_LandUse.zip")
     rep.add_argument("--download", action="store_true", help="let tfds download even if the network check fails")
-    rep.add_argument("--epochs", type=int, default=50)
-    rep.add_argument("--image-size", type=int, default=256)
-    rep.add_argument("--batch-size", type=int, default=None, help="override the batch of the batch-96 variants")
-    rep.add_argument("--limit-per-class", type=int, default=None, help="use N images per class (CPU-sized runs)")
+    rep.add_argument("--epochs", type=positive_int, default=50)
+    rep.add_argument("--image-size", type=positive_int, default=256)
+    rep.add_argument("--batch-size", type=positive_int, default=None, help="override the batch of the batch-96 variants")
+    rep.add_argument("--limit-per-class", type=positive_int, default=None, help="use N images per class (CPU-sized runs)")
     rep.add_argument("--variants", nargs="+", default=["seed,batch4-div255,momentum0.9,precise-bn,normalized-precise-bn"],
                      help="comma- or space-separated: seed, batch4-div255, momentum0.9, precise-bn, normalized-precise-bn")
     rep.add_argument("--skip-bad", action="store_true", help="leave unreadable images out")
@@ -223,7 +217,7 @@ def _add_reproduce(sub) -> None:
                      help="when to measure precise_val_* for the variants without PreciseBN (each time costs a recalibration and "
                           "an evaluation, about half a fit epoch): 'seed' (default) after epochs 1-7, 10, 20, 50 and the last, "
                           "the summary table's (about 1.1x plain fit over 50 epochs); N after every N-th epoch (1: every epoch); 0 never")
-    rep.add_argument("--precise-samples", type=_non_negative, default=DEFAULT_PRECISE_SAMPLES, metavar="N",
+    rep.add_argument("--precise-samples", type=non_negative_int, default=DEFAULT_PRECISE_SAMPLES, metavar="N",
                      help="take precise_val_*'s statistics from a fixed class-stratified sample of N training images, rounded up "
                           f"to whole batches (default {DEFAULT_PRECISE_SAMPLES}: all; a sample is faster but reads low); "
                           "the evaluation is always on all the data")
@@ -235,6 +229,7 @@ def _add_reproduce(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from ._cli_io import positive_int
 
     parser = argparse.ArgumentParser(
         prog="evalgap", description="Explain and close the gap between training-mode and evaluation-mode results.",
@@ -245,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the seed's symptom and its fix on embedded data (CPU, < 2 minutes)")
     demo.add_argument("--framework", choices=["keras", "torch"], default="keras", help="default: keras (backend from KERAS_BACKEND)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
+    demo.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the demo's own)")
     demo.add_argument("--out", default="evalgap-out", help="folder for the plot (default: ./evalgap-out)")
     demo.set_defaults(func=_demo)
     _add_diagnose(sub)

@@ -110,6 +110,46 @@ def test_bad_files_are_named_or_skipped(tmp_path):
         load_image_folder(tmp_path / "nope", 8)
 
 
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "  # a macOS ._ file: not an image
+
+
+def test_hidden_entries_and_macosx_are_skipped_in_folders_and_zips(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"cat": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(2)],
+              "dog": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)]}
+    root = _folder(tmp_path / "src", arrays)
+    images = root / "Images"
+    (images / ".ipynb_checkpoints").mkdir()  # Jupyter's: an image inside must not make it a class
+    Image.fromarray(arrays["cat"][0]).save(images / ".ipynb_checkpoints" / "cat00-checkpoint.png")
+    (images / "cat" / "._cat00.png").write_bytes(APPLE_DOUBLE)
+    (images / "dog" / ".hidden.png").write_bytes(APPLE_DOUBLE)
+    (images / "__MACOSX" / "cat").mkdir(parents=True)
+    (images / "__MACOSX" / "cat" / "._cat01.png").write_bytes(APPLE_DOUBLE)
+    (images / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    expected = np.stack(arrays["cat"] + arrays["dog"])  # 8x8 into 8x8: resize_with_pad copies the pixels
+    s = load_image_folder(root, 8, cache=False)
+    assert s.class_names == ["cat", "dog"] and s.labels.tolist() == [0, 0, 1] and not s.skipped
+    np.testing.assert_array_equal(s.images, expected)
+    # the same tree zipped on a Mac: __MACOSX/ beside it, ._ files and hidden folders inside it
+    zpath = tmp_path / "UCMerced_LandUse.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in sorted(images.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"UCMerced_LandUse/Images/{p.relative_to(images).as_posix()}")
+        zf.writestr("__MACOSX/UCMerced_LandUse/Images/dog/._dog00.png", APPLE_DOUBLE)
+        zf.writestr("UCMerced_LandUse/.git/objects/aa.png", APPLE_DOUBLE)
+    names = zipfile.ZipFile(zpath).namelist()
+    assert "UCMerced_LandUse/Images/cat/._cat00.png" in names and "UCMerced_LandUse/Images/__MACOSX/cat/._cat01.png" in names
+    z = load_image_folder(zpath, 8, cache=False)
+    assert z.class_names == ["cat", "dog"] and z.labels.tolist() == [0, 0, 1] and not z.skipped
+    np.testing.assert_array_equal(z.images, expected)
+    # a class folder holding only hidden files is still named as empty
+    (images / "eel").mkdir()
+    (images / "eel" / "._eel00.png").write_bytes(APPLE_DOUBLE)
+    with pytest.raises(DataError, match="eel holds no image"):
+        load_image_folder(root, 8, cache=False)
+
+
 def test_npz(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((3, 2)), y=np.arange(3))
     x, y = load_npz(tmp_path / "d.npz")

@@ -107,3 +107,115 @@ def test_frameworks_start_up_lines_are_hidden_unless_verbose(saved):
     if keras.backend.backend() == "tensorflow":  # -v shows them (TensorFlow prints them when it loads)
         loud = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], env=env, capture_output=True, text=True, timeout=300)
         assert "oneDNN" in loud.stderr or "cuda" in loud.stderr.lower()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["diagnose", "m.keras", "--data", "d", "--image-size", "0"], "--image-size"),
+    (["diagnose", "m.keras", "--data", "d", "--image-size", "-3"], "--image-size"),
+    (["diagnose", "m.keras", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    (["recalibrate", "m.keras", "--npz", "d.npz", "-o", "f.keras", "--max-samples", "0"], "--max-samples"),
+    (["recalibrate", "m.keras", "--npz", "d.npz", "-o", "f.keras", "--seed", "-1"], "--seed"),
+    (["diagnose", "m.keras", "--data", "d", "--batch-size", "ten"], "--batch-size"),
+    (["demo", "--epochs", "0"], "--epochs"),
+    (["demo", "--framework", "torch", "--epochs", "-2"], "--epochs"),
+    (["reproduce", "--data", "d", "--epochs", "0"], "--epochs"),
+    (["reproduce", "--data", "d", "--image-size", "0"], "--image-size"),
+    (["reproduce", "--data", "d", "--batch-size", "-4"], "--batch-size"),
+])
+def test_numbers_out_of_range_exit_2_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and f"argument {flag}" in err and "whole number >=" in err, err
+
+
+def test_demo_refuses_epochs_below_one_before_training():
+    from evalgap import DataError
+    from evalgap.seed.demo import run_keras_demo, run_torch_demo
+
+    for run in (run_keras_demo, run_torch_demo):
+        with pytest.raises(DataError, match=r"--epochs\) must be >= 1, got 0"):
+            run(epochs=0)
+
+
+def test_in_place_on_a_model_that_is_not_keras_names_in_place(saved, tmp_path, capsys):
+    model = keras.saving.load_model(saved / "model.keras")
+    model.save(tmp_path / "model.h5")  # Keras 3's legacy HDF5 format
+    before = (tmp_path / "model.h5").read_bytes()
+    assert main(["recalibrate", str(tmp_path / "model.h5"), "--npz", str(saved / "data.npz"), "--in-place", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--in-place" in err and "must then end in .keras" in err and "-o NAME.keras" in err and "-o must end" not in err, err
+    assert (tmp_path / "model.h5").read_bytes() == before
+
+
+def _image_folder(root, size: int, per_class: int = 6):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def _pooled_model(shape):
+    layers = keras.layers
+    inp = keras.Input(shape)
+    conv = layers.Conv2D(3, 3, padding="same", name="conv")(layers.Rescaling(1 / 255.0)(inp))
+    h = layers.GlobalAveragePooling2D()(layers.ReLU()(layers.BatchNormalization(name="bn")(conv)))
+    model = keras.Model(inp, layers.Dense(2)(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.optimizer.build(model.trainable_variables)  # saved whole, so loading it warns of nothing
+    return model
+
+
+def _population_variance(model, images):
+    """Float64 biased variance per channel of the BN layer's input over all images (the exact population statistic);
+    the convolution is called on its own, so any image size goes through it."""
+    out = keras.ops.convert_to_numpy(model.get_layer("conv")(images.astype("float32") / 255.0)).astype(np.float64)
+    return out.reshape(-1, out.shape[-1]).var(axis=0)
+
+
+def test_image_size_defaults_to_a_fixed_model_input_and_must_agree_with_it(tmp_path, monkeypatch, capsys):
+    from evalgap.data import load_image_folder
+
+    monkeypatch.setenv("EVALGAP_CACHE", str(tmp_path / "cache"))
+    data = _image_folder(tmp_path / "imgs", 40)
+    _pooled_model((16, 16, 3)).save(tmp_path / "m16.keras")
+    common = ["--data", str(data), "--batch-size", "12", "--no-shuffle", "-q"]
+    assert main(["recalibrate", str(tmp_path / "m16.keras"), *common, "-o", str(tmp_path / "fixed.keras")]) == 0
+    assert "resized with padding to 16x16, the model's input size" in capsys.readouterr().out
+    fixed = keras.saving.load_model(tmp_path / "fixed.keras")
+    at16 = load_image_folder(data, 16, cache=False).images
+    expected = _population_variance(fixed, at16)
+    np.testing.assert_allclose(np.asarray(fixed.get_layer("bn").moving_variance), expected, rtol=1e-3)
+    at256 = load_image_folder(data, 256, cache=False).images  # what the old default measured: another statistic
+    assert np.abs(_population_variance(fixed, at256) / expected - 1).max() > 0.05
+    # a contradicting --image-size is refused before anything is read or written
+    assert main(["diagnose", str(tmp_path / "m16.keras"), *common, "--image-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size 32" in err and "16x16" in err and "--image-size 16" in err, err
+    assert main(["diagnose", str(tmp_path / "m16.keras"), *common, "--image-size", "16", "--json", str(tmp_path / "r.json")]) == 0
+    # a non-square fixed input cannot be made by the square resize: said so
+    _pooled_model((16, 24, 3)).save(tmp_path / "m16x24.keras")
+    assert main(["diagnose", str(tmp_path / "m16x24.keras"), *common]) == 2
+    assert "16x24" in capsys.readouterr().err
+
+
+def test_image_size_stays_256_for_a_model_of_any_input_size(tmp_path, monkeypatch, capsys):
+    from evalgap.data import load_image_folder
+
+    monkeypatch.setenv("EVALGAP_CACHE", str(tmp_path / "cache"))
+    data = _image_folder(tmp_path / "imgs", 20, per_class=3)
+    _pooled_model((None, None, 3)).save(tmp_path / "any.keras")
+    common = ["--data", str(data), "--batch-size", "6", "--no-shuffle", "-q"]
+    assert main(["recalibrate", str(tmp_path / "any.keras"), *common, "-o", str(tmp_path / "fixed.keras")]) == 0
+    assert "the model's input size" not in capsys.readouterr().out
+    fixed = keras.saving.load_model(tmp_path / "fixed.keras")
+    expected = _population_variance(fixed, load_image_folder(data, 256, cache=False).images)
+    np.testing.assert_allclose(np.asarray(fixed.get_layer("bn").moving_variance), expected, rtol=1e-3)
+    assert main(["recalibrate", str(tmp_path / "any.keras"), *common, "--image-size", "12", "-o", str(tmp_path / "f12.keras")]) == 0
+    f12 = keras.saving.load_model(tmp_path / "f12.keras")
+    expected12 = _population_variance(f12, load_image_folder(data, 12, cache=False).images)
+    np.testing.assert_allclose(np.asarray(f12.get_layer("bn").moving_variance), expected12, rtol=1e-3)

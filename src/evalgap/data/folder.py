@@ -5,7 +5,9 @@ Labels are the class folders in sorted order (the order tensorflow_datasets uses
 ``.tif``, the archive's format), converted to RGB (grayscale and RGBA are converted, and
 counted), and brought to ``size x size`` with :func:`resize_with_pad` (the seed's
 preprocessing), rounded to uint8. A ``.zip`` of such a folder (the official
-``UCMerced_LandUse.zip``) is read in place.
+``UCMerced_LandUse.zip``) is read in place. Hidden entries (names starting with ``.``:
+``.ipynb_checkpoints/``, macOS ``._*`` files) and ``__MACOSX/`` are skipped, files and
+folders, as ``keras.utils.image_dataset_from_directory`` and tfds skip them.
 
 Decoding happens once: the arrays are cached in ``$EVALGAP_CACHE`` (default
 ``~/.cache/evalgap``) under a key made of every file's path, size and modification time and
@@ -54,10 +56,19 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("EVALGAP_CACHE", Path.home() / ".cache" / "evalgap"))
 
 
+def _hidden(name: str) -> bool:
+    """A name the loader skips: hidden (``.ipynb_checkpoints``, macOS ``._x.png``) or macOS's zip folder ``__MACOSX``."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name)]
+
+
 def _find_root(path: Path) -> Path:
     """The folder whose sub-folders are the classes (``Images`` in the official layout)."""
     for candidate in (path / "Images", path / "UCMerced_LandUse" / "Images", path):
-        if candidate.is_dir() and any(p.is_dir() for p in candidate.iterdir()):
+        if candidate.is_dir() and _class_folders(candidate):
             return candidate
     raise DataError(f"{path}: no class folders found; expected <folder>/<class>/<image> (or .../Images/<class>/<image>).")
 
@@ -69,15 +80,15 @@ def _listing(path: Path) -> tuple[list[tuple[str, str, int, float]], list[str]]:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
                 parts = Path(info.filename).parts
-                if info.is_dir() or len(parts) < 2 or Path(info.filename).suffix.lower() not in EXTENSIONS:
+                if info.is_dir() or len(parts) < 2 or any(map(_hidden, parts)) or Path(info.filename).suffix.lower() not in EXTENSIONS:
                     continue
                 entries.append((info.filename, parts[-2], info.file_size, float(info.CRC)))
         classes = sorted({e[1] for e in entries})
     else:
         root = _find_root(path)
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        classes = sorted(p.name for p in _class_folders(root))
         for cls in classes:
-            files = sorted(f for f in (root / cls).iterdir() if f.suffix.lower() in EXTENSIONS)
+            files = sorted(f for f in (root / cls).iterdir() if f.suffix.lower() in EXTENSIONS and not _hidden(f.name))
             if not files:
                 raise DataError(f"class folder {root / cls} holds no image ({', '.join(EXTENSIONS)}): remove it or add its images.")
             for f in files:

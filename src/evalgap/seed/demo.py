@@ -6,11 +6,19 @@ import os
 
 from rich.console import Console
 
+from ..errors import DataError
 from .common import SEED_QUESTION, demo_console, epoch_table, plot_epochs
+
+
+def _check_epochs(epochs: int | None) -> None:
+    """``None`` (the demo's own) or a whole number >= 1; anything else raises :class:`DataError`."""
+    if epochs is not None and epochs < 1:
+        raise DataError(f"epochs (--epochs) must be >= 1, got {epochs}; leave it out for the demo's own.")
 
 
 def run_torch_demo(epochs: int | None = None, out: str = "evalgap-out", console: Console | None = None) -> int:
     """Train the small BN network in PyTorch, print the gap per epoch, recalibrate, plot."""
+    _check_epochs(epochs)
     from ..data import load_digits_rgb
     from ..torch import diagnose, recalibrate
     from .torch_demo import evaluate, to_tensors, train_with_same_validation
@@ -59,6 +67,7 @@ def run_torch_demo(epochs: int | None = None, out: str = "evalgap-out", console:
 
 
 def run_keras_demo(epochs: int | None = None, out: str = "evalgap-out", console: Console | None = None) -> int:
+    _check_epochs(epochs)
     from .keras_demo import run
 
     return run(epochs=epochs, out=out, console=console)
