@@ -24,6 +24,34 @@ INPUT_TRANSFORMS = ("Rescaling", "Normalization", "Embedding", "CategoryEncoding
                     "Hashing", "TextVectorization", "Discretization")
 
 
+#: Keras's own layers whose call takes ``training`` but computes the same in both modes (containers and
+#: wrappers hand it to their sublayers, which are looked at themselves).
+MODE_INERT = ("Functional", "Sequential", "InputLayer", "Dense", "EinsumDense", "Resizing", "CenterCrop", "TimeDistributed",
+              "Bidirectional")
+
+
+def mode_dependent(layer: Any) -> bool:
+    """Whether a layer's output may depend on the training flag (BatchNorm and training-only layers are
+    counted apart): its call takes ``training`` and it is user code, or one of Keras's own layers not known
+    to ignore it (a dropout rate above 0, a preprocessing layer)."""
+    takes = getattr(layer, "_call_has_training_arg", None)
+    if not (getattr(layer, "_expects_training_arg", False) if takes is None else takes):
+        return False
+    names = [c.__name__ for c in type(layer).__mro__]
+    if "BatchNormalization" in names or is_training_only(names[0]):
+        return False
+    if not type(layer).__module__.startswith(("keras.", "tf_keras.")):
+        return True  # the user's own call(..., training): it may branch on it
+    if names[0] in MODE_INERT:
+        return False
+    try:
+        config = layer.get_config()
+    except Exception:  # pragma: no cover - a layer without a config
+        return True
+    rates = [v for k, v in config.items() if "dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return not rates or any(rates)
+
+
 def walk(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Every sub-layer with a path name (``outer/inner/layer``), depth first, each once."""
     seen: set[int] = set()
@@ -58,6 +86,7 @@ def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
         replicas=replicas(model),
         synchronized=bool(bns) and all(getattr(bn, "synchronized", False) for _, bn in bns),
         input_transforms=[name for name, layer in layers if any(c.__name__ in INPUT_TRANSFORMS for c in type(layer).__mro__)],
+        mode_dependent=[name for name, layer in [(model.name, model), *layers] if mode_dependent(layer)],
     )
 
 

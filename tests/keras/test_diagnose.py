@@ -119,6 +119,32 @@ def test_inputs_the_model_rescales_or_embeds_itself_get_no_scale_advice(digits):
     assert "raw [0, 255]" in plain.finding("input_scale").message
 
 
+class Boost(layers.Layer):
+    """Training-flag code no class name gives away: doubles its input in training mode."""
+
+    def call(self, x, training=None):
+        return x * 2.0 if training else x
+
+
+def test_a_layer_that_branches_on_training_is_measured_in_training_mode(digits):
+    from evalgap.keras.layers import facts
+
+    x, y = digits
+    x, y = x[:240] / 255.0, y[:240]
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    h = layers.GlobalAveragePooling2D()(layers.BatchNormalization()(layers.Conv2D(6, 3)(inp)))
+    model = keras.Model(inp, layers.Dense(10)(Boost(name="boost")(h)))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    assert facts(model).mode_dependent == ["boost"] and facts(net()).mode_dependent == []
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, shuffle=False, progress=False)
+    assert any("training mode changes the outputs beyond BatchNorm" in n for n in report.notes)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    want = np.mean([float(loss(y[i:i + BATCH], model(x[i:i + BATCH], training=True))) for i in range(0, 240, BATCH)])
+    assert report.decompositions["loss"].values["T"] == pytest.approx(want, rel=1e-5)
+    assert report.decompositions["loss"].values["T"] != pytest.approx(report.decompositions["loss"].values["Td"], rel=1e-3)
+
+
 def test_heavy_dropout(digits):
     x, y = digits
     model = healthy(x / 255.0, y, dropout=0.7)

@@ -7,7 +7,8 @@ Passes over the same probe batches, at fixed weights (see :mod:`evalgap.attribut
    statistics, dropout off), which also gives the exact population statistics;
 3. P: evaluation mode with the population statistics (a side copy or a stateless call);
 4. T, full training mode (frozen BN stays frozen): only with training-only layers, or when
-   training mode changes the first batch's outputs beyond BN (functional dropout); else T = Td;
+   training mode changes the first batch's outputs beyond BN (functional dropout; checked unless
+   the adapter knows no layer depends on the mode, ``ModelFacts.mode_dependent == []``); else T = Td;
    only with frozen BN layers: P with those recalibrated too (their effect);
    only with ``val_data``: E on the validation data.
 
@@ -179,7 +180,7 @@ def _measure_and_explain(run: "_Run", collective, probe, training: Training, pri
     run.by_mode["E"] = run.score("E", keep_first=True)
     measured = _batch_statistic_modes(run, collective)
     facts = adapter.facts(model)
-    trains_differently = bool(facts.training_only) or _training_mode_differs(run, collective)
+    trains_differently = bool(facts.training_only) or facts.mode_dependent != [] and _training_mode_differs(run, collective)
     run.by_mode["T"] = run.score("T") if trains_differently else run.by_mode["Td"]
     frozen_effect = _frozen_effect(run, measured, collective)
     if val_source is not None:

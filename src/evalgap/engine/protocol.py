@@ -184,6 +184,9 @@ class ModelFacts:
     synchronized: bool = False
     per_process_batches: bool = False  # each process has its own batches (torch.distributed): global = local x replicas
     input_transforms: list[str] = field(default_factory=list)  # layers that rescale/normalize/embed the inputs in the model
+    # layers whose outputs may depend on the training flag beyond BatchNorm and ``training_only`` (user code taking
+    # ``training``); None: not known, so diagnose compares T and Td on the first batch; [] : T = Td, no check needed
+    mode_dependent: list[str] | None = None
 
 
 class Remedies(Protocol):
