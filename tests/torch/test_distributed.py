@@ -107,3 +107,29 @@ def test_process_group_without_an_initialized_backend_is_an_error():
     model = make_model()
     with pytest.raises(DistributedError, match="init_process_group"):
         eg.recalibrate(model, rank_batches(0), progress=False, process_group=object())
+
+
+def test_a_failed_combination_over_processes_is_named_and_changes_nothing():
+    """The pass ran; the collective step failed (a rank gone, a timeout): the message says which step."""
+    from evalgap import RecalibrationError
+    from evalgap.engine import measure
+    from evalgap.torch.adapter import TorchAdapter
+
+    from ._reference import state_snapshot
+
+    class Broken:
+        world, rank, description = 2, 0, "2 processes"
+
+        def broadcast(self, vector):
+            raise RuntimeError("Connection closed by peer")
+
+        sum = broadcast
+
+    model = make_model()
+    before = state_snapshot(model)
+    adapter = TorchAdapter()
+    source = adapter.batches(rank_batches(0), batch_size=None, shuffle=False, seed=0, targets=False)
+    with pytest.raises(RecalibrationError, match=r"failed while combining the statistics over 2 processes, after its 3 batches "
+                                                 r"\(RuntimeError: Connection closed by peer\)"):
+        measure(adapter, model, source, adapter.layers(model), collective=Broken(), progress=False)
+    assert state_snapshot(model) == before

@@ -103,7 +103,7 @@ def measure(
     before = adapter.read(tracked)
     result = Recalibration(framework=adapter.framework(model), batch_size=source.batch_size)
     acc = LayerMoments(tracked, adapter.host_captures)
-    cursor = Cursor()
+    cursor, where = Cursor(), None
     total = getattr(source, "total", None)
     total = min(total, max_batches) if total is not None and max_batches is not None else (total or max_batches)
     try:
@@ -121,12 +121,13 @@ def measure(
                 getattr(batches, "close", lambda: None)()  # a data loader puts its RNG state back now
             acc.flush()
         if collective is not None:
+            where = f"while combining the statistics over {collective.description}, after its {cursor.index + 1} batches"
             _combine(acc, collective, result, tracked, before)
         check_finite([(tracked[i].name, acc.moments[i]) for i in acc.order()])
     except BaseException as exc:  # the pass restored the model; nothing was written
         if isinstance(exc, EvalgapError) or not isinstance(exc, Exception):
             raise
-        raise RecalibrationError(_explain(adapter, exc, cursor.where("while setting up the pass"))) from exc
+        raise RecalibrationError(_explain(adapter, exc, where or cursor.where("while setting up the pass"))) from exc
     if result.batches == 0:
         skipped = f" of full size (left out {result.skipped_samples} samples of ragged batches)" if result.skipped_batches else ""
         raise DataError(f"the data yielded no batch{skipped}: no full batch to use; give at least one batch of the training batch size.")
