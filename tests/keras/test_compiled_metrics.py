@@ -382,20 +382,3 @@ def test_per_output_losses_with_a_ragged_last_batch_are_sample_means():
     assert np.isclose(got["loss"], logs["loss"], rtol=RTOL) and np.isclose(got["loss"], sum(want.values()), rtol=RTOL)
     if keras.backend.backend() != "tensorflow":
         assert all(np.isclose(got[k], logs[k], rtol=RTOL) for k in want), (got, logs)
-
-
-def test_per_output_losses_are_per_sample_means_with_a_ragged_last_batch():
-    """150 samples in batches of 16: each batch weighs by its size (evaluate on JAX and torch; on TensorFlow
-    evaluate weighs the per-output losses equally per batch, a Keras quirk the README names)."""
-    x = _features(150)
-    ya, yb = _classes(x, 3), _regression(x)
-    model = _two_outputs(as_dict=True)
-    report = eg.diagnose(model, (x, {"a": ya, "b": yb}), batch_size=16, shuffle=False, progress=False)
-    pred = model.predict(x, batch_size=16, verbose=0)
-    p = np.asarray(pred["a"], dtype=np.float64)
-    want_a = float(np.mean(-np.log(np.clip(p[np.arange(150), ya], 1e-7, 1.0))))  # sparse CE, per sample
-    assert report.decompositions["a_loss"].values["E"] == pytest.approx(want_a, rel=1e-5)
-    evaluate = model.evaluate(x, {"a": ya, "b": yb}, batch_size=16, return_dict=True, verbose=0)
-    assert report.decompositions["loss"].values["E"] == pytest.approx(evaluate["loss"], rel=RTOL)
-    if keras.backend.backend() != "tensorflow":
-        assert report.decompositions["a_loss"].values["E"] == pytest.approx(evaluate["a_loss"], rel=RTOL)
