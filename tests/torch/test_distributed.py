@@ -57,8 +57,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 averaged[k] = t / world
         labelled = [(x, torch.full((len(x),), rank if i % 2 else 2, dtype=torch.long)) for i, x in enumerate(rank_batches(rank))]
         report = eg.diagnose(make_model(), labelled, progress=False)
+        sync_report = eg.diagnose(make_model(sync=True), labelled, progress=False)  # gloo: SyncBN must stay local
         scored = eg.recalibrate(make_model(), labelled, progress=False, training_metrics=True).training_metrics
-        torch.save({"report": report.to_dict(), "training_metrics": scored, "state": state, "sync_state": sync_state, "averaged": averaged, "samples": result.samples, "batches": result.batches}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save({"report": report.to_dict(), "sync_report": sync_report.to_dict(), "training_metrics": scored, "state": state, "sync_state": sync_state, "averaged": averaged, "samples": result.samples, "batches": result.batches}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -88,6 +89,13 @@ def test_two_ranks_equal_one_process_over_the_union(tmp_path):
     for metric, d in one["metrics"].items():
         for mode, value in d["values"].items():
             assert r0["report"]["metrics"][metric]["values"][mode] == pytest.approx(value, rel=1e-5), (metric, mode)
+    # a SyncBatchNorm model (the same weights): every mode as with BatchNorm2d, T = Td (no dropout), no note of a
+    # training-mode difference (T's SyncBatchNorm runs on each rank's batch, as Td's does)
+    assert r0["sync_report"]["metrics"] == r1["sync_report"]["metrics"]
+    for metric, d in r0["report"]["metrics"].items():
+        for mode, value in d["values"].items():
+            assert r0["sync_report"]["metrics"][metric]["values"][mode] == pytest.approx(value, rel=1e-6), (metric, mode)
+    assert not any("beyond BatchNorm" in n for n in r0["sync_report"]["notes"])
     # recalibrate's training_metrics too: reduced over the ranks, equal to one process over the union
     assert r0["training_metrics"] == r1["training_metrics"]
     union = eg.recalibrate(make_model(), labelled, progress=False, training_metrics=True).training_metrics

@@ -103,7 +103,8 @@ class TorchAdapter:
             torch._foreach_copy_(buffers, sources)
 
     def predictor(self, model, mode, norm_layers=(), stats=()):
-        return predict.predictor(model, mode, norm_layers, stats, forward=self.forward, device=self.device)
+        return predict.predictor(model, mode, norm_layers, stats, forward=self.forward, device=self.device,
+                                 local_sync=self._collective is not None)
 
     def metrics(self, model, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None):
         return TorchMetrics.choose(batch, outputs, loss_fn=loss_fn, metrics=metrics, collective=self._collective)

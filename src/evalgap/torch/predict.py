@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -37,8 +38,11 @@ def _runner(model: nn.Module, forward: Forward | None, device: torch.device):
 @contextlib.contextmanager
 def predictor(
     model: nn.Module, mode: str, layers: Sequence[NormLayer], stats: Sequence[tuple[np.ndarray, np.ndarray]], *,
-    forward: Forward | None, device: torch.device,
+    forward: Forward | None, device: torch.device, local_sync: bool = False,
 ) -> Iterator[Any]:
+    """``run(batch) -> outputs`` in mode E, P or T (module docstring). ``local_sync``: in T, SyncBatchNorm
+    layers normalize by each process's own batch statistics, as the Td pass does (no collective per batch,
+    so processes with different numbers of batches cannot hang)."""
     if mode in ("E", "P"):
         saved = [(layer.handle.running_mean.detach().clone(), layer.handle.running_var.detach().clone()) for layer in layers]
         with modes_kept(model, False):
@@ -60,5 +64,9 @@ def predictor(
     frozen = {i for i, m in enumerate(model.modules()) if isinstance(m, _BatchNorm) and is_frozen(m, model)}
     side = copy.deepcopy(model)
     set_modes(side, True, except_eval={id(m) for i, m in enumerate(side.modules()) if i in frozen})
+    if local_sync:
+        for m in side.modules():
+            if isinstance(m, nn.SyncBatchNorm):
+                m.forward = functools.partial(_BatchNorm.forward, m)
     with random_states_kept(python=False, numpy=False):
         yield _runner(side, forward, device)
