@@ -188,17 +188,18 @@ def check_batched(model: Any, inputs: Any) -> None:
 
 
 def check_not_arrays_in_a_list(data: Any, batch_size: int | None) -> None:
-    """A ``DataError`` for ``[x, y]`` with ``batch_size=``: a list is a list of batches, each used whole,
-    but arrays of one length larger than the batch size are samples meant to be cut into batches."""
+    """A ``DataError`` for ``[x, y]`` (or ``[x, y, w]``) with ``batch_size=``: a list is a list of batches, each
+    used whole, but arrays of one length larger than the batch size are samples meant to be cut into batches."""
     from .errors import DataError
 
-    if batch_size is None or not isinstance(data, list) or len(data) < 2 or not all(len(getattr(a, "shape", ())) for a in data):
+    if batch_size is None or not isinstance(data, list) or not 2 <= len(data) <= 3 or not all(len(getattr(a, "shape", ())) for a in data):
         return
     lengths = {int(a.shape[0]) for a in data}
     if len(lengths) == 1 and lengths.pop() > batch_size:
         raise DataError(
             f"data is a list of {len(data)} arrays of the same length with batch_size={batch_size}: a list is read as a list "
-            "of batches, each used whole. To cut arrays into batches pass a tuple, (x, y) (several inputs: ([x1, x2], y))."
+            "of batches, each used whole (batch_size= does not apply). To cut arrays into batches pass a tuple, (x, y) "
+            "(several inputs: ([x1, x2], y)); for batches, leave batch_size= out."
         )
 
 

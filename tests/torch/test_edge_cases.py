@@ -110,6 +110,17 @@ def test_a_last_batch_of_one_sample_stays_in_every_mode_when_the_model_takes_it(
     assert state_snapshot(model) == before
 
 
+def test_a_lazy_layer_is_not_materialized_on_a_last_batch_of_one_sample():
+    """Trying that batch in training mode would materialize a lazy layer's buffers from one sample: it is left out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    x, y = torch.randn(17, 3, 6, 6) * 3 + 2, torch.randint(0, 3, (17,))
+    report = eg.diagnose(model, batches(x, y, 8), progress=False)
+    assert report.probe["samples"] == 16
+    assert torch.equal(model[1].running_mean, torch.zeros(4)) and torch.equal(model[1].running_var, torch.ones(4))
+
+
 def test_a_failing_pass_is_an_evalgap_error_naming_the_pass():
     x, y = data()
     model = trained(net(), x, y)
@@ -243,6 +254,11 @@ def test_a_model_with_several_positional_inputs_gets_the_input_tuple_unpacked():
     np.testing.assert_allclose(model.bn.running_var.double().numpy(), h.var(0), rtol=1e-5)
 
 
+class Pair(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
 def test_an_optional_second_input_in_a_tuple_gets_a_hint_to_unpack_it():
     """forward(self, x, meta=None): a tuple input is not unpacked (its first argument might take a tuple), so say how."""
 
@@ -259,6 +275,11 @@ def test_an_optional_second_input_in_a_tuple_gets_a_hint_to_unpack_it():
         eg.recalibrate(Optional(), batches, progress=False)
     r = eg.recalibrate(Optional(), batches, progress=False, forward=lambda model, batch: model(*batch[0]))
     assert r.batches == 2
+    pairs = [(x, torch.randint(0, 4, (16,))) for (x, _), _ in batches]  # tensor inputs; a tuple output the loss refuses
+    with pytest.raises(RecalibrationError, match="not tuple") as info:
+        eg.diagnose(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), Pair()), pairs, loss_fn=nn.functional.cross_entropy,
+                    progress=False)
+    assert "forward=" not in str(info.value)  # the input is no tuple: no advice to unpack it
 
 
 def test_several_inputs_in_a_flat_batch_get_a_hint_naming_both_ways():

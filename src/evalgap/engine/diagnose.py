@@ -142,7 +142,7 @@ def diagnose(
     model = adapter.prepare(model, first)
     layers = adapter.layers(model)
     if not adapter.one_sample_batches:
-        probe = without_singleton_batch(probe, lambda batch: _refuses_one_sample(adapter, model, layers, batch))
+        probe = without_singleton_batch(probe, lambda batch: adapter.refuses_one_sample(model, layers, batch))
     collective = adapter.collective(model)
     run = _Run(adapter, model, probe, layers, progress and (collective is None or collective.rank == 0),
                metric_options=dict(metric_options or {}))
@@ -162,25 +162,13 @@ def _dict_hint(adapter: Adapter, batch: Batch) -> str:
             f"{', '.join(map(repr, keys[:-1]))} or {keys[-1]!r}: rename yours, or give the batches as (x, y).")
 
 
-def _refuses_one_sample(adapter: Adapter, model: Any, layers: list[NormLayer], batch: Batch) -> bool:
-    """Whether training mode refuses ``batch``, of one sample (PyTorch's BatchNorm raises a ValueError on
-    one value per channel; a BatchNorm2d on a feature map takes it). One forward of that sample, nothing
-    kept. Without moving statistics evaluation mode normalizes by the batch too: left out as refused."""
-    if not any(layer.tracks_statistics for layer in layers):
-        return bool(layers)
-    try:
-        measure(adapter, model, ListBatches([batch], batch_size=1, size_note=None, order=""), layers, progress=False)
-    except EvalgapError as exc:  # anything else fails again, and is reported, in the passes themselves
-        return isinstance(exc, RecalibrationError) and isinstance(exc.__cause__, ValueError)
-    return False
-
-
 def _measure_and_explain(run: "_Run", collective, probe, training: Training, primary, max_samples, val_source, start) -> Report:
     adapter, model = run.adapter, run.model
-    run.by_mode["E"] = run.score("E", keep_first=True)
-    measured = _batch_statistic_modes(run, collective)
     facts = adapter.facts(model)
-    trains_differently = bool(facts.training_only) or facts.mode_dependent != [] and _training_mode_differs(run, collective)
+    check = not facts.training_only and facts.mode_dependent != []  # does training mode do more than BN? not known
+    run.by_mode["E"] = run.score("E", keep_first=check)
+    measured = _batch_statistic_modes(run, collective, keep_first=check)
+    trains_differently = bool(facts.training_only) or check and _training_mode_differs(run, collective)
     run.by_mode["T"] = run.score("T") if trains_differently else run.by_mode["Td"]
     frozen_effect = _frozen_effect(run, measured, collective)
     if val_source is not None:
@@ -194,7 +182,7 @@ def _measure_and_explain(run: "_Run", collective, probe, training: Training, pri
     return report
 
 
-def _batch_statistic_modes(run: _Run, collective):
+def _batch_statistic_modes(run: _Run, collective, keep_first: bool = False):
     """Td (and the population statistics), then P. Without moving statistics Td = P = E."""
     if not any(layer.tracks_statistics for layer in run.layers):
         run.by_mode["Td"] = run.by_mode["P"] = run.by_mode["E"]
@@ -207,7 +195,8 @@ def _batch_statistic_modes(run: _Run, collective):
     state = run.metrics.new()
 
     def on_output(batch: Batch, outputs: Any) -> None:
-        run.first.setdefault("Td", (batch, outputs))
+        if keep_first:
+            run.first.setdefault("Td", (batch, outputs))
         state.update(batch, outputs)
 
     measured = measure(
@@ -226,6 +215,7 @@ def _training_mode_differs(run: _Run, collective) -> bool:
     batch, expected = run.first.get("Td") or run.first["E"]  # without moving statistics Td = E
     run.score("T", batches=ListBatches([batch], batch_size=batch.size, size_note=None, order="the first batch"), keep_first=True)
     got, want = (run.adapter.to_host(tree_leaves(out)) for out in (run.first.pop("T")[1], expected))
+    run.first.clear()  # the outputs kept for this check are not needed again
     differs = len(got) != len(want) or not all(_close(a, b) for a, b in zip(got, want))
     if collective is not None:
         differs = bool(np.asarray(collective.sum(np.array([float(differs)])))[0] > 0)

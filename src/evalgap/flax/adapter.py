@@ -27,6 +27,7 @@ class FlaxAdapter:
     convention = "keras"  # moving = momentum * moving + (1 - momentum) * batch, default 0.99
     frozen_means = "use_running_average=True while the model trains"
     one_sample_batches = True  # a batch of one normalizes to beta in training (BatchNorm does not refuse it)
+    target_keys = data.TARGET_KEYS  # where a dict batch holds its targets
     remedies = REMEDIES
     bn_kind = "BatchNorm layer (flax.nnx.BatchNorm, or flax.linen.BatchNorm with variables['batch_stats'])"
 

@@ -96,10 +96,9 @@ def _task(output: Any, target: Any) -> str:
         check_labels(t, 2)
     shape = tuple(output.shape)
     first = (shape[0], shape[-1], *shape[1:-1]) if len(shape) >= 3 else shape
+    target = (t.shape[0], t.shape[-1], *t.shape[1:-1]) if t.ndim == len(shape) >= 3 else t.shape  # channels first too
     binary = bool(t.size) and bool(np.isin(t, (0, 1)).all())
-    integers = t.dtype.kind in "iub"
-    indices = integers and len(shape) >= 2 and shape[-1] > 1 and t.shape == (*shape[:-1], 1)  # Keras's (N, 1) labels
-    task = default_task(first, t.shape[:-1] if indices else t.shape, integers, binary)
+    task = default_task(first, target, t.dtype.kind in "iub", binary)
     if task is None:
         raise DataError(
             f"cannot choose a loss for outputs of shape {shape} and {t.dtype} targets of shape {t.shape}: pass "

@@ -39,6 +39,7 @@ class TorchAdapter:
         self.forward, self.process_group = forward, process_group
         self.device = torch.device("cpu")
         self._collective = None
+        self._tuple_input = False  # the first batch's input is a tuple or list (for hint)
 
     def framework(self, model: Any) -> str:
         return "torch"
@@ -52,10 +53,26 @@ class TorchAdapter:
             raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}.")
         self.device = data.model_device(model)
         self._collective = collective(self.process_group)  # now, not at construction: the group may start later
+        self._tuple_input = self.forward is None and isinstance(first.inputs, (list, tuple))
         return model
 
     def layers(self, model: nn.Module) -> list[NormLayer]:
         return layers.norm_layers(model)
+
+    def refuses_one_sample(self, model: nn.Module, norm_layers: Sequence[NormLayer], batch: Batch) -> bool:
+        """Whether training mode refuses this batch of one sample: BatchNorm raises a ValueError on one value
+        per channel ((N, C) inputs), not on a feature map. One forward in the moments pass (the model is put
+        back). Refused, untried: no layer with moving statistics (evaluation mode normalizes by the batch
+        too), or a lazy layer not yet materialized (the pass would materialize it on this one sample)."""
+        tracked = [layer for layer in norm_layers if layer.tracks_statistics]
+        if not tracked or any(is_lazy(layer.handle.running_mean) for layer in tracked):
+            return True
+        try:
+            with self.moments_pass(model, tracked, [not layer.frozen for layer in tracked]) as run:
+                run(batch)
+        except ValueError:
+            return True
+        return False
 
     def moments_pass(self, model, norm_layers, batch_statistics):
         return moments.moments_pass(
@@ -133,7 +150,7 @@ class TorchAdapter:
         if isinstance(exc, TypeError) and "forward() missing" in str(exc) and "required positional argument" in str(exc):
             return ("The model's forward takes several inputs: give each batch as ((input1, input2, ...), target), "
                     "which evalgap passes unpacked, or pass forward=lambda model, batch: model(batch[0], batch[1]).")
-        if isinstance(exc, (TypeError, AttributeError)) and "tuple" in str(exc):
+        if self._tuple_input and isinstance(exc, (TypeError, AttributeError)) and "tuple" in str(exc):
             return ("The model got a tuple as its input: a tuple input is passed unpacked only to a forward that requires "
                     "several positional arguments; for forward(self, x, extra=None) pass "
                     "forward=lambda model, batch: model(*batch[0]).")
