@@ -139,6 +139,9 @@ def test_functional_dropout_is_measured_in_training_mode(digits):
     assert values["T"] == pytest.approx(sum(losses) / len(xn), rel=1e-5)
     assert values["T"] != pytest.approx(values["Td"], rel=1e-3), str(report)  # half of the features dropped
     assert any("training mode changes the outputs beyond BatchNorm" in n for n in report.notes)
+    from evalgap.torch.layers import mode_dependent
+
+    assert mode_dependent(model) == [str(len(model) - 2)] and mode_dependent(net()) == []  # read from the code
     plain = eg.diagnose(model[:-2] + model[-1:], data, progress=False)  # the same weights without it: T = Td
     assert plain.decompositions["loss"].values["T"] == plain.decompositions["loss"].values["Td"]
     assert not any("beyond BatchNorm" in n for n in plain.notes)

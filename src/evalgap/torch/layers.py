@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from typing import Iterator
 
 from torch import nn
@@ -105,11 +107,48 @@ def norm_layers(model: nn.Module) -> list[NormLayer]:
     ]
 
 
+def _code_reads_training(code: types.CodeType) -> bool:
+    """Whether compiled code (or a function, lambda or comprehension inside it) names ``training``."""
+    return "training" in code.co_names or "training" in code.co_varnames or any(
+        isinstance(c, types.CodeType) and _code_reads_training(c) for c in code.co_consts
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def _class_reads_training(cls: type) -> bool:
+    """Whether a module class's own methods and properties (its bases' too, up to ``nn.Module``, whose
+    ``train()`` sets the flag) read the training flag: ``self.training``, ``F.dropout(x, training=...)``."""
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object:
+            continue
+        for value in vars(klass).values():
+            fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+            code = getattr(fn, "__code__", None)
+            if code is not None and _code_reads_training(code):
+                return True
+    return False
+
+
+def mode_dependent(model: nn.Module) -> list[str]:
+    """Modules whose code reads the training flag, BatchNorm and the training-only ones (by class name)
+    apart: their outputs may differ in training mode (functional dropout in a classifier head, a branch
+    on ``self.training``). An instance-level ``forward`` is read too."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm) or is_training_only(type(m).__name__):
+            continue
+        own = getattr(m.__dict__.get("forward"), "__code__", None)
+        if _class_reads_training(type(m)) or own is not None and _code_reads_training(own):
+            out.append(name or type(m).__name__)
+    return out
+
+
 def facts(model: nn.Module, world: int = 1) -> ModelFacts:
     """Training-only modules, per-sample normalization, processes and synchronized BN."""
     bns = find_batchnorms(model)
     return ModelFacts(
         training_only=[name for name, m in model.named_modules() if is_training_only(type(m).__name__)],
+        mode_dependent=mode_dependent(model),
         other_normalization=[name for name, m in model.named_modules() if isinstance(m, OTHER_NORMALIZATION)],
         replicas=world,
         synchronized=bool(bns) and all(isinstance(bn, nn.SyncBatchNorm) for _, bn in bns),
