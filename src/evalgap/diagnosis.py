@@ -29,7 +29,6 @@ class InputScale:
     std: list[float]
     min: float
     max: float
-    integer_valued: bool
 
     @classmethod
     def measure(cls, x: np.ndarray, channel_axis: int, max_rows: int = 500_000) -> "InputScale":
@@ -37,18 +36,17 @@ class InputScale:
         a = np.asarray(x)
         flat = np.moveaxis(a, channel_axis, -1).reshape(-1, a.shape[channel_axis]) if a.ndim > 1 else a.reshape(-1, 1)
         flat = flat[:: max(1, -(-len(flat) // max_rows))].astype(np.float64)
-        sample = flat[: min(len(flat), 200_000)]
         return cls(
             mean=flat.mean(axis=0).tolist(),
             std=flat.std(axis=0).tolist(),
             min=float(flat.min()),
             max=float(flat.max()),
-            integer_valued=bool(np.all(np.equal(np.mod(sample, 1.0), 0.0))),
         )
 
     @property
     def raw_pixels(self) -> bool:
-        return self.min >= 0.0 and 1.5 < self.max <= 255.0 and (self.integer_valued or self.max > 20.0)
+        """8-bit pixel values: non-negative, at most 255, reaching above 100 (0-16 digits are not pixels to divide by 255)."""
+        return self.min >= 0.0 and 100.0 < self.max <= 255.0
 
     @property
     def far_from_standard(self) -> bool:
@@ -140,22 +138,24 @@ def _momentum_advice(ctx: Context) -> tuple[str | None, dict[str, Any]]:
         "momentum": momentum,
         "convention": ctx.convention,
         "steps_per_epoch": ctx.steps_per_epoch,
-        "memory_updates": ema.memory,
+        "memory_updates": ema.memory if math.isfinite(ema.memory) else None,
         "advised_momentum": round(advice, 4),
     }
-    text = (
-        f"BatchNorm momentum {momentum} ({ctx.convention} convention) with {ctx.steps_per_epoch} steps per epoch: "
-        f"the moving statistics remember about {ema.memory:.0f} updates ({ema.memory / ctx.steps_per_epoch:.1f} epochs)"
-    )
+    if ema.cumulative:  # PyTorch's momentum=None: every batch since the statistics were reset, equally
+        text = (f"BatchNorm momentum None (a cumulative average) with {ctx.steps_per_epoch} steps per epoch: the moving "
+                "statistics weigh every batch since they were reset equally, the first epochs' as much as the last's")
+    else:
+        text = (
+            f"BatchNorm momentum {momentum} ({ctx.convention} convention) with {ctx.steps_per_epoch} steps per epoch: "
+            f"the moving statistics remember about {ema.memory:.0f} updates ({ema.memory / ctx.steps_per_epoch:.1f} epochs)"
+        )
     if updates is not None:
         w, age = ema.initial_weight(updates), ema.mean_age(updates)
         numbers.update(updates=updates, initial_weight=w, mean_age_updates=age, mean_age_epochs=age / ctx.steps_per_epoch)
-        text += (
-            f"; after {updates} updates {100 * w:.0f}% of them is still the initial value and they are on average "
-            f"{age:.0f} updates ({age / ctx.steps_per_epoch:.1f} epochs) old"
-        )
+        share = "" if ema.cumulative else f"{100 * w:.0f}% of them is still the initial value and "
+        text += f"; after {updates} updates {share}they are on average {age:.0f} updates ({age / ctx.steps_per_epoch:.1f} epochs) old"
     advised_decay = decay_from_momentum(advice, ctx.convention)  # type: ignore[arg-type]
-    numbers["too_slow"] = bool(ema.decay is not None and ema.decay > advised_decay + 1e-12)
+    numbers["too_slow"] = bool(ema.decay is None or ema.decay > advised_decay + 1e-12)  # a cumulative average never forgets
     return text + ".", numbers
 
 
@@ -277,13 +277,17 @@ def _frozen(recal: Recalibration, ctx: Context, primary: str | None, d: Decompos
         f"{len(names)} frozen BatchNorm layer(s) normalize with their stored statistics in both modes "
         f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); largest drift from this data's statistics {worst:.3g}."
     )
-    severity = "info"
+    severity, remedy = "info", ctx.remedies.recalibrate(include_frozen=True)
     if effect is not None and primary is not None:
         msg += f" Recalibrating them too would change {primary} by {_fmt(primary, effect, True)}."
         if d is not None and abs(effect) > d.threshold():
-            severity = "warning"
+            if d.goodness(effect) > 0:
+                severity = "warning"
+            else:  # clearly worse: the weights learned around the stored statistics, keep them
+                msg += " Keep them frozen: the statistics they hold suit the model better than this data's."
+                remedy = None
     numbers = {"layers": names, "max_drift": worst, "effect": effect}
-    return [Finding("frozen", severity, msg, ctx.remedies.recalibrate(include_frozen=True), numbers)]
+    return [Finding("frozen", severity, msg, remedy, numbers)]
 
 
 def _input_scale(ctx: Context, stale_is_cause: bool) -> list[Finding]:
@@ -292,16 +296,18 @@ def _input_scale(ctx: Context, stale_is_cause: bool) -> list[Finding]:
         return []
     numbers = {"mean": s.mean, "std": s.std, "min": s.min, "max": s.max}
     mean = "[" + ", ".join(f"{m:.4g}" for m in s.mean) + "]"
+    # a setting that makes stale statistics likelier, not a term of the gap: normalizing alone does not close it
+    severity = "warning" if stale_is_cause else "info"
     if s.raw_pixels:
         msg = (
             f"The inputs are raw [0, 255] pixels (min {s.min:.4g}, max {s.max:.4g}, mean {mean}): the first layers' "
-            "statistics are huge and far from the moving statistics' initial mean 0 and variance 1, so stale "
-            "moving statistics hurt most there."
+            "statistics are far from the moving statistics' initial mean 0 and variance 1, so they start far off. "
+            "Normalizing the inputs is good practice; it does not replace the fix for stale statistics."
         )
-        return [Finding("input_scale", "cause" if stale_is_cause else "warning", msg, ctx.remedies.rescale(s.mean, s.std), numbers)]
+        return [Finding("input_scale", severity, msg, ctx.remedies.rescale(s.mean, s.std), numbers)]
     if s.far_from_standard:
         msg = f"The inputs are far from zero mean and unit variance (mean {mean}, std {[round(t, 4) for t in s.std]})."
-        return [Finding("input_scale", "cause" if stale_is_cause else "info", msg, ctx.remedies.normalize(s.mean, s.std), numbers)]
+        return [Finding("input_scale", severity, msg, ctx.remedies.normalize(s.mean, s.std), numbers)]
     return []
 
 

@@ -14,9 +14,12 @@ JSON schema ``evalgap.report/1`` (documented in ``docs/report-schema.md``)::
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ._files import atomic_write_text
 from .attribution import MODE_NAMES, TERMS, Decomposition, Finding, is_fraction
@@ -143,8 +146,9 @@ class Report:
         }
 
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
-        """The report as JSON (schema ``evalgap.report/1``); written atomically to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent, default=float)
+        """The report as JSON (schema ``evalgap.report/1``); written atomically to ``path`` if given. A value
+        that is not finite (a NaN loss, an infinite memory) is written ``null``: strict JSON has no NaN."""
+        text = json.dumps(_finite(self.to_dict()), indent=indent, default=float, allow_nan=False)
         if path is not None:
             atomic_write_text(path, text)
         return text
@@ -236,3 +240,14 @@ class Report:
         from .report_html import render
 
         return render(self)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (nested in dicts, lists and tuples) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return None
+    return value

@@ -127,6 +127,16 @@ def _layers_section(report, figs) -> str:
     return "<section><h2>BatchNorm layers</h2>" + _figure(figs, "drift", caption) + table + "</section>"
 
 
+def _ema_caption(report) -> str:
+    finding = report.finding("stale_moving_statistics") or report.finding("ema")
+    n = finding.numbers if finding is not None else {}
+    if "momentum" not in n:
+        return ""
+    model = "momentum None (a cumulative average)" if n["momentum"] is None else f"momentum {n['momentum']} ({n.get('convention')} convention)"
+    return (f"With {model} and {n.get('steps_per_epoch')} steps per epoch: how much of the moving statistics is still their "
+            f"initial value, epoch by epoch, beside the advised momentum {n.get('advised_momentum')}.")
+
+
 def render(report) -> str:
     """The whole page (see the module docstring)."""
     figs = figures(report)
@@ -134,7 +144,7 @@ def render(report) -> str:
     fix = f"<section><h2>The fix</h2><pre><code>{html.escape(top.remedy)}</code></pre></section>" if top is not None else ""
     probe = report.probe.get("order") if report.probe else None
     meta = f"{html.escape(report.framework)} · {report.samples} samples · batch {report.batch_size}" + (f" · {html.escape(probe)}" if probe else "")
-    ema = _figure(figs, "ema", "With few steps per epoch and momentum 0.99 the moving statistics remember their initial values for epochs.")
+    ema = _figure(figs, "ema", _ema_caption(report))
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>evalgap: {html.escape(report.primary or 'report')}</title><style>{_CSS}</style></head><body><main>",

@@ -67,7 +67,7 @@ def test_report_names_causes_with_remedies_and_serializes(tmp_path):
     assert stale.severity == "cause" and stale.numbers["updates"] == 154
     assert round(stale.numbers["initial_weight"], 2) == 0.21 and stale.numbers["advised_momentum"] == pytest.approx(0.9091, abs=1e-4)
     assert "evalgap.keras.recalibrate(model, train_data)" in stale.remedy and "momentum=0.9091" in stale.remedy
-    assert report.finding("input_scale").severity == "cause"
+    assert report.finding("input_scale").severity == "warning"  # a setting, not a term: normalizing alone does not close the gap
     drift = report.finding("drift")
     # |30 - 100| / sqrt(900.001) = 2.333
     assert drift.numbers["first_layer"] == "conv1_bn" and drift.numbers["max_drift"] == pytest.approx(70 / np.sqrt(900.001))
@@ -107,3 +107,18 @@ def test_interrupted_writes_leave_no_half_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         atomic_write_text(target, "new")
     assert target.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_a_cumulative_average_gets_momentum_advice_and_strict_json():
+    """PyTorch's momentum=None: the statistics never forget, so a momentum is advised; no 'inf' in text or JSON."""
+    d = decompose("accuracy", {"T": 0.9, "Td": 0.9, "P": 0.88, "E": 0.4})
+    ctx = Context(framework="torch", remedies=TorchRemedies(), samples=640, batch_size=32, momenta=[None] * 3,
+                  convention="torch", steps_per_epoch=20, epochs=5)
+    stale = build_report({"accuracy": d}, None, ctx).finding("stale_moving_statistics")
+    assert "cumulative average" in stale.message and "inf" not in stale.message
+    assert stale.numbers["memory_updates"] is None and stale.numbers["mean_age_updates"] == pytest.approx(49.5)  # (100 - 1) / 2
+    assert stale.numbers["too_slow"] and "m.momentum = 0.1" in stale.remedy  # 2 / 20 steps, in PyTorch's convention
+    report = build_report({"accuracy": d}, None, ctx)
+    report.decompositions["accuracy"].values["F"] = float("nan")
+    strict = json.loads(report.to_json(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert strict["metrics"]["accuracy"]["values"]["F"] is None

@@ -80,7 +80,7 @@ def test_stale_moving_statistics_and_raw_inputs(digits):
     assert stale.numbers["initial_weight"] == pytest.approx(0.999**56)
     assert "momentum=0.8571" in stale.remedy and "PreciseBN" in stale.remedy
     raw = report.finding("input_scale")
-    assert raw is not None and "raw [0, 255]" in raw.message and raw.severity == "cause" and "Rescaling(1 / 255.0)" in raw.remedy
+    assert raw is not None and "raw [0, 255]" in raw.message and raw.severity == "warning" and "Rescaling(1 / 255.0)" in raw.remedy
     assert report.finding("drift").numbers["first_layer"] == "bn0"
     # after the advice: recalibrate, and the gap is gone
     eg.recalibrate(model, (x, y), batch_size=BATCH, progress=False)

@@ -91,8 +91,15 @@ def test_stale_running_statistics_and_raw_inputs(digits):
     assert sum(d.terms.values()) == pytest.approx(d.values["F"] - d.values["E"], abs=1e-12)
     stale = report.finding("stale_moving_statistics")
     assert stale.numbers["initial_weight"] == pytest.approx(0.999**56)
-    assert "momentum=0.1429" in stale.remedy  # 2 / 14 in PyTorch's convention
-    assert "raw [0, 255]" in report.finding("input_scale").message
+    assert "m.momentum = 0.1429" in stale.remedy  # 2 / 14 in PyTorch's convention
+    pasted = copy.deepcopy(model)
+    exec(stale.remedy.split("\n", 2)[2], {"model": pasted, "torch": torch})  # the momentum lines, as pasted
+    assert [m.momentum for m in pasted.modules() if isinstance(m, nn.BatchNorm2d)] == [0.1429, 0.1429]
+    scale = report.finding("input_scale")
+    assert "raw [0, 255]" in scale.message
+    x_in = x[:4].clone()
+    exec(scale.remedy, {"x": x_in, "torch": torch}, space := {"x": x_in})  # the normalization, as pasted
+    assert space["x"].shape == x_in.shape and abs(float(space["x"].mean())) < 1.0
     eg.recalibrate(model, batches(x, y), progress=False)
     healthy = eg.diagnose(model, batches(x, y), progress=False)
     assert abs(healthy.gap_points) < 1.0 and not healthy.causes, str(healthy)

@@ -110,6 +110,25 @@ def test_a_last_batch_of_one_sample_stays_in_every_mode_when_the_model_takes_it(
     assert state_snapshot(model) == before
 
 
+def test_frozen_layers_the_model_learned_around_get_no_fix_that_would_hurt():
+    """A BatchNorm frozen from the start (eval mode in every step): the weights fit its stored statistics, so
+    recalibrating it loses accuracy; the report says so and prints no include_frozen fix."""
+    x, y = data(96)
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), 0.05)
+    for _ in range(60):
+        model.train()
+        model[1].eval()  # frozen
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    report = eg.diagnose(model, batches(x, y), progress=False)
+    frozen = report.finding("frozen")
+    assert frozen.numbers["effect"] < 0 and frozen.remedy is None, str(report)
+    assert "Keep them frozen" in frozen.message and frozen.severity == "info"
+
+
 def test_a_lazy_layer_is_not_materialized_on_a_last_batch_of_one_sample():
     """Trying that batch in training mode would materialize a lazy layer's buffers from one sample: it is left out."""
     torch.manual_seed(0)

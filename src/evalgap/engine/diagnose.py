@@ -299,7 +299,7 @@ def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) 
         samples=recal.samples + recal.skipped_samples if recal is not None else sum(sizes),
         batch_size=(probe.batch_size or 0) * facts.replicas if facts.per_process_batches else probe.batch_size,
         input_scale=None if sample is None else InputScale.measure(*sample),
-        momenta=[layer.momentum for layer in tracked],
+        momenta=[layer.momentum for layer in tracked if not layer.frozen],  # frozen layers never update
         steps_per_epoch=training.steps_per_epoch,
         epochs=training.epochs,
         bn_updates=training.bn_updates,

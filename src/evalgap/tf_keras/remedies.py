@@ -9,9 +9,20 @@ def _vec(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
+def _package() -> str:
+    """How the user's code names Keras 2: ``tf_keras`` (TensorFlow 2.16+; ``tf.keras`` there is Keras 3 unless
+    ``TF_USE_LEGACY_KERAS=1``), else ``tf.keras`` (TensorFlow <= 2.15)."""
+    from .layers import keras
+
+    return "tf_keras" if keras.__name__.split(".")[0] == "tf_keras" else "tf.keras"
+
+
 class TfKerasRemedies:
     api = "evalgap.tf_keras"
     data = "train_data"
+
+    def __init__(self, package: str | None = None):
+        self.package = package or _package()
 
     def recalibrate(self, include_frozen: bool = False) -> str:
         return f"evalgap.tf_keras.recalibrate(model, train_data{', include_frozen=True' if include_frozen else ''})"
@@ -20,16 +31,16 @@ class TfKerasRemedies:
         return "model.fit(..., callbacks=[evalgap.tf_keras.PreciseBN(train_data)])"
 
     def momentum(self, momentum: float) -> str:
-        return f"tf.keras.layers.BatchNormalization(momentum={momentum})  # memory of at most half an epoch"
+        return f"{self.package}.layers.BatchNormalization(momentum={momentum})  # memory of at most half an epoch"
 
     def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str:
-        return f"tf.keras.layers.Rescaling(1 / 255.0)  # or {self.normalize(mean, std)}"
+        return f"{self.package}.layers.Rescaling(1 / 255.0)  # or {self.normalize(mean, std)}"
 
     def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str:
-        return f"tf.keras.layers.Normalization(mean={_vec(mean)}, variance={_vec([s * s for s in std])})"
+        return f"{self.package}.layers.Normalization(mean={_vec(mean)}, variance={_vec([s * s for s in std])})"
 
     def synchronized(self) -> str:
-        return "tf.keras.layers.BatchNormalization(synchronized=True)"
+        return f"{self.package}.layers.BatchNormalization(synchronized=True)"
 
     def monitor_fix(self) -> str:
         return "add evalgap.tf_keras.PreciseBN(train_data) to the callbacks"

@@ -20,10 +20,14 @@ class TorchRemedies:
         return "precise_bn = evalgap.torch.PreciseBN(train_loader); precise_bn(model, epoch)  # before each validation"
 
     def momentum(self, momentum: float) -> str:
-        return f"torch.nn.BatchNorm2d(C, momentum={momentum})  # memory of at most half an epoch"
+        return ("for m in model.modules():  # every BatchNorm layer: a memory of at most half an epoch\n"
+                f"    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.momentum = {momentum}")
 
     def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str:
-        return f"x = (x - torch.tensor({_vec(mean)}).view(1, -1, 1, 1)) / torch.tensor({_vec(std)}).view(1, -1, 1, 1)"
+        """Per channel (axis 1), for inputs of any rank; a constant channel (std 0) is only centred."""
+        std = [s if s > 0 else 1.0 for s in std]
+        return (f"mean, std = torch.tensor({_vec(mean)}), torch.tensor({_vec(std)})  # per channel, measured on your data\n"
+                "x = (x - mean.view(1, -1, *[1] * (x.dim() - 2))) / std.view(1, -1, *[1] * (x.dim() - 2))")
 
     def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str:
         return self.rescale(mean, std)
