@@ -55,9 +55,23 @@ def test_plan_says_how_each_variant_measures():
 
     labels = np.repeat(np.arange(21), 100)
     mode, pick, text = precise_plan(labels, precise_bn=True, every=1, samples=512, batch_size=96)
-    assert mode == "validation" and pick is None and "all 2100" in text
+    assert mode == "validation" and pick is None and "2016 of 2100 images" in text  # whole batches: 21 of 96
     mode, pick, text = precise_plan(labels, precise_bn=False, every=2, samples=512, batch_size=96)
     assert mode == "side" and len(pick) == 576 and text.startswith("statistics from 576 of 2100") and "every 2" in text
     mode, pick, _ = precise_plan(labels, precise_bn=False, every=1, samples=0, batch_size=96)
     assert mode == "side" and np.array_equal(pick, np.arange(2100))
     assert precise_plan(labels, precise_bn=False, every=0, samples=0, batch_size=96)[0] == "off"
+
+
+def test_the_measurement_text_counts_the_images_a_pass_of_whole_batches_uses():
+    """2100 images at batch 96: a statistics pass uses 21 whole batches, 2016 images; the text says so."""
+    from evalgap.seed.common import precise_plan, variant_batch_size
+
+    labels = np.repeat(np.arange(21), 100)
+    mode, _, text = precise_plan(labels, precise_bn=True, every=1, samples=0, batch_size=96)
+    assert mode == "validation" and "2016 of 2100 images (whole batches of 96; the last 84 left out)" in text
+    _, pick, text = precise_plan(labels, precise_bn=False, every=1, samples=512, batch_size=96)
+    assert len(pick) == 576 and text.startswith("statistics from 576 of 2100 images")
+    assert "all 2100 images" in precise_plan(labels, precise_bn=True, every=1, samples=0, batch_size=100)[2]
+    # --batch-size replaces the seed's 96, not a variant's own 4; never more than the images
+    assert (variant_batch_size(96, 32, 2100), variant_batch_size(4, 32, 2100), variant_batch_size(96, None, 42)) == (32, 4, 42)

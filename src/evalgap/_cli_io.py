@@ -37,6 +37,15 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(0, text)
 
 
+def at_least(low: int):
+    """argparse type: a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        return _int_at_least(low, text)
+
+    return parse
+
+
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="image folder (<class>/<image>, or the archive's Images/) or its .zip")
@@ -58,27 +67,40 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     """(x uint8/float NHWC, y int, description) from --data / --tfds / --npz."""
-    from .data import load_image_folder, load_npz, load_tfds
+    from .data import load_npz
+
+    if getattr(args, "npz", None):
+        if not getattr(args, "tfds", None) and (args.tfds_data_dir or args.tfds_manual_dir or args.download):
+            raise DataError("--tfds-data-dir, --tfds-manual-dir and --download go with --tfds NAME.")
+        x, y = load_npz(args.npz)
+        return x, y, args.npz
+    s = load_image_set(args)
+    return s.images, s.labels, describe(s)
+
+
+def load_image_set(args: argparse.Namespace) -> Any:
+    """The :class:`evalgap.data.ImageSet` of --data (a folder or a zip) or --tfds, resized to --image-size."""
+    from .data import load_image_folder, load_tfds
 
     size = DEFAULT_IMAGE_SIZE if args.image_size is None else args.image_size
     if not getattr(args, "tfds", None) and (args.tfds_data_dir or args.tfds_manual_dir or args.download):
         raise DataError("--tfds-data-dir, --tfds-manual-dir and --download go with --tfds NAME.")
-    if getattr(args, "npz", None):
-        x, y = load_npz(args.npz)
-        return x, y, args.npz
     if args.tfds:
-        s = load_tfds(
-            args.tfds, data_dir=args.tfds_data_dir, manual_dir=args.tfds_manual_dir,
-            download=True if args.download else None, image_size=size, limit_per_class=args.limit_per_class,
+        return load_tfds(
+            args.tfds, data_dir=args.tfds_data_dir, manual_dir=args.tfds_manual_dir, download=True if args.download else None,
+            image_size=size, limit_per_class=args.limit_per_class, skip_bad=args.skip_bad,
         )
-    else:
-        s = load_image_folder(args.data, size, limit_per_class=args.limit_per_class, skip_bad=args.skip_bad)
+    return load_image_folder(args.data, size, limit_per_class=args.limit_per_class, skip_bad=args.skip_bad)
+
+
+def describe(s: Any) -> str:
+    """One line on an ImageSet: where from, how many images and classes, what was converted or left out."""
     note = f"{s.source}: {len(s)} images, {len(s.class_names)} classes"
     if s.converted:
         note += f", {s.converted} converted to RGB (grayscale, RGBA, ...)"
     if s.skipped:
         note += f", {len(s.skipped)} unreadable file(s) left out"
-    return s.images, s.labels, note
+    return note
 
 
 def saved_by_keras2(path: str) -> bool:

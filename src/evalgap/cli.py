@@ -132,7 +132,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from ._cli_io import load_arrays
+    from ._cli_io import describe, load_image_set
     from .seed.common import demo_console
     from .seed.reproduce import VARIANTS, reproduce
 
@@ -140,11 +140,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise DataError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}.")
-    args.npz = None
+    try:  # before hours of training, not after
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"--out {args.out}: cannot create the output folder ({exc.strerror}); give a folder to write to.") from exc
     args.skip_bad = getattr(args, "skip_bad", False)
-    x, y, note = load_arrays(args)
-    classes = int(y.max()) + 1
-    reproduce(x, y, classes, variants=variants, epochs=args.epochs, batch_size=args.batch_size, out=args.out, source=note,
+    s = load_image_set(args)
+    reproduce(s.images, s.labels, len(s.class_names), variants=variants, epochs=args.epochs, batch_size=args.batch_size,
+              out=args.out, source=describe(s),
               console=demo_console(), precise_every=args.precise_every, keras_version=args.keras,
               precise_samples=args.precise_samples)
     return 0
@@ -196,7 +199,7 @@ def _precise_every(text: str) -> int | str:
 
 
 def _add_reproduce(sub) -> None:
-    from ._cli_io import non_negative_int, positive_int
+    from ._cli_io import at_least, non_negative_int, positive_int
     from .seed.common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE
 
     rep = sub.add_parser("reproduce", help="the seed's training job (ResNet50 on UC Merced) with its remedies and the fix")
@@ -207,7 +210,7 @@ def _add_reproduce(sub) -> None:
     rep.add_argument("--tfds-manual-dir", metavar="DIR", help="folder holding UCMerced_LandUse.zip")
     rep.add_argument("--download", action="store_true", help="let tfds download even if the network check fails")
     rep.add_argument("--epochs", type=positive_int, default=50)
-    rep.add_argument("--image-size", type=positive_int, default=256)
+    rep.add_argument("--image-size", type=at_least(32), default=256, help="default 256; ResNet50 needs at least 32")
     rep.add_argument("--batch-size", type=positive_int, default=None, help="override the batch of the batch-96 variants")
     rep.add_argument("--limit-per-class", type=positive_int, default=None, help="use N images per class (CPU-sized runs)")
     rep.add_argument("--variants", nargs="+", default=["seed,batch4-div255,momentum0.9,precise-bn,normalized-precise-bn"],

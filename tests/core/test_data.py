@@ -150,6 +150,39 @@ def test_hidden_entries_and_macosx_are_skipped_in_folders_and_zips(tmp_path):
         load_image_folder(root, 8, cache=False)
 
 
+def test_a_zip_gives_the_folder_s_images_in_the_folder_s_order(tmp_path):
+    """zip -r stores entries in directory order, not sorted: the loader sorts them as it lists a folder, so a
+    zip and its folder (and --limit-per-class of each) give the same arrays."""
+    rng = np.random.default_rng(1)
+    arrays = {c: [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(4)] for c in ("b", "a")}
+    root = _folder(tmp_path / "src", arrays)
+    zpath = tmp_path / "UCMerced_LandUse.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:  # stored in a scrambled order
+        for p in sorted((root / "Images").rglob("*.png"), key=lambda p: (p.name[-6:], p.parent.name), reverse=True):
+            zf.write(p, f"UCMerced_LandUse/Images/{p.parent.name}/{p.name}")
+    for limit in (None, 2):
+        folder, zipped = (load_image_folder(src, 8, cache=False, limit_per_class=limit) for src in (root, zpath))
+        expected = np.stack([a for c in ("a", "b") for a in arrays[c][:limit]])
+        np.testing.assert_array_equal(folder.images, expected)
+        np.testing.assert_array_equal(zipped.images, expected)
+        assert folder.labels.tolist() == zipped.labels.tolist()
+
+
+def test_skip_bad_is_part_of_the_cache_key_and_a_dangling_link_is_a_bad_file(tmp_path):
+    rng = np.random.default_rng(0)
+    root = _folder(tmp_path, {"a": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)] * 2})
+    (root / "Images" / "a" / "a98.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert len(load_image_folder(root, 8, skip_bad=True)) == 2  # cached without the bad file
+    with pytest.raises(DataError, match="a98.png"):  # a run without skip_bad is not served that cache
+        load_image_folder(root, 8)
+    (root / "Images" / "a" / "a98.png").unlink()
+    os.symlink(tmp_path / "not-fetched.png", root / "Images" / "a" / "a99.png")  # DVC / git-annex data not fetched
+    with pytest.raises(DataError, match="a99.png.*No such file"):
+        load_image_folder(root, 8)
+    s = load_image_folder(root, 8, skip_bad=True)
+    assert len(s) == 2 and s.skipped == [str(root / "Images" / "a" / "a99.png")]
+
+
 def test_npz(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((3, 2)), y=np.arange(3))
     x, y = load_npz(tmp_path / "d.npz")
@@ -175,6 +208,12 @@ def test_tfds_offline_fails_fast_and_manual_zip_is_read(tmp_path, monkeypatch):
             zf.write(p, f"UCMerced_LandUse/Images/{p.parent.name}/{p.name}")
     s = load_tfds("uc_merced", manual_dir=manual, image_size=8)
     assert s.class_names == ["w", "x"] and len(s) == 2
+    with zipfile.ZipFile(manual / "UCMerced_LandUse.zip", "a") as zf:  # a damaged image in the archive
+        zf.writestr("UCMerced_LandUse/Images/x/x99.png", b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DataError, match="x99.png in .*UCMerced_LandUse.zip"):
+        load_tfds("uc_merced", manual_dir=manual, image_size=8)
+    s = load_tfds("uc_merced", manual_dir=manual, image_size=8, skip_bad=True)
+    assert len(s) == 2 and s.skipped == ["UCMerced_LandUse/Images/x/x99.png"]
 
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -120,6 +120,7 @@ def test_frameworks_start_up_lines_are_hidden_unless_verbose(saved):
     (["demo", "--framework", "torch", "--epochs", "-2"], "--epochs"),
     (["reproduce", "--data", "d", "--epochs", "0"], "--epochs"),
     (["reproduce", "--data", "d", "--image-size", "0"], "--image-size"),
+    (["reproduce", "--data", "d", "--image-size", "16"], "--image-size"),  # ResNet50 takes at least 32x32
     (["reproduce", "--data", "d", "--batch-size", "-4"], "--batch-size"),
 ])
 def test_numbers_out_of_range_exit_2_naming_the_flag(argv, flag, capsys):
@@ -146,6 +147,22 @@ def test_in_place_on_a_model_that_is_not_keras_names_in_place(saved, tmp_path, c
     err = capsys.readouterr().err
     assert "--in-place" in err and "must then end in .keras" in err and "-o NAME.keras" in err and "-o must end" not in err, err
     assert (tmp_path / "model.h5").read_bytes() == before
+
+
+def test_reproduce_checks_its_output_folder_before_training_and_counts_classes_by_name(tmp_path, monkeypatch, capsys):
+    import evalgap.seed.reproduce as job
+
+    data = _image_folder(tmp_path / "Images", 8)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(job, "reproduce", lambda *a, **k: pytest.fail("trained before the output folder was checked"))
+    assert main(["reproduce", "--data", str(tmp_path), "--image-size", "32", "--out", str(tmp_path / "afile" / "rep")]) == 2
+    assert "--out" in capsys.readouterr().err
+    (data / "c").mkdir()  # the last class: its only image unreadable, left out with --skip-bad
+    (data / "c" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    seen = {}
+    monkeypatch.setattr(job, "reproduce", lambda x, y, classes, **k: seen.update(classes=classes, labels=set(y.tolist())))
+    assert main(["reproduce", "--data", str(tmp_path), "--image-size", "32", "--skip-bad", "--out", str(tmp_path / "r")]) == 0
+    assert seen == {"classes": 3, "labels": {0, 1}}  # three folders, three outputs: not the highest label + 1
 
 
 def _image_folder(root, size: int, per_class: int = 6):

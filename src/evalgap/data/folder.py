@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,7 @@ def _listing(path: Path) -> tuple[list[tuple[str, str, int, float]], list[str]]:
                 if info.is_dir() or len(parts) < 2 or any(map(_hidden, parts)) or Path(info.filename).suffix.lower() not in EXTENSIONS:
                     continue
                 entries.append((info.filename, parts[-2], info.file_size, float(info.CRC)))
+        entries.sort(key=lambda e: (e[1], Path(e[0]).name))  # as a folder lists them: by class, then file name
         classes = sorted({e[1] for e in entries})
     else:
         root = _find_root(path)
@@ -92,7 +94,10 @@ def _listing(path: Path) -> tuple[list[tuple[str, str, int, float]], list[str]]:
             if not files:
                 raise DataError(f"class folder {root / cls} holds no image ({', '.join(EXTENSIONS)}): remove it or add its images.")
             for f in files:
-                st = f.stat()
+                try:
+                    st = f.stat()
+                except OSError:  # a dangling link (data not fetched by DVC or git-annex): its read fails, and says so
+                    st = os.stat_result((0,) * 10)
                 entries.append((str(f), cls, st.st_size, st.st_mtime))
     if not entries:
         raise DataError(f"{path}: no image files ({', '.join(EXTENSIONS)}) found.")
@@ -123,7 +128,7 @@ def load_image_folder(
                 kept.append(e)
                 count[e[1]] = count.get(e[1], 0) + 1
         entries = kept
-    key = hashlib.sha256(repr((image_size, [e[0:4] for e in entries])).encode()).hexdigest()[:24]
+    key = hashlib.sha256(repr((image_size, skip_bad, [e[0:4] for e in entries])).encode()).hexdigest()[:24]
     cache_file = _cache_dir() / f"images-{key}.npz"
     if cache and cache_file.exists():
         with np.load(cache_file, allow_pickle=False) as z:
@@ -152,22 +157,26 @@ def load_image_folder(
 
 
 def _decode_all(entries, zf, images, labels, label_of, image_size, skip_bad, skipped, advance, Image) -> tuple[int, int]:
-    """Decode, convert to RGB and resize every entry into ``images``; return (images kept, converted)."""
+    """Decode, convert to RGB and resize every entry into ``images``; return (images kept, converted).
+    Pillow's warnings about damaged files are not printed: a file it cannot read is an error or skipped."""
     n = converted = 0
     for member, cls, _, _ in entries:
         advance(1)
         try:
             raw = zf.read(member) if zf is not None else Path(member).read_bytes()
-            with Image.open(io.BytesIO(raw)) as im:
-                if im.mode != "RGB":
-                    converted += 1
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                with Image.open(io.BytesIO(raw)) as im:
+                    if im.mode != "RGB":
+                        converted += 1
+                        im = im.convert("RGB")
+                    arr = np.asarray(im)
         except Exception as exc:  # Pillow raises many types on corrupt data
             if skip_bad:
                 skipped.append(member)
                 continue
-            raise DataError(f"cannot read image {member}: {exc}. Fix or remove the file, or pass skip_bad=True (--skip-bad).") from exc
+            where = f"{member} in {zf.filename}" if zf is not None else member
+            raise DataError(f"cannot read image {where}: {exc}. Fix or remove the file, or pass skip_bad=True (--skip-bad).") from exc
         images[n] = np.clip(np.rint(resize_with_pad(arr, image_size, image_size)), 0, 255).astype(np.uint8)
         labels[n] = label_of[cls]
         n += 1

@@ -42,17 +42,19 @@ def load_tfds(
     download: bool | None = None,
     image_size: int = 256,
     limit_per_class: int | None = None,
+    skip_bad: bool = False,
 ) -> ImageSet:
     """Load an image classification data set from tfds, resized with padding to ``image_size``.
 
     ``download=None`` (default) downloads only when the data set is not prepared in
     ``data_dir`` and the network answers; ``False`` never downloads; ``True`` always tries.
+    ``skip_bad`` leaves unreadable images of a manual archive out (:func:`load_image_folder`).
     """
     if manual_dir is not None:
         zips = sorted(Path(manual_dir).glob("*.zip"))
         if zips:
             logger.info("reading the archive %s in place", zips[0])
-            return load_image_folder(zips[0], image_size, limit_per_class=limit_per_class)
+            return load_image_folder(zips[0], image_size, limit_per_class=limit_per_class, skip_bad=skip_bad)
     try:
         import tensorflow_datasets as tfds
     except ImportError as exc:

@@ -163,7 +163,22 @@ def precise_plan(labels, *, precise_bn: bool, every: int | str, samples: int | N
     if check_precise_every(every) == 0:
         return "off", None, "not measured"
     if precise_bn:
-        return "validation", None, f"fit's validation pass: PreciseBN recalibrated on all {total} images before it"
+        return "validation", None, f"fit's validation pass: PreciseBN recalibrated on {_measured(total, batch_size)} before it"
     pick = precise_subsample(labels, whole_batches(samples, batch_size, total), seed)
-    return "side", pick, (f"statistics from {len(pick)} of {total} images (class-stratified, seed {seed}), "
+    return "side", pick, (f"statistics from {_measured(len(pick), batch_size, total)} (class-stratified, seed {seed}), "
                           f"evaluated on all {total}, {schedule_text(every)}")
+
+
+def _measured(n: int, batch_size: int, total: int | None = None) -> str:
+    """Which of ``n`` images (a pick of ``total``) a statistics pass at ``batch_size`` measures: whole batches only."""
+    used = n - n % batch_size if n > batch_size else n
+    if total is None and used == n:
+        return f"all {n} images"
+    ragged = f" (whole batches of {batch_size}; the last {n - used} left out)" if used < n else ""
+    return f"{used} of {total if total is not None else n} images{ragged}"
+
+
+def variant_batch_size(variant_batch: int, override: int | None, images: int) -> int:
+    """A variant's batch size: ``override`` (``--batch-size``) replaces the seed's 96, never a variant's own (4);
+    at most the number of images (CPU-sized runs)."""
+    return min(override if override and variant_batch == 96 else variant_batch, images)

@@ -45,7 +45,8 @@ from rich.table import Table
 
 from .._files import atomic_write, atomic_write_text
 from ..errors import DataError
-from .common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE, check_precise_every, precise_epochs, precise_plan, summary_epochs
+from .common import (DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE, check_precise_every, precise_epochs, precise_plan, summary_epochs,
+                     variant_batch_size)
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,7 @@ def run_variant(
     from .keras_callbacks import PreciseValidation, ValidationIsPrecise
 
     keras.utils.set_random_seed(seed)
-    bs = batch_size if batch_size and variant.batch_size == 96 else variant.batch_size
-    bs = min(bs, len(images))  # CPU-sized runs with fewer images than one batch
+    bs = variant_batch_size(variant.batch_size, batch_size, len(images))
     mean = images.reshape(-1, 3).mean(0).tolist() if variant.inputs == "standardize" else None
     std = images.reshape(-1, 3).std(0).tolist() if variant.inputs == "standardize" else None
     strategy = _strategy()
@@ -342,7 +342,7 @@ def _reproduction(source, backend, images, classes, epochs, batch_size, table, i
         "image_size": int(images.shape[1]),
         "classes": int(classes),
         "epochs": epochs,
-        "variants": {n: {"description": table[n].description, "batch_size": batch_size if batch_size and table[n].batch_size == 96 else table[n].batch_size, "momentum": table[n].momentum, "inputs": table[n].inputs, "precise_bn": table[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
+        "variants": {n: {"description": table[n].description, "batch_size": variant_batch_size(table[n].batch_size, batch_size, len(images)), "momentum": table[n].momentum, "inputs": table[n].inputs, "precise_bn": table[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
     })
 
 

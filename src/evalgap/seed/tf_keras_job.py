@@ -20,7 +20,7 @@ from typing import Any, Collection
 
 import numpy as np
 
-from .common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE, precise_epochs, precise_plan
+from .common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE, precise_epochs, precise_plan, variant_batch_size
 
 FRAMEWORK = "tf_keras"
 
@@ -134,7 +134,7 @@ def run_variant(
     from ..tf_keras import PreciseBN
 
     keras.utils.set_random_seed(seed)
-    bs = min(batch_size if batch_size and variant.batch_size == 96 else variant.batch_size, len(images))
+    bs = variant_batch_size(variant.batch_size, batch_size, len(images))
     pixels = images.reshape(-1, 3).astype(np.float64)
     mean, std = (pixels.mean(0).astype("float32"), pixels.std(0).astype("float32")) if variant.inputs == "standardize" else (None, None)
     order = np.random.default_rng(seed).permutation(len(images))
