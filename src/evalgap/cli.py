@@ -144,7 +144,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:
         raise DataError(f"--out {args.out}: cannot create the output folder ({exc.strerror}); give a folder to write to.") from exc
-    args.skip_bad = getattr(args, "skip_bad", False)
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        raise DataError(f"--out {args.out}: the folder is not writable; give a folder to write to.")
     s = load_image_set(args)
     reproduce(s.images, s.labels, len(s.class_names), variants=variants, epochs=args.epochs, batch_size=args.batch_size,
               out=args.out, source=describe(s),

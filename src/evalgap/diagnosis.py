@@ -128,6 +128,7 @@ def _fmt(metric: str, value: float, signed: bool = False) -> str:
 
 def _momentum_advice(ctx: Context) -> tuple[str | None, dict[str, Any]]:
     momenta = [m for m in ctx.momenta if m is not None or ctx.convention == "torch"]
+    momenta = [m for m in momenta if (decay_from_momentum(m, ctx.convention) or 0.0) < 1.0]  # a layer that never updates: none
     if not momenta or not ctx.steps_per_epoch:
         return None, {}
     momentum = Counter(momenta).most_common(1)[0][0]

@@ -243,11 +243,16 @@ class Report:
 
 
 def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (nested in dicts, lists and tuples) replaced by None."""
+    """``value`` with every scalar as a Python float, None where it is not finite (nested in dicts, lists, tuples)."""
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
-        return None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, float) or (hasattr(value, "__float__") and np.ndim(value) == 0):  # NumPy, JAX, torch scalars
+        number = float(value)
+        return number if math.isfinite(number) else None
     return value

@@ -122,3 +122,13 @@ def test_a_cumulative_average_gets_momentum_advice_and_strict_json():
     report.decompositions["accuracy"].values["F"] = float("nan")
     strict = json.loads(report.to_json(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert strict["metrics"]["accuracy"]["values"]["F"] is None
+
+
+def test_layers_that_never_update_get_no_ema_arithmetic():
+    """PyTorch momentum 0 (Keras 1.0): the statistics never move; no memory of 'inf updates' is claimed."""
+    d = decompose("accuracy", {"T": 0.9, "Td": 0.9, "P": 0.88, "E": 0.4})
+    for convention, momentum in (("torch", 0.0), ("keras", 1.0)):
+        ctx = Context(framework="x", remedies=TorchRemedies(), samples=640, batch_size=32, momenta=[momentum] * 2,
+                      convention=convention, steps_per_epoch=20, epochs=5)
+        stale = build_report({"accuracy": d}, None, ctx).finding("stale_moving_statistics")
+        assert "inf" not in stale.message and "momentum" not in stale.numbers

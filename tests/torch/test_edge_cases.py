@@ -140,6 +140,46 @@ def test_a_lazy_layer_is_not_materialized_on_a_last_batch_of_one_sample():
     assert torch.equal(model[1].running_mean, torch.zeros(4)) and torch.equal(model[1].running_var, torch.ones(4))
 
 
+class Decorated(nn.Module):
+    @torch.no_grad()
+    def forward(self, x):
+        return nn.functional.dropout(x, 0.5, training=self.training)
+
+
+class Plain(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class OddAttribute(nn.Module):
+    ops = torch.classes.my_ops  # looking up any attribute of it raises RuntimeError
+
+    def forward(self, x):
+        return x
+
+
+def test_code_that_reads_the_training_flag_is_found_or_said_unknown():
+    """mode_dependent decides whether diagnose compares T and Td: a miss makes T = Td silently, so what cannot be
+    read is None (the comparison runs), never []."""
+    from evalgap.torch.layers import mode_dependent
+
+    hooked = nn.Sequential(nn.Linear(2, 2))
+    hooked.register_forward_hook(lambda module, inputs, out: out * 2 if module.training else out)
+    assert mode_dependent(nn.Sequential(nn.Linear(2, 2), Decorated())) == ["1"]  # through @torch.no_grad()
+    assert mode_dependent(hooked) == ["Sequential"]
+    assert mode_dependent(nn.Sequential(torch.jit.script(Plain()))) is None
+    assert mode_dependent(nn.Sequential(OddAttribute(), nn.BatchNorm1d(2))) == []
+    assert mode_dependent(net()) == [] and mode_dependent(net(dropout=0.5)) == []  # Dropout: training_only already
+
+
+def test_a_last_sample_is_kept_without_batchnorm_and_other_errors_are_named_by_the_pass():
+    x, y = data(9)
+    report = eg.diagnose(nn.Sequential(nn.Linear(6, 3)), batches(x, y, 4), progress=False)
+    assert report.probe["samples"] == 9 and not any("one sample" in n for n in report.notes)
+    with pytest.raises(RecalibrationError, match="evaluation mode pass failed at batch 0"):
+        eg.diagnose(nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)), batches(x, y, 4), progress=False)
+
+
 def test_a_failing_pass_is_an_evalgap_error_naming_the_pass():
     x, y = data()
     model = trained(net(), x, y)

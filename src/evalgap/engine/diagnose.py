@@ -286,7 +286,8 @@ def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) 
     notes += [n for n in (size_note, f"probe: {probe.order}") if n]
     if getattr(probe, "left_out", 0):
         notes.append("left out the last sample from every mode: the model refuses a batch of one sample in training "
-                     "mode (BatchNorm needs more than one value per channel).")
+                     "mode (BatchNorm needs more than one value per channel), or it was not tried (a lazy BatchNorm "
+                     "not materialized yet).")
     sizes = [b.size or 0 for b in probe]
     mix = label_mix(probe, adapter.to_host)
     info = {"order": probe.order, "batches": len(sizes), "samples": sum(sizes), "batch_size": probe.batch_size}

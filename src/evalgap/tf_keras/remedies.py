@@ -10,11 +10,12 @@ def _vec(values: Sequence[float]) -> str:
 
 
 def _package() -> str:
-    """How the user's code names Keras 2: ``tf_keras`` (TensorFlow 2.16+; ``tf.keras`` there is Keras 3 unless
-    ``TF_USE_LEGACY_KERAS=1``), else ``tf.keras`` (TensorFlow <= 2.15)."""
-    from .layers import keras
+    """How the user's code names Keras 2: ``tf_keras`` where that package is installed (TensorFlow 2.16+;
+    ``tf.keras`` there is Keras 3 unless ``TF_USE_LEGACY_KERAS=1``), else ``tf.keras`` (TensorFlow <= 2.15).
+    Found without importing either (remedies import no framework)."""
+    import importlib.util
 
-    return "tf_keras" if keras.__name__.split(".")[0] == "tf_keras" else "tf.keras"
+    return "tf_keras" if importlib.util.find_spec("tf_keras") is not None else "tf.keras"
 
 
 class TfKerasRemedies:
@@ -22,7 +23,14 @@ class TfKerasRemedies:
     data = "train_data"
 
     def __init__(self, package: str | None = None):
-        self.package = package or _package()
+        self._package = package
+
+    @property
+    def package(self) -> str:
+        """``tf_keras`` or ``tf.keras``, looked up on first use."""
+        if self._package is None:
+            self._package = _package()
+        return self._package
 
     def recalibrate(self, include_frozen: bool = False) -> str:
         return f"evalgap.tf_keras.recalibrate(model, train_data{', include_frozen=True' if include_frozen else ''})"

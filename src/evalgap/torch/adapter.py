@@ -62,16 +62,20 @@ class TorchAdapter:
     def refuses_one_sample(self, model: nn.Module, norm_layers: Sequence[NormLayer], batch: Batch) -> bool:
         """Whether training mode refuses this batch of one sample: BatchNorm raises a ValueError on one value
         per channel ((N, C) inputs), not on a feature map. One forward in the moments pass (the model is put
-        back). Refused, untried: no layer with moving statistics (evaluation mode normalizes by the batch
-        too), or a lazy layer not yet materialized (the pass would materialize it on this one sample)."""
+        back); any other error is left to the passes, which name it. A lazy layer not yet materialized is not
+        tried (the pass would materialize it on this one sample): refused."""
+        if not norm_layers:
+            return False
         tracked = [layer for layer in norm_layers if layer.tracks_statistics]
-        if not tracked or any(is_lazy(layer.handle.running_mean) for layer in tracked):
+        if any(is_lazy(layer.handle.running_mean) for layer in tracked):
             return True
         try:
             with self.moments_pass(model, tracked, [not layer.frozen for layer in tracked]) as run:
                 run(batch)
         except ValueError:
             return True
+        except Exception:
+            return False
         return False
 
     def moments_pass(self, model, norm_layers, batch_statistics):

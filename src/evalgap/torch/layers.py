@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from typing import Iterator
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -114,32 +115,64 @@ def _code_reads_training(code: types.CodeType) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=512)
-def _class_reads_training(cls: type) -> bool:
-    """Whether a module class's own methods and properties (its bases' too, up to ``nn.Module``, whose
-    ``train()`` sets the flag) read the training flag: ``self.training``, ``F.dropout(x, training=...)``."""
+def _reads_training(fn: Any) -> bool | None:
+    """Whether a function reads the training flag (decorators and partials followed); None: its code cannot be
+    read (a C or Cython callable, a callable object)."""
+    if isinstance(fn, functools.partial):
+        return _reads_training(fn.func)
+    found = []
+    while fn is not None:
+        code = getattr(fn, "__code__", None) if isinstance(fn, types.FunctionType) else None
+        found.append(None if code is None else _code_reads_training(code))
+        fn = getattr(fn, "__wrapped__", None)  # functools.wraps: @torch.no_grad(), @torch.autocast(...)
+    return True if True in found else (None if None in found else False)
+
+
+def _methods(cls: type) -> Iterator[Any]:
+    """The functions a module class defines (its bases' too, up to ``nn.Module``, whose ``train()`` sets the flag)."""
     for klass in cls.__mro__:
         if klass is nn.Module or klass is object:
             continue
         for value in vars(klass).values():
-            fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
-            code = getattr(fn, "__code__", None)
-            if code is not None and _code_reads_training(code):
-                return True
-    return False
+            if isinstance(value, property):
+                yield value.fget
+            elif isinstance(value, (staticmethod, classmethod)):
+                yield value.__func__
+            elif isinstance(value, (types.FunctionType, functools.partial)):
+                yield value
 
 
-def mode_dependent(model: nn.Module) -> list[str]:
+@functools.lru_cache(maxsize=512)
+def _class_reads_training(cls: type) -> bool | None:
+    """Whether a module class's methods and properties read the training flag (``self.training``,
+    ``F.dropout(x, training=...)``); None where one of them cannot be read."""
+    results = [_reads_training(fn) for fn in _methods(cls) if fn is not None]
+    return True if True in results else (None if None in results else False)
+
+
+def mode_dependent(model: nn.Module) -> list[str] | None:
     """Modules whose code reads the training flag, BatchNorm and the training-only ones (by class name)
     apart: their outputs may differ in training mode (functional dropout in a classifier head, a branch
-    on ``self.training``). An instance-level ``forward`` is read too."""
+    on ``self.training``). An instance-level ``forward`` and the user's hooks are read too. None (not known:
+    diagnose then compares T and Td) where code cannot be read: a TorchScript module, a hook or forward
+    that is not Python. A helper function the code calls is not followed."""
     out = []
-    for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm) or is_training_only(type(m).__name__):
-            continue
-        own = getattr(m.__dict__.get("forward"), "__code__", None)
-        if _class_reads_training(type(m)) or own is not None and _code_reads_training(own):
-            out.append(name or type(m).__name__)
+    try:
+        for name, m in model.named_modules():
+            if isinstance(m, _BatchNorm) or is_training_only(type(m).__name__):
+                continue
+            if isinstance(m, torch.jit.ScriptModule):
+                return None
+            own = m.__dict__.get("forward")
+            hooks = [h for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values()
+                     if not type(h).__module__.startswith("evalgap.")]  # PreciseBN.attach's own hook reads no output
+            reads = [_class_reads_training(type(m)), *(_reads_training(f) for f in ([own] if own is not None else []) + hooks)]
+            if True in reads:
+                out.append(name or type(m).__name__)
+            elif None in reads:
+                return None
+    except Exception:  # an attribute that cannot be looked at: not known
+        return None
     return out
 
 
