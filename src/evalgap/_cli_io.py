@@ -70,8 +70,7 @@ def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     from .data import load_npz
 
     if getattr(args, "npz", None):
-        if not getattr(args, "tfds", None) and (args.tfds_data_dir or args.tfds_manual_dir or args.download):
-            raise DataError("--tfds-data-dir, --tfds-manual-dir and --download go with --tfds NAME.")
+        _check_tfds_flags(args)
         x, y = load_npz(args.npz)
         return x, y, args.npz
     s = load_image_set(args)
@@ -83,14 +82,18 @@ def load_image_set(args: argparse.Namespace) -> Any:
     from .data import load_image_folder, load_tfds
 
     size = DEFAULT_IMAGE_SIZE if args.image_size is None else args.image_size
-    if not getattr(args, "tfds", None) and (args.tfds_data_dir or args.tfds_manual_dir or args.download):
-        raise DataError("--tfds-data-dir, --tfds-manual-dir and --download go with --tfds NAME.")
+    _check_tfds_flags(args)
     if args.tfds:
         return load_tfds(
             args.tfds, data_dir=args.tfds_data_dir, manual_dir=args.tfds_manual_dir, download=True if args.download else None,
             image_size=size, limit_per_class=args.limit_per_class, skip_bad=args.skip_bad,
         )
     return load_image_folder(args.data, size, limit_per_class=args.limit_per_class, skip_bad=args.skip_bad)
+
+
+def _check_tfds_flags(args: argparse.Namespace) -> None:
+    if not getattr(args, "tfds", None) and (args.tfds_data_dir or args.tfds_manual_dir or args.download):
+        raise DataError("--tfds-data-dir, --tfds-manual-dir and --download go with --tfds NAME.")
 
 
 def describe(s: Any) -> str:
