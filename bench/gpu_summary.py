@@ -131,9 +131,8 @@ def _plot(rows: list[dict], device: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['framework']} {r['setting'].split(',')[0]}{' ' + r['setting'].split(',')[-1].strip() if 'torch' == r['framework'] else ''}: "
-              f"{r['method']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.2))
+    labels = [f"{r['framework']} {r['setting']}: {r['method']}" for r in rows]  # the whole setting: rows differ by batches, layout, dtype
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(rows) + 1.2))
     ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=["#4477aa" if "evalgap" in r["method"] else "#bbbbbb" for r in rows])
     ax.axvline(1.0, color="k", lw=0.8)
     ax.axvline(1.02, color="#cc6677", lw=0.8, ls="--", label="target 1.02x")
