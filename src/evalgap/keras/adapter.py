@@ -10,7 +10,7 @@ import numpy as np
 from .._keras_common import check_batched
 from ..engine import Batch, NormLayer
 from ..errors import ModelError
-from . import data, distributed, layers, moments, predict
+from . import data, distributed, layers, moments, predict, transfer
 from .metrics import KerasMetrics
 from .remedies import REMEDIES
 
@@ -62,14 +62,14 @@ class KerasAdapter:
         return [v if isinstance(v, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
 
     def read(self, norm_layers: Sequence[NormLayer]):
-        return [(np.array(layer.handle.moving_mean.numpy(), dtype=np.float64), np.array(layer.handle.moving_variance.numpy(), dtype=np.float64))
-                for layer in norm_layers]
+        """Each layer's (moving_mean, moving_variance) as float64 arrays: one transfer for all."""
+        host = transfer.read([v for layer in norm_layers for v in (layer.handle.moving_mean, layer.handle.moving_variance)])
+        return [(host[2 * i].astype(np.float64), host[2 * i + 1].astype(np.float64)) for i in range(len(norm_layers))]
 
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
-        for layer, (mean, var) in zip(norm_layers, stats):
-            bn = layer.handle
-            bn.moving_mean.assign(np.asarray(mean).astype(bn.moving_mean.dtype))
-            bn.moving_variance.assign(np.asarray(var).astype(bn.moving_variance.dtype))
+        """Assign (mean, var) pairs, cast to each variable's dtype, from one host-to-device transfer."""
+        variables = [v for layer in norm_layers for v in (layer.handle.moving_mean, layer.handle.moving_variance)]
+        transfer.assign(variables, [v for pair in stats for v in pair])
 
     def predictor(self, model, mode: str, norm_layers=(), stats=()):
         return predict.predictor(model, mode, norm_layers, stats)

@@ -70,6 +70,7 @@ class MomentsPass:
         self._captures: list[tuple[int, Any, Any, Any]] = []
         self._saved: list[tuple[Any, dict]] = []
         self._step = None
+        self._state: tuple[list, list] | None = None  # the variables' values, read once per pass
 
     # ---- patching -----------------------------------------------------------------
     def __enter__(self):
@@ -84,6 +85,7 @@ class MomentsPass:
         return self.run
 
     def __exit__(self, *exc) -> None:
+        self._state = None
         for layer, saved in self._saved:
             for key in ("call", "_moments"):
                 layer.__dict__.pop(key, None)
@@ -177,8 +179,9 @@ class MomentsPass:
         if backend == "tensorflow":
             trainable = non_trainable = None
         else:
-            trainable = [v.value for v in model.trainable_variables]
-            non_trainable = [v.value for v in model.non_trainable_variables]
+            if self._state is None:  # nothing assigns a variable during the pass: list them once (Keras walks every layer)
+                self._state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+            trainable, non_trainable = self._state
         if backend == "torch":
             import torch
 

@@ -8,7 +8,7 @@ from typing import Any, Collection
 import keras
 
 from .._random import random_states_kept
-from ..keras import find_batchnorms, recalibrate
+from ..keras import find_batchnorms, recalibrate, transfer
 
 
 class PreciseValidation(keras.callbacks.Callback):
@@ -35,8 +35,8 @@ class PreciseValidation(keras.callbacks.Callback):
         if (epoch + 1 not in self.at) if self.at is not None else (epoch + 1) % self.every:
             return
         start = time.perf_counter()
-        bns = [bn for _, bn in find_batchnorms(self.model)]
-        saved = [(v, v.numpy()) for bn in bns for v in (bn.moving_mean, bn.moving_variance)]
+        variables = [v for _, bn in find_batchnorms(self.model) for v in (bn.moving_mean, bn.moving_variance)]
+        saved = (variables, transfer.read(variables))  # one transfer each way, not one per variable
         with random_states_kept():
             metrics = self._measure(saved)
         self.seconds[epoch + 1] = time.perf_counter() - start
@@ -50,8 +50,7 @@ class PreciseValidation(keras.callbacks.Callback):
             x, y = self.val_data
             metrics = self.model.evaluate(x, y, batch_size=self.batch_size, verbose=0, return_dict=True)
         finally:
-            for v, value in saved:
-                v.assign(value)
+            transfer.assign(*saved)
         return metrics
 
 
