@@ -151,6 +151,19 @@ class Plain(nn.Module):
         return x
 
 
+def _drop_head(module, x):  # a helper that reads the flag of the module it is given
+    return nn.functional.dropout(x, 0.5, training=module.training)
+
+
+def _through(module, x):  # a second level of helpers
+    return _drop_head(module, x)
+
+
+class HelperHead(nn.Module):
+    def forward(self, x):
+        return _through(self, torch.relu(x))
+
+
 class OddAttribute(nn.Module):
     ops = torch.classes.my_ops  # looking up any attribute of it raises RuntimeError
 
@@ -170,6 +183,24 @@ def test_code_that_reads_the_training_flag_is_found_or_said_unknown():
     assert mode_dependent(nn.Sequential(torch.jit.script(Plain()))) is None
     assert mode_dependent(nn.Sequential(OddAttribute(), nn.BatchNorm1d(2))) == []
     assert mode_dependent(net()) == [] and mode_dependent(net(dropout=0.5)) == []  # Dropout: training_only already
+    assert mode_dependent(nn.Sequential(nn.Linear(2, 2), HelperHead())) == ["1"]  # helper(self, x), two levels down
+
+
+def test_dropout_in_a_helper_function_is_measured_in_training_mode():
+    """T of a model whose dropout sits in a module-level helper: the training-mode loop's loss, not Td's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), HelperHead(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    data = batches(x, y, 16)
+    torch.manual_seed(3)
+    report = eg.diagnose(model, data, progress=False)
+    torch.manual_seed(3)  # the same draws, in the user's own training-mode loop
+    side = copy.deepcopy(model).train()
+    with torch.no_grad():
+        losses = [nn.functional.cross_entropy(side(a), b, reduction="sum").item() for a, b in data]
+    values = report.decompositions["loss"].values
+    assert values["T"] == pytest.approx(sum(losses) / 64, rel=1e-5)
+    assert values["T"] != pytest.approx(values["Td"], rel=1e-3), str(report)
 
 
 def test_a_last_sample_is_kept_without_batchnorm_and_other_errors_are_named_by_the_pass():

@@ -108,11 +108,28 @@ def norm_layers(model: nn.Module) -> list[NormLayer]:
     ]
 
 
-def _code_reads_training(code: types.CodeType) -> bool:
-    """Whether compiled code (or a function, lambda or comprehension inside it) names ``training``."""
-    return "training" in code.co_names or "training" in code.co_varnames or any(
-        isinstance(c, types.CodeType) and _code_reads_training(c) for c in code.co_consts
-    )
+#: Packages whose functions are not followed: their training-mode behaviour is the modules' own (BatchNorm, Dropout).
+_LIBRARIES = ("torch", "numpy", "math", "functools", "typing", "collections", "builtins", "einops")
+
+
+def _code_reads_training(code: types.CodeType, namespace: dict | None = None, seen: set | None = None) -> bool:
+    """Whether compiled code (or a function, lambda or comprehension inside it) names ``training``; with the
+    function's globals, also the user's plain functions it calls by name (``helper(self, x)``), to any depth."""
+    if "training" in code.co_names or "training" in code.co_varnames:
+        return True
+    if any(isinstance(c, types.CodeType) and _code_reads_training(c, namespace, seen) for c in code.co_consts):
+        return True
+    if namespace is None:
+        return False
+    seen = set() if seen is None else seen
+    for name in code.co_names:
+        fn = namespace.get(name)
+        if isinstance(fn, types.FunctionType) and fn.__code__ not in seen and len(seen) < 256 \
+                and (fn.__module__ or "").split(".")[0] not in _LIBRARIES:
+            seen.add(fn.__code__)
+            if _code_reads_training(fn.__code__, fn.__globals__, seen):
+                return True
+    return False
 
 
 def _reads_training(fn: Any) -> bool | None:
@@ -123,7 +140,7 @@ def _reads_training(fn: Any) -> bool | None:
     found = []
     while fn is not None:
         code = getattr(fn, "__code__", None) if isinstance(fn, types.FunctionType) else None
-        found.append(None if code is None else _code_reads_training(code))
+        found.append(None if code is None else _code_reads_training(code, fn.__globals__))
         fn = getattr(fn, "__wrapped__", None)  # functools.wraps: @torch.no_grad(), @torch.autocast(...)
     return True if True in found else (None if None in found else False)
 
@@ -155,7 +172,8 @@ def mode_dependent(model: nn.Module) -> list[str] | None:
     apart: their outputs may differ in training mode (functional dropout in a classifier head, a branch
     on ``self.training``). An instance-level ``forward`` and the user's hooks are read too. None (not known:
     diagnose then compares T and Td) where code cannot be read: a TorchScript module, a hook or forward
-    that is not Python. A helper function the code calls is not followed."""
+    that is not Python. Plain functions the code calls by name are followed, to any depth (not torch's own);
+    methods of other objects are not."""
     out = []
     try:
         for name, m in model.named_modules():
