@@ -70,28 +70,35 @@ class TfKerasAdapter:
         return moments.to_host(values)
 
     def read(self, norm_layers: Sequence[NormLayer]):
-        return [(_host(layer.handle.moving_mean), _host(layer.handle.moving_variance)) for layer in norm_layers]
+        """Each layer's (moving_mean, moving_variance), flat float64: one transfer for all."""
+        host = _read([v for layer in norm_layers for v in (layer.handle.moving_mean, layer.handle.moving_variance)])
+        return [(host[2 * i].astype(np.float64).reshape(-1), host[2 * i + 1].astype(np.float64).reshape(-1)) for i in range(len(norm_layers))]
 
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
         """Assign moving mean and variance (and a renorm layer's ``moving_stddev = sqrt(var + eps)``, from which
         Keras 2 recomputes its moving variance at every step); a layer that already holds them is left untouched,
         and a failure puts back every value this call assigned."""
-        done: list[tuple[Any, np.ndarray]] = []
+        bns = [layer.handle for layer in norm_layers]
+        variables = [v for bn in bns for v in (bn.moving_mean, bn.moving_variance, *((bn.moving_stddev,) if getattr(bn, "renorm", False) else ()))]
+        held = dict(zip(map(id, variables), _read(variables)))  # one transfer: what each variable holds now
+        targets: list[tuple[Any, np.ndarray]] = []
+        for bn, (mean, var) in zip(bns, stats):
+            mean, var = np.asarray(mean, np.float64).reshape(-1), np.asarray(var, np.float64).reshape(-1)
+            if np.array_equal(held[id(bn.moving_mean)].astype(np.float64).reshape(-1), mean) and \
+                    np.array_equal(held[id(bn.moving_variance)].astype(np.float64).reshape(-1), var):
+                continue
+            targets += [(bn.moving_mean, mean), (bn.moving_variance, var)]
+            if getattr(bn, "renorm", False):
+                targets.append((bn.moving_stddev, np.sqrt(var + bn.epsilon)))
+        values = [value.reshape(tuple(variable.shape)).astype(variable.dtype.as_numpy_dtype) for variable, value in targets]
+        done: list[Any] = []
         try:
-            for layer, (mean, var) in zip(norm_layers, stats):
-                bn = layer.handle
-                mean, var = np.asarray(mean, np.float64).reshape(-1), np.asarray(var, np.float64).reshape(-1)
-                if np.array_equal(_host(bn.moving_mean), mean) and np.array_equal(_host(bn.moving_variance), var):
-                    continue
-                targets = [(bn.moving_mean, mean), (bn.moving_variance, var)]
-                if getattr(bn, "renorm", False):
-                    targets.append((bn.moving_stddev, np.sqrt(var + bn.epsilon)))
-                for variable, value in targets:
-                    done.append((variable, np.array(variable.numpy())))
-                    variable.assign(value.reshape(tuple(variable.shape)).astype(variable.dtype.as_numpy_dtype))
+            for (variable, _), tensor in zip(targets, _to_device(values)):
+                done.append(variable)
+                variable.assign(tensor)
         except BaseException:
-            for variable, old in reversed(done):
-                variable.assign(old)
+            for variable in reversed(done):
+                variable.assign(held[id(variable)])
             raise
 
     def predictor(self, model, mode: str, norm_layers=(), stats=()):
@@ -119,8 +126,40 @@ class TfKerasAdapter:
         return None
 
 
-def _host(variable) -> np.ndarray:
-    return np.array(variable.numpy(), dtype=np.float64).reshape(-1)
+def _read(variables: Sequence[Any]) -> list[np.ndarray]:
+    """The variables' values, each its own shape and dtype: one device-to-host copy per dtype (not one per variable,
+    each a synchronization on a GPU). A mirrored variable gives its primary value, as ``.numpy()`` does."""
+    import tensorflow as tf
+
+    out: list[Any] = [None] * len(variables)
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(variables):
+        groups.setdefault(v.dtype, []).append(i)
+    for indices in groups.values():
+        host = tf.concat([tf.reshape(tf.convert_to_tensor(variables[i]), [-1]) for i in indices], 0).numpy()
+        start = 0
+        for i in indices:
+            shape = tuple(variables[i].shape)
+            size = int(np.prod(shape, dtype=np.int64))
+            out[i] = host[start:start + size].reshape(shape)
+            start += size
+    return out
+
+
+def _to_device(values: Sequence[np.ndarray]) -> list[Any]:
+    """Host arrays as tensors on TensorFlow's default device: one host-to-device copy per dtype."""
+    import tensorflow as tf
+
+    out: list[Any] = [None] * len(values)
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v.dtype, []).append(i)
+    for indices in groups.values():
+        flat = tf.constant(np.concatenate([values[i].reshape(-1) for i in indices]))
+        parts = tf.split(flat, [values[i].size for i in indices]) if len(indices) > 1 else [flat]
+        for i, part in zip(indices, parts):
+            out[i] = tf.reshape(part, values[i].shape)
+    return out
 
 
 ADAPTER = TfKerasAdapter()
