@@ -164,6 +164,42 @@ class HelperHead(nn.Module):
         return _through(self, torch.relu(x))
 
 
+@torch.no_grad()
+def _decorated_drop(module, x):  # a helper under a decorator (functools.wraps)
+    return nn.functional.dropout(x, 0.5, training=module.training)
+
+
+class DecoratedHelperHead(nn.Module):
+    def forward(self, x):
+        return _decorated_drop(self, x)
+
+
+def _closure_head():
+    def drop(module, x):
+        return nn.functional.dropout(x, 0.5, training=module.training)
+
+    class ClosureHead(nn.Module):
+        def forward(self, x):
+            return drop(self, x)  # a helper held in the closure, not a global
+
+    return ClosureHead()
+
+
+def _chain(n: int):
+    """A chain of n plain helpers, the last one reading the flag."""
+    namespace: dict = {"nn": nn}
+    exec("def f0(m, x):\n    return nn.functional.dropout(x, 0.5, training=m.training)\n", namespace)
+    for i in range(1, n):
+        exec(f"def f{i}(m, x):\n    return f{i - 1}(m, x)\n", namespace)
+
+    class Chained(nn.Module):
+        def forward(self, x):
+            return top(self, x)
+
+    top = namespace[f"f{n - 1}"]
+    return Chained()
+
+
 class OddAttribute(nn.Module):
     ops = torch.classes.my_ops  # looking up any attribute of it raises RuntimeError
 
@@ -184,6 +220,10 @@ def test_code_that_reads_the_training_flag_is_found_or_said_unknown():
     assert mode_dependent(nn.Sequential(OddAttribute(), nn.BatchNorm1d(2))) == []
     assert mode_dependent(net()) == [] and mode_dependent(net(dropout=0.5)) == []  # Dropout: training_only already
     assert mode_dependent(nn.Sequential(nn.Linear(2, 2), HelperHead())) == ["1"]  # helper(self, x), two levels down
+    assert mode_dependent(nn.Sequential(nn.Linear(2, 2), DecoratedHelperHead())) == ["1"]  # under @torch.no_grad()
+    assert mode_dependent(nn.Sequential(nn.Linear(2, 2), _closure_head())) == ["1"]  # held in a closure
+    assert mode_dependent(nn.Sequential(nn.Linear(2, 2), _chain(10))) == ["1"]
+    assert mode_dependent(nn.Sequential(nn.Linear(2, 2), _chain(400))) is None  # too deep to follow: not known, checked
 
 
 def test_dropout_in_a_helper_function_is_measured_in_training_mode():

@@ -110,39 +110,55 @@ def norm_layers(model: nn.Module) -> list[NormLayer]:
 
 #: Packages whose functions are not followed: their training-mode behaviour is the modules' own (BatchNorm, Dropout).
 _LIBRARIES = ("torch", "numpy", "math", "functools", "typing", "collections", "builtins", "einops")
+#: Functions followed from one method at most; beyond, the answer is "not known".
+_MAX_FOLLOWED = 256
 
 
-def _code_reads_training(code: types.CodeType, namespace: dict | None = None, seen: set | None = None) -> bool:
-    """Whether compiled code (or a function, lambda or comprehension inside it) names ``training``; with the
-    function's globals, also the user's plain functions it calls by name (``helper(self, x)``), to any depth."""
-    if "training" in code.co_names or "training" in code.co_varnames:
-        return True
-    if any(isinstance(c, types.CodeType) and _code_reads_training(c, namespace, seen) for c in code.co_consts):
-        return True
-    if namespace is None:
-        return False
-    seen = set() if seen is None else seen
-    for name in code.co_names:
-        fn = namespace.get(name)
-        if isinstance(fn, types.FunctionType) and fn.__code__ not in seen and len(seen) < 256 \
-                and (fn.__module__ or "").split(".")[0] not in _LIBRARIES:
-            seen.add(fn.__code__)
-            if _code_reads_training(fn.__code__, fn.__globals__, seen):
-                return True
-    return False
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    """A code object and the functions, lambdas and comprehensions compiled inside it."""
+    yield code
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            yield from _codes(c)
 
 
-def _reads_training(fn: Any) -> bool | None:
-    """Whether a function reads the training flag (decorators and partials followed); None: its code cannot be
-    read (a C or Cython callable, a callable object)."""
-    if isinstance(fn, functools.partial):
-        return _reads_training(fn.func)
+def _reads_training(fn: Any, seen: set | None = None) -> bool | None:
+    """Whether a function reads the training flag (its name ``training``), in its own code or in the plain functions
+    it calls by name or holds in its closure (``helper(self, x)``), to any depth, decorators and partials followed;
+    not torch's own functions (nor NumPy's, ...). None: not known (its code cannot be read, a C or Cython callable or
+    a callable object; or more than ``_MAX_FOLLOWED`` functions to follow)."""
+    top, seen = seen is None, set() if seen is None else seen
     found = []
     while fn is not None:
-        code = getattr(fn, "__code__", None) if isinstance(fn, types.FunctionType) else None
-        found.append(None if code is None else _code_reads_training(code, fn.__globals__))
-        fn = getattr(fn, "__wrapped__", None)  # functools.wraps: @torch.no_grad(), @torch.autocast(...)
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+            continue
+        if not isinstance(fn, types.FunctionType):
+            found.append(None if top else False)  # a callee that is not Python code (a class, a builtin): not followed
+            break
+        if top or (fn.__module__ or "").split(".")[0] not in _LIBRARIES:
+            found.append(_function_reads(fn, seen))
+        fn = fn.__dict__.get("__wrapped__")  # functools.wraps: @torch.no_grad(), @torch.autocast(...), the user's own
     return True if True in found else (None if None in found else False)
+
+
+def _function_reads(fn: types.FunctionType, seen: set) -> bool | None:
+    if fn.__code__ in seen:
+        return False
+    if len(seen) >= _MAX_FOLLOWED:
+        return None
+    seen.add(fn.__code__)
+    codes = list(_codes(fn.__code__))
+    if any("training" in c.co_names or "training" in c.co_varnames for c in codes):
+        return True
+    callees = [fn.__globals__[name] for c in codes for name in c.co_names if name in fn.__globals__]
+    for cell in fn.__closure__ or ():
+        try:
+            callees.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    results = [_reads_training(callee, seen) for callee in callees if isinstance(callee, (types.FunctionType, functools.partial))]
+    return True if True in results else (None if None in results else False)
 
 
 def _methods(cls: type) -> Iterator[Any]:
@@ -172,8 +188,8 @@ def mode_dependent(model: nn.Module) -> list[str] | None:
     apart: their outputs may differ in training mode (functional dropout in a classifier head, a branch
     on ``self.training``). An instance-level ``forward`` and the user's hooks are read too. None (not known:
     diagnose then compares T and Td) where code cannot be read: a TorchScript module, a hook or forward
-    that is not Python. Plain functions the code calls by name are followed, to any depth (not torch's own);
-    methods of other objects are not."""
+    that is not Python. Plain functions the code calls by name or holds in a closure are followed, to any depth
+    (not those of torch, NumPy and the like), decorators too; methods of other objects and ``module.helper`` are not."""
     out = []
     try:
         for name, m in model.named_modules():
