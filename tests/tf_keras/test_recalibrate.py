@@ -271,6 +271,33 @@ def test_a_failing_write_is_rolled_back_bitwise(monkeypatch):
     assert snapshot(model) == before
 
 
+def test_a_write_that_keeps_failing_still_puts_back_every_other_variable(monkeypatch):
+    """The variable whose assign fails is tried first in the rollback and fails again: the others are put back."""
+    x, _ = far_data(32)
+    model = functional_model()
+    model(x[:4])
+    before = snapshot(model)
+    renorm = model.get_layer("renorm_bn")
+    original = type(renorm.moving_stddev).assign
+
+    def failing_assign(self, value, *args, **kwargs):
+        if self is renorm.moving_stddev:
+            raise Boom("disk full")
+        return original(self, value, *args, **kwargs)
+
+    monkeypatch.setattr(type(renorm.moving_stddev), "assign", failing_assign)
+    with pytest.raises(Boom):
+        eg.recalibrate(model, x, batch_size=16, progress=False)
+    assert snapshot(model) == before
+    from evalgap.tf_keras.adapter import ADAPTER  # the adapter's own rollback, without the engine's second write
+
+    layers_ = ADAPTER.layers(model)
+    with pytest.raises(Boom):
+        ADAPTER.write(layers_, [(mean + 1.0, var + 1.0) for mean, var in ADAPTER.read(layers_)])
+    monkeypatch.undo()
+    assert snapshot(model) == before
+
+
 def test_clear_errors():
     x, _ = far_data(8)
     plain = keras.Sequential([keras.Input((8, 8, 3)), layers.Flatten(), layers.LayerNormalization(), layers.Dense(2)])

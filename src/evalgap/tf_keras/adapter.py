@@ -97,8 +97,11 @@ class TfKerasAdapter:
                 done.append(variable)
                 variable.assign(tensor)
         except BaseException:
-            for variable in reversed(done):
-                variable.assign(held[id(variable)])
+            for variable in reversed(done):  # each on its own: one that fails again must not keep the others back
+                try:
+                    variable.assign(held[id(variable)])
+                except Exception:
+                    logger.exception("could not put back %s", getattr(variable, "name", variable))
             raise
 
     def predictor(self, model, mode: str, norm_layers=(), stats=()):
@@ -128,7 +131,8 @@ class TfKerasAdapter:
 
 def _read(variables: Sequence[Any]) -> list[np.ndarray]:
     """The variables' values, each its own shape and dtype: one device-to-host copy per dtype (not one per variable,
-    each a synchronization on a GPU). A mirrored variable gives its primary value, as ``.numpy()`` does."""
+    each a synchronization on a GPU). A distributed variable gives what its ``.numpy()`` gives (the primary copy of a
+    mirrored one, the replicas' mean of a sync-on-read one)."""
     import tensorflow as tf
 
     out: list[Any] = [None] * len(variables)
