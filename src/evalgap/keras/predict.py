@@ -38,25 +38,53 @@ class _Predictor:
             y_pred, new_ntv, losses = self._model().stateless_call(tv, ntv, x, training=training, return_losses=True)
             return y_pred, list(losses), new_ntv
 
+        self._plain = fn
+        self._fns: dict[tuple[bool, bool], Any] = {}
         if backend == "jax":
             import jax
 
-            self._fn = jax.jit(fn, static_argnames=("training",))
-        elif backend == "tensorflow":
+            self._jitted = jax.jit(fn, static_argnames=("training",))
+
+    def _compiled(self, training: bool, substituted: bool):
+        """The compiled step for one mode. TensorFlow: one ``tf.function`` per mode, each over its own code (TensorFlow
+        counts traces per code object), so each traces two or three times (a ragged last batch; in T the state a call
+        returns) and TensorFlow's warning about functions re-traced in a loop stays quiet."""
+        backend = keras.backend.backend()
+        if backend == "jax":
+            return self._jitted
+        if backend != "tensorflow":
+            return self._plain
+        key = (training, substituted)
+        if key not in self._fns:
             import tensorflow as tf
 
-            self._fn = tf.function(fn, reduce_retracing=True)
-        else:
-            self._fn = fn
+            self._fns[key] = tf.function(_step(self._plain, _MODES[key]), reduce_retracing=True)
+        return self._fns[key]
 
-    def __call__(self, x, non_trainable, training: bool):
+    def __call__(self, x, non_trainable, training: bool, substituted: bool = False):
         tv = [v.value for v in self._model().trainable_variables]
+        fn = self._compiled(training, substituted)
         if keras.backend.backend() == "torch":
             import torch
 
             with torch.no_grad():
-                return self._fn(tv, non_trainable, x, training)
-        return self._fn(tv, non_trainable, x, training)
+                return fn(tv, non_trainable, x, training)
+        return fn(tv, non_trainable, x, training)
+
+
+def _step(plain, mode: str):
+    """``plain`` under a code object of its own, named for the mode: TensorFlow counts traces per code object, so
+    the modes' steps are not counted together as one function re-traced in a loop."""
+
+    def step(tv, ntv, x, training):
+        return plain(tv, ntv, x, training)
+
+    step.__code__ = step.__code__.replace(co_name=f"evalgap_{mode}_step")
+    return step
+
+
+#: The mode of each (training, substituted).
+_MODES = {(False, False): "E", (False, True): "P", (True, False): "T", (True, True): "T"}
 
 
 def _substituted(model, layers: Sequence[NormLayer], stats: Sequence[tuple[np.ndarray, np.ndarray]]) -> list:
@@ -84,7 +112,7 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
     state = {"values": values}
 
     def run(batch: Batch):
-        y_pred, losses, new_values = predict(batch.inputs, state["values"], training)
+        y_pred, losses, new_values = predict(batch.inputs, state["values"], training, substituted=mode == "P")
         if training:
             state["values"] = list(new_values)
         return y_pred, losses
