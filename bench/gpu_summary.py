@@ -93,12 +93,14 @@ def collect(work: Path, out: Path) -> int:
     for path in sorted(work.glob("torch_*.json")):
         data = _load(path)
         for r in (data or {}).get("results", []):
-            rows.append({"framework": "torch", "setting": data["setting"], "method": r["method"], "seconds": r["seconds"], "ratio": r["ratio"]})
-    keras = _load(work / "keras.json")
-    for r in (keras or {}).get("results", []):
-        if "ratio" in r:
-            rows.append({"framework": f"keras/{r['backend']}", "setting": keras["setting"], "method": "evalgap.keras.recalibrate",
-                         "seconds": r["recalibrate_s"], "ratio": r["ratio"]})
+            rows.append({"framework": "torch", "setting": data["setting"], "method": r["method"], "seconds": r["seconds"], "ratio": r["ratio"],
+                         **{k: r[k] for k in ("ratio_min", "ratio_paired") if k in r}})
+    for path in sorted(work.glob("keras*.json")):  # keras.json, keras_long.json (the seed job's backend over 32 batches)
+        keras = _load(path)
+        for r in (keras or {}).get("results", []):
+            if "ratio" in r:
+                rows.append({"framework": f"keras/{r['backend']}", "setting": keras["setting"], "method": "evalgap.keras.recalibrate",
+                             "seconds": r["recalibrate_s"], "ratio": r["ratio"]})
     flax = _load(work / "flax.json")
     for r in (flax or {}).get("results", []):
         rows.append({"framework": f"flax/{r['kind']}", "setting": flax["setting"], "method": "evalgap.flax.recalibrate",
@@ -109,6 +111,15 @@ def collect(work: Path, out: Path) -> int:
         md += [f"## The PyTorch pass's fast paths ({checks['device']}, torch {checks['torch']})", "", "| check | result | detail |", "|---|---|---|"]
         md += [f"| {c['check']} | {'ok' if c['ok'] else '**FAILED**'} | {c['detail']} |" for c in checks["checks"]]
         md.append("")
+    profile = _load(work / "profile.json")
+    if profile:
+        results["profile"] = profile
+        md += [f"## Where PyTorch recalibrate's extra time goes ({profile['setting']}, host clock, median of {profile['runs']})", "",
+               "| phase | ms |", "|---|---:|"]
+        md += [f"| forward: {k} | {v} |" for k, v in profile["ms"]["forward"].items()]
+        md += [f"| evalgap: {k} | {v} |" for k, v in profile["ms"]["evalgap"].items()]
+        md += [f"| extra over the forward | {profile['extra_ms']} |", "",
+               "Synchronizations of one call: " + (", ".join(f"{k} x{v}" for k, v in profile["syncs"].items()) or "none seen"), ""]
     results["recalibration"] = rows
     if rows:
         md += [f"## Recalibration / training-mode forward ({device}, side by side in one process, median)", "",
@@ -116,7 +127,7 @@ def collect(work: Path, out: Path) -> int:
         md += [f"| {r['framework']} | {r['setting']} | {r['method']} | {r['seconds']:.4f} | {r['ratio']:.3f}x |" for r in rows]
         md.append("")
         with open(out / "ratios.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["framework", "setting", "method", "seconds", "ratio"])
+            w = csv.DictWriter(fh, fieldnames=["framework", "setting", "method", "seconds", "ratio", "ratio_min", "ratio_paired"])
             w.writeheader()
             w.writerows(rows)
         _plot(rows, device, out / "ratios.png")

@@ -90,6 +90,12 @@ def test_gpu_script_smoke_writes_every_table(tmp_path):
     checks = results["checks"]["checks"]
     assert {"direct = forward (resnet50, fp32)", "exact (resnet50, fp32)", "direct = forward (resnet50, bf16 autocast)"} <= {c["check"] for c in checks}
     assert all(c["ok"] for c in checks), checks
+    # where the time goes: every adapter step of a PyTorch call timed, the rest of the call beside them
+    phases = results["profile"]["ms"]["evalgap"]
+    assert {"prepare", "layers", "read", "enter", "batches", "host_captures", "exit", "write", "total"} <= set(phases), phases
+    assert all(v >= 0 for k, v in phases.items() if k != "outside the adapter") and phases["batches"] < phases["total"]
+    assert any(r["framework"] == "keras/torch" and "2 batches" in r["setting"] for r in ratios)  # the longer Keras run
     summary = (out / "summary.md").read_text()
+    assert "## Where PyTorch recalibrate's extra time goes" in summary
     assert "## The seed's job" in summary and "## Recalibration / training-mode forward" in summary and "images/s" in summary
     assert (out / "ratios.png").read_bytes()[:4] == b"\x89PNG" and (out / "reproduce.png").read_bytes()[:4] == b"\x89PNG"
