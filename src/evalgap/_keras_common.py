@@ -8,6 +8,7 @@ classes). Framework-free: nothing here imports Keras.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -28,6 +29,24 @@ INPUT_TRANSFORMS = ("Rescaling", "Normalization", "Embedding", "CategoryEncoding
 #: wrappers hand it to their sublayers, which are looked at themselves).
 MODE_INERT = ("Functional", "Sequential", "InputLayer", "Dense", "EinsumDense", "Resizing", "CenterCrop", "TimeDistributed",
               "Bidirectional")
+
+
+_OWN_CODE = itertools.count()
+
+
+def traced_alone(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` behind a code object of its own, to give to ``tf.function``.
+
+    TensorFlow counts the traces of all functions with the same code together and, past five,
+    warns of a function "re-traced in a loop". evalgap's compiled steps are one per model, pass
+    and mode, each traced once or twice (a ragged last batch), so across modes and models they
+    would add up to that warning; each gets a code object named ``evalgap_<name>_<n>``."""
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    step.__code__ = step.__code__.replace(co_name=f"evalgap_{name}_{next(_OWN_CODE)}")
+    return step
 
 
 def mode_dependent(layer: Any) -> bool:

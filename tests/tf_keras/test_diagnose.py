@@ -123,3 +123,29 @@ def test_bad_labels_and_one_shot_generators_are_refused(digits):
         eg.diagnose(net(), tf.data.Dataset.from_tensor_slices((xn, yn)), progress=False)
     with pytest.raises(DataError, match="re-iterable"):
         eg.PreciseBN(b for b in [(xn, yn)])
+
+
+def test_no_retracing_warning_over_several_models():
+    """Keras 2: each model's passes trace their own steps; over several models in one process TensorFlow must not
+    warn of a function re-traced in a loop."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((100, 8)).astype("float32"), rng.integers(0, 3, 100)
+    try:
+        for _ in range(4):
+            model = keras.Sequential([layers.Dense(16, input_shape=(8,)), layers.BatchNormalization(), layers.Dropout(0.2),
+                                      layers.Dense(3, activation="softmax")])
+            model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+            report = eg.diagnose(model, (x, y), batch_size=32, progress=False)
+            eg.recalibrate(model, (x, y), batch_size=32, drop_ragged=False, progress=False)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "retracing" in r.getMessage()], [r.getMessage()[:120] for r in records]
+    assert report.decompositions["loss"].values["E"] > 0

@@ -27,6 +27,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from .._keras_common import traced_alone
 from ..engine.protocol import HostCaptures
 from ..errors import ModelError
 
@@ -167,7 +168,7 @@ class MomentsPass:
             elif backend == "tensorflow":
                 import tensorflow as tf
 
-                self._step = tf.function(self._raw_step, reduce_retracing=True)
+                self._step = tf.function(traced_alone(self._raw_step, "moments_step"), reduce_retracing=True)
             else:
                 self._step = self._raw_step
         return self._step

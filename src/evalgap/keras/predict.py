@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import keras
 import numpy as np
 
+from .._keras_common import traced_alone
 from .._random import random_states_kept
 from ..engine import Batch, NormLayer
 
@@ -46,9 +47,9 @@ class _Predictor:
             self._jitted = jax.jit(fn, static_argnames=("training",))
 
     def _compiled(self, training: bool, substituted: bool):
-        """The compiled step for one mode. TensorFlow: one ``tf.function`` per mode, each over its own code (TensorFlow
-        counts traces per code object), so each traces two or three times (a ragged last batch; in T the state a call
-        returns) and TensorFlow's warning about functions re-traced in a loop stays quiet."""
+        """The compiled step for one mode. TensorFlow: one ``tf.function`` per mode, each over its own code
+        (:func:`evalgap._keras_common.traced_alone`), so each traces two or three times (a ragged last batch; in T the
+        state a call returns) and TensorFlow's warning about functions re-traced in a loop stays quiet."""
         backend = keras.backend.backend()
         if backend == "jax":
             return self._jitted
@@ -58,7 +59,7 @@ class _Predictor:
         if key not in self._fns:
             import tensorflow as tf
 
-            self._fns[key] = tf.function(_step(self._plain, _MODES[key]), reduce_retracing=True)
+            self._fns[key] = tf.function(traced_alone(self._plain, f"{_MODES[key]}_step"), reduce_retracing=True)
         return self._fns[key]
 
     def __call__(self, x, non_trainable, training: bool, substituted: bool = False):
@@ -70,17 +71,6 @@ class _Predictor:
             with torch.no_grad():
                 return fn(tv, non_trainable, x, training)
         return fn(tv, non_trainable, x, training)
-
-
-def _step(plain, mode: str):
-    """``plain`` under a code object of its own, named for the mode: TensorFlow counts traces per code object, so
-    the modes' steps are not counted together as one function re-traced in a loop."""
-
-    def step(tv, ntv, x, training):
-        return plain(tv, ntv, x, training)
-
-    step.__code__ = step.__code__.replace(co_name=f"evalgap_{mode}_step")
-    return step
 
 
 #: The mode of each (training, substituted).

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .._keras_common import facts as _facts
-from .._keras_common import walk
+from .._keras_common import traced_alone, walk
 from ..engine import ModelFacts, NormLayer, tree_map
 
 
@@ -208,7 +208,7 @@ def remember_inference_only(model, inputs: Any) -> frozenset[int]:
     for bn in bns:
         patches.add(bn, "call", recorder(bn))
     with patches:
-        trace = tf.function(autograph_off(lambda x: model(x, training=True)))
+        trace = tf.function(autograph_off(traced_alone(lambda x: model(x, training=True), "frozen_trace")))
         try:
             trace.get_concrete_function(input_specs(inputs))
         except Exception:  # a model that needs the batch size (x.shape[0] in call): trace with the batch's own shape

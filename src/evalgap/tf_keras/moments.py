@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from .distributed import multi_worker_strategy
+from .._keras_common import traced_alone
 from .layers import Patches, autograph_off, channel_axes, find_batchnorms, is_fused, stateless_patches, statistics, substituted
 
 #: Compiled passes, per model and per choice of layers: a later recalibration of the same
@@ -165,7 +166,7 @@ class MomentsPass:
     def run(self, batch) -> tuple[list[tuple[int, Any, Any, Any]], Any]:
         """One batch: its captures (slices of one packed float64 vector, moved to the host in one copy) and outputs."""
         if self._step is None:
-            self._step = tf.function(autograph_off(self._raw_step), reduce_retracing=True)
+            self._step = tf.function(autograph_off(traced_alone(self._raw_step, "moments_step")), reduce_retracing=True)
         packed, y_pred, losses = self._step(batch.inputs, self._stats)
         captures, offset = [], 0
         for index, channels in self.layout:

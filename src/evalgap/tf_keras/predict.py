@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from ..engine import Batch, NormLayer
 from .distributed import multi_worker_strategy
+from .._keras_common import traced_alone
 from .layers import autograph_off, find_batchnorms, stat_attrs, stateless_patches, statistics, substituted, walk
 
 _PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
@@ -50,7 +51,7 @@ class _Predictor:
                     y_pred = model(x, training=training)
                 return y_pred, list(model.losses)
 
-            self._fns[training] = tf.function(autograph_off(fn), reduce_retracing=True)
+            self._fns[training] = tf.function(autograph_off(traced_alone(fn, "T_step" if training else "E_step")), reduce_retracing=True)
         return self._fns[training]
 
 
