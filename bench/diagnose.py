@@ -135,23 +135,25 @@ def torch_child(args) -> dict:
     import evalgap.torch as eg
 
     torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = resnet50(21)
     if args.dropout:
         model.fc = nn.Sequential(nn.Dropout(0.3), model.fc)
-    x = torch.rand(args.samples, 3, args.image_size, args.image_size) * 255
-    y = torch.randint(0, 21, (args.samples,))
+    model = model.to(device)
+    x = (torch.rand(args.samples, 3, args.image_size, args.image_size) * 255).to(device)
+    y = torch.randint(0, 21, (args.samples,)).to(device)
     batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, args.samples, args.batch_size)]
 
     @torch.no_grad()
     def evaluate():
         model.eval()
         loss = correct = 0.0
-        for xb, yb in batches:
+        for xb, yb in batches:  # summed on the device, read once at the end: no synchronization per batch on a GPU
             out = model(xb)
-            loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-            correct += float((out.argmax(1) == yb).sum())
+            loss += nn.functional.cross_entropy(out, yb, reduction="sum")
+            correct += (out.argmax(1) == yb).sum()
         model.train()
-        return loss / args.samples, correct / args.samples
+        return float(loss) / args.samples, float(correct) / args.samples
 
     def diagnose():
         eg.diagnose(model, batches, progress=False)
@@ -171,6 +173,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dropout", action="store_true")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON (exit 1 if a framework failed)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -180,6 +183,7 @@ def main() -> None:
     print(f"ResNet50 (weights=None), {args.samples} samples in batches of {args.batch_size}, {args.image_size}x{args.image_size}x3"
           f"{', Dropout before the head' if args.dropout else ''}; median of {args.runs} warm runs")
     print(f"{'framework':16s} {'evaluate s':>10s} {'diagnose s':>10s} {'ratio':>7s} {'first-call extra s':>19s}")
+    results, failed = [], []
     for fw in args.frameworks.split(","):
         backend = {"keras-torch": "torch", "tf_keras": "tensorflow", "flax": "jax"}.get(fw, fw)
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
@@ -190,9 +194,17 @@ def main() -> None:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{fw:16s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            failed.append(fw)
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append({**r, "ratio": r["diagnose"] / r["evaluate"]})
         print(f"{r['framework']:16s} {r['evaluate']:10.3f} {r['diagnose']:10.3f} {r['diagnose'] / r['evaluate']:6.2f}x {r['first_extra']:19.1f}")
+    if args.json:
+        setting = f"ResNet50, {args.samples} samples in batches of {args.batch_size} at {args.image_size}x{args.image_size}"
+        with open(args.json, "w") as fh:
+            json.dump({"setting": setting, "runs": args.runs, "results": results, "failed": failed}, fh, indent=2)
+        if failed:
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@
 # EVALGAP_GPU_BUDGET (seconds for the whole script, default 470 in full mode, under the 8 minutes asked: each step's timeout is
 # cut to what is left, less 25 s for the summary, so summary.md is written even when a step runs long).
 # Steps run in order of what the GPU issue needs most: seed job, PyTorch ratios, PyTorch checks, fit vs reproduce, Keras,
-# where the time goes (the PyTorch phases, bench/gpu_profile.py; Keras over 32 batches), Flax.
+# where the time goes (the PyTorch phases, bench/gpu_profile.py; Keras over 32 batches), diagnose's cost, Flax.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu.sh OUT [--smoke]}
 MODE=${2:-full}
@@ -53,12 +53,14 @@ if [ "$MODE" = "--smoke" ]; then
   TORCH=(--batches 1 --batch-size 2 --image-size 32)
   KERAS=(--batches 1 --batch-size 2 --image-size 32); FLAX=(--batches 1 --batch-size 2 --image-size 16)
   FIT_EPOCHS=1; T_JOB=600; T_FIT=600; T_BENCH=300; BUDGET=${EVALGAP_GPU_BUDGET:-0}; CHECKS=(--image-size 32); KERAS_LONG=2
+  DIAGNOSE=(--samples 8 --batch-size 4 --image-size 32)
   VARIANTS=seed,precise-bn; SETTINGS=""  # momentum0.9 and reproduce's settings take code paths the seed job runs
 else
   IMG=256; LIMIT=(); EPOCHS=10; RUNS=5; TORCH_RUNS=15  # a PyTorch run takes well under a second there
   TORCH=(--batches 8 --batch-size 64 --image-size 224)
   KERAS=(--batches 8 --batch-size 64 --image-size 224); FLAX=(--batches 8 --batch-size 64 --image-size 224)
   FIT_EPOCHS=3; T_JOB=300; T_FIT=120; T_BENCH=60; BUDGET=${EVALGAP_GPU_BUDGET:-470}; CHECKS=(); KERAS_LONG=32
+  DIAGNOSE=(--samples 512 --batch-size 64 --image-size 224)
   VARIANTS=seed,precise-bn,momentum0.9; SETTINGS=none,seed
 fi
 
@@ -111,6 +113,9 @@ step keras-recalibrate $((T_BENCH * 3)) "$PY" bench/recalibrate_keras.py --backe
 # (measured on the H200 on 2026-11-28), the first step the budget cuts
 step torch-profile "$T_BENCH" "$PY" bench/gpu_profile.py "${TORCH[@]}" --runs "$RUNS" --json "$WORK/profile.json"
 step keras-recalibrate-long "$T_BENCH" "$PY" bench/recalibrate_keras.py --backends "$BACKEND" "${KERAS[@]}" --batches "$KERAS_LONG" --runs 3 --json "$WORK/keras_long.json"
+# diagnose against one evaluation pass (target 3.5x; measured on the CPU only so far): PyTorch and the seed job's Keras backend
+KERAS_CASE=$BACKEND; [ "$BACKEND" = torch ] && KERAS_CASE=keras-torch  # bench/diagnose.py's name for Keras on torch
+step diagnose "$T_BENCH" "$PY" bench/diagnose.py --frameworks "torch,$KERAS_CASE" "${DIAGNOSE[@]}" --runs 3 --json "$WORK/diagnose.json"
 if "$PY" -c "import flax" 2>/dev/null; then
   step flax-recalibrate $((T_BENCH * 2)) "$PY" bench/recalibrate_flax.py "${FLAX[@]}" --runs "$RUNS" --json "$WORK/flax.json"
 fi

@@ -111,6 +111,13 @@ def collect(work: Path, out: Path) -> int:
         md += [f"## The PyTorch pass's fast paths ({checks['device']}, torch {checks['torch']})", "", "| check | result | detail |", "|---|---|---|"]
         md += [f"| {c['check']} | {'ok' if c['ok'] else '**FAILED**'} | {c['detail']} |" for c in checks["checks"]]
         md.append("")
+    diag = _load(work / "diagnose.json")
+    if diag:
+        results["diagnose"] = diag
+        md += [f"## diagnose / one evaluation pass ({device}; {diag['setting']}; median of {diag['runs']}; target 3.5x)", "",
+               "| framework | evaluate s | diagnose s | ratio | first call extra s |", "|---|---:|---:|---:|---:|"]
+        md += [f"| {r['framework']} | {r['evaluate']:.3f} | {r['diagnose']:.3f} | {r['ratio']:.2f}x | {r['first_extra']:.1f} |" for r in diag["results"]]
+        md += ([f"Failed: {', '.join(diag['failed'])}"] if diag.get("failed") else []) + [""]
     profile = _load(work / "profile.json")
     if profile:
         results["profile"] = profile

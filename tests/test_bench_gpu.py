@@ -95,7 +95,12 @@ def test_gpu_script_smoke_writes_every_table(tmp_path):
     assert {"prepare", "layers", "read", "enter", "batches", "host_captures", "exit", "write", "total"} <= set(phases), phases
     assert all(v >= 0 for k, v in phases.items() if k != "outside the adapter") and phases["batches"] < phases["total"]
     assert any(r["framework"] == "keras/torch" and "2 batches" in r["setting"] for r in ratios)  # the longer Keras run
+    # diagnose against one evaluation pass, PyTorch and the Keras backend, each ratio its two times' quotient
+    diag = results["diagnose"]
+    assert {r["framework"] for r in diag["results"]} == {"torch", "keras/torch"} and not diag["failed"]
+    for r in diag["results"]:
+        assert r["ratio"] == pytest.approx(r["diagnose"] / r["evaluate"]) and r["evaluate"] > 0
     summary = (out / "summary.md").read_text()
-    assert "## Where PyTorch recalibrate's extra time goes" in summary
+    assert "## Where PyTorch recalibrate's extra time goes" in summary and "## diagnose / one evaluation pass" in summary
     assert "## The seed's job" in summary and "## Recalibration / training-mode forward" in summary and "images/s" in summary
     assert (out / "ratios.png").read_bytes()[:4] == b"\x89PNG" and (out / "reproduce.png").read_bytes()[:4] == b"\x89PNG"
