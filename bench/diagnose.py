@@ -184,6 +184,13 @@ def main() -> None:
           f"{', Dropout before the head' if args.dropout else ''}; median of {args.runs} warm runs")
     print(f"{'framework':16s} {'evaluate s':>10s} {'diagnose s':>10s} {'ratio':>7s} {'first-call extra s':>19s}")
     results, failed = [], []
+    setting = f"ResNet50, {args.samples} samples in batches of {args.batch_size} at {args.image_size}x{args.image_size}"
+
+    def write() -> None:  # after each framework: a run stopped at its time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"setting": setting, "runs": args.runs, "results": results, "failed": failed}, fh, indent=2)
+
     for fw in args.frameworks.split(","):
         backend = {"keras-torch": "torch", "tf_keras": "tensorflow", "flax": "jax"}.get(fw, fw)
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
@@ -195,16 +202,14 @@ def main() -> None:
         if out.returncode != 0:
             print(f"{fw:16s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
             failed.append(fw)
+            write()
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         results.append({**r, "ratio": r["diagnose"] / r["evaluate"]})
+        write()
         print(f"{r['framework']:16s} {r['evaluate']:10.3f} {r['diagnose']:10.3f} {r['diagnose'] / r['evaluate']:6.2f}x {r['first_extra']:19.1f}")
-    if args.json:
-        setting = f"ResNet50, {args.samples} samples in batches of {args.batch_size} at {args.image_size}x{args.image_size}"
-        with open(args.json, "w") as fh:
-            json.dump({"setting": setting, "runs": args.runs, "results": results, "failed": failed}, fh, indent=2)
-        if failed:
-            raise SystemExit(1)
+    if args.json and failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ step torch-profile "$T_BENCH" "$PY" bench/gpu_profile.py "${TORCH[@]}" --runs "$
 step keras-recalibrate-long "$T_BENCH" "$PY" bench/recalibrate_keras.py --backends "$BACKEND" "${KERAS[@]}" --batches "$KERAS_LONG" --runs 3 --json "$WORK/keras_long.json"
 # diagnose against one evaluation pass (target 3.5x; measured on the CPU only so far): PyTorch and the seed job's Keras backend
 KERAS_CASE=$BACKEND; [ "$BACKEND" = torch ] && KERAS_CASE=keras-torch  # bench/diagnose.py's name for Keras on torch
-step diagnose "$T_BENCH" "$PY" bench/diagnose.py --frameworks "torch,$KERAS_CASE" "${DIAGNOSE[@]}" --runs 3 --json "$WORK/diagnose.json"
+step diagnose $((T_BENCH * 2)) "$PY" bench/diagnose.py --frameworks "torch,$KERAS_CASE" "${DIAGNOSE[@]}" --runs 3 --json "$WORK/diagnose.json"
 if "$PY" -c "import flax" 2>/dev/null; then
   step flax-recalibrate $((T_BENCH * 2)) "$PY" bench/recalibrate_flax.py "${FLAX[@]}" --runs "$RUNS" --json "$WORK/flax.json"
 fi
