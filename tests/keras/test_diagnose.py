@@ -13,6 +13,7 @@ from keras import layers
 import evalgap.keras as eg
 from evalgap import Report
 
+from .._tf_logs import tensorflow_log
 from ._reference import snapshot
 
 pytest.importorskip("sklearn")
@@ -282,16 +283,9 @@ def test_no_retracing_warning_over_several_models_every_mode_and_a_ragged_batch(
     """Each model's passes (moments, E, P, T) trace their steps once or twice (the ragged last batch): over several
     models in one process, as in a notebook, TensorFlow must not take that for one function re-traced in a loop and
     warn the user; E still equals evaluate."""
-    import logging
-
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("tensorflow")
-    logger.addHandler(handler)
     rng = np.random.default_rng(0)
     x, y = rng.random((100, 8)).astype("float32"), rng.integers(0, 3, 100)
-    try:
+    with tensorflow_log() as messages:
         for _ in range(4):
             model = keras.Sequential([keras.Input((8,)), layers.Dense(16), layers.BatchNormalization(), layers.Dropout(0.2),
                                       layers.Dense(3, activation="softmax")])
@@ -299,9 +293,7 @@ def test_no_retracing_warning_over_several_models_every_mode_and_a_ragged_batch(
             model.fit(x, y, batch_size=32, epochs=1, verbose=0)
             report = eg.diagnose(model, (x, y), batch_size=32, progress=False)
             eg.recalibrate(model, (x, y), batch_size=32, drop_ragged=False, progress=False)
-    finally:
-        logger.removeHandler(handler)
-    assert not [r for r in records if "retracing" in r.getMessage()], [r.getMessage()[:120] for r in records]
+    assert not [m for m in messages if "retracing" in m], [m[:120] for m in messages]
     expected = model.evaluate(x, y, batch_size=32, verbose=0)[0]
     assert report.decompositions["loss"].values["E"] != pytest.approx(expected, rel=1e-3)  # recalibrated since
     assert eg.diagnose(model, (x, y), batch_size=32, progress=False).decompositions["loss"].values["E"] == pytest.approx(expected, rel=1e-6)
