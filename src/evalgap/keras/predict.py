@@ -62,8 +62,8 @@ class _Predictor:
             self._fns[key] = tf.function(traced_alone(self._plain, f"{_MODES[key]}_step"), reduce_retracing=True)
         return self._fns[key]
 
-    def __call__(self, x, non_trainable, training: bool, substituted: bool = False):
-        tv = [v.value for v in self._model().trainable_variables]
+    def __call__(self, x, trainable, non_trainable, training: bool, substituted: bool = False):
+        tv = trainable
         fn = self._compiled(training, substituted)
         if keras.backend.backend() == "torch":
             import torch
@@ -97,12 +97,13 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
     its own dropout masks, as in fit; on the torch backend torch's global RNG is put back after.
     """
     predict = _predictor(model)
+    trainable = [v.value for v in model.trainable_variables]  # listed once per pass (Keras walks every layer); never assigned
     values = _substituted(model, layers, stats) if mode == "P" else [v.value for v in model.non_trainable_variables]
     training = mode == "T"
     state = {"values": values}
 
     def run(batch: Batch):
-        y_pred, losses, new_values = predict(batch.inputs, state["values"], training, substituted=mode == "P")
+        y_pred, losses, new_values = predict(batch.inputs, trainable, state["values"], training, substituted=mode == "P")
         if training:
             state["values"] = list(new_values)
         return y_pred, losses
