@@ -49,6 +49,15 @@ def traced_alone(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return step
 
 
+def by_dtype(values: Any) -> dict[Any, list[int]]:
+    """Indices of ``values`` grouped by dtype (the arrays' own dtype objects: NumPy's, TensorFlow's, torch's, all
+    hashable), in first-seen order: what bulk transfers concatenate together."""
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v.dtype, []).append(i)
+    return groups
+
+
 def mode_dependent(layer: Any) -> bool:
     """Whether a layer's output may depend on the training flag (BatchNorm and training-only layers are
     counted apart): its call takes ``training`` and it is user code, or one of Keras's own layers not known

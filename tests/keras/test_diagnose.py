@@ -13,7 +13,7 @@ from keras import layers
 import evalgap.keras as eg
 from evalgap import Report
 
-from .._tf_logs import tensorflow_log
+from .._tf_logs import models_in_a_row
 from ._reference import snapshot
 
 pytest.importorskip("sklearn")
@@ -283,16 +283,7 @@ def test_no_retracing_warning_over_several_models_every_mode_and_a_ragged_batch(
     """Each model's passes (moments, E, P, T) trace their steps once or twice (the ragged last batch): over several
     models in one process, as in a notebook, TensorFlow must not take that for one function re-traced in a loop and
     warn the user; E still equals evaluate."""
-    rng = np.random.default_rng(0)
-    x, y = rng.random((100, 8)).astype("float32"), rng.integers(0, 3, 100)
-    with tensorflow_log() as messages:
-        for _ in range(4):
-            model = keras.Sequential([keras.Input((8,)), layers.Dense(16), layers.BatchNormalization(), layers.Dropout(0.2),
-                                      layers.Dense(3, activation="softmax")])
-            model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-            model.fit(x, y, batch_size=32, epochs=1, verbose=0)
-            report = eg.diagnose(model, (x, y), batch_size=32, progress=False)
-            eg.recalibrate(model, (x, y), batch_size=32, drop_ragged=False, progress=False)
+    messages, model, report, (x, y) = models_in_a_row(keras, eg)
     assert not [m for m in messages if "retracing" in m], [m[:120] for m in messages]
     expected = model.evaluate(x, y, batch_size=32, verbose=0)[0]
     assert report.decompositions["loss"].values["E"] != pytest.approx(expected, rel=1e-3)  # recalibrated since

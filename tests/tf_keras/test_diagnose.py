@@ -9,7 +9,7 @@ from tf_keras import layers
 
 import evalgap.tf_keras as eg
 
-from .._tf_logs import tensorflow_log
+from .._tf_logs import models_in_a_row
 from ._reference import layer_state, snapshot
 
 pytest.importorskip("sklearn")
@@ -129,15 +129,6 @@ def test_bad_labels_and_one_shot_generators_are_refused(digits):
 def test_no_retracing_warning_over_several_models():
     """Keras 2: each model's passes trace their own steps; over several models in one process TensorFlow must not
     warn of a function re-traced in a loop."""
-    rng = np.random.default_rng(0)
-    x, y = rng.random((100, 8)).astype("float32"), rng.integers(0, 3, 100)
-    with tensorflow_log() as messages:
-        for _ in range(4):
-            model = keras.Sequential([layers.Dense(16, input_shape=(8,)), layers.BatchNormalization(), layers.Dropout(0.2),
-                                      layers.Dense(3, activation="softmax")])
-            model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-            model.fit(x, y, batch_size=32, epochs=1, verbose=0)
-            report = eg.diagnose(model, (x, y), batch_size=32, progress=False)
-            eg.recalibrate(model, (x, y), batch_size=32, drop_ragged=False, progress=False)
+    messages, _, report, _ = models_in_a_row(keras, eg)
     assert not [m for m in messages if "retracing" in m], [m[:120] for m in messages]
     assert report.decompositions["loss"].values["E"] > 0

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
+from .._keras_common import by_dtype
+
 
 def read(variables: Sequence[Any]) -> list[np.ndarray]:
     """Each variable's value as a NumPy array of its own shape and dtype, in one device-to-host transfer per dtype."""
@@ -28,7 +30,7 @@ def read(variables: Sequence[Any]) -> list[np.ndarray]:
 
         return [np.asarray(v) for v in jax.device_get(values)]
     out: list[np.ndarray | None] = [None] * len(values)
-    for indices in _by_dtype(values).values():
+    for indices in by_dtype(values).values():
         if len(indices) > 1:
             flat = keras.ops.concatenate([keras.ops.reshape(values[i], (-1,)) for i in indices])
         else:
@@ -65,7 +67,7 @@ def assign(variables: Sequence[Any], arrays: Sequence[np.ndarray]) -> None:
         device = jax.device_put(host)
     else:
         device = [None] * len(host)
-        for indices in _by_dtype(host).values():
+        for indices in by_dtype(host).values():
             flat = keras.ops.convert_to_tensor(np.concatenate([host[i].reshape(-1) for i in indices]))
             sizes = [host[i].size for i in indices]
             parts = keras.ops.split(flat, np.cumsum(sizes)[:-1].tolist()) if len(indices) > 1 else [flat]
@@ -74,10 +76,3 @@ def assign(variables: Sequence[Any], arrays: Sequence[np.ndarray]) -> None:
     for v, value in zip(variables, device):
         v.assign(value)
 
-
-def _by_dtype(values: Sequence[Any]) -> dict[Any, list[int]]:
-    """Indices grouped by dtype (the arrays' own dtype objects: NumPy's, torch's, TensorFlow's, all hashable)."""
-    groups: dict[Any, list[int]] = {}
-    for i, v in enumerate(values):
-        groups.setdefault(v.dtype, []).append(i)
-    return groups

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._keras_common import check_batched
+from .._keras_common import by_dtype, check_batched
 from ..engine import Batch, NormLayer
 from ..engine.moments import captures_to_host
 from ..errors import ModelError, RecalibrationError
@@ -136,10 +136,7 @@ def _read(variables: Sequence[Any]) -> list[np.ndarray]:
     import tensorflow as tf
 
     out: list[Any] = [None] * len(variables)
-    groups: dict[Any, list[int]] = {}
-    for i, v in enumerate(variables):
-        groups.setdefault(v.dtype, []).append(i)
-    for indices in groups.values():
+    for indices in by_dtype(variables).values():
         host = tf.concat([tf.reshape(tf.convert_to_tensor(variables[i]), [-1]) for i in indices], 0).numpy()
         start = 0
         for i in indices:
@@ -155,10 +152,7 @@ def _to_device(values: Sequence[np.ndarray]) -> list[Any]:
     import tensorflow as tf
 
     out: list[Any] = [None] * len(values)
-    groups: dict[Any, list[int]] = {}
-    for i, v in enumerate(values):
-        groups.setdefault(v.dtype, []).append(i)
-    for indices in groups.values():
+    for indices in by_dtype(values).values():
         flat = tf.constant(np.concatenate([values[i].reshape(-1) for i in indices]))
         parts = tf.split(flat, [values[i].size for i in indices]) if len(indices) > 1 else [flat]
         for i, part in zip(indices, parts):
