@@ -24,10 +24,13 @@ class TorchRemedies:
                 f"    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.momentum = {momentum}")
 
     def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str:
-        """Per channel (axis 1), for inputs of any rank; a constant channel (std 0) is only centred."""
+        """``x = (x - mean_c) / std_c`` per channel: axis 1 of an (N, C, ...) input, the one value of an (N,)
+        input (what :meth:`InputScale.measure` measured); on x's device and dtype. A constant channel (std 0)
+        is only centred."""
         std = [s if s > 0 else 1.0 for s in std]
         return (f"mean, std = torch.tensor({_vec(mean)}), torch.tensor({_vec(std)})  # per channel, measured on your data\n"
-                "x = (x - mean.view(1, -1, *[1] * (x.dim() - 2))) / std.view(1, -1, *[1] * (x.dim() - 2))")
+                "shape = (1, -1) + (1,) * (x.dim() - 2) if x.dim() > 1 else (-1,)  # channels on axis 1\n"
+                "x = (x - mean.view(shape).to(x)) / std.view(shape).to(x)")
 
     def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str:
         return self.rescale(mean, std)
