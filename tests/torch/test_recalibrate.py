@@ -444,3 +444,47 @@ def test_a_compiled_model_is_recalibrated_through_its_eager_module():
     assert "forward" not in net[1].__dict__ and net.training
     report = eg.diagnose(compiled, [(x, torch.zeros(16, dtype=torch.long)) for x in data], progress=False)
     assert [layer.name for layer in report.recalibration.layers] == ["1"]
+
+
+def test_written_values_are_the_float64_result_rounded_once_per_buffer_dtype():
+    """float32 buffers hold the float64 population statistics rounded once (host cast), float16 and float64
+    ones torch's cast of the same values; each (device, dtype) group is written in one foreach copy."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.BatchNorm1d(5), nn.BatchNorm1d(5).half(), nn.BatchNorm1d(5).double()
+
+        def forward(self, x):
+            return self.a(x).sum() + self.b(x.half() / 8).sum() + self.c(x.double() * 3).sum()
+
+    torch.manual_seed(0)
+    net = Net().train()
+    data = [torch.randn(16, 5) * 7 + 40 for _ in range(6)]
+    calls = []
+    real = torch._foreach_copy_
+    try:
+        torch._foreach_copy_ = lambda targets, sources: (calls.append([(t.dtype, s.dtype) for t, s in zip(targets, sources)]), real(targets, sources))[1]
+        result = eg.recalibrate(net, data, progress=False)
+    finally:
+        torch._foreach_copy_ = real
+    for name, dtype in (("a", torch.float32), ("b", torch.float16), ("c", torch.float64)):
+        bn, entry = getattr(net, name), result[name]
+        for buffer, value in ((bn.running_mean, entry.mean_after), (bn.running_var, entry.var_after)):
+            assert buffer.dtype == dtype and torch.equal(buffer, torch.from_numpy(np.asarray(value, dtype=np.float64)).to(dtype))
+    x = torch.cat(data).double().numpy()
+    np.testing.assert_allclose(result["a"].var_after, x.var(0), rtol=1e-5)  # the values themselves: the population's
+    assert sorted(map(str, calls)) == sorted(map(str, [[(torch.float32, torch.float32)] * 2, [(torch.float16, torch.float64)] * 2,
+                                                       [(torch.float64, torch.float64)] * 2]))
+
+
+def test_a_write_of_the_wrong_size_names_the_layer_and_changes_nothing():
+    from evalgap.torch.adapter import TorchAdapter
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    adapter = TorchAdapter()
+    layers = adapter.layers(net)
+    before = state_snapshot(net)
+    with pytest.raises(ModelError, match=r"3 has 2 channels, got 4 values.*unchanged"):
+        adapter.write(layers, [(np.ones(4), np.ones(4)), (np.ones(4), np.ones(2))])
+    assert state_snapshot(net) == before

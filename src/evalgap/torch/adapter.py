@@ -108,20 +108,34 @@ class TorchAdapter:
         return [None if z else (next(host), next(host)) for z in lazy]
 
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
-        """Copy float64 (mean, var) pairs into the running buffers: one host-to-device transfer per device,
-        one (foreach) copy, cast to each buffer's dtype."""
+        """Copy float64 (mean, var) pairs into the running buffers: per (device, dtype) of the buffers one
+        host-to-device transfer and one ``_foreach_copy_`` of equal dtypes (CUDA's fused path; a float64
+        source would fall back to a copy kernel per buffer). float32 buffers get the values rounded on the
+        host (NumPy's float64 -> float32 cast rounds to nearest, as torch's does), others get float64
+        values cast by torch. Every size is checked before any write (a ModelError)."""
         buffers = [b[k] for b in (layer.handle._buffers for layer in norm_layers) for k in ("running_mean", "running_var")]
         if not buffers:
             return
         if not torch.is_inference_mode_enabled() and any(buf.is_inference() for buf in buffers):  # before any write
             raise ModelError(f"cannot write the statistics. {_INFERENCE_TENSORS} The model is unchanged.")
-        flat = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for pair in stats for v in pair])
-        host = torch.from_numpy(flat)
-        sizes = [buf.numel() for buf in buffers]
-        parts = {device: host.to(device).split(sizes) for device in {buf.device for buf in buffers}}  # raises on a size mismatch, before any write
-        sources = [part if buf.dim() == 1 else part.view(buf.shape) for part, buf in zip(_parts(parts, buffers), buffers)]
+        values = [np.asarray(v, dtype=np.float64).reshape(-1) for pair in stats for v in pair]
+        wrong = next((i for i, (v, buf) in enumerate(zip(values, buffers)) if v.size != buf.numel()), None)
+        if wrong is not None or len(values) != len(buffers):
+            at = "" if wrong is None else f": {norm_layers[wrong // 2].name} has {buffers[wrong].numel()} channels, got {values[wrong].size} values"
+            raise ModelError(f"cannot write the statistics{at} (one (mean, var) pair per layer, one value per channel). The model is unchanged.")
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, buf in enumerate(buffers):
+            groups.setdefault((buf.device, buf.dtype), []).append(i)
+        copies = []
+        for (device, dtype), members in groups.items():
+            host = np.concatenate([values[i] for i in members])
+            sources = torch.from_numpy(host.astype(np.float32) if dtype == torch.float32 else host).to(device)
+            parts = sources.split([buffers[i].numel() for i in members])
+            targets = [buffers[i] for i in members]
+            copies.append((targets, [part if buf.dim() == 1 else part.view(buf.shape) for part, buf in zip(parts, targets)]))
         with torch.no_grad():
-            torch._foreach_copy_(buffers, sources)
+            for targets, sources in copies:
+                torch._foreach_copy_(targets, sources)
 
     def predictor(self, model, mode, norm_layers=(), stats=()):
         return predict.predictor(model, mode, norm_layers, stats, forward=self.forward, device=self.device,
@@ -159,13 +173,6 @@ class TorchAdapter:
                     "several positional arguments; for forward(self, x, extra=None) pass "
                     "forward=lambda model, batch: model(*batch[0]).")
         return None
-
-
-def _parts(parts: dict, buffers: list) -> list:
-    """Each buffer's slice of the host values, on the buffer's device."""
-    if len(parts) == 1:
-        return list(next(iter(parts.values())))
-    return [parts[buf.device][i] for i, buf in enumerate(buffers)]
 
 
 __all__ = ["TorchAdapter"]
