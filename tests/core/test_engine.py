@@ -89,6 +89,25 @@ def test_default_task_only_where_shapes_leave_no_doubt(out, tgt, integer, binary
     assert default_task(out, tgt, integer, binary) == task
 
 
+def test_soft_labels_leave_doubt():
+    assert default_task((8, 3), (8, 3), False, False, probability_rows=True) is None  # cross-entropy or MSE: ask
+    assert default_task((8, 3), (8, 3), False, False, probability_rows=False) == "regression"
+
+
+def test_tree_leaves_of_a_dataclass_output():
+    import dataclasses
+
+    from evalgap.engine import tree_leaves
+
+    @dataclasses.dataclass
+    class Out:
+        logits: object
+        extra: object = None
+
+    assert tree_leaves({"a": Out(1, [2, (3, None)]), "b": [Out(4)]}) == [1, 2, 3, 4]
+    assert tree_leaves(Out) == [Out]  # the class itself is a leaf
+
+
 def test_primary_metric_rule():
     assert choose_primary(["loss", "auc", "accuracy"], ["auc", "accuracy"]) == "accuracy"
     assert choose_primary(["loss", "auc"], ["auc"]) == "auc"

@@ -168,6 +168,15 @@ def test_unguessable_shapes_ask_for_loss_fn_and_metrics():
     assert "loss_fn" in str(info.value) and "metrics" in str(info.value)
 
 
+def test_soft_labels_ask_for_a_loss_and_say_why():
+    """Rows of class probabilities (label smoothing) take cross-entropy as well as MSE: no default, a clear error."""
+    def smoothed(x, r):
+        return (np.eye(3)[r.integers(0, 3, len(x))] * 0.9 + 0.1 / 3).astype(np.float32)
+
+    with pytest.raises(evalgap.DataError, match="class probabilities.*softmax_cross_entropy"):
+        eg.diagnose(mlp(3), tabular(smoothed), progress=False)
+
+
 def test_user_loss_and_a_metric_that_cannot_be_compiled():
     data = far_batches()
     model = nnx_model()

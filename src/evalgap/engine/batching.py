@@ -14,6 +14,7 @@ Each source says how it drew its batches (``order``) for the report's notes.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -37,9 +38,25 @@ def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
 
 
 def tree_leaves(tree: Any) -> list[Any]:
-    """The leaves of nested dicts, lists and tuples, in order (None left out)."""
+    """The leaves of nested dicts, lists, tuples and dataclass instances (a model's output), in order (None left out)."""
     out: list[Any] = []
-    tree_map(out.append, tree)
+
+    def visit(t: Any) -> None:
+        if t is None:
+            return
+        if isinstance(t, dict):
+            for v in t.values():
+                visit(v)
+        elif isinstance(t, (list, tuple)) and not hasattr(t, "shape"):
+            for v in t:
+                visit(v)
+        elif dataclasses.is_dataclass(t) and not isinstance(t, type):
+            for f in dataclasses.fields(t):
+                visit(getattr(t, f.name))
+        else:
+            out.append(t)
+
+    visit(tree)
     return out
 
 

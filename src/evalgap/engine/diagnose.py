@@ -42,6 +42,27 @@ class Training:
     steps_per_epoch: int | None = None
     epochs: int | None = None
     bn_updates: int | None = None
+    of_history: bool = False  # fit holds every number of a Keras History (learning_rate too), not metrics the user picked
+
+    def unused_fit(self, names: list[str]) -> list[str]:
+        """Notes on the keys of ``fit`` that name no measured metric (F needs the same names). A dict the user
+        gave whose keys name none of them is a :class:`DataError`: F would silently be unknown."""
+        fit = self.fit
+        if not isinstance(fit, Mapping) or not fit:
+            return []
+        unused = [str(k) for k in fit if k not in names]
+        if not unused:
+            return []
+        measured = ", ".join(names)
+        if self.of_history:  # a History holds more than metrics (learning_rate): only say so when nothing matched
+            return [] if len(unused) < len(fit) else [f"F not known: the history's {', '.join(unused)} name none of the measured metrics ({measured})."]
+        if len(unused) == len(fit):
+            example = ", ".join(f"{n!r}: ..." for n in names[:2])
+            raise DataError(
+                f"fit_metric names {', '.join(map(repr, unused))}, none of which diagnose measures ({measured}): give the "
+                f"training loop's last-epoch values under these names ({{{example}}}), or one number for the primary metric."
+            )
+        return [f"fit_metric: {', '.join(unused)} not used (diagnose measures {measured})."]
 
     @classmethod
     def from_history(cls, history: Any) -> "Training":
@@ -56,7 +77,7 @@ class Training:
             if not k.startswith("val_") and len(v) and isinstance(v[-1], (int, float, np.floating)) and np.ndim(v[-1]) == 0
         }
         epochs = len(next(iter(hist.values()))) if hist else None
-        return cls(fit=last, steps_per_epoch=params.get("steps"), epochs=epochs)
+        return cls(fit=last, steps_per_epoch=params.get("steps"), epochs=epochs, of_history=True)
 
 
 @dataclass
@@ -167,6 +188,7 @@ def _measure_and_explain(run: "_Run", collective, probe, training: Training, pri
     facts = adapter.facts(model)
     check = not facts.training_only and facts.mode_dependent != []  # does training mode do more than BN? not known
     run.by_mode["E"] = run.score("E", keep_first=check)
+    run.notes.extend(training.unused_fit(list(run.by_mode["E"])))
     measured = _batch_statistic_modes(run, collective, keep_first=check)
     trains_differently = bool(facts.training_only) or check and _training_mode_differs(run, collective)
     run.by_mode["T"] = run.score("T") if trains_differently else run.by_mode["Td"]
@@ -260,18 +282,24 @@ def _decompositions(run: _Run, fit: Mapping[str, float] | float | None, primary:
 
 
 def _input_sample(adapter: Adapter, batches, limit: int = 2048) -> tuple[np.ndarray, int] | None:
-    """Up to ``limit`` samples of what reaches the model's first layer, and their channel axis."""
-    xs, axis, seen = [], -1, 0
+    """Up to ``limit`` samples of what reaches the model's first layer, as ``(values, channels)`` rows
+    (every position of every sample one row), and the channel axis of that array (-1). Batches may
+    differ in every other dimension (sequences padded per batch); None when the input is not an array
+    or its number of channels changes between batches."""
+    rows, seen = [], 0
     for batch in batches:
         found = adapter.input_array(batch.inputs)
         if found is None:
             return None
         x, axis = found
-        xs.append(x)
+        flat = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]) if x.ndim > 1 else x.reshape(-1, 1)
+        if rows and flat.shape[1] != rows[0].shape[1]:
+            return None
+        rows.append(flat)
         seen += len(x) if x.ndim else 1
         if seen >= limit:
             break
-    return (np.concatenate(xs), axis) if xs else None
+    return (np.concatenate(rows), -1) if rows else None
 
 
 def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) -> Context:

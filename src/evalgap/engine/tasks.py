@@ -10,7 +10,8 @@ task               output / targets                             loss, metrics
 ``classification`` scores (N, C), C > 1 / integers (N,) or (N, 1)  cross-entropy, accuracy
 ``segmentation``   scores (N, C, *S) / integers (N, [1,] *S)     per-pixel CE, pixel accuracy
 ``binary``         one logit (N,) or (N, 1) / 0-1 values          BCE with logits, accuracy
-``regression``     any / floats of the output's shape, not 0-1    MSE only
+``regression``     any / floats of the output's shape, not 0-1,   MSE only
+                   not rows of class probabilities
 =================  ===========================================  ============================
 """
 
@@ -33,11 +34,15 @@ def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
     return shape[:-1] if len(shape) == 2 and shape[-1] == 1 else shape
 
 
-def default_task(output_shape: Sequence[int], target_shape: Sequence[int], integer_targets: bool, binary_values: bool) -> str | None:
+def default_task(output_shape: Sequence[int], target_shape: Sequence[int], integer_targets: bool, binary_values: bool,
+                 probability_rows: bool = False) -> str | None:
     """The task the shapes imply (table above), or None when they leave doubt.
 
     ``integer_targets``: the targets are an integer dtype; ``binary_values``: every target is
     0 or 1. One logit and 0/1 targets is ``binary`` whatever the target dtype.
+    ``probability_rows``: the targets are non-negative and sum to 1 over the class axis (soft
+    labels: label smoothing, mixup, distillation), which cross-entropy takes as well as MSE: doubt,
+    as for one-hot rows.
     """
     out, tgt = tuple(int(d) for d in output_shape), tuple(int(d) for d in target_shape)
     if not out or not tgt or out[0] != tgt[0]:
@@ -55,7 +60,7 @@ def default_task(output_shape: Sequence[int], target_shape: Sequence[int], integ
         if len(out) >= 3 and out[1] > 1 and tgt == (out[0], *out[2:]):
             return "segmentation"
         return None
-    if tgt == out and not binary_values:
+    if tgt == out and not binary_values and not probability_rows:
         return "regression"
     return None
 

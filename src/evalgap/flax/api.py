@@ -114,7 +114,7 @@ def diagnose(
             name, or one number for the primary metric.
         primary: the metric to rank causes by (default: accuracy-like, else the first given
             metric, else the loss).
-        max_samples: probe at most this many samples (whole batches).
+        max_samples: probe at most this many samples, and at least one batch (whole batches).
         val_data: separate validation batches, for the data term.
         steps_per_epoch, epochs, bn_updates: for the EMA arithmetic of the moving statistics.
         progress: show a progress bar.

@@ -98,12 +98,16 @@ def _task(output: Any, target: Any) -> str:
     first = (shape[0], shape[-1], *shape[1:-1]) if len(shape) >= 3 else shape
     target = (t.shape[0], t.shape[-1], *t.shape[1:-1]) if t.ndim == len(shape) >= 3 else t.shape  # channels first too
     binary = bool(t.size) and bool(np.isin(t, (0, 1)).all())
-    task = default_task(first, target, t.dtype.kind in "iub", binary)
+    f = t.astype(np.float64) if t.dtype.kind == "f" else None
+    soft = f is not None and t.ndim >= 2 and t.shape[-1] >= 2 and bool((f >= 0).all()) and np.allclose(f.sum(-1), 1.0, atol=1e-4)
+    task = default_task(first, target, t.dtype.kind in "iub", binary, soft)
     if task is None:
+        why = (" The targets look like class probabilities (soft labels: label smoothing, mixup, distillation): "
+               "optax.softmax_cross_entropy(o, t).mean() takes them." if soft else "")
         raise DataError(
             f"cannot choose a loss for outputs of shape {shape} and {t.dtype} targets of shape {t.shape}: pass "
             "loss_fn=(output, target) -> scalar (e.g. lambda o, t: optax.sigmoid_binary_cross_entropy(o, t).mean()) "
-            "and metrics={'name': (output, target) -> scalar}."
+            f"and metrics={{'name': (output, target) -> scalar}}.{why}"
         )
     if task in ("classification", "segmentation"):
         check_labels(t, int(shape[-1]))

@@ -56,7 +56,7 @@ def recalibrate(
         progress: show a progress bar.
         drop_ragged: leave out batches smaller than the first (counted in the result).
         shuffle, seed: how array data are drawn into batches.
-        max_samples: use at most this many samples: whole batches drawn at random from all
+        max_samples: use at most this many samples, and at least one batch: whole batches drawn at random from all
             of the arrays (the first batches of a stream).
         training_metrics: also score the pass's own outputs with the model's compiled loss
             and metrics (as ``evaluate`` computes them): the training-mode metrics of these
@@ -107,7 +107,7 @@ def diagnose(
         batch_size: the training batch size for array data.
         history: ``model.fit``'s History (or its ``.history`` dict): F (the last epoch's
             averaged training metrics), the steps per epoch and the epochs trained.
-        max_samples: probe at most this many samples (whole batches: drawn at random
+        max_samples: probe at most this many samples, and at least one batch (whole batches: drawn at random
             from all of the arrays, the first batches of a stream).
         val_data: separate validation data, for the data term.
         steps_per_epoch, epochs: for the EMA arithmetic when no History is given.

@@ -63,7 +63,7 @@ def recalibrate(
             different numbers of batches; SyncBatchNorm layers use local batch statistics
             during the pass. Collective: every rank must call it.
         batch_size, shuffle, seed: for array data and Datasets (see ``data``).
-        max_samples: use at most this many samples: whole batches drawn at random from all
+        max_samples: use at most this many samples, and at least one batch: whole batches drawn at random from all
             of the arrays (the first batches of a loader).
         training_metrics: also score the pass's own outputs (BN on batch statistics, dropout
             off, these weights, every batch including a ragged last one) with ``loss_fn`` and
@@ -131,7 +131,7 @@ def diagnose(
         forward: ``forward(model, batch) -> output`` to call the model yourself.
         fit_metric: what the training loop reported for the last epoch (F): a dict by metric
             name, or one number for the primary metric.
-        max_samples: probe at most this many samples (whole batches; random batches of
+        max_samples: probe at most this many samples, and at least one batch (whole batches; random batches of
             arrays, the first batches of a loader).
         val_data: separate validation batches, for the data term.
         steps_per_epoch, epochs, bn_updates: for the EMA arithmetic of the running statistics.

@@ -76,20 +76,28 @@ def model_input(batch: Any) -> Any:
     return batch
 
 
-def batch_size_of(batch: Any) -> int | None:
-    """The leading dimension of the batch's input (the first tensor found), or None."""
-    x = model_input(batch)
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0]) if x.dim() > 0 else None
-    if isinstance(x, Mapping):
-        for v in x.values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                return int(v.shape[0])
-    if isinstance(x, (list, tuple)):
-        for v in x:
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                return int(v.shape[0])
+def _first_tensor(tree: Any) -> torch.Tensor | None:
+    """The first tensor of at least one dimension in a tensor, a dict's values or a list/tuple's items."""
+    items = tree.values() if isinstance(tree, Mapping) else tree if isinstance(tree, (list, tuple)) else (tree,)
+    for v in items:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return v
     return None
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """The number of samples in a batch: the leading dimension of its input (the first tensor found), or None.
+
+    A sequence-first input, ``(T, N, ...)`` as ``batch_first=False`` RNNs and Transformers take it, is
+    told by its targets: when their leading dimension is not the input's first but its second, the
+    batch holds that many samples (N)."""
+    x = _first_tensor(model_input(batch))
+    if x is None:
+        return None
+    y = _first_tensor(targets_of(batch))
+    if y is not None and x.dim() >= 2 and x.shape[0] != y.shape[0] and x.shape[1] == y.shape[0]:
+        return int(y.shape[0])
+    return int(x.shape[0])
 
 
 def call_model(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
@@ -190,6 +198,12 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
         raise DataError(
             "these look like arrays of samples (x or (x, y)): pass batch_size= (the training batch size) to cut them into "
             "batches, or pass a DataLoader / a list of (input, target) batches."
+        )
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset) and hasattr(data, "__len__"):
+        raise DataError(
+            f"a map-style Dataset ({type(data).__name__}) gives one sample at a time: pass batch_size= (the training batch "
+            "size) to draw batches from it as training does, or pass a DataLoader over it (batch_size=None if its items "
+            "are already batches)."
         )
     if batch_size is not None:
         logger.info("batch_size=%s is ignored: the data are already batched", batch_size)

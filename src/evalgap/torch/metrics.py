@@ -18,6 +18,7 @@ functions, on the prediction in the output (:func:`prediction`), in float32 or w
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -34,16 +35,20 @@ Metric = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
 def prediction(output: Any) -> torch.Tensor:
-    """The prediction tensor in a model's output: the tensor, a dict's logits/output/out, a tuple's first."""
+    """The prediction tensor in a model's output: the tensor, a dict's (or a dataclass's) logits/output/out,
+    a tuple's first."""
     if isinstance(output, torch.Tensor):
         return output
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        output = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
     if isinstance(output, Mapping):
         for key in ("logits", "output", "out"):
             if key in output:
                 return output[key]
     if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise ModelError(f"cannot find the model's prediction in an output of type {type(output).__name__}: return a tensor, or pass forward=.")
+    raise ModelError(f"cannot find the model's prediction in an output of type {type(output).__name__}: return a tensor (or a "
+                     "dict or dataclass with 'logits'), pass loss_fn= and metrics= that take the output as it is, or pass forward=.")
 
 
 def is_torchmetric(m: Any) -> bool:
@@ -88,12 +93,15 @@ def _task(output: torch.Tensor, target: Any) -> str:
         raise DataError(f"the targets are {type(target).__name__}, not a tensor: pass loss_fn= and metrics= that take them.")
     t = target.detach()
     binary = bool(t.numel()) and bool(((t == 0) | (t == 1)).all())
-    task = default_task(output.shape, t.shape, not torch.is_floating_point(t), binary)
+    soft = _probability_rows(t)
+    task = default_task(output.shape, t.shape, not torch.is_floating_point(t), binary, soft)
     if task is None:
+        why = (" The targets look like class probabilities (soft labels: label smoothing, mixup, distillation): "
+               "torch.nn.CrossEntropyLoss() takes them as targets." if soft else "")
         raise DataError(
             f"cannot choose a loss for outputs of shape {tuple(output.shape)} and {t.dtype} targets of shape {tuple(t.shape)}: "
             "pass loss_fn=(output, target) -> scalar (e.g. torch.nn.BCEWithLogitsLoss()) and metrics={'name': ...} "
-            "(callables or torchmetrics objects)."
+            f"(callables or torchmetrics objects).{why}"
         )
     if task in ("classification", "segmentation"):
         check_labels(t.cpu().numpy(), int(output.shape[1]))
@@ -104,6 +112,14 @@ def _task(output: torch.Tensor, target: Any) -> str:
                 "return logits, or pass loss_fn= (e.g. lambda p, t: torch.nn.functional.nll_loss(p.log(), t))."
             )
     return task
+
+
+def _probability_rows(t: torch.Tensor) -> bool:
+    """Float targets of at least two classes on axis 1, non-negative, each row summing to 1 (class probabilities)."""
+    if not torch.is_floating_point(t) or t.dim() < 2 or t.shape[1] < 2 or not t.numel():
+        return False
+    f = t.double()
+    return bool((f >= 0).all()) and bool(torch.allclose(f.sum(1), torch.ones((), dtype=f.dtype), atol=1e-4))
 
 
 class TorchMetrics:
@@ -192,8 +208,24 @@ class _State:
         if self.spec.collective is not None:  # per-sample sums and counts over every process
             values = self.spec.collective.sum(values)
         out = {k: v / values[-1] for k, v in zip(keys, values[:-1])}
-        out.update({name: float(m.compute()) for name, m in self.objects.items()})
+        out.update({name: _one_number(name, m) for name, m in self.objects.items()})
         return {name: float(out[name]) for name in self.spec.names}
+
+
+def _one_number(name: str, metric: Any) -> float:
+    """A torchmetrics object's ``compute()`` as one number; anything else (per-class values, a collection's dict)
+    is a DataError naming the metric."""
+    value = metric.compute()
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    got = f"a {type(value).__name__} of {len(value)} entries" if isinstance(value, Mapping) else \
+        f"values of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+    raise DataError(
+        f"metric {name!r} ({type(metric).__name__}) computed {got}, not one number: configure it to give one (e.g. "
+        "average='micro' or 'macro' instead of None), or pass each metric of a collection under its own name in metrics={...}."
+    )
 
 
 def _first_tensor(output: Any) -> torch.Tensor:

@@ -1,0 +1,190 @@
+"""Shapes and outputs from everyday PyTorch code that broke the diagnosis, each against an independent reference:
+sequences padded per batch, sequence-first inputs, dataclass outputs, soft labels, misnamed fit values, a map-style
+Dataset without a batch size, a metric that is not one number."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import evalgap.torch as eg  # noqa: E402
+from evalgap import DataError  # noqa: E402
+
+from ._reference import modes, reference_population_stats, state_snapshot  # noqa: E402
+
+
+def eval_loss(model, batches, loss=nn.functional.cross_entropy, prediction=lambda out: out) -> float:
+    """The per-sample mean of the loss in eval mode, as an evaluation loop computes it (float64 sums)."""
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            total += float(loss(prediction(model(x)), y).double()) * len(y)
+            count += len(y)
+    return total / count
+
+
+class _Conv1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.head = nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+    def forward(self, x):  # (N, C, L), L differs from batch to batch
+        return self.head(self.bn(x).mean(2))
+
+
+def test_sequences_padded_per_batch_are_diagnosed():
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 4, n) * 30 + 100, torch.randint(0, 3, (8,))) for n in (5, 9, 3)]
+    model = _Conv1d().train()
+    before, before_modes = state_snapshot(model), modes(model)
+    report = eg.diagnose(model, batches, progress=False)
+    assert state_snapshot(model) == before and modes(model) == before_modes
+    assert report.decompositions["loss"].values["E"] == pytest.approx(eval_loss(model, batches), rel=1e-6)
+    model.train()
+    positions = np.concatenate([x.double().numpy().transpose(0, 2, 1).reshape(-1, 4) for x, _ in batches])  # every position of every sample
+    scale = report.finding("input_scale").numbers  # far from standard: mean about 100, std about 30
+    np.testing.assert_allclose(scale["mean"], positions.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(scale["std"], positions.std(0), rtol=1e-6)
+
+
+class _SequenceFirst(nn.Module):
+    """Token ids (T, N) -> (N, 3), as a batch_first=False encoder takes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.bn, self.head = nn.Embedding(20, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        return self.head(self.bn(self.embed(tokens).mean(0)))
+
+
+def test_sequence_first_inputs_count_their_samples_not_their_steps():
+    torch.manual_seed(0)
+    model = _SequenceFirst().train()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 20, (7, n), generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (16, 16, 16, 5)]
+    report = eg.diagnose(model, batches, progress=False)
+    assert report.samples == 53
+    assert report.decompositions["loss"].values["E"] == pytest.approx(eval_loss(model, batches), rel=1e-6)
+
+    model.train()
+    varied = [(torch.randint(0, 20, (t, 16), generator=g), torch.randint(0, 3, (16,), generator=g)) for t in (12, 7, 9, 12, 5)]
+    inputs = [model.embed(x).mean(0).detach() for x, _ in varied]  # what the BN layer sees, per batch
+    result = eg.recalibrate(model, varied, progress=False)
+    assert result.batches == 5 and result.skipped_batches == 0  # no batch taken for ragged: each holds 16 sequences
+    seen = torch.cat(inputs).double().numpy()
+    np.testing.assert_allclose(model.bn.running_mean.double().numpy(), seen.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model.bn.running_var.double().numpy(), seen.var(0), rtol=1e-5)
+
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class _DataclassOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU()), nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        return Out(self.head(h), h)
+
+
+def test_dataclass_outputs_with_the_users_loss_and_with_the_defaults():
+    torch.manual_seed(0)
+    x, y = torch.randn(100, 6), torch.randint(0, 4, (100,))
+    batches = [(x[i:i + 25], y[i:i + 25]) for i in range(0, 100, 25)]
+    model = _DataclassOutput().train()
+    mine = eg.diagnose(model, batches, loss_fn=lambda o, t: nn.functional.cross_entropy(o.logits, t),
+                       metrics={"accuracy": lambda o, t: (o.logits.argmax(1) == t).float().mean()}, progress=False)
+    reference = eval_loss(model, batches, prediction=lambda o: o.logits)
+    assert mine.decompositions["loss"].values["E"] == pytest.approx(reference, rel=1e-6)
+    defaults = eg.diagnose(model.train(), batches, progress=False)  # cross-entropy on the dataclass's logits
+    assert defaults.decompositions["loss"].values["E"] == pytest.approx(reference, rel=1e-6)
+    ref = reference_population_stats(model.train(), [b[0] for b in batches])
+    result = eg.recalibrate(model, batches, training_metrics=True, progress=False)
+    np.testing.assert_allclose(model.body[1].running_var.double().numpy(), ref["body.1"][1], rtol=1e-5)
+    assert set(result.training_metrics) == {"loss", "accuracy"}
+
+
+def test_soft_labels_get_no_default_loss():
+    """Rows of class probabilities (label smoothing) take cross-entropy as well as MSE: doubt, an error that says so.
+    Float targets that are not probabilities stay a regression (MSE, checked against NumPy)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    x = torch.randn(64, 5)
+    soft = nn.functional.one_hot(torch.randint(0, 3, (64,)), 3).float() * 0.9 + 0.1 / 3
+    with pytest.raises(DataError, match="class probabilities.*CrossEntropyLoss"):
+        eg.diagnose(model, [(x[i:i + 16], soft[i:i + 16]) for i in range(0, 64, 16)], progress=False)
+    target = torch.randn(64, 3) * 2
+    batches = [(x[i:i + 16], target[i:i + 16]) for i in range(0, 64, 16)]
+    report = eg.diagnose(model.train(), batches, progress=False)
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(b) for b, _ in batches]).double().numpy()
+    assert report.decompositions["loss"].values["E"] == pytest.approx(((out - target.double().numpy()) ** 2).mean(), rel=1e-6)
+
+
+def test_fit_values_under_names_diagnose_does_not_measure():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    before = state_snapshot(model)
+    with pytest.raises(DataError, match=r"fit_metric names 'acc', 'train_loss', none of which.*\(loss, accuracy\)"):
+        eg.diagnose(model, batches, fit_metric={"acc": 0.9, "train_loss": 0.2}, progress=False)
+    assert state_snapshot(model) == before
+    report = eg.diagnose(model, batches, fit_metric={"accuracy": 0.9, "lr": 0.1}, progress=False)
+    d = report.decompositions["accuracy"]
+    assert d.values["F"] == 0.9 and d.terms["epoch_average"] == pytest.approx(0.9 - d.values["T"])
+    assert any("lr not used" in note for note in report.notes), report.notes
+
+
+def test_a_map_style_dataset_without_a_batch_size_is_refused_clearly():
+    from torch.utils.data import TensorDataset
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    dataset = TensorDataset(torch.randn(32, 3), torch.randint(0, 4, (32,)))
+    for call in (eg.diagnose, eg.recalibrate):
+        with pytest.raises(DataError, match="map-style Dataset \\(TensorDataset\\) gives one sample at a time: pass batch_size="):
+            call(model, dataset, progress=False)
+    result = eg.recalibrate(model, dataset, batch_size=8, progress=False)
+    assert result.batches == 4
+
+
+class _PerClass:
+    """A torchmetrics-like object whose compute() gives one value per class."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.hits, self.seen = torch.zeros(3), torch.zeros(3)
+
+    def update(self, out, t):
+        self.hits += torch.bincount(t[out.argmax(1) == t], minlength=3).float()
+        self.seen += torch.bincount(t, minlength=3).float()
+
+    def compute(self):
+        return self.hits / self.seen.clamp(min=1)
+
+    def to(self, device):
+        return self
+
+
+def test_a_metric_that_computes_several_values_is_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    with pytest.raises(DataError, match=r"metric 'per_class' \(_PerClass\) computed values of shape \(3,\), not one number"):
+        eg.diagnose(model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], metrics={"per_class": _PerClass()},
+                    loss_fn=nn.CrossEntropyLoss(), progress=False)
