@@ -188,3 +188,35 @@ def test_a_metric_that_computes_several_values_is_named():
     with pytest.raises(DataError, match=r"metric 'per_class' \(_PerClass\) computed values of shape \(3,\), not one number"):
         eg.diagnose(model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], metrics={"per_class": _PerClass()},
                     loss_fn=nn.CrossEntropyLoss(), progress=False)
+
+
+class _Tokens(nn.Module):
+    """(N, L, F) feature sequences into a Linear, BatchNorm1d over the projected channels (transposed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.bn, self.head = nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.bn(self.proj(x).transpose(1, 2))  # (N, 8, L)
+        return self.head(h.mean(2))
+
+
+def test_feature_sequences_are_measured_and_normalized_per_feature():
+    """A Linear first reads the last axis: the input scale is per feature (not per position on axis 1), and the
+    code handed out normalizes that axis (float64 NumPy reference)."""
+    rng = np.random.default_rng(0)
+    centre, spread = np.array([500.0, -40.0, 7.0]), np.array([20.0, 3.0, 0.5])
+    x = torch.from_numpy((rng.normal(size=(64, 5, 3)) * spread + centre).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 2, 64))
+    report = eg.diagnose(_Tokens(), [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], progress=False)
+    found = report.finding("input_scale")
+    x64 = x.double().numpy().reshape(-1, 3)
+    np.testing.assert_allclose(found.numbers["mean"], x64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(found.numbers["std"], x64.std(0), rtol=1e-6)
+    space = {"x": x.clone(), "torch": torch}
+    exec(found.remedy, space)
+    out = space["x"].double().numpy().reshape(-1, 3)
+    assert space["x"].shape == x.shape
+    np.testing.assert_allclose(out.mean(0), 0.0, atol=2e-3)  # constants printed to 4 significant digits
+    np.testing.assert_allclose(out.std(0), 1.0, atol=2e-3)

@@ -40,6 +40,7 @@ class TorchAdapter:
         self.device = torch.device("cpu")
         self._collective = None
         self._tuple_input = False  # the first batch's input is a tuple or list (for hint)
+        self._features_last = False  # the model's first layer reads the input's last axis (input_array)
 
     def framework(self, model: Any) -> str:
         return "torch"
@@ -54,6 +55,7 @@ class TorchAdapter:
         self.device = data.model_device(model)
         self._collective = collective(self.process_group)  # now, not at construction: the group may start later
         self._tuple_input = self.forward is None and isinstance(first.inputs, (list, tuple))
+        self._features_last = layers.reads_last_axis(model, first.inputs)
         return model
 
     def layers(self, model: nn.Module) -> list[NormLayer]:
@@ -156,7 +158,7 @@ class TorchAdapter:
             return None
         x = x.detach().cpu()
         x = x if x.dtype in (torch.float32, torch.float64, torch.uint8) else x.float()  # bf16/fp16: NumPy has no bf16
-        return x.numpy(), (1 if x.dim() >= 3 else -1)
+        return x.numpy(), (1 if x.dim() >= 3 and not self._features_last else -1)
 
     def hint(self, exc: Exception) -> str | None:
         if "inference tensor" in str(exc).lower():

@@ -210,6 +210,22 @@ def mode_dependent(model: nn.Module) -> list[str] | None:
     return out
 
 
+def reads_last_axis(model: nn.Module, inputs: Any) -> bool:
+    """Whether the model's first layer (in module order) takes a tensor input of 3 or more dimensions by its last
+    axis: a Linear of that many ``in_features`` or an RNN of that ``input_size`` ((N, L, F) sequences), so its
+    channels are features on the last axis, not on axis 1 as a convolution's."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 3:
+        return False
+    for m in all_modules(model):
+        if isinstance(m, nn.Linear):
+            return m.in_features == inputs.shape[-1]
+        if isinstance(m, nn.RNNBase):
+            return m.input_size == inputs.shape[-1]
+        if isinstance(m, (nn.modules.conv._ConvNd, _BatchNorm, nn.Embedding)):
+            return False
+    return False
+
+
 def facts(model: nn.Module, world: int = 1) -> ModelFacts:
     """Training-only modules, per-sample normalization, processes and synchronized BN."""
     bns = find_batchnorms(model)

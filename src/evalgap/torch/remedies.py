@@ -23,17 +23,21 @@ class TorchRemedies:
         return ("for m in model.modules():  # every BatchNorm layer: a memory of at most half an epoch\n"
                 f"    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.momentum = {momentum}")
 
-    def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str:
+    def rescale(self, mean: Sequence[float], std: Sequence[float], *, axis: int = 1) -> str:
         """``x = (x - mean_c) / std_c`` per channel: axis 1 of an (N, C, ...) input, the one value of an (N,)
         input (what :meth:`InputScale.measure` measured); on x's device and dtype. A constant channel (std 0)
-        is only centred."""
+        is only centred. ``axis`` -1 with several channels: features on the last axis ((N, F), or (N, L, F)
+        sequences into a Linear or an RNN)."""
         std = [s if s > 0 else 1.0 for s in std]
+        if axis == -1 and len(mean) > 1:
+            return (f"mean, std = torch.tensor({_vec(mean)}), torch.tensor({_vec(std)})  # per feature, measured on your data\n"
+                    "x = (x - mean.to(x)) / std.to(x)  # features on the last axis")
         return (f"mean, std = torch.tensor({_vec(mean)}), torch.tensor({_vec(std)})  # per channel, measured on your data\n"
                 "shape = (1, -1) + (1,) * (x.dim() - 2) if x.dim() > 1 else (-1,)  # channels on axis 1\n"
                 "x = (x - mean.view(shape).to(x)) / std.view(shape).to(x)")
 
-    def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str:
-        return self.rescale(mean, std)
+    def normalize(self, mean: Sequence[float], std: Sequence[float], *, axis: int = 1) -> str:
+        return self.rescale(mean, std, axis=axis)
 
     def synchronized(self) -> str:
         return "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)"
