@@ -115,7 +115,18 @@ def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
         synchronized=bool(bns) and all(getattr(bn, "synchronized", False) for _, bn in bns),
         input_transforms=[name for name, layer in layers if any(c.__name__ in INPUT_TRANSFORMS for c in type(layer).__mro__)],
         mode_dependent=[name for name, layer in [(model.name, model), *layers] if mode_dependent(layer)],
+        input_channel_axis=input_channel_axis(layers),
     )
+
+
+def input_channel_axis(layers: list[tuple[str, Any]]) -> int | None:
+    """1 when the first layer that has a ``data_format`` (a convolution, a pooling) reads channels first, -1 when
+    it reads them last, None without one (features on the last axis, the adapter's default)."""
+    for _, layer in layers:
+        fmt = getattr(layer, "data_format", None)
+        if fmt in ("channels_first", "channels_last"):
+            return 1 if fmt == "channels_first" else -1
+    return None
 
 
 def ignored_labels(*specs: Any) -> set[int]:
@@ -241,4 +252,21 @@ def check_no_number_lists(data: Any) -> None:
     for name, part in zip(("y", "sample_weight"), data[1:]):
         if isinstance(part, list) and any(np.ndim(leaf) == 0 for leaf in part):
             raise DataError(f"{name} is a Python list of numbers: pass it as an array (np.asarray({name})), as fit and evaluate need it.")
+
+
+def output_logits(outputs: list) -> list:
+    """The logits Keras's softmax and sigmoid mark their outputs with (``_keras_logits``), one per output, None where
+    unmarked: read inside a traced function, returned beside the outputs (see :func:`mark_logits`)."""
+    return [getattr(t, "_keras_logits", None) for t in outputs]
+
+
+def mark_logits(outputs: list, logits: list) -> None:
+    """Put the logits back on outputs that left a ``tf.function`` (which drops the mark). On TensorFlow, Keras 3 and
+    Keras 2 compute their cross-entropy losses and metrics from the marked logits, exactly, where the probabilities
+    saturate (else they clip them at 1e-7): inside ``evaluate``'s graph the mark is there, so the losses must see it
+    here too for E to equal ``evaluate``. (An output of a bare ``tf.nn.softmax``, unmarked, is known to those losses
+    by its op inside a graph only: it is scored from its clipped probabilities.)"""
+    for t, logit in zip(outputs, logits):
+        if logit is not None:
+            t._keras_logits = logit
 

@@ -29,10 +29,12 @@ class InputScale:
     std: list[float]
     min: float
     max: float
+    axis: int = -1  # the channel axis of the model's input (1: channels first), for the code to paste
 
     @classmethod
-    def measure(cls, x: np.ndarray, channel_axis: int, max_rows: int = 500_000) -> "InputScale":
-        """Per channel over all positions of ``x``; at most ``max_rows`` positions, evenly strided."""
+    def measure(cls, x: np.ndarray, channel_axis: int, max_rows: int = 500_000, *, axis: int | None = None) -> "InputScale":
+        """Per channel over all positions of ``x``; at most ``max_rows`` positions, evenly strided. ``axis``: the
+        model input's channel axis when ``x`` is not laid out as the input (default ``channel_axis``)."""
         a = np.asarray(x)
         flat = np.moveaxis(a, channel_axis, -1).reshape(-1, a.shape[channel_axis]) if a.ndim > 1 else a.reshape(-1, 1)
         flat = flat[:: max(1, -(-len(flat) // max_rows))].astype(np.float64)
@@ -41,6 +43,7 @@ class InputScale:
             std=flat.std(axis=0).tolist(),
             min=float(flat.min()),
             max=float(flat.max()),
+            axis=channel_axis if axis is None else axis,
         )
 
     @property
@@ -305,10 +308,10 @@ def _input_scale(ctx: Context, stale_is_cause: bool) -> list[Finding]:
             "statistics are far from the moving statistics' initial mean 0 and variance 1, so they start far off. "
             "Normalizing the inputs is good practice; it does not replace the fix for stale statistics."
         )
-        return [Finding("input_scale", severity, msg, ctx.remedies.rescale(s.mean, s.std), numbers)]
+        return [Finding("input_scale", severity, msg, ctx.remedies.rescale(s.mean, s.std, axis=s.axis), numbers)]
     if s.far_from_standard:
         msg = f"The inputs are far from zero mean and unit variance (mean {mean}, std {[round(t, 4) for t in s.std]})."
-        return [Finding("input_scale", severity, msg, ctx.remedies.normalize(s.mean, s.std), numbers)]
+        return [Finding("input_scale", severity, msg, ctx.remedies.normalize(s.mean, s.std, axis=s.axis), numbers)]
     return []
 
 

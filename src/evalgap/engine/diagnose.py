@@ -71,6 +71,11 @@ class Training:
         if history is None:
             return cls()
         hist = getattr(history, "history", history)
+        if not isinstance(hist, Mapping):
+            raise DataError(
+                f"history must be what model.fit returns (a History) or its .history dict of per-epoch lists, got "
+                f"{type(hist).__name__}: pass history=model.fit(...) itself."
+            )
         params = getattr(history, "params", None) or {}
         last = {
             k: float(v[-1]) for k, v in hist.items()
@@ -281,17 +286,17 @@ def _decompositions(run: _Run, fit: Mapping[str, float] | float | None, primary:
     return out
 
 
-def _input_sample(adapter: Adapter, batches, limit: int = 2048) -> tuple[np.ndarray, int] | None:
+def _input_sample(adapter: Adapter, batches, limit: int = 2048, axis: int | None = None) -> tuple[np.ndarray, int] | None:
     """Up to ``limit`` samples of what reaches the model's first layer, as ``(values, channels)`` rows
-    (every position of every sample one row), and the channel axis of that array (-1). Batches may
-    differ in every other dimension (sequences padded per batch); None when the input is not an array
-    or its number of channels changes between batches."""
-    rows, seen = [], 0
+    (every position of every sample one row), and the channel axis of the input (``axis`` where the
+    model says it, else the adapter's). Batches may differ in every other dimension (sequences padded
+    per batch); None when the input is not an array or its number of channels changes between batches."""
+    rows, seen, where = [], 0, axis
     for batch in batches:
         found = adapter.input_array(batch.inputs)
         if found is None:
             return None
-        x, axis = found
+        x, axis = found[0], found[1] if where is None or found[0].ndim < 2 else where
         flat = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]) if x.ndim > 1 else x.reshape(-1, 1)
         if rows and flat.shape[1] != rows[0].shape[1]:
             return None
@@ -299,12 +304,12 @@ def _input_sample(adapter: Adapter, batches, limit: int = 2048) -> tuple[np.ndar
         seen += len(x) if x.ndim else 1
         if seen >= limit:
             break
-    return (np.concatenate(rows), -1) if rows else None
+    return (np.concatenate(rows), axis) if rows else None
 
 
 def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) -> Context:
     adapter = run.adapter
-    sample = None if facts.input_transforms else _input_sample(adapter, probe)
+    sample = None if facts.input_transforms else _input_sample(adapter, probe, axis=facts.input_channel_axis)
     tracked = [layer for layer in run.layers if layer.tracks_statistics]
     notes = [] if recal is None else [n for n in recal.notes]
     notes += run.notes + list(run.metrics.notes)
@@ -327,7 +332,7 @@ def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) 
         convention=adapter.convention,
         samples=recal.samples + recal.skipped_samples if recal is not None else sum(sizes),
         batch_size=(probe.batch_size or 0) * facts.replicas if facts.per_process_batches else probe.batch_size,
-        input_scale=None if sample is None else InputScale.measure(*sample),
+        input_scale=None if sample is None else InputScale.measure(sample[0], -1, axis=sample[1]),
         momenta=[layer.momentum for layer in tracked if not layer.frozen],  # frozen layers never update
         steps_per_epoch=training.steps_per_epoch,
         epochs=training.epochs,

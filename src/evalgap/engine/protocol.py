@@ -187,6 +187,9 @@ class ModelFacts:
     # layers whose outputs may depend on the training flag beyond BatchNorm and ``training_only`` (user code taking
     # ``training``); None: not known, so diagnose compares T and Td on the first batch; [] : T = Td, no check needed
     mode_dependent: list[str] | None = None
+    # the channel axis of the model's input where the model says it (a channels_first convolution first: 1);
+    # None: the one ``Adapter.input_array`` gives
+    input_channel_axis: int | None = None
 
 
 class Remedies(Protocol):
@@ -201,9 +204,9 @@ class Remedies(Protocol):
 
     def momentum(self, momentum: float) -> str: ...
 
-    def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str: ...
+    def rescale(self, mean: Sequence[float], std: Sequence[float], *, axis: int = -1) -> str: ...
 
-    def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str: ...
+    def normalize(self, mean: Sequence[float], std: Sequence[float], *, axis: int = -1) -> str: ...
 
     def synchronized(self) -> str: ...
 

@@ -24,11 +24,14 @@ class FlaxRemedies:
     def momentum(self, momentum: float) -> str:
         return f"nnx.BatchNorm(C, momentum={momentum}, rngs=rngs)  # or nn.BatchNorm(momentum={momentum}); memory of at most half an epoch"
 
-    def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str:
-        return f"x = x / 255.0  # or {self.normalize(mean, std)}"
+    def rescale(self, mean: Sequence[float], std: Sequence[float], *, axis: int = -1) -> str:
+        return f"x = x / 255.0  # or {self.normalize(mean, std, axis=axis)}"
 
-    def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str:
-        return f"x = (x - jnp.array({_vec(mean)})) / jnp.array({_vec(std)})  # channels last, before the model"
+    def normalize(self, mean: Sequence[float], std: Sequence[float], *, axis: int = -1) -> str:
+        if axis == -1:
+            return f"x = (x - jnp.array({_vec(mean)})) / jnp.array({_vec(std)})  # channels last, before the model"
+        shape = "(1, -1) + (1,) * (x.ndim - 2)"  # channels on axis 1
+        return f"x = (x - jnp.array({_vec(mean)}).reshape({shape})) / jnp.array({_vec(std)}).reshape({shape})  # before the model"
 
     def synchronized(self) -> str:
         return "nnx.BatchNorm(C, axis_name='data', rngs=rngs) under pmap/shard_map (jit over sharded batches already normalizes the global batch)"

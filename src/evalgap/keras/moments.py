@@ -27,7 +27,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .._keras_common import traced_alone
+from .._keras_common import mark_logits, output_logits, traced_alone
 from ..engine.protocol import HostCaptures
 from ..errors import ModelError
 
@@ -147,8 +147,9 @@ class MomentsPass:
         self.order = [c[0] for c in caps]
         means, variances = [_flat(c[2]) for c in caps], [_flat(c[3]) for c in caps]
         self.channels = [int(m.shape[0]) for m in means]
+        logits = output_logits(keras.tree.flatten(y_pred))  # for the losses of Td (see mark_logits)
         if not caps:
-            return (None, None), y_pred, list(losses)
+            return (None, None), y_pred, list(losses), logits
         dtype = keras.backend.result_type(*[m.dtype for m in means + variances])
         values = ops.concatenate([ops.cast(t, dtype) for t in means + variances])
         counts = [c[1] for c in caps]
@@ -156,7 +157,7 @@ class MomentsPass:
             counts = np.asarray(counts, dtype=np.int64)  # eager: known here, no device round trip
         else:
             counts = ops.stack([ops.cast(n, "int32") for n in counts])
-        return (counts, values), y_pred, list(losses)
+        return (counts, values), y_pred, list(losses), logits
 
     def _compiled(self):
         if self._step is None:
@@ -187,9 +188,11 @@ class MomentsPass:
             import torch
 
             with torch.no_grad():
-                (counts, values), y_pred, losses = self._compiled()(trainable, non_trainable, x)
+                (counts, values), y_pred, losses, logits = self._compiled()(trainable, non_trainable, x)
         else:
-            (counts, values), y_pred, losses = self._compiled()(trainable, non_trainable, x)
+            (counts, values), y_pred, losses, logits = self._compiled()(trainable, non_trainable, x)
+        if backend == "tensorflow":
+            mark_logits(keras.tree.flatten(y_pred), logits)
         if values is None:
             return [], (y_pred, losses)
         # order and channels were recorded when the step was traced: a compiled step reused for this

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import keras
 import numpy as np
 
-from .._keras_common import traced_alone
+from .._keras_common import mark_logits, output_logits, traced_alone
 from .._random import random_states_kept
 from ..engine import Batch, NormLayer
 
@@ -37,6 +37,8 @@ class _Predictor:
 
         def fn(tv, ntv, x, training):
             y_pred, new_ntv, losses = self._model().stateless_call(tv, ntv, x, training=training, return_losses=True)
+            if backend == "tensorflow":  # the logits behind softmax/sigmoid outputs, for the losses (see mark_logits)
+                return y_pred, list(losses), new_ntv, output_logits(keras.tree.flatten(y_pred))
             return y_pred, list(losses), new_ntv
 
         self._plain = fn
@@ -65,12 +67,18 @@ class _Predictor:
     def __call__(self, x, trainable, non_trainable, training: bool, substituted: bool = False):
         tv = trainable
         fn = self._compiled(training, substituted)
-        if keras.backend.backend() == "torch":
+        backend = keras.backend.backend()
+        if backend == "torch":
             import torch
 
             with torch.no_grad():
                 return fn(tv, non_trainable, x, training)
+        if backend == "tensorflow":
+            y_pred, losses, new_ntv, logits = fn(tv, non_trainable, x, training)
+            mark_logits(keras.tree.flatten(y_pred), logits)
+            return y_pred, losses, new_ntv
         return fn(tv, non_trainable, x, training)
+
 
 
 #: The mode of each (training, substituted).

@@ -22,11 +22,13 @@ class KerasRemedies:
     def momentum(self, momentum: float) -> str:
         return f"keras.layers.BatchNormalization(momentum={momentum})  # memory of at most half an epoch"
 
-    def rescale(self, mean: Sequence[float], std: Sequence[float]) -> str:
-        return f"keras.layers.Rescaling(1 / 255.0)  # or {self.normalize(mean, std)}"
+    def rescale(self, mean: Sequence[float], std: Sequence[float], *, axis: int = -1) -> str:
+        return f"keras.layers.Rescaling(1 / 255.0)  # or {self.normalize(mean, std, axis=axis)}"
 
-    def normalize(self, mean: Sequence[float], std: Sequence[float]) -> str:
-        return f"keras.layers.Normalization(mean={_vec(mean)}, variance={_vec([s * s for s in std])})"
+    def normalize(self, mean: Sequence[float], std: Sequence[float], *, axis: int = -1) -> str:
+        """Per channel on ``axis`` (Normalization's own default: the last)."""
+        where = "" if axis == -1 else f"axis={axis}, "
+        return f"keras.layers.Normalization({where}mean={_vec(mean)}, variance={_vec([s * s for s in std])})"
 
     def synchronized(self) -> str:
         return "keras.layers.BatchNormalization(synchronized=True)"

@@ -29,7 +29,8 @@ DEFAULT_BATCH_SIZE = 32
 
 
 def _is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype") and not hasattr(x, "element_spec")
+    # a pandas DataFrame has ``dtypes``, not ``dtype``: Keras's array adapters take it as an array too
+    return hasattr(x, "shape") and (hasattr(x, "dtype") or hasattr(x, "dtypes")) and not hasattr(x, "element_spec")
 
 
 def is_array_structure(data: Any) -> bool:

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from ..engine import Batch, NormLayer
 from .distributed import multi_worker_strategy
-from .._keras_common import traced_alone
+from .._keras_common import mark_logits, output_logits, traced_alone
 from .layers import autograph_off, find_batchnorms, stat_attrs, stateless_patches, statistics, substituted, walk
 
 _PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
@@ -49,7 +49,7 @@ class _Predictor:
                 model = self._model()
                 with substituted(self.bns, stats):
                     y_pred = model(x, training=training)
-                return y_pred, list(model.losses)
+                return y_pred, list(model.losses), output_logits(tf.nest.flatten(y_pred))  # see mark_logits
 
             self._fns[training] = tf.function(autograph_off(traced_alone(fn, "T_step" if training else "E_step")), reduce_retracing=True)
         return self._fns[training]
@@ -97,7 +97,9 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
     values = _values(model, predict.bns, list(layers) if mode == "P" else [], stats)
 
     def run(batch: Batch):
-        return fn(batch.inputs, values)
+        y_pred, losses, logits = fn(batch.inputs, values)
+        mark_logits(tf.nest.flatten(y_pred), logits)
+        return y_pred, losses
 
     with stateless_patches(model), rng_restored(model) if mode == "T" else contextlib.nullcontext():
         yield run
