@@ -59,7 +59,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                         f"shape fixes them, else {DEFAULT_IMAGE_SIZE})")
     p.add_argument("--batch-size", type=positive_int, default=32, help="the training batch size (default 32)")
     p.add_argument("--max-samples", type=positive_int, default=None, help="use at most N samples: whole batches drawn at random from all of the data")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the shuffled batches (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the shuffled batches and of the model's random layers (dropout masks in training mode; default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="batch the images in the order they are read, instead of shuffled as fit does")
     p.add_argument("--limit-per-class", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (counted) instead of failing")
@@ -131,8 +132,10 @@ def saved_by_keras2(path: str) -> bool:
     return isinstance(version, str) and version.startswith("2.")
 
 
-def load_keras_model(path: str) -> Any:
-    """The Keras 3 model saved in ``path``, or the Keras 2 (tf_keras) one where Keras 2 saved it (:func:`saved_by_keras2`)."""
+def load_keras_model(path: str, seed: int | None = None) -> Any:
+    """The Keras 3 model saved in ``path``, or the Keras 2 (tf_keras) one where Keras 2 saved it (:func:`saved_by_keras2`).
+    ``seed``: Keras's global seeds are set first (``set_random_seed``), so the random layers the model is built with
+    (their seed generators) draw the same dropout masks in every run of the same command."""
     if not os.path.exists(path):
         raise ModelError(f"{path} does not exist: pass a model saved with model.save('model.keras').")
     if saved_by_keras2(path):
@@ -141,12 +144,16 @@ def load_keras_model(path: str) -> Any:
         except ImportError as exc:
             raise ModelError(f"{path} was saved by Keras 2, and tf_keras cannot be imported here ({exc}): install tf-keras "
                              "matching your TensorFlow (pip install 'evalgap[tf-keras]').") from None
+        if seed is not None:
+            keras2.utils.set_random_seed(seed)
         try:
             return keras2.models.load_model(path)
         except Exception as exc:
             raise ModelError(f"{path} is a Keras 2 model that tf_keras {keras2.__version__} cannot load ({type(exc).__name__}: {exc}).") from exc
     import keras
 
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     try:
         return keras.saving.load_model(path)
     except Exception as exc:
@@ -220,7 +227,12 @@ def load_torch_model(spec: str, weights: str | None):
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            raise ModelError(f"the weights in {weights} do not match {spec}(): {str(exc).splitlines()[0]} ...") from exc
+            detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            detail = detail if len(detail) <= 600 else detail[:600] + " ..."
+            raise ModelError(
+                f"the weights in {weights} do not match {spec}(): {detail} Give the --torch-model factory that builds the "
+                "model these weights were saved from (torch.save(model.state_dict(), ...)), with the same arguments."
+            ) from exc
     return model
 
 

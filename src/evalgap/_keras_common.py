@@ -224,6 +224,13 @@ def check_batched(model: Any, inputs: Any) -> None:
             f"the model takes inputs of shape {expected}, but the data's batches hold inputs of shape {given}: one "
             "dimension short, as an unbatched tf.data.Dataset gives. Call .batch(batch_size) on it (fit's batch size)."
         )
+    if len(given) == len(expected) - 1 and expected[-1] == 1:  # (n,) for Input((1,)): Keras adds the axis
+        given = (*given, 1)
+    if len(given) != len(expected) or any(e is not None and g is not None and int(e) != int(g) for e, g in zip(expected[1:], given[1:])):
+        raise DataError(
+            f"the model takes inputs of shape {expected}, but the data's batches hold inputs of shape {given}, which "
+            "fit and evaluate refuse: give data of the model's input shape (images resized as in training)."
+        )
 
 
 def check_not_arrays_in_a_list(data: Any, batch_size: int | None) -> None:

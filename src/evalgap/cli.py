@@ -48,10 +48,13 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, str, dict]
     if args.torch_model:
         import evalgap.torch as api
 
+        import torch
+
         x, y, note = load_arrays(args)
+        torch.manual_seed(args.seed)  # dropout masks in training mode: the same in every run of the command
         model = load_torch_model(args.torch_model, args.weights)
         return model, api, torch_arrays(x, y, model), note, {"forward": float_input}
-    model = load_keras_model(args.model)
+    model = load_keras_model(args.model, seed=args.seed)
     size_note = None
     if not args.npz:  # --data and --tfds resize the images: to the model's input size where it is fixed
         args.image_size, size_note = keras_image_size(model, args.image_size)

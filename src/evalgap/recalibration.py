@@ -211,15 +211,23 @@ class Recalibration:
         }
 
     def summary(self) -> str:
-        """One line: what was done and the largest drift corrected."""
+        """One line: what was done, the largest drift corrected (recalibrated layers only) and the first drifting
+        one; a frozen layer that drifts more than ``LARGE_DRIFT`` is named apart, as left alone."""
         n = len(self.recalibrated)
+        corrected = [layer.drift.worst for layer in self.recalibrated if layer.drift is not None]
         line = (
             f"recalibrated {n} BatchNorm layer{'s' if n != 1 else ''} on {self.samples} samples "
-            f"({self.batches} batches) in {self.seconds:.2f} s; largest drift corrected {self.max_drift:.3g}"
+            f"({self.batches} batches) in {self.seconds:.2f} s; largest drift corrected "
+            f"{float(np.nanmax(corrected)) if corrected else 0.0:.3g}"
         )
-        first = self.first_drifting()
+        first = self.first_drifting(include_frozen=False)
         if first is not None:
             line += f"; first drifting layer: {first.name}"
+        stale = [layer for layer in self.frozen if layer.drift is not None and layer.drift.worst > LARGE_DRIFT]
+        if stale:
+            worst = max(stale, key=lambda layer: layer.drift.worst)
+            line += (f"; frozen {worst.name} drifts {worst.drift.worst:.3g}, left alone (include_frozen=True "
+                     "recalibrates it)")
         return line
 
     def __rich__(self):

@@ -236,3 +236,33 @@ def test_image_size_stays_256_for_a_model_of_any_input_size(tmp_path, monkeypatc
     f12 = keras.saving.load_model(tmp_path / "f12.keras")
     expected12 = _population_variance(f12, load_image_folder(data, 12, cache=False).images)
     np.testing.assert_allclose(np.asarray(f12.get_layer("bn").moving_variance), expected12, rtol=1e-3)
+
+
+def test_the_same_command_gives_the_same_dropout_masks(tmp_path):
+    """--seed seeds the random layers the model is loaded with: T (dropout on) is the same in every run."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 6)).astype("float32"), rng.integers(0, 3, 96)
+    inp = keras.Input((6,))
+    h = keras.layers.Dropout(0.5)(keras.layers.BatchNormalization()(keras.layers.Dense(32)(inp)))
+    model = keras.Model(inp, keras.layers.Dense(3)(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.save(tmp_path / "drop.keras")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    values = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"r{len(values)}.json"
+        assert main(["diagnose", str(tmp_path / "drop.keras"), "--npz", str(tmp_path / "d.npz"), "--batch-size", "16",
+                     "--seed", str(seed), "-q", "--json", str(out)]) == 0
+        values.append(json.loads(out.read_text())["metrics"]["loss"]["values"]["T"])
+    assert values[0] == values[1] and values[2] != values[0]  # masks from the seed: the same, another seed others
+
+
+def test_images_of_another_size_than_the_models_input_exit_2(saved, tmp_path, capsys):
+    """evaluate refuses inputs of another shape than the model's Input; so do diagnose and recalibrate (before the
+    passes, which a functional model's stateless call would run on them)."""
+    x = np.zeros((32, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "small.npz", x=x, y=np.zeros(32, np.int64))
+    for command in (["diagnose"], ["recalibrate", "-o", str(tmp_path / "f.keras")]):
+        assert main([command[0], str(saved / "model.keras"), "--npz", str(tmp_path / "small.npz"), *command[1:], "-q"]) == 2
+        assert "takes inputs of shape (None, 16, 16, 3)" in capsys.readouterr().err
+    assert not (tmp_path / "f.keras").exists()

@@ -41,7 +41,8 @@ def test_torch_model_from_factory_and_weights(tmp_path, capsys):
     # weights that do not match the factory: exit 2, named
     torch.save({"0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     assert main(["diagnose", "--torch-model", spec, "--weights", str(tmp_path / "bad.pt"), "--npz", str(tmp_path / "d.npz")]) == 2
-    assert "do not match" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "do not match" in err and "Missing key(s)" in err and "Give the --torch-model factory" in err
     assert main(["diagnose", "--torch-model", "no_such_module:f", "--npz", str(tmp_path / "d.npz")]) == 2
 
 

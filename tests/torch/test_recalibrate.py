@@ -488,3 +488,17 @@ def test_a_write_of_the_wrong_size_names_the_layer_and_changes_nothing():
     with pytest.raises(ModelError, match=r"3 has 2 channels, got 4 values.*unchanged"):
         adapter.write(layers, [(np.ones(4), np.ones(4)), (np.ones(4), np.ones(2))])
     assert state_snapshot(net) == before
+
+
+def test_the_summary_counts_the_drift_it_corrected_not_the_frozen_layers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 5), nn.BatchNorm1d(5)).train()
+    net[1].eval()  # frozen, with statistics far from its inputs
+    data = [torch.randn(16, 4) * 30 + 50 for _ in range(4)]
+    result = eg.recalibrate(net, data, progress=False)
+    frozen, fixed = result["1"], result["3"]
+    assert frozen.status == "frozen" and fixed.status == "recalibrated"
+    assert frozen.drift.worst > fixed.drift.worst > 0  # the frozen layer drifts most
+    line = result.summary()
+    assert f"largest drift corrected {fixed.drift.worst:.3g}" in line
+    assert f"frozen 1 drifts {frozen.drift.worst:.3g}, left alone" in line
