@@ -235,9 +235,24 @@ def test_clear_errors():
     model = functional_model()
     model(x[:2])
     before = snapshot(model)
-    with pytest.raises(RecalibrationError, match="batch 0"):
-        eg.recalibrate(model, [np.zeros((4, 5, 5, 1), "float32")], progress=False)
+    with pytest.raises(DataError, match=r"takes inputs of shape \(None, 8, 8, 3\).*\(4, 5, 5, 1\), which fit and evaluate refuse"):
+        eg.recalibrate(model, [np.zeros((4, 5, 5, 1), "float32")], progress=False)  # refused before any pass
     assert snapshot(model) == before
+
+    class Subclassed(keras.Model):  # no declared input shape: the pass itself fails, named by its batch
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = layers.Conv2D(4, 3), layers.BatchNormalization()
+
+        def call(self, inputs, training=None):
+            return self.bn(self.conv(inputs), training=training)
+
+    sub = Subclassed()
+    sub(x[:2])
+    before = snapshot(sub)
+    with pytest.raises(RecalibrationError, match="batch 0"):
+        eg.recalibrate(sub, [np.zeros((4, 5, 5, 1), "float32")], progress=False)
+    assert snapshot(sub) == before
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="synchronized=True is TensorFlow-only")
