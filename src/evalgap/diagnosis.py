@@ -166,9 +166,28 @@ def _momentum_advice(ctx: Context) -> tuple[str | None, dict[str, Any]]:
 # ---------------------------------------------------------------------------------
 # one function per term: (primary metric, its decomposition, the term's value, ctx) -> Finding
 # ---------------------------------------------------------------------------------
-def _stale(primary: str, d: Decomposition, value: float, ctx: Context, ema: tuple[str | None, dict]) -> Finding:
+_NARROWS = " This term narrows the gap (its sign is the gap's opposite): it is not why the two numbers differ."
+
+
+def _severity(cause: bool) -> str:
+    return "cause" if cause else "info"
+
+
+def _stale(primary: str, d: Decomposition, value: float, ctx: Context, ema: tuple[str | None, dict], cause: bool) -> Finding:
+    """P - E. Where the exact statistics score better (``goodness > 0``) the fix is to recalibrate: a cause when the
+    term has the gap's sign, else a warning (validation would still gain). Where they score worse, recalibrating
+    would lower the evaluation result: said, with no fix."""
     v, r = d.values, ctx.remedies
     text, numbers = ema
+    numbers = {"P": v["P"], "E": v["E"], **numbers}
+    if d.goodness(value) < 0:
+        msg = (
+            f"The moving statistics score better on this data than the exact population statistics: {primary} "
+            f"{_fmt(primary, v['E'])} with them vs {_fmt(primary, v['P'])} with the population's "
+            f"({_fmt(primary, value, True)}). Recalibrating would change validation to {_fmt(primary, v['P'])}, worse: "
+            "keep the moving statistics."
+        )
+        return Finding("stale_moving_statistics", _severity(cause), msg, None, numbers)
     msg = (
         f"Evaluation mode uses moving statistics that do not match the weights: with exact population "
         f"statistics {primary} is {_fmt(primary, v['P'])} instead of {_fmt(primary, v['E'])} ({_fmt(primary, value, True)})."
@@ -178,10 +197,10 @@ def _stale(primary: str, d: Decomposition, value: float, ctx: Context, ema: tupl
     remedy = f"{r.recalibrate()}\n{r.before_validation()}"
     if numbers.get("too_slow"):
         remedy += "\n" + r.momentum(numbers["advised_momentum"])
-    return Finding("stale_moving_statistics", "cause", msg, remedy, {"P": v["P"], "E": v["E"], **numbers})
+    return Finding("stale_moving_statistics", "cause" if cause else "warning", msg, remedy, numbers)
 
 
-def _batch_stats(primary: str, d: Decomposition, value: float, ctx: Context) -> Finding:
+def _batch_stats(primary: str, d: Decomposition, value: float, ctx: Context, cause: bool) -> Finding:
     v = d.values
     per_replica = ctx.replicas > 1 and not ctx.synchronized
     per = f" per replica ({ctx.replicas} replicas, {ctx.batch_size // ctx.replicas if ctx.batch_size else '?'} samples each)" if per_replica else ""
@@ -194,48 +213,60 @@ def _batch_stats(primary: str, d: Decomposition, value: float, ctx: Context) -> 
     numbers: dict[str, Any] = {"Td": v["Td"], "P": v["P"], "batch_size": ctx.batch_size, "replicas": ctx.replicas}
     if mix is not None:
         numbers.update(classes=mix.classes, classes_per_batch=mix.per_batch, classes_per_shuffled_batch=mix.shuffled)
+    if not cause:
+        return Finding("batch_statistics", "info", msg + _NARROWS, None, numbers)
     if mix is not None and mix.unrepresentative:
         msg += (
             f" The batches are not representative: a batch of {mix.batch_size} holds on average {mix.per_batch:.1f} of "
             f"the {mix.classes} classes, where shuffled batches of the same size would hold {mix.shuffled:.1f} "
-            "(the data are batched in class order or another sorted order)."
+            "(the data are batched in class order or another sorted order): shuffle the training data."
         )
     else:
-        msg += " Batches that are small or not shuffled (e.g. in class order) have statistics far from the population's."
-    remedy = "Shuffle the training data so that every batch is representative, or use larger batches" + (
-        f" (or {ctx.remedies.synchronized()})" if per else ""
-    ) + "; validation with population statistics is the number to trust."
-    return Finding("batch_statistics", "cause", msg, remedy, numbers)
+        msg += " Batch statistics are noisier than the population's, the more so the smaller the batch"
+        msg += " (per replica here)" if per else ""
+        msg += ": expected in training mode; validation with population statistics is the number to trust."
+    return Finding("batch_statistics", "cause", msg, ctx.remedies.synchronized() if per else None, numbers)
 
 
-def _training_only(primary: str, d: Decomposition, value: float, ctx: Context) -> Finding:
+def _training_only(primary: str, d: Decomposition, value: float, ctx: Context, cause: bool) -> Finding:
     v = d.values
     layers = ", ".join(ctx.training_only_layers[:5]) or "dropout/noise layers"
     msg = (
         f"Training-only layers ({layers}) are active in training mode: {primary} {_fmt(primary, v['T'])} with them "
         f"vs {_fmt(primary, v['Td'])} without ({_fmt(primary, value, True)})."
     )
-    remedy = "Expected behaviour: compare validation with training-mode metrics without dropout (this report's Td)."
-    return Finding("training_only_layers", "cause", msg, remedy, {"T": v["T"], "Td": v["Td"]})
+    msg += (" Expected behaviour: compare validation with training-mode metrics without them (this report's Td)." if cause
+            else _NARROWS + " Expected: they make training-mode metrics worse.")
+    return Finding("training_only_layers", _severity(cause), msg, None, {"T": v["T"], "Td": v["Td"]})
 
 
-def _epoch_average(primary: str, d: Decomposition, value: float, ctx: Context) -> Finding:
+def _epoch_average(primary: str, d: Decomposition, value: float, ctx: Context, cause: bool) -> Finding:
     v = d.values
     msg = (
         f"fit reports {primary} averaged over the epoch while the weights moved: {_fmt(primary, v['F'])} vs "
         f"{_fmt(primary, v['T'])} at the epoch's final weights ({_fmt(primary, value, True)})."
     )
-    remedy = "Compare validation with an evaluation of the training data at the end of the epoch, not with fit's running average."
-    return Finding("epoch_average", "cause", msg, remedy, {"F": v["F"], "T": v["T"]})
+    msg += (" Compare validation with an evaluation of the training data at the end of the epoch, not with fit's "
+            "running average." if cause else _NARROWS)
+    return Finding("epoch_average", _severity(cause), msg, None, {"F": v["F"], "T": v["T"]})
 
 
-def _data(primary: str, d: Decomposition, value: float, ctx: Context) -> Finding:
+def _data(primary: str, d: Decomposition, value: float, ctx: Context, cause: bool) -> Finding:
     v = d.values
     msg = (
         f"The validation data differ from the training data: in evaluation mode {_fmt(primary, v['E'])} on the "
         f"training data vs {_fmt(primary, v['E_val'])} on the validation data ({_fmt(primary, value, True)})."
     )
-    return Finding("data", "cause", msg, "This is the generalization gap: more data, augmentation or regularization.", {"E": v["E"], "E_val": v["E_val"]})
+    msg += " This is the generalization gap: more data, augmentation or regularization." if cause else _NARROWS
+    return Finding("data", _severity(cause), msg, None, {"E": v["E"], "E_val": v["E_val"]})
+
+
+def explains_gap(d: Decomposition, name: str) -> bool:
+    """A term is a cause of the gap when the gap itself and the term are above the noise threshold and the term
+    has the gap's sign (it pushes the two numbers apart; one of the other sign narrows the gap)."""
+    threshold = d.threshold()
+    value = d.terms.get(name, 0.0)
+    return abs(d.total) > threshold and abs(value) > threshold and value * d.total > 0
 
 
 def _term_findings(primary: str | None, d: Decomposition | None, ctx: Context, ema) -> list[Finding]:
@@ -246,29 +277,49 @@ def _term_findings(primary: str | None, d: Decomposition | None, ctx: Context, e
     for name, value in d.ranked():
         if name not in significant:
             continue
+        cause = explains_gap(d, name)
         if name == "stale_moving_statistics":
-            out.append(_stale(primary, d, value, ctx, ema))
+            out.append(_stale(primary, d, value, ctx, ema, cause))
         else:
             make = {"batch_statistics": _batch_stats, "training_only_layers": _training_only, "epoch_average": _epoch_average, "data": _data}[name]
-            out.append(make(primary, d, value, ctx))
+            out.append(make(primary, d, value, ctx, cause))
     return out
 
 
 # ---------------------------------------------------------------------------------
 # evidence beside the terms
 # ---------------------------------------------------------------------------------
-def _drift(recal: Recalibration, ctx: Context, stale_is_cause: bool) -> list[Finding]:
+def _drift(recal: Recalibration, ctx: Context, stale: Finding | None) -> list[Finding]:
+    """The first drifting layer and the largest drifts (recalibrated layers). As severe as the stale term: a cause
+    or a warning where recalibrating helps, information where it would not (the stale term not significant, or the
+    moving statistics scoring better: then no fix). Layers whose statistics are not finite (a negative variance)
+    are named apart: recalibrating writes valid ones."""
+    out = []
+    broken = [lr for lr in recal.layers if lr.drift is not None and lr.status != "frozen" and not math.isfinite(lr.drift.worst)]
+    if broken:
+        names = ", ".join(lr.name for lr in broken[:4]) + (" ..." if len(broken) > 4 else "")
+        out.append(Finding(
+            "drift", "warning",
+            f"{len(broken)} BatchNorm layer(s) hold moving statistics that are not valid (a negative or not finite "
+            f"variance, or a not finite mean): {names}. Recalibrating writes the population's.",
+            ctx.remedies.recalibrate(), {"layers": [lr.name for lr in broken]},
+        ))
     first = recal.first_drifting(include_frozen=False)
     if first is None or first.drift is None:
-        return []
-    worst = sorted((lr for lr in recal.layers if lr.drift is not None and lr.status != "frozen"), key=lambda lr: -lr.drift.worst)[:3]
+        return out
+    worst = sorted((lr for lr in recal.layers if lr.drift is not None and lr.status != "frozen" and math.isfinite(lr.drift.worst)),
+                   key=lambda lr: -lr.drift.worst)[:3]
     msg = (
         f"First drifting layer in forward order: {first.name} (mean off by up to {first.drift.mean_max:.3g} std, variance "
         f"by a factor up to {math.exp(min(first.drift.var_max, 700)):.3g}); later layers inherit its error. Largest drift: "
         + ", ".join(f"{lr.name} {lr.drift.worst:.3g}" for lr in worst) + "."
     )
     numbers = {"first_layer": first.name, "threshold": LARGE_DRIFT, "max_drift": worst[0].drift.worst}
-    return [Finding("drift", "cause" if stale_is_cause else "warning", msg, ctx.remedies.recalibrate(), numbers)]
+    if stale is not None and stale.remedy is not None:  # recalibrating helps: as severe as the term
+        return out + [Finding("drift", stale.severity, msg, ctx.remedies.recalibrate(), numbers)]
+    if stale is not None:  # the moving statistics score better: no fix
+        return out + [Finding("drift", "info", msg + " On this data the drift does not cost the metric.", None, numbers)]
+    return out + [Finding("drift", "info", msg + " Its effect on the metric is within the noise threshold.", ctx.remedies.recalibrate(), numbers)]
 
 
 def _frozen(recal: Recalibration, ctx: Context, primary: str | None, d: Decomposition | None) -> list[Finding]:
@@ -321,8 +372,10 @@ def _model_facts(ctx: Context) -> list[Finding]:
         per = ctx.batch_size // ctx.replicas if ctx.batch_size else None
         how = "synchronizes statistics across replicas" if ctx.synchronized else f"normalizes each replica batch of {per} on its own"
         out.append(Finding(
-            "replicas", "info", f"{ctx.replicas} replicas: BatchNorm {how}.",
-            None if ctx.synchronized else f"{ctx.remedies.synchronized()} if per-replica batches are small",
+            "replicas", "info",
+            f"{ctx.replicas} replicas: BatchNorm {how}." + ("" if ctx.synchronized else " Where per-replica batches are small, "
+                                                             "synchronize the statistics across replicas:"),
+            None if ctx.synchronized else ctx.remedies.synchronized(),
             {"replicas": ctx.replicas, "per_replica_batch": per, "synchronized": ctx.synchronized},
         ))
     if ctx.other_normalization:
@@ -343,16 +396,20 @@ def build_report(decompositions: dict[str, Decomposition], recalibration: Recali
     d = decompositions.get(primary) if primary else None
     ema = _momentum_advice(ctx)
     findings = _term_findings(primary, d, ctx, ema)
-    stale_is_cause = any(f.kind == "stale_moving_statistics" for f in findings)
+    stale = next((f for f in findings if f.kind == "stale_moving_statistics"), None)
+    stale_hurts = stale is not None and stale.remedy is not None  # exact statistics would score better: the fix applies
+    stale_is_cause = stale_hurts and stale.severity == "cause"
     if recalibration is None:
         findings.append(Finding("no_batchnorm", "info", "The model has no BatchNorm layer with moving statistics: the gap does not come from normalization statistics."))
     else:
-        findings += _drift(recalibration, ctx, stale_is_cause) + _frozen(recalibration, ctx, primary, d)
+        findings += _drift(recalibration, ctx, stale) + _frozen(recalibration, ctx, primary, d)
     findings += _input_scale(ctx, stale_is_cause)
     text, numbers = ema
-    if text and not stale_is_cause:
-        remedy = ctx.remedies.momentum(numbers["advised_momentum"]) if numbers.get("too_slow") else None
-        findings.append(Finding("ema", "warning" if numbers.get("too_slow") else "info", text, remedy, numbers))
+    if text and not stale_hurts:  # where the stale term hurts, its finding carries the momentum advice
+        if numbers.get("too_slow"):
+            text += (f" A memory of half an epoch would take momentum {numbers['advised_momentum']}; on this data the "
+                     "stale statistics do not cost the metric beyond the noise threshold.")
+        findings.append(Finding("ema", "info", text, None, numbers))
     findings += _model_facts(ctx)
     rank = {"cause": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: rank.get(f.severity, 3))

@@ -69,11 +69,21 @@ class Report:
 
     @property
     def causes(self) -> list[tuple[str, float]]:
-        """Significant terms of the primary metric, largest first."""
-        if self.main is None:
+        """The terms that explain the primary metric's gap, largest first: above the noise threshold, with the gap's
+        sign, the gap itself above the threshold (:func:`evalgap.diagnosis.explains_gap`). A term of the other sign
+        narrows the gap: a finding, not a cause."""
+        from .diagnosis import explains_gap
+
+        main = self.main
+        if main is None:
             return []
-        sig = self.main.significant()
-        return [(k, v) for k, v in self.main.ranked() if k in sig]
+        return [(k, v) for k, v in main.ranked() if explains_gap(main, k)]
+
+    def _amount(self, value: float, signed: bool = True) -> str:
+        """A value of the primary metric in the report's unit: points for fractions."""
+        if self.gap_points is not None:
+            return f"{100 * value:+.1f} points" if signed else f"{100 * value:.1f} point{'s' if round(100 * value, 1) != 1 else ''}"
+        return f"{value:+.4g}" if signed else f"{value:.3g}"
 
     def epoch_logs(self) -> dict[str, float]:
         """What the monitors put in the epoch logs: ``gap_bn_stale`` (P - E) and ``gap_batch_stats``
@@ -104,20 +114,32 @@ class Report:
             return "No metric was measured."
         top, bottom = main.top, ("E_val" if "E_val" in main.values else "E")
         gap = main.values[top] - main.values[bottom]
+        if not math.isfinite(gap):
+            odd = [m for m in (top, bottom) if not math.isfinite(main.values[m])]
+            return (f"{self.primary} is not finite in {' and '.join(f'{m} ({MODE_NAMES[m]})' for m in odd)}: the two "
+                    "numbers cannot be compared (a diverged model, or inputs that overflow).")
         worse = main.goodness(gap) > 0
         size = f"{abs(100 * gap):.1f} points" if self.gap_points is not None else f"{abs(gap):.4g}"
-        where = "on the validation data" if bottom == "E_val" else "on the same data"
         direction = ("below" if worse else "above") if main.higher_is_better else ("above" if worse else "below")
-        sentence = (f"Validation {self.primary} is {size} {direction} training {where} "
-                    f"({main.values[bottom]:.4f} vs {main.values[top]:.4f})")
+        if bottom == "E_val":
+            sentence = (f"Validation {self.primary} (on the validation data) is {size} {direction} training (on the "
+                        f"training data) ({main.values[bottom]:.4f} vs {main.values[top]:.4f})")
+        else:
+            sentence = (f"Validation {self.primary} is {size} {direction} training on the same data "
+                        f"({main.values[bottom]:.4f} vs {main.values[top]:.4f})")
         causes = self.causes
         if not causes:
-            return sentence + f"; no term is above the noise threshold ({main.threshold():.3g}): nothing to fix."
+            noise = self._amount(main.threshold(), signed=False)
+            offsetting = [(k, v) for k, v in main.ranked() if k in main.significant()]
+            if offsetting:
+                listed = ", ".join(f"{k.replace('_', ' ')} {self._amount(v)}" for k, v in offsetting)
+                return sentence + f"; the terms above the noise threshold ({noise}) offset each other: {listed} (see the findings)."
+            return sentence + f"; no term is above the noise threshold ({noise}): nothing to fix."
         name, value = causes[0]
         meaning = {t[0]: t[3] for t in TERMS}.get(name, "the validation data differ from the training data")
         share = value / gap if gap else 0.0
-        amount = "all of it" if share >= 0.95 else "most of it" if share >= 0.5 else f"{100 * share:.0f}% of it" if share > 0 else "the largest term"
-        return sentence + f"; {amount}: {meaning} ({name.replace('_', ' ')}, {value:+.4f})."
+        amount = "all of it" if share >= 0.95 else "most of it" if share >= 0.5 else f"{100 * share:.0f}% of it"
+        return sentence + f"; {amount}: {meaning} ({name.replace('_', ' ')}, {self._amount(value)})."
 
     def finding(self, kind: str) -> Finding | None:
         return next((f for f in self.findings if f.kind == kind), None)
@@ -134,7 +156,10 @@ class Report:
             "gap": self.gap,
             "gap_points": self.gap_points,
             "metrics": {k: d.to_dict() for k, d in self.decompositions.items()},
-            "causes": [] if main is None else [{"term": k, "value": v, "significant": k in main.significant()} for k, v in main.ranked()],
+            "causes": [] if main is None else [
+                {"term": k, "value": v, "significant": k in main.significant(), "explains_gap": k in dict(self.causes)}
+                for k, v in main.ranked()
+            ],
             "findings": [f.to_dict() for f in self.findings],
             "layers": [] if self.recalibration is None else [
                 {k: v for k, v in layer.to_dict().items() if k not in ("mean_before", "var_before", "mean_after", "var_after")}
@@ -171,7 +196,9 @@ class Report:
                 f"({MODE_NAMES[bottom]}): gap {gap}, on {self.samples} samples, batch {self.batch_size} [{self.framework}]",
                 style="bold",
             ))
-            modes = Table(title="metrics by mode (same data, same weights)")
+            same = "same weights; E_val on the validation data, the other modes on the training data" if bottom == "E_val" \
+                else "same data, same weights"
+            modes = Table(title=f"metrics by mode ({same})")
             modes.add_column("mode")
             for metric in self.decompositions:
                 modes.add_column(metric, justify="right")
@@ -187,13 +214,15 @@ class Report:
             sig = main.significant()
             for name, value in main.terms.items():
                 share = f"{100 * value / main.total:.0f}%" if main.total else "-"
+                share = "0%" if share == "-0%" else share
                 style = "bold" if name in sig else "dim"
                 terms.add_row(Text(name, style=style), f"{value:+.4f}", share, meanings[name])
             parts.append(terms)
         causes = [f for f in self.findings if f.severity == "cause"]
         others = [f for f in self.findings if f.severity != "cause"]
         if main is not None and not self.causes:
-            parts.append(Text(f"No significant cause: every term is within {main.threshold():.3g}.", style="bold green"))
+            within = "no term explains the gap" if main.significant() else f"every term is within {self._amount(main.threshold(), signed=False)}"
+            parts.append(Text(f"No significant cause: {within}.", style="bold green"))
         for title, items in (("Causes", causes), ("Also found", others)):
             if items:
                 parts.append(Text(title, style="bold underline"))
@@ -208,7 +237,8 @@ class Report:
             layers = [layer for layer in self.recalibration.layers if layer.drift is not None]
             shown = layers if len(layers) <= 12 else layers[:6] + sorted(layers[6:], key=lambda layer: -layer.drift.worst)[:6]
             for layer in shown:
-                drift.add_row(layer.name, layer.status, f"{layer.drift.mean_max:.3g}", f"{layer.drift.var_max:.3g}")
+                drift.add_row(layer.name, layer.status, *(f"{v:.3g}" if math.isfinite(v) else "not finite"
+                                                           for v in (layer.drift.mean_max, layer.drift.var_max)))
             if len(layers) > len(shown):
                 drift.caption = f"first 6 and the 6 largest of {len(layers)} layers"
             parts.append(drift)

@@ -443,8 +443,10 @@ class Drift:
 
     @property
     def worst(self) -> float:
-        """The larger of the two maxima: one number to rank layers by."""
-        return max(self.mean_max, self.var_max)
+        """The larger of the two maxima: one number to rank layers by (NaN when either is not finite: statistics
+        that are not valid, such as a negative variance, are never ranked as small)."""
+        a, b = self.mean_max, self.var_max
+        return a + b if not (math.isfinite(a) and math.isfinite(b)) else max(a, b)
 
 
 def drift(moving_mean: Any, moving_var: Any, mean: Any, var: Any, eps: float) -> Drift:

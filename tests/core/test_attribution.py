@@ -62,7 +62,10 @@ def test_report_names_causes_with_remedies_and_serializes(tmp_path):
         momenta=[0.99] * 53, steps_per_epoch=22, epochs=7,
     )
     report = build_report({"accuracy": d}, _recal(), ctx)
-    assert [k for k, _ in report.causes] == ["stale_moving_statistics", "epoch_average"]
+    # F - T = -1.57 points narrows the 46.95-point gap: significant, but not a cause; information without a fix
+    assert [k for k, _ in report.causes] == ["stale_moving_statistics"]
+    average = report.finding("epoch_average")
+    assert average.severity == "info" and average.remedy is None and "narrows the gap" in average.message
     stale = report.finding("stale_moving_statistics")
     assert stale.severity == "cause" and stale.numbers["updates"] == 154
     assert round(stale.numbers["initial_weight"], 2) == 0.21 and stale.numbers["advised_momentum"] == pytest.approx(0.9091, abs=1e-4)
@@ -73,10 +76,12 @@ def test_report_names_causes_with_remedies_and_serializes(tmp_path):
     assert drift.numbers["first_layer"] == "conv1_bn" and drift.numbers["max_drift"] == pytest.approx(70 / np.sqrt(900.001))
     data = json.loads(report.to_json(tmp_path / "r.json"))
     assert data["schema"] == "evalgap.report/1" and data["gap_points"] == pytest.approx(46.95)
+    assert {c["term"]: c["explains_gap"] for c in data["causes"] if c["significant"]} == {
+        "stale_moving_statistics": True, "epoch_average": False}
     assert json.loads((tmp_path / "r.json").read_text()) == data
     assert "mean_before" not in data["layers"][0]
     text = str(report)
-    assert "stale_moving_statistics" in text and "fix: evalgap.keras.recalibrate" in text
+    assert "stale_moving_statistics" in text and "fix: import evalgap.keras" in text and "evalgap.keras.recalibrate(model, train_data)" in text
     assert "46.9 points" in text or "47.0 points" in text
 
 
@@ -132,3 +137,73 @@ def test_layers_that_never_update_get_no_ema_arithmetic():
                       convention=convention, steps_per_epoch=20, epochs=5)
         stale = build_report({"accuracy": d}, None, ctx).finding("stale_moving_statistics")
         assert "inf" not in stale.message and "momentum" not in stale.numbers
+
+
+def _keras_ctx(**kw):
+    return Context(framework="keras/jax", remedies=KerasRemedies(), samples=960, batch_size=96, **kw)
+
+
+def test_moving_statistics_that_score_better_are_not_given_a_fix():
+    """Evaluation better than training: the moving statistics score 2.7 points better than the exact ones (P < E).
+    That explains part of the gap's direction, but recalibrating would lower validation: no fix offered, anywhere."""
+    d = decompose("accuracy", {"T": 0.80, "Td": 0.80, "P": 0.8535, "E": 0.8809})
+    report = build_report({"accuracy": d}, _recal(), _keras_ctx(momenta=[0.99] * 2, steps_per_epoch=10, epochs=3))
+    stale = report.finding("stale_moving_statistics")
+    assert stale.remedy is None and "would change validation to 0.8535, worse" in stale.message
+    assert all(f.remedy is None or "recalibrate" not in f.remedy for f in report.findings), [f.to_dict() for f in report.findings]
+    assert all("momentum=" not in (f.remedy or "") for f in report.findings)
+    assert "above training" in report.headline()
+
+
+def test_a_healthy_model_is_offered_no_fix_and_the_threshold_is_in_points():
+    d = decompose("accuracy", {"T": 0.950, "Td": 0.950, "P": 0.946, "E": 0.942})
+    report = build_report({"accuracy": d}, None, _keras_ctx(momenta=[0.99] * 2, steps_per_epoch=10, epochs=3))
+    assert report.causes == [] and "nothing to fix" in report.headline() and "(1.0 point)" in report.headline()
+    ema = report.finding("ema")
+    assert ema.severity == "info" and ema.remedy is None and "momentum 0.8" in ema.message  # 1 - 2 / 10, said, not pasted
+    assert "within 1.0 point" in str(report)
+
+
+def test_terms_that_cancel_are_named_not_called_causes():
+    d = decompose("accuracy", {"T": 0.90, "Td": 0.85, "P": 0.90, "E": 0.895})  # dropout -5, batch statistics -5... +5
+    assert abs(d.total) <= d.threshold() and len(d.significant()) == 2
+    report = build_report({"accuracy": d}, None, _keras_ctx())
+    assert report.causes == [] and "offset each other" in report.headline()
+    assert "training only layers +5.0 points" in report.headline() and "batch statistics -5.0 points" in report.headline()
+    assert {f.kind: f.severity for f in report.findings if f.kind in d.terms} == {"training_only_layers": "info", "batch_statistics": "info"}
+
+
+def test_every_remedy_is_code_that_compiles():
+    """Remedies are code to paste (the schema's promise); advice in words belongs to the message."""
+    cases = [
+        {"F": 0.70, "T": 0.95, "Td": 0.99, "P": 0.90, "E": 0.40, "E_val": 0.30},  # every term, data included
+        {"T": 0.60, "Td": 0.95, "P": 0.90, "E": 0.89},
+    ]
+    for values in cases:
+        for remedies in (KerasRemedies(), TorchRemedies()):
+            ctx = Context(framework="x", remedies=remedies, samples=960, batch_size=96, momenta=[0.99] * 2,
+                          steps_per_epoch=10, epochs=3, replicas=2)
+            report = build_report({"accuracy": decompose("accuracy", values)}, _recal(), ctx)
+            for f in report.findings:
+                if f.remedy is not None:
+                    compile(f.remedy.replace("model.fit(...,", "model.fit(x,"), f"<{f.kind}>", "exec")  # raises on prose
+
+
+def test_a_layer_with_statistics_that_are_not_finite_is_named():
+    layer = LayerRecalibration("bn_broken", "BatchNormalization", "measured", 2, 1e-3, samples=96,
+                               mean_before=np.array([0.0, 0.0]), var_before=np.array([-1.0, 1.0]),
+                               mean_after=np.array([0.1, 0.2]), var_after=np.array([1.0, 1.0]))
+    recal = Recalibration("keras/jax", [layer], batches=1, samples=96, batch_size=96)
+    d = decompose("accuracy", {"T": 0.9, "Td": 0.9, "P": 0.9, "E": 0.5})
+    report = build_report({"accuracy": d}, recal, _keras_ctx())
+    broken = [f for f in report.findings if f.kind == "drift" and "not valid" in f.message]
+    assert broken and broken[0].numbers["layers"] == ["bn_broken"] and "recalibrate" in broken[0].remedy
+    text = str(report)
+    assert "not finite" in text and " nan" not in text.lower()
+
+
+def test_validation_data_are_named_where_they_are_measured():
+    d = decompose("accuracy", {"T": 0.95, "Td": 0.95, "P": 0.94, "E": 0.93, "E_val": 0.30})
+    report = build_report({"accuracy": d}, None, _keras_ctx())
+    assert "(on the validation data) is 65.0 points below training (on the training data)" in report.headline()
+    assert "same data, same weights" not in str(report) and "E_val on the validation data" in str(report)

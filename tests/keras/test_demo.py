@@ -20,5 +20,5 @@ def test_keras_demo_prints_the_gap_and_the_fix(tmp_path, capsys):
     assert fixed is not None
     assert float(fixed.group(2)) > float(fixed.group(1))  # recalibration helps even after one epoch
     assert (tmp_path / f"demo_keras_{keras.backend.backend()}.png").exists()
-    assert "stale_moving_statistics" in out and "fix: evalgap.keras.recalibrate" in out
+    assert "stale_moving_statistics" in out and "fix: import evalgap.keras" in out and "evalgap.keras.recalibrate(model, train_data)" in out
     assert (tmp_path / f"demo_report_{keras.backend.backend()}.html").exists()

@@ -93,7 +93,7 @@ def test_stale_running_statistics_and_raw_inputs(digits):
     assert stale.numbers["initial_weight"] == pytest.approx(0.999**56)
     assert "m.momentum = 0.1429" in stale.remedy  # 2 / 14 in PyTorch's convention
     pasted = copy.deepcopy(model)
-    exec(stale.remedy.split("\n", 2)[2], {"model": pasted, "torch": torch})  # the momentum lines, as pasted
+    exec(stale.remedy[stale.remedy.index("for m in"):], {"model": pasted, "torch": torch})  # the momentum lines, as pasted
     assert [m.momentum for m in pasted.modules() if isinstance(m, nn.BatchNorm2d)] == [0.1429, 0.1429]
     scale = report.finding("input_scale")
     assert "raw [0, 255]" in scale.message

@@ -15,7 +15,7 @@ class FlaxRemedies:
 
     def recalibrate(self, include_frozen: bool = False) -> str:
         extra = ", include_frozen=True" if include_frozen else ""
-        return (f"evalgap.flax.recalibrate(model, train_data{extra})  "
+        return (f"import evalgap.flax\nevalgap.flax.recalibrate(model, train_data{extra})  "
                 f"# Linen: result, variables = evalgap.flax.recalibrate((module, variables), train_data{extra})")
 
     def before_validation(self) -> str:
@@ -34,7 +34,7 @@ class FlaxRemedies:
         return f"x = (x - jnp.array({_vec(mean)}).reshape({shape})) / jnp.array({_vec(std)}).reshape({shape})  # before the model"
 
     def synchronized(self) -> str:
-        return "nnx.BatchNorm(C, axis_name='data', rngs=rngs) under pmap/shard_map (jit over sharded batches already normalizes the global batch)"
+        return "nnx.BatchNorm(C, axis_name='data', rngs=rngs)  # under pmap/shard_map; jit over sharded batches already normalizes the global batch"
 
     def monitor_fix(self) -> str:
         return "call evalgap.flax.recalibrate(model, train_data) before validating"

@@ -14,7 +14,7 @@ class KerasRemedies:
     data = "train_data"
 
     def recalibrate(self, include_frozen: bool = False) -> str:
-        return f"evalgap.keras.recalibrate(model, train_data{', include_frozen=True' if include_frozen else ''})"
+        return f"import evalgap.keras\nevalgap.keras.recalibrate(model, train_data{', include_frozen=True' if include_frozen else ''})"
 
     def before_validation(self) -> str:
         return "model.fit(..., callbacks=[evalgap.keras.PreciseBN(train_data)])"

@@ -33,7 +33,7 @@ class TfKerasRemedies:
         return self._package
 
     def recalibrate(self, include_frozen: bool = False) -> str:
-        return f"evalgap.tf_keras.recalibrate(model, train_data{', include_frozen=True' if include_frozen else ''})"
+        return f"import evalgap.tf_keras\nevalgap.tf_keras.recalibrate(model, train_data{', include_frozen=True' if include_frozen else ''})"
 
     def before_validation(self) -> str:
         return "model.fit(..., callbacks=[evalgap.tf_keras.PreciseBN(train_data)])"

@@ -14,7 +14,7 @@ class TorchRemedies:
     data = "train_loader"
 
     def recalibrate(self, include_frozen: bool = False) -> str:
-        return f"evalgap.torch.recalibrate(model, train_loader{', include_frozen=True' if include_frozen else ''})"
+        return f"import evalgap.torch\nevalgap.torch.recalibrate(model, train_loader{', include_frozen=True' if include_frozen else ''})"
 
     def before_validation(self) -> str:
         return "precise_bn = evalgap.torch.PreciseBN(train_loader); precise_bn(model, epoch)  # before each validation"
