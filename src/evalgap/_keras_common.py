@@ -218,6 +218,8 @@ def check_batched(model: Any, inputs: Any) -> None:
     if len(specs) != 1 or len(leaves) != 1:
         return
     expected, given = tuple(specs[0].shape), tuple(leaves[0].shape)
+    if not given:  # not an array of samples (a tf.distribute PerReplica value): Keras's own data path checks it
+        return
     per_sample = expected[1:]  # a batch shaped like one sample (Keras itself adds a missing trailing axis of 1)
     if len(given) == len(per_sample) and all(e is None or int(e) == int(g) for e, g in zip(per_sample, given)):
         raise DataError(

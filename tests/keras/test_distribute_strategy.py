@@ -46,11 +46,26 @@ SCRIPT = textwrap.dedent(
     replicas = eg.diagnose(mirrored, (x, y), batch_size=16, progress=False).finding("replicas")
     bn_m = [bn for _, bn in eg.find_batchnorms(mirrored)]
     bn_p = [bn for _, bn in eg.find_batchnorms(plain)]
+    evaluated = [mirrored.evaluate(x, y, verbose=0), plain.evaluate(x, y, verbose=0)]
+    max_rel_var = max(float(np.max(np.abs(a.moving_variance.numpy() / b.moving_variance.numpy() - 1))) for a, b in zip(bn_m, bn_p))
+    max_abs_mean = max(float(np.max(np.abs(a.moving_mean.numpy() - b.moving_mean.numpy()))) for a, b in zip(bn_m, bn_p))
+    # the same data as fit takes it from a strategy: PerReplica batches, made global ones (all 64 samples again)
+    for a in bn_m:
+        a.moving_mean.assign(a.moving_mean.numpy() * 0); a.moving_variance.assign(a.moving_variance.numpy() * 0 + 1)
+    dds = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(x).batch(16))
+    r_d = eg.recalibrate(mirrored, dds, progress=False)
+    eg.recalibrate(plain, x, batch_size=16, shuffle=False, progress=False)  # the same batches, in order
+    dds_xy = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+    e_d = eg.diagnose(mirrored, dds_xy, progress=False).decompositions["loss"].values["E"]
     print(json.dumps({
+        "distributed_dataset": {
+            "samples": r_d.samples, "e": e_d, "evaluate": mirrored.evaluate(dds_xy, verbose=0),
+            "max_rel_var": max(float(np.max(np.abs(a.moving_variance.numpy() / b.moving_variance.numpy() - 1))) for a, b in zip(bn_m, bn_p)),
+        },
         "replicas": strategy.num_replicas_in_sync,
-        "max_rel_var": max(float(np.max(np.abs(a.moving_variance.numpy() / b.moving_variance.numpy() - 1))) for a, b in zip(bn_m, bn_p)),
-        "max_abs_mean": max(float(np.max(np.abs(a.moving_mean.numpy() - b.moving_mean.numpy()))) for a, b in zip(bn_m, bn_p)),
-        "eval": [mirrored.evaluate(x, y, verbose=0), plain.evaluate(x, y, verbose=0)],
+        "max_rel_var": max_rel_var,
+        "max_abs_mean": max_abs_mean,
+        "eval": evaluated,
         "samples": [r_m.samples, r_p.samples],
         "replicas_finding": None if replicas is None else replicas.numbers,
     }))
@@ -70,3 +85,7 @@ def test_same_statistics_with_and_without_mirrored_strategy():
     assert result["replicas_finding"] == {"replicas": 2, "per_replica_batch": 8, "synchronized": False}
     # every replica got the statistics: evaluation (run per replica) agrees with the plain model
     assert abs(result["eval"][0] - result["eval"][1]) < 1e-4
+    # strategy.experimental_distribute_dataset: its PerReplica batches are the global batches they split
+    dd = result["distributed_dataset"]
+    assert dd["samples"] == 64 and dd["max_rel_var"] < 1e-6
+    assert abs(dd["e"] - dd["evaluate"]) < 1e-5 * max(1.0, abs(dd["evaluate"]))

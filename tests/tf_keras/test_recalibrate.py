@@ -291,8 +291,8 @@ def test_clear_errors():
     model = functional_model()
     model(x[:4])
     before = snapshot(model)
-    with pytest.raises(RecalibrationError, match="batch 0"):
-        eg.recalibrate(model, [np.zeros((4, 5, 5, 1), "float32")], progress=False)
+    with pytest.raises(DataError, match=r"takes inputs of shape \(None, 8, 8, 3\).*\(4, 5, 5, 1\), which fit and evaluate refuse"):
+        eg.recalibrate(model, [np.zeros((4, 5, 5, 1), "float32")], progress=False)  # refused before any pass
     with pytest.raises(RecalibrationError, match="multiple of it"):  # ghost batches of 4 in a batch of 6
         eg.recalibrate(model, x[:6], batch_size=6, progress=False)
     assert snapshot(model) == before

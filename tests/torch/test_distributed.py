@@ -141,3 +141,44 @@ def test_a_failed_combination_over_processes_is_named_and_changes_nothing():
                                                  r"\(RuntimeError: Connection closed by peer\)"):
         measure(adapter, model, source, adapter.layers(model), collective=Broken(), progress=False)
     assert state_snapshot(model) == before
+
+
+def _mismatched_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1's model has its two convolution blocks' widths swapped: the same total number of BN channels, so the
+    all-reduce would have the same size and mix the layers' channels."""
+    from evalgap import DistributedError
+
+    from ._reference import state_snapshot
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        a, b = (4, 6) if rank == 0 else (6, 4)
+        model = nn.Sequential(nn.Conv2d(3, a, 3), nn.BatchNorm2d(a), nn.Conv2d(a, b, 3), nn.BatchNorm2d(b))
+        before = state_snapshot(model)
+        outcome = {}
+        for name, call in (("recalibrate", eg.recalibrate), ("diagnose", None)):
+            try:
+                if call is None:
+                    eg.diagnose(model, [(x, torch.zeros(len(x), dtype=torch.long)) for x in rank_batches(rank)],
+                                loss_fn=lambda out, t: out.mean(), metrics={}, progress=False)
+                else:
+                    call(model, rank_batches(rank), progress=False)
+                outcome[name] = "no error"
+            except DistributedError as exc:
+                outcome[name] = str(exc)
+        outcome["unchanged"] = state_snapshot(model) == before
+        torch.save(outcome, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_models_that_differ_across_processes_are_refused_on_every_process(tmp_path):
+    mp.spawn(_mismatched_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank, layers in ((0, "(1 4, 3 6)"), (1, "(1 6, 3 4)")):
+        outcome = torch.load(tmp_path / f"rank{rank}.pt")
+        assert outcome["unchanged"], rank
+        for name in ("recalibrate", "diagnose"):
+            assert "the processes' models differ in their BatchNorm layers" in outcome[name], (rank, name, outcome[name])
+            assert f"2 BatchNorm layers {layers}" in outcome[name] and "Nothing was written" in outcome[name]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._checks import check_count
-from ..errors import EvalgapError
+from ..errors import DistributedError, EvalgapError
 from ..stats import ChannelMoments, first_means, from_shifted_sums, shifted_sums
 from .protocol import Capture, Collective, HostCaptures, NormLayer
 
@@ -119,9 +119,12 @@ class LayerMoments:
     def combine(self, collective: Collective, channels: list[int], counters: list[float]) -> list[float]:
         """Replace every layer's state with the union over all processes; return the summed counters.
 
-        Collective: every process calls it, with the same layers. A layer first reached on
-        another process is ordered after this process's own layers.
+        Collective: every process calls it, with the same layers (checked first: a
+        :class:`evalgap.DistributedError` on every process where they differ, before any message of
+        a size that depends on them). A layer first reached on another process is ordered after
+        this process's own layers.
         """
+        _check_same_layers(collective, self.names, channels)
         shift = collective.broadcast(first_means(self.moments, channels))
         n = len(channels)
         extra = [*self.samples, *self.calls, *(1.0 if i in self.first_seen else 0.0 for i in range(n)), *counters]
@@ -135,3 +138,23 @@ class LayerMoments:
             if i not in self.first_seen and seen[i]:
                 self.first_seen[i] = 10**9 + i
         return rest[3 * n :]
+
+
+def _check_same_layers(collective: Collective, names: list[str], channels: list[int]) -> None:
+    """Every process must combine the same BatchNorm layers: their number and channels are compared with process
+    0's (a fingerprint of fixed size, broadcast), then every process learns whether any differs (one sum), so all
+    raise together instead of exchanging messages of different sizes (which a backend may abort on, or, with equal
+    total sizes, mix the channels of different layers)."""
+    c = np.asarray(channels, dtype=np.float64)
+    k = np.arange(1, len(c) + 1, dtype=np.float64)
+    mine = np.array([len(c), c.sum(), (k * c).sum(), (k * k * c).sum()], dtype=np.float64)
+    theirs = collective.broadcast(mine)
+    differs = float(not np.array_equal(mine, theirs))
+    if collective.sum(np.array([differs], dtype=np.float64))[0] > 0:
+        here = f"this process has {len(channels)} BatchNorm layers ({', '.join(f'{n} {c}' for n, c in zip(names[:4], channels[:4]))}" \
+               f"{' ...' if len(names) > 4 else ''})"
+        raise DistributedError(
+            f"the processes' models differ in their BatchNorm layers (their number or channels; {here}): every process "
+            "must recalibrate or diagnose the same model, built the same way. Nothing was written."
+        )
+

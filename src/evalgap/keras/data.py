@@ -92,8 +92,20 @@ def leading_dim(x: Any) -> int | None:
 def _unpacked(raw: Any) -> Batch:
     from keras.utils import unpack_x_y_sample_weight
 
-    x, y, w = unpack_x_y_sample_weight(raw)
+    from ..engine import tree_map
+
+    x, y, w = unpack_x_y_sample_weight(tree_map(_global, raw))
     return _batch(x, y, w)
+
+
+def _global(leaf: Any) -> Any:
+    """A ``tf.distribute`` PerReplica value (a batch of ``strategy.experimental_distribute_dataset``) as the global
+    batch it splits, replicas in order: the statistics pass runs on global batches, in cross-replica context."""
+    if type(leaf).__name__ == "PerReplica" and hasattr(leaf, "values"):
+        import tensorflow as tf
+
+        return tf.concat(list(leaf.values), axis=0)
+    return leaf
 
 
 def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, seed: int = 0, targets: bool = False):
@@ -110,7 +122,7 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
         return ArrayBatches(_keras_arrays(data, size), batch_size=size, shuffle=shuffle, seed=seed, to_batch=_batch, size_note=note)
     if batch_size is not None:
         logger.info("batch_size=%s is ignored: the data are already batched", batch_size)
-    if isinstance(data, (list, tuple)) or hasattr(data, "__next__"):  # batches as they come
+    if isinstance(data, (list, tuple)) or hasattr(data, "__next__") or _distributed(data):  # batches as they come
         total = len(data) if isinstance(data, (list, tuple)) else None
         return StreamBatches(lambda: data, to_batch=_unpacked, reiterable=not hasattr(data, "__next__"), total=total)
     try:
@@ -129,6 +141,12 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
     source = StreamBatches(make, to_batch=_unpacked, reiterable=True, total=total)
     source.infinite = repeats_forever(data)
     return source
+
+
+def _distributed(data: Any) -> bool:
+    """A ``strategy.experimental_distribute_dataset(...)``: its batches are PerReplica values, made global ones
+    (:func:`_global`); Keras's NumPy iterator would turn each into an object array."""
+    return any(cls.__name__ == "DistributedDataset" and cls.__module__.startswith("tensorflow") for cls in type(data).__mro__)
 
 
 def repeats_forever(data: Any) -> bool:

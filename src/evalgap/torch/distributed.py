@@ -65,7 +65,8 @@ class TorchCollective:
         self.description = f"{world} processes"
 
     def _tensor(self, vector: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(vector, dtype=np.float64)).to(_device_for(self.group))
+        """A copy on the group's device: the collectives work in place, and the caller's array must not change."""
+        return torch.tensor(np.asarray(vector, dtype=np.float64)).to(_device_for(self.group))
 
     def sum(self, vector: np.ndarray) -> np.ndarray:
         t = self._tensor(vector)
