@@ -137,7 +137,9 @@ def diagnose(
         steps_per_epoch, epochs, bn_updates: for the EMA arithmetic of the running statistics.
         process_group: under ``torch.distributed``, every rank passes its own data; the
             population statistics and the metrics are reduced over the ranks exactly, so
-            every rank gets the same report (collective: every rank must call it).
+            every rank gets the same modes, terms and causes (what describes the data, such
+            as the input scale, is each rank's own shard; collective: every rank must call
+            it, with the same model).
         primary: the metric to rank causes by (default: accuracy-like, else the first
             given metric, else the loss).
         batch_size, shuffle, seed: for array data.
