@@ -106,6 +106,12 @@ class Decomposition:
     def significant(self) -> dict[str, float]:
         return {k: v for k, v in self.terms.items() if abs(v) > self.threshold()}
 
+    def explains_gap(self, name: str) -> bool:
+        """Whether term ``name`` is a cause of the gap: the gap and the term above the noise threshold, the
+        term with the gap's sign (it pushes the two numbers apart; one of the other sign narrows the gap)."""
+        threshold, value = self.threshold(), self.terms.get(name, 0.0)
+        return abs(self.total) > threshold and abs(value) > threshold and value * self.total > 0
+
     def ranked(self) -> list[tuple[str, float]]:
         """Terms by size, largest first."""
         return sorted(self.terms.items(), key=lambda kv: -abs(kv[1]))

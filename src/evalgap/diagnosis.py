@@ -261,14 +261,6 @@ def _data(primary: str, d: Decomposition, value: float, ctx: Context, cause: boo
     return Finding("data", _severity(cause), msg, None, {"E": v["E"], "E_val": v["E_val"]})
 
 
-def explains_gap(d: Decomposition, name: str) -> bool:
-    """A term is a cause of the gap when the gap itself and the term are above the noise threshold and the term
-    has the gap's sign (it pushes the two numbers apart; one of the other sign narrows the gap)."""
-    threshold = d.threshold()
-    value = d.terms.get(name, 0.0)
-    return abs(d.total) > threshold and abs(value) > threshold and value * d.total > 0
-
-
 def _term_findings(primary: str | None, d: Decomposition | None, ctx: Context, ema) -> list[Finding]:
     if d is None or primary is None:
         return []
@@ -277,7 +269,7 @@ def _term_findings(primary: str | None, d: Decomposition | None, ctx: Context, e
     for name, value in d.ranked():
         if name not in significant:
             continue
-        cause = explains_gap(d, name)
+        cause = d.explains_gap(name)
         if name == "stale_moving_statistics":
             out.append(_stale(primary, d, value, ctx, ema, cause))
         else:

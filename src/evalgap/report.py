@@ -70,14 +70,12 @@ class Report:
     @property
     def causes(self) -> list[tuple[str, float]]:
         """The terms that explain the primary metric's gap, largest first: above the noise threshold, with the gap's
-        sign, the gap itself above the threshold (:func:`evalgap.diagnosis.explains_gap`). A term of the other sign
+        sign, the gap itself above the threshold (:meth:`Decomposition.explains_gap`). A term of the other sign
         narrows the gap: a finding, not a cause."""
-        from .diagnosis import explains_gap
-
         main = self.main
         if main is None:
             return []
-        return [(k, v) for k, v in main.ranked() if explains_gap(main, k)]
+        return [(k, v) for k, v in main.ranked() if main.explains_gap(k)]
 
     def _amount(self, value: float, signed: bool = True) -> str:
         """A value of the primary metric in the report's unit: points for fractions."""
