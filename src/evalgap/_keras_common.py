@@ -228,6 +228,8 @@ def check_batched(model: Any, inputs: Any) -> None:
         )
     if len(given) == len(expected) - 1 and expected[-1] == 1:  # (n,) for Input((1,)): Keras adds the axis
         given = (*given, 1)
+    elif len(given) == len(expected) + 1 and given[-1] == 1:  # (n, 28, 28, 1) for Input((28, 28)): Keras squeezes it
+        given = given[:-1]
     if len(given) != len(expected) or any(e is not None and g is not None and int(e) != int(g) for e, g in zip(expected[1:], given[1:])):
         raise DataError(
             f"the model takes inputs of shape {expected}, but the data's batches hold inputs of shape {given}, which "

@@ -166,7 +166,11 @@ def _momentum_advice(ctx: Context) -> tuple[str | None, dict[str, Any]]:
 # ---------------------------------------------------------------------------------
 # one function per term: (primary metric, its decomposition, the term's value, ctx) -> Finding
 # ---------------------------------------------------------------------------------
-_NARROWS = " This term narrows the gap (its sign is the gap's opposite): it is not why the two numbers differ."
+def _not_a_cause(d: Decomposition, value: float) -> str:
+    """Why a term above the noise threshold is not a cause: it narrows the gap, or the gap is within the noise."""
+    if value * d.total < 0:
+        return " This term narrows the gap (its sign is the gap's opposite): it is not why the two numbers differ."
+    return " The gap itself is within the noise threshold: this term and others of the opposite sign offset each other."
 
 
 def _severity(cause: bool) -> str:
@@ -214,7 +218,7 @@ def _batch_stats(primary: str, d: Decomposition, value: float, ctx: Context, cau
     if mix is not None:
         numbers.update(classes=mix.classes, classes_per_batch=mix.per_batch, classes_per_shuffled_batch=mix.shuffled)
     if not cause:
-        return Finding("batch_statistics", "info", msg + _NARROWS, None, numbers)
+        return Finding("batch_statistics", "info", msg + _not_a_cause(d, value), None, numbers)
     if mix is not None and mix.unrepresentative:
         msg += (
             f" The batches are not representative: a batch of {mix.batch_size} holds on average {mix.per_batch:.1f} of "
@@ -236,7 +240,7 @@ def _training_only(primary: str, d: Decomposition, value: float, ctx: Context, c
         f"vs {_fmt(primary, v['Td'])} without ({_fmt(primary, value, True)})."
     )
     msg += (" Expected behaviour: compare validation with training-mode metrics without them (this report's Td)." if cause
-            else _NARROWS + " Expected: they make training-mode metrics worse.")
+            else _not_a_cause(d, value))
     return Finding("training_only_layers", _severity(cause), msg, None, {"T": v["T"], "Td": v["Td"]})
 
 
@@ -247,7 +251,7 @@ def _epoch_average(primary: str, d: Decomposition, value: float, ctx: Context, c
         f"{_fmt(primary, v['T'])} at the epoch's final weights ({_fmt(primary, value, True)})."
     )
     msg += (" Compare validation with an evaluation of the training data at the end of the epoch, not with fit's "
-            "running average." if cause else _NARROWS)
+            "running average." if cause else _not_a_cause(d, value))
     return Finding("epoch_average", _severity(cause), msg, None, {"F": v["F"], "T": v["T"]})
 
 
@@ -257,7 +261,7 @@ def _data(primary: str, d: Decomposition, value: float, ctx: Context, cause: boo
         f"The validation data differ from the training data: in evaluation mode {_fmt(primary, v['E'])} on the "
         f"training data vs {_fmt(primary, v['E_val'])} on the validation data ({_fmt(primary, value, True)})."
     )
-    msg += " This is the generalization gap: more data, augmentation or regularization." if cause else _NARROWS
+    msg += " This is the generalization gap: more data, augmentation or regularization." if cause else _not_a_cause(d, value)
     return Finding("data", _severity(cause), msg, None, {"E": v["E"], "E_val": v["E_val"]})
 
 
@@ -296,8 +300,9 @@ def _drift(recal: Recalibration, ctx: Context, stale: Finding | None) -> list[Fi
             f"variance, or a not finite mean): {names}. Recalibrating writes the population's.",
             ctx.remedies.recalibrate(), {"layers": [lr.name for lr in broken]},
         ))
-    first = recal.first_drifting(include_frozen=False)
-    if first is None or first.drift is None:
+    first = next((lr for lr in recal.layers if lr.status != "frozen" and lr.drift is not None
+                  and math.isfinite(lr.drift.worst) and lr.drift.worst > LARGE_DRIFT), None)
+    if first is None:
         return out
     worst = sorted((lr for lr in recal.layers if lr.drift is not None and lr.status != "frozen" and math.isfinite(lr.drift.worst)),
                    key=lambda lr: -lr.drift.worst)[:3]

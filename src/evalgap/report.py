@@ -94,10 +94,11 @@ class Report:
         return logs
 
     def distortion_sentence(self, epoch: int, fix: str) -> str | None:
-        """One plain sentence when stale BatchNorm statistics distort validation, else None."""
-        stale = dict(self.causes).get("stale_moving_statistics")
+        """One plain sentence when stale BatchNorm statistics distort validation (exact statistics would score better
+        beyond the noise threshold, whatever the rest of the gap does), else None."""
         main = self.main
-        if stale is None or main is None:
+        stale = None if main is None else main.significant().get("stale_moving_statistics")
+        if stale is None or main.goodness(stale) <= 0:
             return None
         amount = f"{100 * stale:+.1f} points" if is_fraction(self.primary or "") else f"{stale:+.4g}"
         return (

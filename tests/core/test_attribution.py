@@ -207,3 +207,61 @@ def test_validation_data_are_named_where_they_are_measured():
     report = build_report({"accuracy": d}, None, _keras_ctx())
     assert "(on the validation data) is 65.0 points below training (on the training data)" in report.headline()
     assert "same data, same weights" not in str(report) and "E_val on the validation data" in str(report)
+
+
+def test_stale_statistics_that_cost_validation_are_said_whatever_the_gap_does():
+    """Dropout outweighs the stale term (T < E): the gap's cause is dropout, but exact statistics would still
+    raise validation by 5 points: the finding is a warning with the fix, and GapMonitor's sentence says it."""
+    d = decompose("accuracy", {"T": 0.70, "Td": 0.85, "P": 0.85, "E": 0.80})
+    report = build_report({"accuracy": d}, None, _keras_ctx())
+    assert [k for k, _ in report.causes] == ["training_only_layers"]
+    stale = report.finding("stale_moving_statistics")
+    assert stale.severity == "warning" and "recalibrate" in stale.remedy
+    sentence = report.distortion_sentence(3, "recalibrate")
+    assert sentence is not None and "it would be 0.8500, not 0.8000 (+5.0 points)" in sentence
+
+
+def test_a_term_of_the_gaps_sign_in_a_gap_within_noise_is_said_to_offset():
+    d = decompose("accuracy", {"T": 0.80, "Td": 0.85, "P": 0.80, "E": 0.795})  # gap +0.5 points
+    found = build_report({"accuracy": d}, None, _keras_ctx()).finding("batch_statistics")  # +5 points
+    assert found.severity == "info" and "gap itself is within the noise threshold" in found.message
+    assert "opposite" not in found.message.split("(", 1)[0] and "narrows" not in found.message
+
+
+def test_a_layer_whose_statistics_overflowed_is_named_not_a_crash():
+    layer = LayerRecalibration("bn_inf", "BatchNormalization", "measured", 2, 1e-3, samples=96,
+                               mean_before=np.array([0.0, 0.0]), var_before=np.array([np.inf, 1.0]),
+                               mean_after=np.array([0.1, 0.2]), var_after=np.array([1.0, 1.0]))
+    recal = Recalibration("keras/jax", [layer], batches=1, samples=96, batch_size=96)
+    report = build_report({"accuracy": decompose("accuracy", {"T": 0.9, "Td": 0.9, "P": 0.9, "E": 0.5})}, recal, _keras_ctx())
+    drift = [f for f in report.findings if f.kind == "drift"]
+    assert len(drift) == 1 and drift[0].numbers["layers"] == ["bn_inf"] and "not valid" in drift[0].message
+
+
+def test_processes_with_different_layers_are_told_apart_by_the_fingerprint():
+    """Channel lists that agree in number, total and weighted sums must still differ ([65, 61, 67, 63] and
+    [64] * 4 differ by (1, -3, 3, -1)): one process's view, process 0 holding the other list."""
+    from evalgap import DistributedError
+    from evalgap.engine.moments import _check_same_layers
+
+    class Other:
+        world, rank, description = 2, 1, "2 processes"
+
+        def __init__(self, theirs):
+            self.theirs = theirs
+
+        def broadcast(self, vector):
+            return self.theirs
+
+        def sum(self, vector):
+            return vector
+
+    names = ["a", "b", "c", "d"]
+    for mine, theirs in (([65, 61, 67, 63], [64] * 4), ([4, 6], [6, 4]), ([4, 6], [4, 6, 6])):
+        zero = []
+        _check_same_layers(type("Zero", (), {"broadcast": lambda s, v: zero.append(v.copy()) or v, "sum": lambda s, v: v * 0})(), names, theirs)
+        with pytest.raises(DistributedError, match="models differ in their BatchNorm layers"):
+            _check_same_layers(Other(zero[0]), names[:len(mine)], mine)
+    same = []
+    _check_same_layers(type("Zero", (), {"broadcast": lambda s, v: same.append(v.copy()) or v, "sum": lambda s, v: v * 0})(), names, [64] * 4)
+    _check_same_layers(Other(same[0]), names, [64] * 4)  # the same layers: no error

@@ -125,3 +125,15 @@ def test_saturated_probabilities_are_scored_as_evaluate_scores_them(task):
     result = eg.recalibrate(model, (x, y), batch_size=150, training_metrics=True, progress=False)
     batch_logits = np.asarray(keras.ops.convert_to_numpy(logits_of(x, training=True)))  # BN on the batch's statistics
     assert result.training_metrics["loss"] == pytest.approx(_cross_entropy(batch_logits, y, binary, clipped), rel=1e-4)
+
+
+def test_an_extra_trailing_axis_of_one_is_taken_as_keras_takes_it():
+    """Input((6, 4)) with data of shape (N, 6, 4, 1), as MNIST's x[..., None]: Keras squeezes the axis."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 6, 4, 1)).astype("float32") * 3 + 2, rng.integers(0, 3, 64)
+    inp = keras.Input((6, 4))
+    model = keras.Model(inp, layers.Dense(3)(layers.Flatten()(layers.BatchNormalization()(inp))))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    expected = model.evaluate(x, y, batch_size=16, verbose=0)
+    report = eg.diagnose(model, (x, y), batch_size=16, progress=False)
+    assert report.decompositions["loss"].values["E"] == pytest.approx(expected, rel=1e-5)

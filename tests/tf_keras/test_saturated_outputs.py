@@ -43,3 +43,21 @@ def test_saturated_probabilities_are_scored_from_their_logits(task):
     result = eg.recalibrate(model, (x, y), batch_size=150, training_metrics=True, progress=False)
     batch_logits = logits_of(x, training=True).numpy()  # BN on the batch's statistics (updates them: last)
     assert result.training_metrics["loss"] == pytest.approx(_exact_cross_entropy(batch_logits, y, binary), rel=1e-4)
+
+
+def test_a_pandas_dataframe_is_cut_into_rows():
+    """tf_keras takes a DataFrame and a Series as fit does: rows by position (a Series with a shuffled index too)."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 3)).astype("float32") * 4 + 1, rng.integers(0, 2, 64)
+    order = rng.permutation(64)
+    frame = pd.DataFrame(x, columns=list("abc"), index=order)  # an index that is not 0..63, as after a split
+    labels = pd.Series(y, index=order)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3,))
+    model = keras.Model(inp, layers.Dense(2)(layers.BatchNormalization()(layers.Dense(8)(inp))))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    expected = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    report = eg.diagnose(model, (frame, labels), batch_size=16, progress=False)
+    for name in ("loss", "accuracy"):
+        assert report.decompositions[name].values["E"] == pytest.approx(expected[name], rel=1e-5)

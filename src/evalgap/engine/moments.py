@@ -11,6 +11,7 @@ give the moments of the union exactly.
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from typing import Any, Callable, Sequence
 
@@ -142,12 +143,11 @@ class LayerMoments:
 
 def _check_same_layers(collective: Collective, names: list[str], channels: list[int]) -> None:
     """Every process must combine the same BatchNorm layers: their number and channels are compared with process
-    0's (a fingerprint of fixed size, broadcast), then every process learns whether any differs (one sum), so all
+    0's (a fixed-size fingerprint: their number, total and a CRC-32 of the list, broadcast), then every process learns whether any differs (one sum), so all
     raise together instead of exchanging messages of different sizes (which a backend may abort on, or, with equal
     total sizes, mix the channels of different layers)."""
-    c = np.asarray(channels, dtype=np.float64)
-    k = np.arange(1, len(c) + 1, dtype=np.float64)
-    mine = np.array([len(c), c.sum(), (k * c).sum(), (k * k * c).sum()], dtype=np.float64)
+    c = np.asarray(channels, dtype=np.int64)
+    mine = np.array([len(c), c.sum(), zlib.crc32(c.tobytes())], dtype=np.float64)  # each exact in float64
     theirs = collective.broadcast(mine)
     differs = float(not np.array_equal(mine, theirs))
     if collective.sum(np.array([differs], dtype=np.float64))[0] > 0:

@@ -81,6 +81,8 @@ def _unpacked(raw: Any) -> Batch:
 
 def _arrays(data: Any) -> tuple[Any, Any, Any]:
     x, y, w = unpack(data) if isinstance(data, tuple) else (data, None, None)
+    # pandas as NumPy, rows by position (ArrayBatches indexes a[idx]: a DataFrame would select columns, a Series labels)
+    x, y, w = (tree_map(lambda a: a.to_numpy() if hasattr(a, "to_numpy") and hasattr(a, "iloc") else a, p) for p in (x, y, w))
     for leaf in tree_leaves(y):
         check_label_dtype(leaf)
     return x, y, w

@@ -118,8 +118,8 @@ def _probability_rows(t: torch.Tensor) -> bool:
     """Float targets of at least two classes on axis 1, non-negative, each row summing to 1 (class probabilities)."""
     if not torch.is_floating_point(t) or t.dim() < 2 or t.shape[1] < 2 or not t.numel():
         return False
-    f = t.double()
-    return bool((f >= 0).all()) and bool(torch.allclose(f.sum(1), torch.ones((), dtype=f.dtype), atol=1e-4))
+    f = t.float()  # not float64: MPS has none
+    return bool((f >= 0).all()) and bool(torch.allclose(f.sum(1), torch.ones((), dtype=f.dtype, device=f.device), atol=1e-4))
 
 
 class TorchMetrics:
