@@ -126,10 +126,17 @@ def test_a_failed_combination_over_processes_is_named_and_changes_nothing():
     from ._reference import state_snapshot
 
     class Broken:
+        """Answers its first ``working`` calls (the batch size agreed before the pass), then the peer is gone."""
         world, rank, description = 2, 0, "2 processes"
 
+        def __init__(self, working: int):
+            self.working = working
+
         def broadcast(self, vector):
-            raise RuntimeError("Connection closed by peer")
+            self.working -= 1
+            if self.working < 0:
+                raise RuntimeError("Connection closed by peer")
+            return vector
 
         sum = broadcast
 
@@ -139,7 +146,12 @@ def test_a_failed_combination_over_processes_is_named_and_changes_nothing():
     source = adapter.batches(rank_batches(0), batch_size=None, shuffle=False, seed=0, targets=False)
     with pytest.raises(RecalibrationError, match=r"failed while combining the statistics over 2 processes, after its 3 batches "
                                                  r"\(RuntimeError: Connection closed by peer\)"):
-        measure(adapter, model, source, adapter.layers(model), collective=Broken(), progress=False)
+        measure(adapter, model, source, adapter.layers(model), collective=Broken(1), progress=False)
+    assert state_snapshot(model) == before
+    source = adapter.batches(rank_batches(0), batch_size=None, shuffle=False, seed=0, targets=False)
+    with pytest.raises(RecalibrationError, match=r"failed while agreeing on the batch size over 2 processes, before the pass "
+                                                 r"\(RuntimeError: Connection closed by peer\)"):
+        measure(adapter, model, source, adapter.layers(model), collective=Broken(0), progress=False)
     assert state_snapshot(model) == before
 
 
@@ -182,3 +194,35 @@ def test_models_that_differ_across_processes_are_refused_on_every_process(tmp_pa
         for name in ("recalibrate", "diagnose"):
             assert "the processes' models differ in their BatchNorm layers" in outcome[name], (rank, name, outcome[name])
             assert f"2 BatchNorm layers {layers}" in outcome[name] and "Nothing was written" in outcome[name]
+
+
+def _small_shard_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        g = torch.Generator().manual_seed(7 + rank)
+        batches = [torch.randn(n, 3, 5, 5, generator=g) * (1 + 3 * rank) + 10 * rank for n in ((16, 16, 7) if rank == 0 else (7,))]
+        result = eg.recalibrate(model, batches, progress=False)
+        torch.save({"batches": batches, "conv": model[0].state_dict(), "mean": model[1].running_mean.clone(),
+                    "var": model[1].running_var.clone(), "batch_size": result.batch_size, "samples": result.samples,
+                    "skipped": result.skipped_samples}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whole_batches_are_those_of_the_largest_batch_size_over_the_processes(tmp_path):
+    """Rank 1's shard is one batch of 7, rank 0's batches 16, 16, 7: both 7s are short batches, left out alike;
+    the statistics are those of the two batches of 16 (a float64 NumPy reference)."""
+    mp.spawn(_small_shard_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    conv = nn.Conv2d(3, 4, 3).double()
+    conv.load_state_dict({k: v.double() for k, v in got[0]["conv"].items()})
+    with torch.no_grad():
+        seen = torch.cat([conv(x.double()) for x in got[0]["batches"][:2]]).numpy()  # the whole batches of 16
+    values = seen.transpose(0, 2, 3, 1).reshape(-1, 4)
+    for r in (0, 1):
+        assert (got[r]["batch_size"], got[r]["samples"], got[r]["skipped"]) == (16, 32, 14)
+        np.testing.assert_allclose(got[r]["mean"].double().numpy(), values.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[r]["var"].double().numpy(), values.var(0), rtol=1e-5)

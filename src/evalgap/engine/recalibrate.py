@@ -107,6 +107,10 @@ def measure(
     total = getattr(source, "total", None)
     total = min(total, max_batches) if total is not None and max_batches is not None else (total or max_batches)
     try:
+        if collective is not None and drop_ragged:
+            where = f"while agreeing on the batch size over {collective.description}, before the pass"
+            source = _agree_on_batch_size(source, collective, result)
+            where = None
         batches = iter(source)
         with adapter.moments_pass(model, tracked, batch_statistics) as run, progress_bar(description, total, progress) as advance:
             try:
@@ -133,6 +137,23 @@ def measure(
         raise DataError(f"the data yielded no batch{skipped}: no full batch to use; give at least one batch of the training batch size.")
     result.seconds = time.perf_counter() - start
     return Measured(result, tracked, batch_statistics, before, acc, static)
+
+
+def _agree_on_batch_size(source: BatchSource, collective: Collective, result: Recalibration) -> BatchSource:
+    """Whole batches are those of the largest batch size over the processes (each process's: its source's, else
+    its first batch's; one sum of a one-hot vector): a process whose shard is one short batch leaves it out as
+    every other process leaves out its short last batch. Collective: every process calls it."""
+    first, source = peek(source)
+    mine = int(source.batch_size or (first.size if first is not None and first.size else 0) or 0)
+    slots = np.zeros(collective.world, dtype=np.float64)
+    slots[collective.rank] = mine
+    agreed = int(np.max(collective.sum(slots)))
+    if agreed > 0:
+        result.batch_size = agreed
+    if 0 < mine < agreed:
+        result.notes.append(f"batch size {agreed}, another process's: this process's batches of fewer samples (its first "
+                            f"holds {mine}) are left out as ragged, as every process leaves out its short batches.")
+    return source
 
 
 def _run_batch(run, batch: Batch, result: Recalibration, acc: LayerMoments, drop_ragged: bool, on_output: OnOutput | None,
