@@ -300,8 +300,7 @@ def _drift(recal: Recalibration, ctx: Context, stale: Finding | None) -> list[Fi
             f"variance, or a not finite mean): {names}. Recalibrating writes the population's.",
             ctx.remedies.recalibrate(), {"layers": [lr.name for lr in broken]},
         ))
-    first = next((lr for lr in recal.layers if lr.status != "frozen" and lr.drift is not None
-                  and math.isfinite(lr.drift.worst) and lr.drift.worst > LARGE_DRIFT), None)
+    first = recal.first_drifting(include_frozen=False)
     if first is None:
         return out
     worst = sorted((lr for lr in recal.layers if lr.drift is not None and lr.status != "frozen" and math.isfinite(lr.drift.worst)),

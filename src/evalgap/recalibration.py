@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -166,13 +167,14 @@ class Recalibration:
     def first_drifting(self, threshold: float = LARGE_DRIFT, include_frozen: bool = True) -> LayerRecalibration | None:
         """The first layer in forward order whose drift exceeds ``threshold``.
 
-        Later layers inherit its error, so this is where to look first.
+        Later layers inherit its error, so this is where to look first. A layer whose drift is not finite (its
+        statistics are not valid: a negative or overflowed variance) is no measure of drift and is skipped.
         """
         for layer in self.layers:
             if not include_frozen and layer.status == "frozen":
                 continue
             d = layer.drift
-            if d is not None and d.worst > threshold:
+            if d is not None and math.isfinite(d.worst) and d.worst > threshold:
                 return layer
         return None
 
