@@ -13,6 +13,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
+import evalgap  # noqa: E402
 import evalgap.torch as eg  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -49,6 +50,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # exact statistics, then the mean of the running buffers over the ranks
         local = make_model()
         eg.recalibrate(local, rank_batches(rank), progress=False, process_group=dist.new_group([rank]))
+        only_rank0 = dist.new_group([0])  # collective: every rank creates it; rank 1 is not a member
+        outsider_error = None
+        if rank == 1:
+            before = {k: v.clone() for k, v in make_model().state_dict().items()}
+            outsider = make_model()
+            try:
+                eg.recalibrate(outsider, rank_batches(rank), progress=False, process_group=only_rank0)
+            except evalgap.DistributedError as e:
+                outsider_error = str(e)
+            assert all(torch.equal(v, outsider.state_dict()[k]) for k, v in before.items())
         averaged = {}
         for k, v in local.state_dict().items():
             if "running" in k:
@@ -59,7 +70,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         report = eg.diagnose(make_model(), labelled, progress=False)
         sync_report = eg.diagnose(make_model(sync=True), labelled, progress=False)  # gloo: SyncBN must stay local
         scored = eg.recalibrate(make_model(), labelled, progress=False, training_metrics=True).training_metrics
-        torch.save({"report": report.to_dict(), "sync_report": sync_report.to_dict(), "training_metrics": scored, "state": state, "sync_state": sync_state, "averaged": averaged, "samples": result.samples, "batches": result.batches}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save({"report": report.to_dict(), "sync_report": sync_report.to_dict(), "training_metrics": scored, "state": state, "sync_state": sync_state, "averaged": averaged, "samples": result.samples, "batches": result.batches, "outsider_error": outsider_error}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -77,6 +88,8 @@ def test_two_ranks_equal_one_process_over_the_union(tmp_path):
     eg.recalibrate(single, rank_batches(0) + rank_batches(1), progress=False)
     ref = {k: v for k, v in single.state_dict().items() if "running" in k}
     assert r0["samples"] == r1["samples"] == 64 and r0["batches"] == 8
+    # a group this process is not a member of: a clear error, the model unchanged (was: a silent local pass)
+    assert r0["outsider_error"] is None and "does not include this process" in r1["outsider_error"]
     for key, value in ref.items():
         for which in ("state", "sync_state"):  # DDP-wrapped BatchNorm model, and a SyncBatchNorm model
             assert torch.equal(r0[which][key], r1[which][key]), key  # identical on every rank

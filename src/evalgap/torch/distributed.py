@@ -25,8 +25,9 @@ from ..stats import ChannelMoments, first_means, from_shifted_sums, shifted_sums
 def active_group(process_group=None):
     """``(group, world_size, rank)`` when a multi-process group is in use, else ``None``.
 
-    A ``process_group`` given while ``torch.distributed`` is not initialized is a mistake
-    (the statistics would silently stay per process): :class:`evalgap.DistributedError`.
+    A ``process_group`` given while ``torch.distributed`` is not initialized, or one this
+    process is not a member of (``new_group(ranks)`` returns a placeholder on the other ranks),
+    is a mistake (the statistics would silently stay per process): :class:`evalgap.DistributedError`.
     """
     if not (dist.is_available() and dist.is_initialized()):
         if process_group is not None:
@@ -36,6 +37,12 @@ def active_group(process_group=None):
             )
         return None
     world = dist.get_world_size(process_group)
+    if world < 0:
+        raise DistributedError(
+            f"process_group does not include this process (rank {dist.get_rank()} of the default group): "
+            "torch.distributed.new_group(ranks) gives the ranks outside `ranks` a placeholder. Call with "
+            "process_group only on the group's members, and leave the others out (or pass their own group)."
+        )
     if world <= 1:
         return None
     return process_group, world, dist.get_rank(process_group)
