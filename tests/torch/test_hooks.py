@@ -116,3 +116,23 @@ def test_generators_are_refused_with_the_reason():
 
     with pytest.raises(DataError, match="re-iterable|DataLoader or a list"):
         eg.PreciseBN(x for x in [])
+
+
+def test_attached_then_compiled_fires_on_the_compiled_models_eval():
+    """``attach(model)`` then ``torch.compile(model)``: the wrapper's eval() sets the inner module's flag before it
+    calls the inner module's train(False), which must still recalibrate (it never fired: stale statistics)."""
+    model, data = setup()
+    hook = eg.PreciseBN(data, verbose=0).attach(model)
+    compiled = torch.compile(model, backend="eager")  # the same OptimizedModule wrapper, no code generation
+    compiled.train()
+    opt = torch.optim.SGD(model.parameters(), 1e-3)
+    for x in data:  # training steps through the compiled wrapper (the pre-hook notes them on the inner module)
+        loss = compiled(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    compiled.eval()
+    assert hook.last is not None and hook.last.batches == 4
+    ref = reference_population_stats(copy.deepcopy(model), data)["1"]
+    np.testing.assert_allclose(model[1].running_var.double().numpy(), ref[1], rtol=1e-5)
+    assert not model.training and not model[1].training

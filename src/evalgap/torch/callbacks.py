@@ -101,10 +101,12 @@ class _TrainSwitch:
 
     def __call__(self, model: nn.Module, mode: bool = True) -> nn.Module:
         hook = self.precise_bn
-        if model is hook._model and model.training and not mode and hook._trained and not hook._busy:
+        # (not ``model.training``: a ``torch.compile`` wrapper's ``eval()`` sets this module's flag before it calls
+        # this; the submodules' modes, which say which BN layers are frozen, are still those of training)
+        if model is hook._model and not mode and hook._trained and not hook._busy:
             hook._busy = True  # recalibrate itself switches modes
             try:
-                hook(model)  # still in training mode: frozen (eval-mode) BN layers are recognized
+                hook(model)  # the submodules still in training mode: frozen (eval-mode) BN layers are recognized
             finally:
                 hook._busy = False
         return type(model).train(model, mode)
