@@ -430,3 +430,34 @@ def test_buffers_that_are_inference_tensors_are_a_clear_error_that_changes_nothi
     with pytest.raises(ModelError, match="inference tensors"):
         eg.recalibrate(net, [torch.randn(8, 4) for _ in range(3)], progress=False)
     assert torch.equal(net[1].running_var, before)
+
+
+class _StepBN(nn.BatchNorm1d):
+    """A BatchNorm subclass with buffers of its own that its training forward updates (a batch-renorm step counter,
+    a running bound), in place and by reassignment."""
+
+    def __init__(self, c):
+        super().__init__(c, momentum=0.01)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("absmax", torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1
+            self.absmax = torch.maximum(self.absmax, x.detach().abs().max())
+        return super().forward(x)
+
+
+def test_a_subclass_s_own_buffers_are_left_as_they_were():
+    x, y = data()
+    model = nn.Sequential(nn.Linear(6, 8), _StepBN(8), nn.ReLU(), nn.Linear(8, 3))
+    trained(model, x, y, steps=3)
+    before, steps = state_snapshot(model), int(model[1].steps)
+    assert steps == 3
+    eg.diagnose(model, batches(x, y), loss_fn=nn.functional.cross_entropy, progress=False)
+    assert state_snapshot(model) == before  # the counter and the bound too (they moved by 4 batches per pass)
+    result = eg.recalibrate(model, batches(x, y), progress=False)
+    after = state_snapshot(model)
+    changed = {k for k in before if after[k] != before[k]}
+    assert changed == {"1.running_mean", "1.running_var"} and int(model[1].steps) == steps
+    assert result.layers[0].status == "recalibrated"

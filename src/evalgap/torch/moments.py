@@ -27,7 +27,8 @@ stay in eval mode; their wrapper measures the input's moments with ``torch.var_m
 Side effects during the pass: the layers' buffer entries, ``momentum``, ``forward`` and every
 module's mode. The model's own buffer tensors are never written (the scratch stands in for
 them), and on exit, normal or not, the same tensor objects, ``momentum`` values, ``forward``
-attributes and modes are put back. Lazy layers not yet materialized are the exception: their
+attributes and modes are put back; any other buffer of a layer on batch statistics (a subclass's step counter)
+is a clone during the pass. Lazy layers not yet materialized are the exception: their
 first call materializes their own buffers, which then hold the pass's last call.
 """
 
@@ -129,22 +130,26 @@ def _swap_in_scratch(bn: _BatchNorm, scratch: _Scratch) -> tuple[Any, ...]:
     zero: momentum 1.0 still reads the old value (``0 * stale inf = nan``). A layer without a
     slot (lazy, or odd buffers) keeps its own: a lazy one materializes them (in place) on its first call."""
     buffers = bn._buffers
-    saved = (*(buffers.get(k) for k in _STATE), bn.momentum)
+    extra = {k: v for k, v in buffers.items() if k not in _STATE and v is not None and not is_lazy(v)}
+    saved = (*(buffers.get(k) for k in _STATE), bn.momentum, extra)
     object.__setattr__(bn, "momentum", 1.0)  # a plain float attribute; skip nn.Module.__setattr__'s checks
     views = scratch.views.get(id(bn))
     if views is not None:
         buffers["running_mean"], buffers["running_var"] = views
     if buffers.get("num_batches_tracked") is not None:
         buffers["num_batches_tracked"] = scratch.counters[id(bn)]
+    for k, v in extra.items():  # a subclass's own buffers (a step counter, a renorm bound): its training forward may update them
+        buffers[k] = v.clone()
     return saved
 
 
 def _put_back(bn: _BatchNorm, saved: tuple[Any, ...]) -> None:
-    *buffers, momentum = saved
+    *buffers, momentum, extra = saved
     object.__setattr__(bn, "momentum", momentum)
     for key, value in zip(_STATE, buffers):
         if key in bn._buffers:
             bn._buffers[key] = value
+    bn._buffers.update(extra)
 
 
 class _Calls:
