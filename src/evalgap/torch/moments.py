@@ -21,7 +21,8 @@ updating them in place (a subclass) has what it holds copied after the call.
 (:func:`_pooled_snapshots`, float64; on a GPU before the transfer, so only the pooled moments
 move); any other flush moves in one transfer per device, its variances made biased with
 ``(n - 1) / n`` in float64 on the host.
-Lazy layers not yet materialized use their own buffers, copied after each call. Frozen layers
+Layers with float16 or bfloat16 buffers have their input's moments measured in float32 instead (the kernel
+would round each call's moments to that dtype). Lazy layers not yet materialized use their own buffers, copied after each call. Frozen layers
 stay in eval mode; their wrapper measures the input's moments with ``torch.var_mean``.
 
 Side effects during the pass: the layers' buffer entries, ``momentum``, ``forward`` and every
@@ -262,6 +263,28 @@ def _stock_slot_forward(index: int, call: Callable, bn: _BatchNorm, mean: torch.
     return forward
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _half_forward(index: int, call: Callable, bn: _BatchNorm, calls: _Calls, name: str = "") -> Callable:
+    """A layer whose buffers are float16 or bfloat16: the kernel would store each call's moments in that dtype (a
+    bfloat16 variance holds 3 significant digits: 1% off where the mean is large against the spread), so the input's
+    moments are measured in float32 (``torch.var_mean``, biased); the layer runs as in training on its slot."""
+    attrs = bn.__dict__
+
+    def forward(*args, **kwargs):
+        x = _input_of(args, kwargs)
+        if not attrs["training"]:
+            raise _mode_error(name, bn, "is put in eval mode within the model's forward")
+        object.__setattr__(bn, "momentum", 1.0)
+        out = call(*args, **kwargs)  # a call that raises leaves no record
+        var, mean = torch.var_mean(x.detach().float(), dim=[d for d in range(x.dim()) if d != 1], correction=0)
+        calls.records.append([index, x.numel() // x.shape[1], torch.stack((mean, var)), False])
+        return out
+
+    return forward
+
+
 def _own_buffers_forward(index: int, call: Callable, bn: _BatchNorm, calls: _Calls) -> Callable:
     """A layer without a slot (lazy): copy its own buffers after each call."""
 
@@ -417,7 +440,9 @@ def _pass(model, layers, batch_statistics, forward, device, local_sync) -> Itera
                 if on_batch:
                     set_training(bn, True)
                     saved.append((bn, _swap_in_scratch(bn, scratch)))
-                    if index in scratch.group:
+                    if index in scratch.group and scratch.views[id(bn)][0].dtype in _HALF:
+                        wrapper = _half_forward(index, call, bn, calls, layer.name)
+                    elif index in scratch.group:
                         slot = _stock_slot_forward if _is_stock(bn) else _slot_forward  # (no instance forward of the user's)
                         wrapper = slot(index, call, bn, *scratch.views[id(bn)], calls, layer.name)
                     else:
