@@ -485,3 +485,43 @@ def test_bfloat16_statistics_are_exact_where_the_mean_is_large_against_the_sprea
     np.testing.assert_allclose(result.layers[0].mean_after, mean, rtol=1e-7)
     assert torch.equal(model.bn.running_var, torch.from_numpy(var).bfloat16())  # the exact value, rounded once
     assert torch.equal(model.bn.running_mean, torch.from_numpy(mean).bfloat16())
+
+
+class _KeepsBackboneInEval(nn.Module):
+    """Detectron/DeepLab style: the model's own train() keeps a frozen backbone (BatchNorm and dropout) in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5))
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        with torch.no_grad():
+            self.backbone[1].running_mean.fill_(0.5)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()
+        self.backbone.requires_grad_(False)  # a side effect the probe of train() must put back
+        return self
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_model_whose_train_keeps_layers_in_eval_mode_is_measured_as_it_trains(mode):
+    x, y = data()
+    model = _KeepsBackboneInEval()
+    model.train() if mode == "train" else model.eval()
+    model.backbone.requires_grad_(True)  # as the user left it: the probe must not change it
+    before, modes_before = state_snapshot(model), modes(model)
+    report = eg.diagnose(model, batches(x, y), loss_fn=nn.functional.cross_entropy, progress=False)
+    reference = copy.deepcopy(model).train()  # the modes of the user's training loop
+    with torch.no_grad():
+        t = sum(float(nn.functional.cross_entropy(reference(xb), yb)) * len(yb) for xb, yb in batches(x, y)) / len(x)
+    values = report.to_dict()["metrics"]["loss"]["values"]
+    assert values["T"] == pytest.approx(t, rel=1e-6)  # the backbone's dropout off, its BatchNorm on its statistics
+    assert report.to_dict()["metrics"]["loss"]["terms"]["training_only_layers"] == 0.0
+    assert [layer.status for layer in eg.recalibrate(copy.deepcopy(model), batches(x, y), progress=False).layers] == ["frozen", "recalibrated"]
+    assert state_snapshot(model) == before and modes(model) == modes_before
+    assert all(p.requires_grad for p in model.parameters())

@@ -81,13 +81,45 @@ def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(name or type(model).__name__, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
-def is_frozen(bn: _BatchNorm, model: nn.Module) -> bool:
+def overrides_train(model: nn.Module) -> bool:
+    """Whether a module class of the model defines its own ``train()`` (a detectron-style model keeping its
+    backbone, or its BatchNorm layers, in eval mode while it trains)."""
+    return any(type(m).train is not nn.Module.train for m in all_modules(model))
+
+
+def eval_in_training(model: nn.Module) -> set[int]:
+    """The ``id`` of every module that the model's own ``train()`` leaves in eval mode: the modes the user's
+    training loop runs. Empty unless a module class overrides ``train()`` (:func:`overrides_train`), whose
+    ``type(model).train(model, True)`` is then called, and every module's mode and every parameter's
+    ``requires_grad`` put back (an override that raises: empty, the model put back)."""
+    if not overrides_train(model):
+        return set()
+    modules = all_modules(model)
+    modes = [(m, m.training) for m in modules]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        type(model).train(model, True)
+        return {id(m) for m in modules if not m.training}
+    except Exception:
+        return set()
+    finally:
+        for m, mode in modes:
+            set_training(m, mode)
+        for p, flag in grads:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
+def is_frozen(bn: _BatchNorm, model: nn.Module, *, left_in_eval: set[int] | None = None) -> bool:
     """A BN layer is frozen when it normalizes with its running statistics during training.
 
-    That is: it is in eval mode while the model is in training mode, or it is in eval mode
-    and its affine parameters do not require gradients. (When the whole model is in eval
-    mode and the parameters are trainable, the mode says nothing and it is not frozen.)
+    That is: the model's own ``train()`` leaves it in eval mode (:func:`eval_in_training`; given as
+    ``left_in_eval`` where already known), or it is in eval mode while the model is in training mode,
+    or it is in eval mode and its affine parameters do not require gradients. (When the whole model
+    is in eval mode and the parameters are trainable, the mode says nothing and it is not frozen.)
     """
+    if id(bn) in (eval_in_training(model) if left_in_eval is None else left_in_eval):
+        return True
     if bn.training:
         return False
     if model.training:
@@ -98,10 +130,11 @@ def is_frozen(bn: _BatchNorm, model: nn.Module) -> bool:
 
 def norm_layers(model: nn.Module) -> list[NormLayer]:
     """The BatchNorm layers as the engine sees them (module order)."""
+    left_in_eval = eval_in_training(model)
     return [
         NormLayer(
             name=name, handle=bn, kind=type(bn).__name__, channels=int(bn.num_features), eps=float(bn.eps),
-            momentum=bn.momentum, frozen=is_frozen(bn, model),
+            momentum=bn.momentum, frozen=is_frozen(bn, model, left_in_eval=left_in_eval),
             tracks_statistics=bool(bn.track_running_stats and bn._buffers.get("running_mean") is not None),
         )
         for name, bn in find_batchnorms(model)
@@ -229,8 +262,9 @@ def reads_last_axis(model: nn.Module, inputs: Any) -> bool:
 def facts(model: nn.Module, world: int = 1) -> ModelFacts:
     """Training-only modules, per-sample normalization, processes and synchronized BN."""
     bns = find_batchnorms(model)
+    left_in_eval = eval_in_training(model)  # e.g. the dropout of a backbone the model's train() keeps in eval mode
     return ModelFacts(
-        training_only=[name for name, m in model.named_modules() if is_training_only(type(m).__name__)],
+        training_only=[name for name, m in model.named_modules() if is_training_only(type(m).__name__) and id(m) not in left_in_eval],
         mode_dependent=mode_dependent(model),
         other_normalization=[name for name, m in model.named_modules() if isinstance(m, OTHER_NORMALIZATION)],
         replicas=world,

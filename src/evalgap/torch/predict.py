@@ -4,7 +4,7 @@ E runs the model itself in eval mode. P runs it in eval mode with the given stat
 swapped into the given layers' running buffers. Modes and buffers are put back when the
 context exits, normally or not (Ctrl-C included). T runs on a side copy (``copy.deepcopy``,
 one more model in memory while it lasts), in training mode as the user's training loop runs
-it (frozen BN layers stay in eval mode), with the global RNG state put back, so dropout's
+it (frozen BN layers, and what the model's own ``train()`` keeps in eval mode, stay in eval mode), with the global RNG state put back, so dropout's
 draws leave no trace.
 """
 
@@ -24,7 +24,7 @@ from .._random import random_states_kept
 from ..engine import Batch, NormLayer
 from ..errors import EvalgapError
 from .data import Forward, call_model, to_device
-from .layers import is_frozen, modes_kept, set_modes
+from .layers import eval_in_training, is_frozen, modes_kept, set_modes
 
 
 def _runner(model: nn.Module, forward: Forward | None, device: torch.device):
@@ -61,7 +61,9 @@ def predictor(
         return
     if mode != "T":
         raise EvalgapError(f"unknown mode {mode!r}: E, P or T.")
-    frozen = {i for i, m in enumerate(model.modules()) if isinstance(m, _BatchNorm) and is_frozen(m, model)}
+    left_in_eval = eval_in_training(model)  # what the model's own train() keeps in eval mode
+    frozen = {i for i, m in enumerate(model.modules())
+              if id(m) in left_in_eval or isinstance(m, _BatchNorm) and is_frozen(m, model, left_in_eval=left_in_eval)}
     side = copy.deepcopy(model)
     set_modes(side, True, except_eval={id(m) for i, m in enumerate(side.modules()) if i in frozen})
     if local_sync:
