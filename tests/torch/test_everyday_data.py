@@ -220,3 +220,44 @@ def test_feature_sequences_are_measured_and_normalized_per_feature():
     assert space["x"].shape == x.shape
     np.testing.assert_allclose(out.mean(0), 0.0, atol=2e-3)  # constants printed to 4 significant digits
     np.testing.assert_allclose(out.std(0), 1.0, atol=2e-3)
+
+
+class _OwnNormalization(nn.Module):
+    """Normalizes its own uint8 pixels in forward (ImageNet constants x 255), or only converts them (``scale=False``),
+    or flattens them into an MLP (``flatten=True``): what the first layer receives decides the input-scale finding."""
+
+    def __init__(self, scale: bool = True, flatten: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.scale, self.flatten = scale, flatten
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
+        first = nn.Linear(3 * 8 * 8, 8) if flatten else nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(first, nn.BatchNorm1d(8) if flatten else nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x.float()
+        if self.scale:
+            x = (x - self.mean) / self.std
+        if self.flatten:
+            return self.head(self.body(x.reshape(len(x), -1)))
+        return self.head(self.body(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("scale,flatten", [(True, False), (False, False), (False, True)])
+def test_input_scale_is_judged_on_what_the_first_layer_receives(scale, flatten):
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g), torch.randint(0, 3, (16,), generator=g))
+            for _ in range(4)]
+    report = eg.diagnose(_OwnNormalization(scale, flatten), data, loss_fn=nn.functional.cross_entropy, progress=False)
+    found = report.finding("input_scale")
+    if scale:  # normalized in forward: "raw [0, 255] pixels, divide by 255" would normalize twice
+        assert found is None
+        first = data[0][0].double()
+        seen = (first - _OwnNormalization().mean.double()) / _OwnNormalization().std.double()
+        note = next(n for n in report.notes if n.startswith("input scale not judged"))
+        assert f"body.0 receives values in [{float(seen.min()):.3g}, {float(seen.max()):.3g}], the input [0, 255]" in note
+    else:  # converted (and flattened): the first layer receives the raw pixels
+        assert found is not None and "raw [0, 255]" in found.message
+        assert not any(n.startswith("input scale not judged") for n in report.notes)

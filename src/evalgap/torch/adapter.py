@@ -41,6 +41,7 @@ class TorchAdapter:
         self._collective = None
         self._tuple_input = False  # the first batch's input is a tuple or list (for hint)
         self._features_last = False  # the model's first layer reads the input's last axis (input_array)
+        self._first: Batch | None = None
 
     def framework(self, model: Any) -> str:
         return "torch"
@@ -56,6 +57,7 @@ class TorchAdapter:
         self._collective = collective(self.process_group)  # now, not at construction: the group may start later
         self._tuple_input = self.forward is None and isinstance(first.inputs, (list, tuple))
         self._features_last = layers.reads_last_axis(model, first.inputs)
+        self._first = first  # for facts(): where the model's first layer reads its input
         return model
 
     def layers(self, model: nn.Module) -> list[NormLayer]:
@@ -147,7 +149,11 @@ class TorchAdapter:
         return TorchMetrics.choose(batch, outputs, loss_fn=loss_fn, metrics=metrics, collective=self._collective)
 
     def facts(self, model: nn.Module):
-        return layers.facts(model, 1 if self._collective is None else self._collective.world)
+        found = layers.facts(model, 1 if self._collective is None else self._collective.world)
+        if self._first is not None:
+            found.input_transforms = layers.input_transforms(model, self._first.raw, self._first.inputs, forward=self.forward,
+                                                             device=self.device)
+        return found
 
     def collective(self, model: Any):
         return self._collective

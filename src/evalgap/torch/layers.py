@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..engine import ModelFacts, NormLayer, is_training_only
+from .data import Forward, call_model, to_device
 
 OTHER_NORMALIZATION = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
@@ -257,6 +258,59 @@ def reads_last_axis(model: nn.Module, inputs: Any) -> bool:
         if isinstance(m, (nn.modules.conv._ConvNd, _BatchNorm, nn.Embedding)):
             return False
     return False
+
+
+#: Layers that read the input's values first in most models; the input-scale finding is about what reaches them.
+_FIRST_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.RNNBase, nn.Embedding, nn.EmbeddingBag, _BatchNorm, *OTHER_NORMALIZATION)
+
+
+class _Reached(BaseException):  # not an Exception: a user's ``except Exception`` in forward does not swallow it
+    pass
+
+
+def input_transforms(model: nn.Module, raw: Any, inputs: Any, *, forward: Forward | None, device: torch.device) -> list[str]:
+    """Where the model changes the scale of its input before its first layer (a Conv, Linear, RNN, Embedding or
+    normalization layer, the first one called): ``["conv1 receives values in [a, b], the input [c, d]"]``, an Embedding's
+    name, or ``[]`` when that layer receives the input's range (a reshape, a permutation, a crop or a dtype
+    conversion keep it; tolerance 1% of the range). One forward of ``raw`` (the first batch) in eval mode
+    without gradients, stopped where that layer is reached; modes put back. ``[]`` where this cannot be told
+    (the input is not one tensor, no such layer, the forward fails)."""
+    if not isinstance(inputs, torch.Tensor) or inputs.numel() == 0:
+        return []
+    names = {id(m): name for name, m in model.named_modules() if isinstance(m, _FIRST_LAYERS)}
+    if not names:
+        return []
+    seen: list[tuple[nn.Module, Any]] = []
+
+    def reached(module: nn.Module, args: tuple) -> None:
+        seen.append((module, args[0] if args else None))
+        raise _Reached
+
+    handles = [m.register_forward_pre_hook(reached) for m in model.modules() if id(m) in names]
+    try:
+        with modes_kept(model, False), torch.no_grad():
+            call_model(model, to_device(raw, device), forward)
+    except _Reached:
+        pass
+    except Exception:
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        return []
+    module, got = seen[0]
+    name = names[id(module)]
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return [f"{name} ({type(module).__name__})"]
+    if not isinstance(got, torch.Tensor) or got is inputs or not (torch.is_floating_point(got) and got.numel()):
+        return []
+    lo, hi = (float(v) for v in torch.aminmax(inputs.detach().to(torch.float64)))
+    got_lo, got_hi = (float(v) for v in torch.aminmax(got.detach().to(torch.float64)))
+    tolerance = 0.01 * max(hi - lo, abs(hi), abs(lo), 1e-12)
+    if abs(got_lo - lo) <= tolerance and abs(got_hi - hi) <= tolerance:
+        return []
+    return [f"{name} receives values in [{got_lo:.3g}, {got_hi:.3g}], the input [{lo:.3g}, {hi:.3g}]"]
 
 
 def facts(model: nn.Module, world: int = 1) -> ModelFacts:
