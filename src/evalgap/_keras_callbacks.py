@@ -216,8 +216,14 @@ class GapMonitorLogic:
         super().set_model(model)
         run_first(self, model, self._callback_base.set_model)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last_batch = -1
+
     def on_train_batch_end(self, batch, logs=None):
-        self.core.step()
+        # one call per execution: with steps_per_execution=k, ``batch`` is the last of its k steps, each a BN update
+        last = getattr(self, "_last_batch", -1)
+        self.core.step(batch - last if isinstance(batch, int) and batch > last else 1)
+        self._last_batch = batch if isinstance(batch, int) else last + 1
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.core.due(epoch):

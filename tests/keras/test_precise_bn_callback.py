@@ -195,3 +195,19 @@ def test_a_reshuffling_tf_dataset_is_warned_about_and_a_second_build_of_it_leave
 
     for a, b in zip(run(False), run(True)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="Keras on torch refuses steps_per_execution > 1")
+def test_gap_monitor_counts_every_step_of_an_execution():
+    """steps_per_execution=4: fit calls on_train_batch_end once per 4 steps (its last step's index), and each step
+    updates the moving statistics: the monitor's count equals the optimizer's iterations (it was a quarter)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32") * 3 + 5, rng.integers(0, 2, 64)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6), keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=4)
+    monitor = eg.GapMonitor((x, y), batch_size=8, max_samples=16, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=3, callbacks=[monitor], verbose=0)  # 8 steps per epoch, 2 executions each
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 24
+    ema = next(f for f in monitor.last.findings if "updates" in (f.numbers or {}))  # the EMA arithmetic the report states
+    assert monitor.updates == 24 and ema.numbers["updates"] == 24

@@ -111,3 +111,17 @@ def test_runs_before_validation_and_gap_monitor_changes_nothing(digits, capsys):
     model.fit(x, y, batch_size=BATCH, epochs=1, validation_data=(x, y), callbacks=[Spy((x, y), batch_size=BATCH, verbose=0), Order()], verbose=0)
     assert events == [("recalibrate", 0), ("validation", None)]
     assert eg.recalibrate(model, (x, y), batch_size=BATCH, progress=False).max_drift < 1e-4  # PreciseBN left exact statistics
+
+
+def test_gap_monitor_counts_every_step_of_an_execution():
+    """steps_per_execution=4: one on_train_batch_end per 4 steps, each step a BN update (it counted a quarter)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32") * 3 + 5, rng.integers(0, 2, 64)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(6), layers.BatchNormalization(), layers.Dense(2)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=4)
+    monitor = eg.GapMonitor((x, y), batch_size=8, max_samples=16, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=3, callbacks=[monitor], verbose=0)  # 8 steps per epoch, 2 executions each
+    assert int(model.optimizer.iterations.numpy()) == 24
+    ema = next(f for f in monitor.last.findings if "updates" in (f.numbers or {}))
+    assert monitor.updates == 24 and ema.numbers["updates"] == 24
