@@ -315,3 +315,29 @@ def test_fewer_samples_than_one_batch_is_one_batch_of_all_of_them():
     assert any("batch_size=32 is more than the 10 samples" in n for n in result.notes)
     for bn in targets:
         assert_close_to_reference(bn, ref[id(bn)])
+
+
+def test_batch_renormalization_gets_its_moving_stddev_and_a_failed_call_leaves_it():
+    """renorm=True: Keras recomputes moving_variance from moving_stddev at every training step, so the stddev must
+    hold sqrt(var + eps) of the exact statistics (it kept its old value: one step undid the recalibration)."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(96, 10)) * 2 + 3).astype("float32")
+    keras.utils.set_random_seed(0)
+    bn = layers.BatchNormalization(renorm=True, momentum=0.9)
+    model = keras.Sequential([keras.Input((10,)), layers.Dense(8), bn, layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, rng.integers(0, 3, 96), batch_size=16, epochs=1, verbose=0)
+    before = snapshot(model)
+
+    def failing():  # the data fail after the last batch: nothing written, the stddev as it was
+        yield from batches_of(x, 16)
+        raise Boom("stop")
+
+    with pytest.raises(RecalibrationError):
+        eg.recalibrate(model, failing(), progress=False)
+    assert snapshot(model) == before
+    ref = reference_stats(model, batches_of(x, 16), [bn])[id(bn)]
+    eg.recalibrate(model, batches_of(x, 16), progress=False)
+    assert_close_to_reference(bn, ref)
+    stddev = np.asarray(keras.ops.convert_to_numpy(bn.moving_stddev), np.float64)
+    np.testing.assert_allclose(stddev, np.sqrt(ref[1] + bn.epsilon), rtol=1e-6)

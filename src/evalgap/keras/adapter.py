@@ -62,14 +62,36 @@ class KerasAdapter:
         return [v if isinstance(v, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
 
     def read(self, norm_layers: Sequence[NormLayer]):
-        """Each layer's (moving_mean, moving_variance) as float64 arrays: one transfer for all."""
-        host = transfer.read([v for layer in norm_layers for v in (layer.handle.moving_mean, layer.handle.moving_variance)])
-        return [(host[2 * i].astype(np.float64), host[2 * i + 1].astype(np.float64)) for i in range(len(norm_layers))]
+        """Each layer's (moving_mean, moving_variance) as float64 arrays: one transfer for all. A renorm layer's
+        ``moving_stddev`` is kept too (with the pair it goes with), for :meth:`write` to put back exactly."""
+        renorm = [layer.handle for layer in norm_layers if getattr(layer.handle, "renorm", False)]
+        host = transfer.read([v for layer in norm_layers for v in (layer.handle.moving_mean, layer.handle.moving_variance)]
+                             + [bn.moving_stddev for bn in renorm])
+        pairs = [(host[2 * i].astype(np.float64), host[2 * i + 1].astype(np.float64)) for i in range(len(norm_layers))]
+        held = dict(zip(map(id, renorm), host[2 * len(norm_layers):]))
+        self._stddev_read = {id(layer.handle): (pair, held[id(layer.handle)]) for layer, pair in zip(norm_layers, pairs)
+                             if id(layer.handle) in held}
+        return pairs
 
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
-        """Assign (mean, var) pairs, cast to each variable's dtype, from one host-to-device transfer."""
-        variables = [v for layer in norm_layers for v in (layer.handle.moving_mean, layer.handle.moving_variance)]
-        transfer.assign(variables, [v for pair in stats for v in pair])
+        """Assign (mean, var) pairs, cast to each variable's dtype, from one host-to-device transfer (all or
+        nothing: every array is checked first). A Batch Renormalization layer (``renorm=True``) also gets
+        ``moving_stddev = sqrt(var + eps)``, from which Keras recomputes its moving variance at every training step
+        (else the next step would undo the recalibration); the pair :meth:`read` returned gets back the
+        ``moving_stddev`` read with it (a rollback is exact)."""
+        variables, values = [], []
+        kept = getattr(self, "_stddev_read", {})
+        for layer, (mean, var) in zip(norm_layers, stats):
+            bn = layer.handle
+            variables += [bn.moving_mean, bn.moving_variance]
+            values += [mean, var]
+            if getattr(bn, "renorm", False):
+                read = kept.get(id(bn))
+                same = read is not None and all(np.array_equal(np.asarray(a, np.float64).reshape(-1), np.asarray(b).reshape(-1))
+                                                for a, b in zip((mean, var), read[0]))
+                variables.append(bn.moving_stddev)
+                values.append(read[1] if same else np.sqrt(np.asarray(var, np.float64) + bn.epsilon))
+        transfer.assign(variables, values)
 
     def predictor(self, model, mode: str, norm_layers=(), stats=()):
         return predict.predictor(model, mode, norm_layers, stats)
