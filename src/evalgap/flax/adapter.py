@@ -9,6 +9,7 @@ import numpy as np
 
 from ..engine import Batch, NormLayer
 from ..engine.moments import captures_to_host
+from ..errors import ModelError
 from . import data, distributed, forward, layers, moments, predict
 from .layers import LinenModel, NnxModel
 from .metrics import FlaxMetrics
@@ -20,7 +21,9 @@ class FlaxAdapter:
 
     NNX statistics are read and written on the module's ``nnx.BatchNorm`` objects (in place);
     Linen statistics on :attr:`target`'s variables, which a write replaces by a new tree
-    (the user's variables are never modified): the api returns ``target.variables``.
+    (the user's variables are never modified): the api returns ``target.variables``. Read
+    flat (one float64 vector per layer, C order: several feature axes, stacked layers), written
+    in each variable's own shape and dtype.
     """
 
     api = "evalgap.flax"
@@ -68,7 +71,17 @@ class FlaxAdapter:
         return moments.moments_pass(model, norm_layers, batch_statistics)
 
     def host_captures(self, captures):
-        return captures_to_host(captures, self.to_host)
+        host = captures_to_host(captures, self.to_host)
+        if host.count.size and host.count.min() < 0:  # a slot from inside a lifted transform (forward.SLOTS)
+            layer = self.target.norm_layers()[int(host.index[np.argmin(host.count)])].name if self.target is not None else "?"
+            if host.count.min() == forward.UNEQUAL_COUNTS:
+                why = ("the layers a lifted transform stacks into it (nn.scan, nn.vmap) normalized different numbers of "
+                       "values in one batch (different masks per stacked layer), which one capture per layer cannot hold")
+            else:
+                why = "no moments came out of the lifted transform it is called in (it does not carry the layer's state out)"
+            raise ModelError(f"BatchNorm layer {layer}: {why}; recalibrate and diagnose do not support this model. "
+                             "Nothing was changed.")
+        return host
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         return forward.to_host(list(values))
@@ -77,9 +90,9 @@ class FlaxAdapter:
         if isinstance(self.target, LinenModel):
             stats = layers.linen_stats(self.target.variables)
             found = jax.device_get([stats.get(layer.handle.path) for layer in norm_layers])
-            return [None if s is None else (np.asarray(s[0], dtype=np.float64), np.asarray(s[1], dtype=np.float64)) for s in found]
+            return [None if s is None else (layers.flat(s[0]), layers.flat(s[1])) for s in found]
         host = jax.device_get([(layer.handle.module.mean.get_value(), layer.handle.module.var.get_value()) for layer in norm_layers])
-        return [(np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64)) for mean, var in host]
+        return [(layers.flat(mean), layers.flat(var)) for mean, var in host]
 
     def write(self, norm_layers: Sequence[NormLayer], stats) -> None:
         if isinstance(self.target, LinenModel):

@@ -38,7 +38,9 @@ def recalibrate(
 
     Args:
         model: an ``nnx.Module`` (its ``nnx.BatchNorm`` layers, nested, in lists, shared),
-            or a Linen pair ``(module, variables)`` with ``variables["batch_stats"]``.
+            or a Linen pair ``(module, variables)`` with ``variables["batch_stats"]``. Layers
+            inside lifted transforms (``nn.remat``/``nn.scan``/``nn.vmap``, ``nnx.remat``/
+            ``nnx.scan``/``nnx.vmap``) are measured too, each stacked layer on its own.
         data: an iterable of batches ``(x, y)``, ``x`` or dicts (``{"image": x, "label": y}``)
             of NumPy or JAX arrays, e.g. a ``tf.data``/grain pipeline turned into NumPy; or
             arrays ``(x, y)`` with ``batch_size=``, drawn as a shuffled training epoch draws
@@ -50,7 +52,9 @@ def recalibrate(
         progress: show a progress bar.
         drop_ragged: leave out batches smaller than the first (counted in the result).
         train_arg: the name of the module's training-flag argument when it is not one of
-            ``train``, ``training``, ``is_training`` (or ``deterministic``, ``eval``, ...).
+            ``train``, ``training``, ``is_training`` (or ``deterministic``, ``eval``, ...); or of
+            the field a Linen module holds its mode in (``Net(train=False)``: found by itself
+            under those names; every mode then runs ``module.clone(train=...)``).
         batch_size, shuffle, seed: for array data.
         training_metrics: also score the pass's own outputs (BN on batch statistics, dropout
             off, these weights, every batch including a ragged last one) with ``loss_fn`` and
@@ -110,6 +114,9 @@ def diagnose(
             for one logit and 0/1 targets, mean squared error for float targets shaped like
             the output; otherwise a DataError asks for it.
         metrics: ``{"name": (output, target) -> scalar}`` (default: accuracy where the task has one).
+            With sample weights in the data (``(x, y, w)``, a dict's ``sample_weight``) every
+            loss and metric is ``sum(w * value) / sum(w)``, as Keras weights them; the callables
+            must then give one value per sample (no ``.mean()``), else a DataError.
         fit_metric: what the training loop reported for the last epoch (F): a dict by metric
             name, or one number for the primary metric.
         primary: the metric to rank causes by (default: accuracy-like, else the first given

@@ -11,7 +11,21 @@ the model's own training flag. The model never changes:
   model's own calls freeze is read beforehand by :func:`discover`). What the copy updates
   (moving statistics, RNG counts) is dropped with it.
 - Linen: ``module.apply`` under :func:`flax.linen.intercept_methods`; each BatchNorm/Dropout
-  call runs with the plan's attributes and the updated collections are dropped.
+  call runs with the plan's attributes and the updated collections are dropped. The training
+  flag is a call argument, or a field of the module (``Net(train=False)``), set by
+  ``module.clone(train=...)``.
+
+A BatchNorm called inside a lifted transform (Linen ``nn.remat``/``nn.scan``/``nn.vmap``, NNX
+``nnx.remat``/``nnx.scan``/``nnx.vmap``; found by comparing JAX's trace state with the forward's
+own) cannot hand its moments out of the transform's trace; they leave as the model's state,
+which the transforms carry: a slot (:data:`SLOTS`: count, shift, mean - shift, variance) shaped
+like the layer's moving mean, created in the forward (NNX: Variables on the private copy's layer;
+Linen: entries beside ``mean``/``var`` in the ``batch_stats`` collection given to ``apply``,
+which every transform that lets a BatchNorm train carries), so a stacked layer (scan, vmap)
+gets one slot per stacked layer.
+Every call merges its ``(n, mean, var)`` into the slot (Chan's update, relative to the first
+call's shift: a layer a scan carries and calls several times is pooled), and the forward returns
+the slots as one capture per layer (mean and variance flat, stacked layers side by side).
 
 Captured moments, per BatchNorm call, over every axis but the feature axis, in at least
 float32 (:func:`moments`: two-pass, never ``E[x^2] - E[x]^2``). A layer on batch statistics
@@ -29,16 +43,20 @@ traces once, and so does a clone of the model.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ModelError
-from .layers import Flag, LinenLayer, LinenModel, NnxModel, Path, like, linen_stats, replace_stats
+from .layers import Flag, LinenLayer, LinenModel, NnxModel, Path, like, linen_call, linen_stats, path_name, replace_stats, stacked_kind
 
 #: One BN layer in a plan: (path, normalize by batch statistics, capture index or None).
 Entry = tuple[Path, bool, "int | None"]
@@ -140,6 +158,108 @@ def unpack(packed: dict[str, tuple]) -> list[tuple[int, Any, Any, Any]]:
     return out
 
 
+# ---- captures: in call order; inside a lifted transform, through slots ---------------------
+def _trace_state() -> Any:
+    """JAX's current trace (compared, never kept past the forward's trace)."""
+    return jax.extend.core.get_opaque_trace_state(convention="nnx")
+
+
+#: A slot's entries (Linen: variable names in ``batch_stats``; NNX: attributes of the layer): count, shift, mean - shift, var.
+SLOTS = ("evalgap_n", "evalgap_s", "evalgap_d", "evalgap_var")
+#: A slot capture's count when its stacked layers saw different numbers of values, or when no call reached it.
+UNEQUAL_COUNTS, NOT_CARRIED = -1, -2
+
+
+class _Sink:
+    """The captures of one traced forward, in call order.
+
+    A call at the forward's own trace level adds its values; a call inside a lifted transform
+    (another trace) has merged them into its layer's slot and adds the slot's place (a layer
+    once, at its first call).
+    """
+
+    def __init__(self) -> None:
+        self.top = _trace_state()
+        self.entries: list[tuple] = []
+
+    def nested(self) -> bool:
+        return _trace_state() != self.top
+
+    def add(self, index: int, count: Any, exact: Any, var: Any) -> None:
+        self.entries.append(("value", index, count, exact, var))
+
+    def slot(self, index: int, path: Path) -> None:
+        self.entries.append(("slot", index, path))
+
+    @contextlib.contextmanager
+    def transforms(self) -> Iterator[None]:
+        """Around the model's call: a failure after a call inside a lifted transform names that layer (a ModelError)."""
+        try:
+            yield
+        except ModelError:
+            raise
+        except Exception as exc:
+            nested = [entry[2] for entry in self.entries if entry[0] == "slot"]
+            if not nested:
+                raise
+            raise _outside_transform(path_name(nested[-1]), exc) from exc
+
+    def captures(self, read: Callable[[Path], tuple]) -> list[tuple]:
+        """``(index, count, (s, d), var)`` per call; a slot's as one capture per layer (:func:`_slot_capture`)."""
+        out, seen = [], set()
+        for entry in self.entries:
+            if entry[0] == "value":
+                out.append(entry[1:])
+            elif entry[1] not in seen:
+                seen.add(entry[1])
+                out.append(_slot_capture(entry[1], read(entry[2])))
+        return out
+
+
+def empty_slot(mean: Any) -> tuple:
+    """A slot for a layer whose moving mean is ``mean``: zero counts, float32 (or wider) moments, its shape."""
+    shape, dtype = jnp.shape(mean), jnp.promote_types(jnp.asarray(mean).dtype, jnp.float32)
+    return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def merge_slot(slot: tuple, count: Any, exact: tuple, var: Any) -> tuple:
+    """``slot`` (n, s, d, var) with one call's moments merged in (Chan), relative to the slot's shift.
+
+    With ``w = n1 / (n0 + n1)`` and ``delta`` the difference of the means (``(s1 - s0) + d1 - d0``,
+    never a difference of two large means): ``d = d0 + w delta``, ``var = (1 - w) var0 + w var1 +
+    w (1 - w) delta^2`` (biased). An empty slot takes the call as it is (its shift too).
+    """
+    n0, s0, d0, v0 = slot
+    shape = jnp.shape(s0)
+    s1, d1 = (jnp.reshape(a, shape).astype(s0.dtype) for a in exact)
+    v1 = jnp.reshape(var, shape).astype(v0.dtype)
+    n1 = jnp.broadcast_to(jnp.asarray(count, jnp.int32), shape)
+    total = n0 + n1
+    w = (n1 / jnp.maximum(total, 1)).astype(s0.dtype)
+    delta = (s1 - s0) + d1 - d0
+    empty = n0 == 0
+    return (total, jnp.where(empty, s1, s0), jnp.where(empty, d1, d0 + w * delta),
+            jnp.where(empty, v1, (1 - w) * v0 + w * v1 + w * (1 - w) * jnp.square(delta)))
+
+
+def _slot_capture(index: int, slot: tuple) -> tuple:
+    """A slot as one capture: flat moments, and one count (:data:`UNEQUAL_COUNTS`, :data:`NOT_CARRIED` when there is none)."""
+    n, s, d, var = slot
+    n = jnp.reshape(n, -1)
+    count = jnp.where(n[0] <= 0, NOT_CARRIED, jnp.where(jnp.all(n == n[0]), n[0], UNEQUAL_COUNTS))
+    return index, count, (jnp.reshape(s, -1), jnp.reshape(d, -1)), jnp.reshape(var, -1)
+
+
+def _outside_transform(layer: str, transform_error: Exception) -> ModelError:
+    return ModelError(
+        f"BatchNorm layer {layer} is called inside a lifted transform (nn.scan, nn.vmap, nn.remat, nnx.scan, ...) that "
+        f"does not let its statistics out ({type(transform_error).__name__}: {str(transform_error)[:200]}): evalgap hands "
+        "a layer's moments out of a transform as the layer's state ('batch_stats'), which the transform must carry as "
+        "it does in training (Linen: variable_axes={'params': 0, 'batch_stats': 0}; NNX: the layer's state in the "
+        "transform's in_axes/state_axes). Nothing was changed."
+    )
+
+
 # ---- NNX ---------------------------------------------------------------------------------
 _NNX_CLASSES: dict[type, type] = {}
 
@@ -152,11 +272,17 @@ def _nnx_subclass(cls: type) -> type:
         if issubclass(cls, nnx.BatchNorm):
 
             def __call__(self, x, use_running_average=None, *, mask=None):
-                batch, index, sink = self.__dict__["_evalgap"]
+                batch, index, sink, path = self.__dict__["_evalgap"]
                 if index is None:  # mode T (Flax's own batch statistics) or E/P (moving statistics)
                     return cls.__call__(self, x, use_running_average=not batch, mask=mask)
                 count, mean, var, exact = moments(x, self.axis, mask)
-                sink.append((index, count, exact, var))
+                if sink.nested():  # inside a lifted transform: through the slot Variables the transform carries out
+                    slot = [getattr(self, name) for name in SLOTS]
+                    for variable, value in zip(slot, merge_slot(tuple(v.get_value() for v in slot), count, exact, var)):
+                        variable.set_value(value)
+                    sink.slot(index, path)
+                else:
+                    sink.add(index, count, exact, var)
                 if batch:  # normalize by exactly these batch statistics (the private copy's moving ones are free)
                     self.mean[...] = mean.reshape(self.mean[...].shape).astype(self.mean[...].dtype)
                     self.var[...] = var.reshape(self.var[...].shape).astype(self.var[...].dtype)
@@ -196,19 +322,36 @@ def _nnx_recording(cls: type) -> type:
     return _NNX_RECORDING[cls]
 
 
-def _nnx_apply_plan(model: Any, plan: Plan, sink: list, overrides: tuple, key: Any) -> None:
+def _slot_class() -> type:
+    from flax import nnx
+
+    global _SLOT
+    if _SLOT is None:
+        _SLOT = type("EvalgapSlot", (nnx.Variable,), {"__doc__": "A private copy's BatchNorm moments from inside a lifted transform."})
+    return _SLOT
+
+
+_SLOT: type | None = None
+
+
+def _nnx_apply_plan(model: Any, plan: Plan, sink: _Sink, overrides: tuple, key: Any) -> dict:
     from flax import nnx
 
     modules = dict(nnx.iter_modules(model))
     for path, batch, index in plan.layers:
         bn = modules[path]
         object.__setattr__(bn, "axis_name", None)  # a jitted pass over sharded data sees the global batch
-        object.__setattr__(bn, "_evalgap", (batch, index, sink))
+        object.__setattr__(bn, "_evalgap", (batch, index, sink, path))
         object.__setattr__(bn, "__class__", _nnx_subclass(type(bn)))
+        if index is not None:  # a slot, for calls inside a lifted transform (stacked like the moving mean)
+            for name, value in zip(SLOTS, empty_slot(bn.mean.get_value())):
+                setattr(bn, name, _slot_class()(value))
     for path, (mean, var) in zip(plan.overrides, overrides):
-        modules[path].mean[...] = mean.astype(modules[path].mean[...].dtype)
-        modules[path].var[...] = var.astype(modules[path].var[...].dtype)
+        shape = modules[path].mean[...].shape  # flat vectors: several feature axes, stacked layers
+        modules[path].mean[...] = mean.reshape(shape).astype(modules[path].mean[...].dtype)
+        modules[path].var[...] = var.reshape(shape).astype(modules[path].var[...].dtype)
     _nnx_dropout(modules, plan.dropout, key)
+    return modules
 
 
 def _nnx_dropout(modules: dict, on: bool, key: Any) -> None:
@@ -227,25 +370,55 @@ def _nnx_forward(graphdef: Any, plan: Plan, flag: Flag | None, state: Any, x: An
     from flax import nnx
 
     model = nnx.merge(graphdef, state)
-    sink: list = []
-    _nnx_apply_plan(model, plan, sink, overrides, key)
-    out = model(x, **(flag.kwargs(plan.training) if flag else {}))
-    return pack(sink), out
+    sink = _Sink()
+    modules = _nnx_apply_plan(model, plan, sink, overrides, key)
+    with sink.transforms():
+        out = model(x, **(flag.kwargs(plan.training) if flag else {}))
+    return pack(sink.captures(lambda path: tuple(getattr(modules[path], name).get_value() for name in SLOTS))), out
 
 
-def _nnx_discover(graphdef: Any, flag: Flag | None, seen: dict, state: Any, x: Any) -> None:
-    """The training-mode call traced by :func:`discover` (``model.train()``, the flag True): BatchNorm calls recorded."""
+_NNX_FIRST: dict[type, type] = {}
+
+
+def _first_layers(nn: Any) -> tuple[type, ...]:
+    """The layer classes whose input is "what reaches the model" (Conv, Dense/Linear, Embed, Einsum) of ``flax.linen`` or ``nnx``."""
+    names = ("Conv", "ConvTranspose", "ConvLocal", "Dense", "DenseGeneral", "Linear", "LinearGeneral", "Embed", "Einsum")
+    return tuple(getattr(nn, n) for n in names if isinstance(getattr(nn, n, None), type))
+
+
+def _nnx_first(cls: type) -> type:
+    """``cls`` (a Conv/Linear/Embed class) recording the first such call's input (None inside a lifted transform)."""
+    if cls not in _NNX_FIRST:
+
+        def __call__(self, inputs, *args, **kwargs):
+            path, first, top = self.__dict__["_evalgap_first"]
+            if not first:
+                first.append((path, type(self).__mro__[1], inputs if _trace_state() == top else None))
+            return cls.__call__(self, inputs, *args, **kwargs)
+
+        _NNX_FIRST[cls] = type(f"EvalgapFirst{cls.__name__}", (cls,), {"__call__": __call__})
+    return _NNX_FIRST[cls]
+
+
+def _nnx_discover(graphdef: Any, flag: Flag | None, seen: dict, first: list, state: Any, x: Any) -> Any:
+    """The training-mode call traced by :func:`discover` (``model.train()``, the flag True): BatchNorm calls recorded;
+    returns the input of the first Conv/Linear/Embed (None: none, or inside a lifted transform)."""
     from flax import nnx
 
     model = nnx.merge(graphdef, state)
     model.set_attributes(deterministic=False, use_running_average=False, raise_if_not_found=False)  # model.train()
     modules = dict(nnx.iter_modules(model))
+    top, kinds = _trace_state(), _first_layers(nnx)
     for path, m in modules.items():
         if isinstance(m, nnx.BatchNorm):
             object.__setattr__(m, "_evalgap", (path, seen))
             object.__setattr__(m, "__class__", _nnx_recording(type(m)))
+        elif isinstance(m, kinds):
+            object.__setattr__(m, "_evalgap_first", (path, first, top))
+            object.__setattr__(m, "__class__", _nnx_first(type(m)))
     _nnx_dropout(modules, False, jax.random.key(0))
     model(x, **(flag.kwargs(True) if flag else {}))
+    return first[0][2] if first else None
 
 
 def _discover_nnx(target: NnxModel, x: Any) -> None:
@@ -255,12 +428,64 @@ def _discover_nnx(target: NnxModel, x: Any) -> None:
     leaves, structure = jax.tree.flatten(x)
     shapes = tuple((np.shape(a), str(getattr(a, "dtype", type(a).__name__))) for a in leaves)
 
-    def trace() -> dict:
+    def trace() -> tuple[dict, str | None]:
         seen: dict = {}
-        jax.eval_shape(_bound(_nnx_discover, graphdef, target.flag, seen), state, x)
-        return seen
+        first: list = []
+        jaxpr = jax.make_jaxpr(_bound(_nnx_discover, graphdef, target.flag, seen, first))(state, x)
+        return seen, _input_transform(target.name, first, jaxpr, len(leaves), nnx.Embed)
 
-    target.calls = dict(_cached(("nnx-discover", graphdef, target.flag, structure, shapes), trace))
+    calls, target.input_transform = _cached(("nnx-discover", graphdef, target.flag, structure, shapes), trace)
+    target.calls = dict(calls)
+
+
+# ---- does the model change its input before its first layer? ----------------------------
+#: Primitives that pass values on as they are (layout, dtype, selection, order).
+PASS_THROUGH = frozenset({
+    "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "convert_element_type", "copy", "copy_p", "rev",
+    "slice", "dynamic_slice", "device_put", "sharding_constraint", "stop_gradient",
+})
+
+
+def _input_transform(model: str, first: list, jaxpr: Any, inputs: int, embed: type) -> str | None:
+    """Where the model transforms its input itself, for ``ModelFacts.input_transforms``; None where it does not.
+
+    ``first``: ``(path, class, input)`` of the first Conv/Dense/Embed call (``input`` None inside
+    a lifted transform: not known). An Embed embeds its input; another layer's input is a
+    transform when it is computed from the model's input (the last ``inputs`` arguments of
+    ``jaxpr``) by anything but :data:`PASS_THROUGH` (``x / 255``, ``(x - mean) / std``).
+    """
+    if not first:
+        return None
+    path, cls, value = first[0]
+    layer = path_name(path) or cls.__name__
+    if issubclass(cls, embed):
+        return f"{layer} (an embedding)"
+    if value is None or not jaxpr.out_avals:
+        return None
+    invars = jaxpr.jaxpr.invars
+    label = _labels(jaxpr.jaxpr, [None] * (len(invars) - inputs) + ["input"] * inputs)[0]
+    return f"{model}.__call__, before {layer}" if label == "changed" else None
+
+
+def _labels(jaxpr: Any, given: list) -> list:
+    """Per output of ``jaxpr``: ``"input"`` (an input passed through), ``"changed"`` (computed from one) or None (neither)."""
+    labels = dict(zip(jaxpr.invars, given))
+
+    def of(v: Any) -> Any:
+        return None if isinstance(v, jax.extend.core.Literal) else labels.get(v)
+
+    for eqn in jaxpr.eqns:
+        ins = [of(v) for v in eqn.invars]
+        inner = [p for p in eqn.params.values() if hasattr(p, "eqns") or hasattr(getattr(p, "jaxpr", None), "eqns")]
+        inner = [getattr(p, "jaxpr", p) for p in inner]
+        if len(inner) == 1 and len(inner[0].invars) == len(ins) and len(inner[0].outvars) == len(eqn.outvars):
+            outs = _labels(inner[0], ins)  # a nested jit/call: followed inside
+        elif eqn.primitive.name in PASS_THROUGH and [a for a in ins if a is not None] == ["input"]:
+            outs = ["input"] * len(eqn.outvars)
+        else:
+            outs = ["changed" if any(a is not None for a in ins) else None] * len(eqn.outvars)
+        labels.update(zip(eqn.outvars, outs))
+    return [of(v) for v in jaxpr.outvars]
 
 
 def _bound(fn: Callable, *static: Any) -> Callable:
@@ -308,13 +533,25 @@ def _call_with(module: Any, attributes: dict, call: Callable[[], Any]) -> Any:
             object.__setattr__(module, k, v)
 
 
-def _linen_batchnorm(next_fun, args, kwargs, module, batch: bool, index, sink: list):
+def _linen_batchnorm(next_fun, args, kwargs, module, batch: bool, index, sink: _Sink):
     """One Linen BatchNorm call under the plan (as the NNX subclass: captured statistics normalize)."""
     args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k != "use_running_average"}
     if index is None:
         return _call_with(module, {"use_running_average": not batch, "axis_name": None}, lambda: next_fun(*args, **kwargs))
     count, mean, var, exact = moments(args[0], module.axis, kwargs.get("mask"))
-    sink.append((index, count, exact, var))
+    if sink.nested():  # inside a lifted transform: through the slot in 'batch_stats', which the transform carries out
+        path = tuple(module.path)
+        try:
+            slot = tuple(module.get_variable("batch_stats", name) for name in SLOTS)
+            if any(v is None for v in slot):
+                raise KeyError("the layer's 'batch_stats' do not reach it inside the transform")
+            for name, value in zip(SLOTS, merge_slot(slot, count, exact, var)):
+                module.put_variable("batch_stats", name, value)
+        except Exception as exc:  # 'batch_stats' not lifted, or immutable inside the transform (variable_broadcast)
+            raise _outside_transform(path_name(path), exc) from exc
+        sink.slot(index, path)
+    else:
+        sink.add(index, count, exact, var)
     if batch:  # the collection is mutable in the pass, and what it holds afterwards is dropped
         x = args[0]
         shape = tuple(x.shape[a] for a in feature_axes(x.ndim, module.axis))
@@ -332,10 +569,37 @@ def _linen_dropout(next_fun, args, kwargs, module, on: bool):
     return _call_with(module, {"deterministic": not on}, lambda: next_fun(args[0], **kwargs))
 
 
+def _with_slots(variables: Mapping, paths: list[Path]) -> Mapping:
+    """``variables`` with an empty slot (:data:`SLOTS`) beside ``mean``/``var`` of each path in ``batch_stats``."""
+    stats = linen_stats(variables)
+    paths = [p for p in paths if p in stats]
+    if not paths:
+        return variables
+
+    def copy(tree: Any) -> Any:
+        return {k: copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+    out = dict(variables.items())
+    out["batch_stats"] = copy(variables["batch_stats"])
+    for path in paths:
+        node = out["batch_stats"]
+        for key in path:
+            node = node[key]
+        node.update(zip(SLOTS, empty_slot(node["mean"])))
+    return out
+
+
+def _slot_of(updated: Mapping, path: Path) -> tuple:
+    node = updated["batch_stats"]
+    for key in path:
+        node = node[key]
+    return tuple(node[name] for name in SLOTS)
+
+
 def _linen_forward(module: Any, plan: Plan, flag: Flag | None, mutable: tuple, collections: tuple, variables, x, key):
     import flax.linen as nn
 
-    sink: list = []
+    sink = _Sink()
     entries = {path: (batch, index) for path, batch, index in plan.layers}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -350,9 +614,11 @@ def _linen_forward(module: Any, plan: Plan, flag: Flag | None, mutable: tuple, c
         return next_fun(*args, **kwargs)
 
     rngs = {c: jax.random.fold_in(key, k) for k, c in enumerate(collections)} if plan.dropout else None
-    with nn.intercept_methods(interceptor):
-        out, _ = module.apply(variables, x, mutable=list(mutable), rngs=rngs, **(flag.kwargs(plan.training) if flag else {}))
-    return pack(sink), out
+    module, kwargs = linen_call(module, flag, plan.training)
+    variables = _with_slots(variables, [path for path, _, index in plan.layers if index is not None])
+    with nn.intercept_methods(interceptor), sink.transforms():
+        out, updated = module.apply(variables, x, mutable=list(mutable), rngs=rngs, **kwargs)
+    return pack(sink.captures(lambda path: _slot_of(updated, path))), out
 
 
 class LinenProgram:
@@ -368,14 +634,16 @@ class LinenProgram:
 
 
 def discover(target: NnxModel | LinenModel, x: Any) -> None:
-    """Trace the model once in training mode (shapes only, :func:`jax.eval_shape`) and record its layers.
+    """Trace the model once in training mode (shapes only, :func:`jax.make_jaxpr`) and record its layers.
 
     NNX: fills ``target.calls`` (per BatchNorm path, the ``use_running_average`` its call
     passes after ``model.train()``, None for none; BatchNorm on moving statistics and dropout
     off in the trace). Linen: fills ``target.batchnorms`` (the BatchNorm layers called,
     in call order, then those of ``batch_stats`` the call did not reach), ``target.others``
-    and ``target.rng_collections``. Cached per model structure, flag and input shapes
-    (PreciseBN traces once per model).
+    and ``target.rng_collections`` (every Dropout's, and every collection the model asks a key
+    of with ``make_rng``: the trace is retried with a key for it). Both: ``target.input_transform``
+    (:func:`_input_transform`, read from the trace's jaxpr). Cached per model structure, flag
+    and input shapes (PreciseBN traces once per model).
     """
     if isinstance(target, NnxModel):
         return _discover_nnx(target, x)
@@ -383,40 +651,73 @@ def discover(target: NnxModel | LinenModel, x: Any) -> None:
     shapes = tuple((np.shape(a), str(getattr(a, "dtype", type(a).__name__))) for a in leaves)
     key = ("discover", _owner(target.module), target.flag, structure, shapes)
     found, _ = _cached(key, lambda: (_discover(target, x), target.module))  # the entry holds the module (see _owner)
-    target.batchnorms, target.others, target.rng_collections = list(found[0]), list(found[1]), found[2]
+    target.batchnorms, target.others = list(found[0]), list(found[1])
+    target.rng_collections, target.input_transform = found[2], found[3]
+
+
+def _missing_rng(exc: BaseException) -> str | None:
+    """The collection of a ``make_rng`` that found no key (``flax.errors.InvalidRngError``), else None."""
+    from flax import errors
+
+    found = re.search(r'needs PRNG for "([^"]+)"', str(exc)) if isinstance(exc, errors.InvalidRngError) else None
+    return found.group(1) if found else None
 
 
 def _discover(target: LinenModel, x: Any) -> tuple:
-    seen: dict[Path, LinenLayer] = {}
-    others: dict[Path, LinenLayer] = {}
-    collections: set[str] = set()
-    try:
-        jax.eval_shape(lambda v, x: _linen_discover(target, v, x, seen, others, collections), target.variables, x)
-    except Exception as exc:
-        raise ModelError(_discover_failure(target, exc)) from exc
+    import flax.linen as nn
+
+    keys: list[str] = []  # collections the model asked a key of (DropPath, a noise layer): given one on the next try
+    while True:
+        seen: dict[Path, LinenLayer] = {}
+        others: dict[Path, LinenLayer] = {}
+        collections: set[str] = set()
+        first: list = []
+        try:
+            trace = lambda v, x: _linen_discover(target, v, x, seen, others, collections, first, keys)  # noqa: E731
+            jaxpr = jax.make_jaxpr(trace)(target.variables, x)
+            break
+        except Exception as exc:
+            name = _missing_rng(exc)
+            if name is None or name in keys:
+                raise ModelError(_discover_failure(target, exc)) from exc
+            keys.append(name)
     stats = linen_stats(target.variables)
-    missing = [LinenLayer(p, "BatchNorm (not called on this data)", int(np.shape(mv[0])[0])) for p, mv in stats.items() if p not in seen]
-    return tuple(seen.values()) + tuple(missing), tuple(others.values()), tuple(sorted(collections))
+    for p, layer in seen.items():  # channels as stored: several feature axes, layers stacked by a lifted transform
+        size = int(np.size(stats[p][0])) if p in stats else layer.channels
+        if layer.channels and size != layer.channels:
+            layer.kind, layer.channels = stacked_kind(layer.kind, size // layer.channels), size
+    missing = [LinenLayer(p, "BatchNorm (not called on this data)", int(np.size(mv[0]))) for p, mv in stats.items() if p not in seen]
+    transform = _input_transform(target.name, first, jaxpr, len(jax.tree.leaves(x)), nn.Embed)
+    return tuple(seen.values()) + tuple(missing), tuple(others.values()), tuple(sorted(collections | set(keys))), transform
 
 
 def _discover_failure(model: LinenModel, exc: Exception) -> str:
-    how = f"{model.flag.name}={model.flag.kwargs(True)[model.flag.name]}" if model.flag else "no training flag"
+    if model.flag is None:
+        how = f"{model.name}.apply(variables, x, no training flag)"
+    elif model.flag.attribute:
+        how = f"{model.name}({model.flag.name}={model.flag.kwargs(True)[model.flag.name]}).apply(variables, x)"
+    else:
+        how = f"{model.name}.apply(variables, x, {model.flag.name}={model.flag.kwargs(True)[model.flag.name]})"
     hint = "" if model.flag else (
         " If the module's __call__ takes a training flag under another name, pass train_arg='<its name>'."
     )
-    return (f"calling {model.name}.apply(variables, x, {how}) on the first batch failed ({type(exc).__name__}: {exc}); "
-            f"check the input shape and the variables.{hint}")
+    return f"calling {how} on the first batch failed ({type(exc).__name__}: {exc}); check the input shape and the variables.{hint}"
 
 
-def _linen_discover(target: LinenModel, variables, x, seen: dict, others: dict, collections: set):
-    """The training-mode call traced by :func:`discover`: records, changes no behaviour but dropout's."""
+def _linen_discover(target: LinenModel, variables, x, seen: dict, others: dict, collections: set, first: list, keys: list):
+    """The training-mode call traced by :func:`discover`: records, changes no behaviour but dropout's; returns the
+    input of the first Conv/Dense/Embed (None: none, or inside a lifted transform)."""
     import flax.linen as nn
+
+    top, kinds = _trace_state(), _first_layers(nn)
 
     def interceptor(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path, kind = tuple(m.path), type(m).__name__
+        if isinstance(m, kinds) and not first:
+            first.append((path, type(m), args[0] if args and _trace_state() == top else None))
         if isinstance(m, nn.BatchNorm):
             given = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
             frozen = bool(m.use_running_average if given is None else given)
@@ -433,8 +734,11 @@ def _linen_discover(target: LinenModel, variables, x, seen: dict, others: dict, 
         others.setdefault(path, LinenLayer(path, kind))
         return next_fun(*args, **kwargs)
 
+    module, kwargs = linen_call(target.module, target.flag, True)
+    rngs = {c: jax.random.key(k) for k, c in enumerate(keys)} or None
     with nn.intercept_methods(interceptor):
-        return target.module.apply(variables, x, mutable=list(target.mutable), **(target.flag.kwargs(True) if target.flag else {}))
+        module.apply(variables, x, mutable=list(target.mutable), rngs=rngs, **kwargs)
+    return first[0][2] if first else None
 
 
 def bind(target: NnxModel | LinenModel, plan: Plan, stats: dict[Path, tuple[Any, Any]] | None = None) -> Callable[[Any, Any], tuple]:

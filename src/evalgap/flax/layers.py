@@ -15,7 +15,14 @@ the ``use_running_average`` its call passes in the model's training-mode call (a
 ``use_running_average=True`` while the model is in training mode (another BatchNorm or a
 Dropout is in training mode); when the whole model is in evaluation mode (``model.eval()``)
 the attribute says nothing and no layer is frozen. Linen: ``use_running_average`` is True in
-the training-mode trace (the call's argument, else the attribute).
+the training-mode trace (the call's argument, else the attribute); a module that holds its mode
+as a field (``Net(train=False)``, ``use_running_average=not self.train``) is traced as
+``module.clone(train=True)``, so a layer the mode alone puts on its averages is not frozen.
+
+Statistics are handed to the engine flat, one vector per layer: a layer normalizing over several
+feature axes (``BatchNorm(axis=(1, 2))``) or stacked by a lifted transform (``nn.scan``/``nn.vmap``,
+``nnx.vmap``-created layers) has ``mean.size`` channels, in the variable's C order, and a write
+gives each vector the variable's shape back.
 """
 
 from __future__ import annotations
@@ -45,13 +52,31 @@ def path_name(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Flag:
-    """The model's own training-mode argument: its name and whether True means training."""
+    """The model's own training mode: its name, whether True means training, and whether it is a
+    field of the (Linen) module (``Net(train=False)``: the mode is set by ``module.clone(train=...)``)
+    rather than a call argument."""
 
     name: str
     training_when_true: bool
+    attribute: bool = False
 
     def kwargs(self, training: bool) -> dict[str, bool]:
         return {self.name: training if self.training_when_true else not training}
+
+
+def field_flag(module: Any, name: str | None = None) -> Flag | None:
+    """A boolean dataclass field of a Linen module that sets its mode (``train``, ``deterministic``, ...), or None.
+
+    ``name`` forces the field (``train_arg=``); otherwise the first of :data:`TRAIN_FLAGS`, then
+    :data:`EVAL_FLAGS`, that the module holds as a ``bool``.
+    """
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(module)} if dataclasses.is_dataclass(module) else set()
+    for candidate in (name,) if name is not None else TRAIN_FLAGS + EVAL_FLAGS:
+        if candidate in fields and isinstance(getattr(module, candidate, None), bool):
+            return Flag(candidate, candidate not in EVAL_FLAGS, attribute=True)
+    return None
 
 
 def call_flag(fn: Callable, name: str | None = None) -> Flag | None:
@@ -127,6 +152,8 @@ class NnxModel:
     flag: Flag | None = None
     #: Per BatchNorm path, the ``use_running_average`` its training-mode call passes (None: none); None: not traced.
     calls: dict[Path, bool | None] | None = None
+    #: How the model changes its input before its first Conv/Linear/Embed (None: passes it as it is, or not known).
+    input_transform: str | None = None
 
     @property
     def name(self) -> str:
@@ -137,8 +164,9 @@ class NnxModel:
         given = [(self.calls or {}).get(path) for path, _ in batchnorms]
         return [
             NormLayer(
-                name=path_name(path) or type(bn).__name__, handle=BNRef(path, bn), kind=type(bn).__name__,
-                channels=int(bn.num_features), eps=float(bn.epsilon), momentum=float(bn.momentum),
+                name=path_name(path) or type(bn).__name__, handle=BNRef(path, bn),
+                kind=stacked_kind(type(bn).__name__, _size(bn.mean) // max(int(bn.num_features), 1)),
+                channels=_size(bn.mean), eps=float(bn.epsilon), momentum=float(bn.momentum),
                 frozen=bn.use_running_average is True and training if call is None else call,
             )
             for (path, bn), call in zip(batchnorms, given)
@@ -149,6 +177,7 @@ class NnxModel:
         return ModelFacts(
             training_only=[n for n, kind, m in mods if is_training_only(kind) and getattr(m, "rate", 1) != 0],
             other_normalization=[n for n, kind, _ in mods if kind in OTHER_NORMALIZATION],
+            input_transforms=[self.input_transform] if self.input_transform else [],
         )
 
 
@@ -175,6 +204,8 @@ class LinenModel:
     batchnorms: list[LinenLayer] = field(default_factory=list)
     others: list[LinenLayer] = field(default_factory=list)
     rng_collections: tuple[str, ...] = ()
+    #: How the model changes its input before its first Conv/Dense/Embed (None: passes it as it is, or not known).
+    input_transform: str | None = None
 
     @property
     def name(self) -> str:
@@ -196,7 +227,17 @@ class LinenModel:
         return ModelFacts(
             training_only=[path_name(o.path) for o in self.others if is_training_only(o.kind)],
             other_normalization=[path_name(o.path) for o in self.others if o.kind in OTHER_NORMALIZATION],
+            input_transforms=[self.input_transform] if self.input_transform else [],
         )
+
+
+def linen_call(module: Any, flag: Flag | None, training: bool) -> tuple[Any, dict[str, bool]]:
+    """The Linen module and call arguments for one mode: the flag as a call argument, or a clone with the flag field set."""
+    if flag is None:
+        return module, {}
+    if flag.attribute:
+        return module.clone(**flag.kwargs(training)), {}
+    return module, flag.kwargs(training)
 
 
 def linen_stats(variables: Mapping) -> dict[Path, tuple[Any, Any]]:
@@ -218,22 +259,36 @@ def linen_stats(variables: Mapping) -> dict[Path, tuple[Any, Any]]:
 def replace_stats(variables: Mapping, updates: Mapping[Path, tuple[Any, Any]]) -> Mapping:
     """A new variables tree with ``batch_stats`` of the given paths replaced (the rest shared, nothing modified).
 
-    A ``FrozenDict`` gives a ``FrozenDict``, a dict a dict.
+    Every subtree keeps its container type (a ``FrozenDict`` stays a ``FrozenDict``, a dict a
+    dict, at any depth), so a TrainState holding the new tree has the old one's treedef.
     """
 
     def copy(tree: Any) -> Any:
         return {k: copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
-    from flax.core import FrozenDict, freeze
+    def restore(tree: Any, like: Any) -> Any:
+        if not isinstance(tree, dict):
+            return tree
+        out = {k: restore(v, like.get(k) if isinstance(like, Mapping) else None) for k, v in tree.items()}
+        return _same_type(like, out) if isinstance(like, Mapping) and type(like) is not dict else out
 
-    out = {k: (copy(v) if k == "batch_stats" else v) for k, v in variables.items()}
-    out.setdefault("batch_stats", {})
+    stats = copy(variables.get("batch_stats", {}))
     for path, (mean, var) in updates.items():
-        node = out["batch_stats"]
+        node = stats
         for key in path:
             node = node.setdefault(key, {})
         node["mean"], node["var"] = mean, var
-    return freeze(out) if isinstance(variables, FrozenDict) else out
+    out = {k: v for k, v in variables.items()}
+    out["batch_stats"] = restore(stats, variables.get("batch_stats"))
+    return _same_type(variables, out) if type(variables) is not dict else out
+
+
+def _same_type(like: Mapping, items: dict) -> Mapping:
+    """``items`` in ``like``'s Mapping type (a FrozenDict, a dict, a subclass), else a dict."""
+    try:
+        return type(like)(items)
+    except Exception:  # a Mapping type that cannot be built from a dict
+        return items
 
 
 # ---- both --------------------------------------------------------------------------------
@@ -252,13 +307,22 @@ def wrap(model: Any, *, train_arg: str | None = None) -> NnxModel | LinenModel:
             raise ModelError("a Linen model is passed as (module, variables), where variables = module.init(...) "
                              f"holds 'params' and 'batch_stats'; got {type(variables).__name__} as variables.")
         flag = call_flag(module.__call__, train_arg)
-        if flag is not None and train_arg is None and getattr(module, flag.name, None) is not None:
-            flag = None  # set as an attribute (nn.BatchNorm(use_running_average=...)): Linen refuses it twice
+        if flag is not None and getattr(module, flag.name, None) is not None:
+            flag = field_flag(module, flag.name)  # also set as a field (Linen refuses it twice): by clone, if a bool
+        elif flag is None or train_arg is not None and not _call_parameter(module, train_arg):
+            flag = field_flag(module, train_arg) or flag  # the mode as a field: Net(train=False)
         return LinenModel(module, variables, flag)
     if isinstance(model, nn.Module):
         raise ModelError("a Linen module holds no variables: pass (module, variables), e.g. "
                          "(model, {'params': state.params, 'batch_stats': state.batch_stats}).")
     raise ModelError(f"expected an flax.nnx.Module or a Linen (module, variables) pair, got {type(model).__name__}.")
+
+
+def _call_parameter(module: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.__call__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def find_batchnorms(model: Any) -> list[tuple[str, Any]]:
@@ -269,13 +333,32 @@ def find_batchnorms(model: Any) -> list[tuple[str, Any]]:
     return [(path_name(p), {"mean": m, "var": v}) for p, (m, v) in linen_stats(target.variables).items()]
 
 
+def _size(variable: Any) -> int:
+    """The number of values of an NNX Variable (a stacked layer's: every layer's)."""
+    return int(np.size(variable.get_value()))
+
+
+def stacked_kind(kind: str, stacked: int) -> str:
+    """A layer's kind, with how many layers a lifted transform stacks into its variables (``BatchNorm (x3 stacked)``)."""
+    return kind if stacked <= 1 else f"{kind} (x{stacked} stacked)"
+
+
+def flat(value: Any) -> np.ndarray:
+    """Statistics as the engine's float64 vector (several feature axes, stacked layers: C order)."""
+    return np.asarray(value, dtype=np.float64).reshape(-1)
+
+
 def like(values: list[np.ndarray], olds: list[Any]) -> list[Any]:
-    """Each value as a JAX array of the matching old array's dtype, in one transfer per placement.
+    """Each value as a JAX array of the matching old array's dtype and shape, in one transfer per placement.
+
+    A flat vector takes the old array's shape (several feature axes, stacked layers); a value
+    without an old array stays as it is.
 
     A value whose old array spans several devices gets its sharding (replicated statistics
     stay replicated); the others go to the default device, uncommitted, as initialized arrays are.
     """
     host = [np.asarray(v).astype(np.dtype(getattr(o, "dtype", np.float32))) for v, o in zip(values, olds)]
+    host = [h.reshape(np.shape(o)) if o is not None and h.size == np.size(o) else h for h, o in zip(host, olds)]
     spread = {i for i, o in enumerate(olds) if getattr(o, "sharding", None) is not None and len(o.sharding.device_set) > 1}
     local = [i for i in range(len(host)) if i not in spread]
     placed = dict(zip(local, jax.device_put([host[i] for i in local])))

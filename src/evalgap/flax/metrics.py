@@ -5,7 +5,11 @@ an evaluation loop calls them: on the model's output as the model returns it (an
 a dict) and the targets as the batch holds them. The value is the batch's mean (optax losses
 reduced with ``.mean()``, say) or one value per sample (:func:`evalgap.engine.tasks.batch_total`);
 each batch's per-sample total is kept on the device and fetched once, so every mode gives the
-per-sample mean over all batches, as an evaluation loop that averages per sample does. The
+per-sample mean over all batches, as an evaluation loop that averages per sample does. With
+sample weights (``(x, y, w)`` batches or arrays, a dict batch's ``sample_weight``, one weight per
+sample) every value is the weighted mean ``sum(w * v) / sum(w)`` over all samples, as Keras
+weights its losses and metrics; a callable must then give one value per sample (a DataError
+asks for it: a batch mean cannot be weighted). The
 callables are compiled together with ``jax.jit`` when they allow it (else they run as they
 are). Without ``loss_fn``/``metrics`` the defaults of :mod:`evalgap.engine.tasks` apply, on
 the prediction in the output (:func:`prediction`), with Flax's channels-last layout (class
@@ -34,6 +38,11 @@ from ..errors import DataError, ModelError
 Metric = Callable[[Any, Any], Any]
 
 
+def _per_sample(values: Any) -> Any:
+    """Per-sample values: the mean over every axis but the first (segmentation: over the pixels)."""
+    return values.reshape(values.shape[0], -1).mean(-1) if values.ndim > 1 else values
+
+
 def prediction(output: Any) -> Any:
     """The prediction in a model's output: the array, a dict's logits/output/out, a tuple's first element."""
     if isinstance(output, (jax.Array, np.ndarray)):
@@ -56,27 +65,27 @@ def _indices(output, target):
 def _ce(output, target):
     import optax
 
-    return optax.softmax_cross_entropy_with_integer_labels(output.astype(jnp.float32), _indices(output, target)).mean()
+    return _per_sample(optax.softmax_cross_entropy_with_integer_labels(output.astype(jnp.float32), _indices(output, target)))
 
 
 def _accuracy(output, target):
-    return (jnp.argmax(output, -1) == _indices(output, target)).mean()
+    return _per_sample((jnp.argmax(output, -1) == _indices(output, target)).astype(jnp.float32))
 
 
 def _bce(output, target):
     import optax
 
-    return optax.sigmoid_binary_cross_entropy(output.astype(jnp.float32), target.reshape(output.shape).astype(jnp.float32)).mean()
+    return _per_sample(optax.sigmoid_binary_cross_entropy(output.astype(jnp.float32), target.reshape(output.shape).astype(jnp.float32)))
 
 
 def _binary_accuracy(output, target):
-    return ((output > 0) == (target.reshape(output.shape) > 0.5)).mean()
+    return _per_sample(((output > 0) == (target.reshape(output.shape) > 0.5)).astype(jnp.float32))
 
 
 def _mse(output, target):
     import optax
 
-    return optax.squared_error(output.astype(jnp.float32), target.reshape(output.shape).astype(jnp.float32)).mean()
+    return _per_sample(optax.squared_error(output.astype(jnp.float32), target.reshape(output.shape).astype(jnp.float32)))
 
 
 DEFAULTS: dict[str, tuple[Metric, dict[str, Metric]]] = {
@@ -139,6 +148,8 @@ class FlaxMetrics:
             raise DataError("metrics must be a dict {'name': (output, target) -> scalar}.")
         given = list(metrics) if metrics else []
         loss_fn, metrics, defaults, notes = completed(loss_fn, metrics, lambda: _task(prediction(outputs), batch.targets), DEFAULTS)
+        if batch.weights is not None:
+            notes.append("weighted by the sample weights: every loss and metric is sum(w * value) / sum(w) over all samples.")
         return cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=defaults)
 
     def values(self, out: Any, target: Any) -> tuple:
@@ -156,22 +167,48 @@ class FlaxMetrics:
         return _State(self)
 
 
+def _weights(w: Any, k: int) -> Any:
+    """A batch's sample weights as a float32 vector of ``k``; a DataError for another shape."""
+    shape = tuple(np.shape(w))
+    if shape not in ((k,), (k, 1)):
+        raise DataError(f"the sample weights of a batch of {k} samples have shape {shape}: give one weight per sample, shape ({k},).")
+    return jnp.asarray(w, jnp.float32).reshape(k)
+
+
 class _State:
     def __init__(self, spec: FlaxMetrics):
         self.spec = spec
-        self.batches: list[tuple[int, Any]] = []  # (samples, per-sample totals on the device): fetched once, summed in float64
+        # per batch: its sum of weights (the number of samples when unweighted), then the weighted per-sample totals,
+        # all on the device: fetched once, summed in float64
+        self.batches: list[Any] = []
+        self.weighted = False
 
     def update(self, batch: Batch, outputs: Any) -> None:
         k = batch.size if batch.size is not None else int(prediction(outputs).shape[0])
-        totals = []
+        w = None if batch.weights is None else _weights(batch.weights, k)
+        self.weighted = self.weighted or w is not None
+        totals = [jnp.asarray(k, jnp.float32) if w is None else w.sum()]
         for name, v in zip(self.spec.names, self.spec.values(outputs, batch.targets)):
-            how = batch_total(name if name != "loss" else "loss_fn", tuple(v.shape), k)
-            totals.append(v.sum() if how == "each" else v.reshape(()) * k)
-        self.batches.append((k, jnp.stack(totals)))
+            each = batch_total(name if name != "loss" else "loss_fn", tuple(v.shape), k) == "each" or k == 1  # one value per sample
+            if w is not None and not each:
+                raise DataError(
+                    f"{name if name != 'loss' else 'loss_fn'} gave one number for a batch with sample weights, which cannot be "
+                    "weighted: return one value per sample (e.g. optax.softmax_cross_entropy_with_integer_labels(o, t) "
+                    "without .mean()), and evalgap weights them as sum(w * value) / sum(w); or leave the weights out of "
+                    "the batches for unweighted values."
+                )
+            if not each:
+                totals.append(v.reshape(()) * k)
+            else:
+                totals.append(v.sum() if w is None else (v.reshape(k) * w).sum())
+        self.batches.append(jnp.stack(totals))
 
     def result(self) -> dict[str, float]:
-        values = np.asarray(jax.device_get([v for _, v in self.batches]), dtype=np.float64).reshape(len(self.batches), len(self.spec.names))
-        totals = np.concatenate([values.sum(axis=0), [float(sum(k for k, _ in self.batches))]])
-        if self.spec.collective is not None:  # per-sample sums and counts over every process
+        values = np.asarray(jax.device_get(self.batches), dtype=np.float64).reshape(len(self.batches), 1 + len(self.spec.names))
+        totals = values.sum(axis=0)
+        if self.spec.collective is not None:  # weighted sums and total weight over every process
             totals = self.spec.collective.sum(totals)
-        return {name: float(v / totals[-1]) for name, v in zip(self.spec.names, totals[:-1])}
+        if self.weighted and not totals[0] > 0:
+            raise DataError(f"the sample weights sum to {totals[0]:g} over the data: give positive weights.")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {name: float(v / totals[0]) for name, v in zip(self.spec.names, totals[1:])}
