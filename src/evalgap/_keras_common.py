@@ -143,19 +143,45 @@ def ignored_labels(*specs: Any) -> set[int]:
 
 
 def metric_copies(spec: Any, metric_class: type, borrowed: list) -> Any:
-    """``spec`` (metrics as compiled: nested lists and dicts) with every Metric re-created from its config;
-    one that cannot be is appended to ``borrowed`` and used as it is (its state is put back afterwards)."""
+    """``spec`` (metrics as compiled: nested lists and dicts) with every Keras Metric re-created from its config.
+
+    Only Keras's own classes say all their constructor arguments in ``get_config``; a custom Metric (or one
+    whose re-creation fails) is appended to ``borrowed`` and used as it is, the caller resetting it for each
+    mode and putting its state back afterwards: a custom ``__init__(self, threshold=0.5)`` without
+    ``get_config`` would come back with its defaults. (``copy.deepcopy`` goes through the config too.)"""
     if isinstance(spec, dict):
         return {k: metric_copies(v, metric_class, borrowed) for k, v in spec.items()}
     if isinstance(spec, (list, tuple)):
         return type(spec)(metric_copies(v, metric_class, borrowed) for v in spec)
     if isinstance(spec, metric_class):
-        try:
-            return type(spec).from_config(spec.get_config())
-        except Exception:
+        if type(spec).__module__.split(".")[0] in ("keras", "tf_keras"):
+            try:
+                return type(spec).from_config(spec.get_config())
+            except Exception:
+                pass
+        if not any(m is spec for m in borrowed):
             borrowed.append(spec)
-            return spec
+        return spec
     return spec
+
+
+def one_number_results(values: dict[str, Any], spec: Any) -> dict[str, float]:
+    """The results that are one number each, as floats. A metric that gives several (per class, per threshold)
+    is left out, with its reason and fix in ``spec.notes`` and ``spec.left_out``; the others are measured."""
+    out: dict[str, float] = {}
+    for name, value in values.items():
+        a = np.asarray(value)
+        if a.size == 1:
+            out[name] = float(a.reshape(()))
+            continue
+        why = (f"metric {name!r} gives {a.size} values (shape {tuple(a.shape)}), not one number, so it is left out of the "
+               "diagnosis (the loss and the other metrics are measured). To diagnose it, compile it to give one number: "
+               "F1Score/FBetaScore(average='macro') (or 'micro', 'weighted') instead of average=None, Precision/Recall "
+               "with one threshold (thresholds=0.5, not a list), or one class (class_id=...).")
+        spec.left_out.setdefault(name, why)
+        if why not in spec.notes:
+            spec.notes.append(why)
+    return out
 
 
 def classifier_defaults(y: Any, pred: np.ndarray, sparse: Callable[..., Any], categorical: Callable[..., Any], error: type) -> tuple[Any, list[str]]:

@@ -21,7 +21,7 @@ Framework-free: numbers in, numbers out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import DataError, EvalgapError
 
@@ -43,19 +43,29 @@ MODE_NAMES = {
     "E_val": "evaluation mode on the validation data",
 }
 
-_LOWER_IS_BETTER = ("loss", "error", "crossentropy", "mse", "mae", "hinge", "divergence")
+#: Name fragments of metrics that shrink as the model improves: losses, errors, deviances, counts of mistakes
+#: (Keras's ``poisson``, ``logcosh``/``log_cosh``, ``mape``, ``msle``, ``false_positives``; ``hamming``, ``nll``).
+_LOWER_IS_BETTER = ("loss", "error", "crossentropy", "mse", "mae", "hinge", "divergence", "kld", "poisson", "logcosh",
+                    "log_cosh", "mape", "msle", "false_positive", "false_negative", "hamming", "nll", "distance", "perplexity")
+
+#: Name fragments of metrics reported in [0, 1] (Keras names IoU ``io_u``: ``mean_io_u``, ``binary_io_u``).
+_FRACTIONS = ("acc", "auc", "auroc", "precision", "recall", "iou", "io_u", "f1", "fbeta", "specificity", "sensitivity", "jaccard")
 
 
 def higher_is_better(metric: str) -> bool:
-    """Accuracy-like metrics grow with quality; losses and errors shrink."""
+    """From the name alone: accuracy-like metrics grow with quality; losses, errors and mistake counts shrink.
+    Where the framework states a metric's direction, the adapter's answer wins (:func:`decompose`)."""
     name = metric.lower()
     return not any(token in name for token in _LOWER_IS_BETTER)
 
 
+_name_says_higher = higher_is_better  # for decompose, whose keyword of the same name hides it
+
+
 def is_fraction(metric: str) -> bool:
-    """Metrics reported in [0, 1] and discussed in points (accuracy, AUC, precision, ...)."""
+    """Metrics reported in [0, 1] and discussed in points (accuracy, AUC, precision, IoU, F-scores, ...)."""
     name = metric.lower()
-    return any(token in name for token in ("acc", "auc", "precision", "recall", "iou", "f1"))
+    return any(token in name for token in _FRACTIONS)
 
 
 @dataclass
@@ -127,8 +137,11 @@ class Decomposition:
         }
 
 
-def decompose(metric: str, values: dict[str, float]) -> Decomposition:
-    return Decomposition(metric, {k: float(v) for k, v in values.items() if v is not None}, higher_is_better(metric))
+def decompose(metric: str, values: dict[str, float], *, higher_is_better: bool | None = None) -> Decomposition:
+    """One metric's decomposition; ``higher_is_better`` where the framework or the user states the direction,
+    else it is read from the name (:func:`evalgap.attribution.higher_is_better`)."""
+    direction = _name_says_higher(metric) if higher_is_better is None else bool(higher_is_better)
+    return Decomposition(metric, {k: float(v) for k, v in values.items() if v is not None}, direction)
 
 
 def is_accuracy_like(metric: str) -> bool:
@@ -137,13 +150,17 @@ def is_accuracy_like(metric: str) -> bool:
     return "acc" in name and not name.endswith("loss")
 
 
-def choose_primary(names: Sequence[str], given: Sequence[str], primary: str | None = None) -> str:
+def choose_primary(names: Sequence[str], given: Sequence[str], primary: str | None = None, *,
+                   left_out: Mapping[str, str] | None = None) -> str:
     """The metric a report ranks causes by: one rule for every adapter and monitor.
 
-    ``primary`` if given (it must be measured); else the first accuracy-like metric; else
-    the first metric the user compiled or passed (``given``, in their order); else the loss.
+    ``primary`` if given (it must be measured; one the adapter ``left_out`` is refused with its reason); else
+    the first accuracy-like metric; else the first metric the user compiled or passed (``given``, in their
+    order); else the loss.
     """
     if primary is not None:
+        if left_out and primary in left_out and primary not in names:
+            raise DataError(f"primary={primary!r} cannot be diagnosed: {left_out[primary]}")
         if primary not in names:
             raise DataError(f"primary={primary!r} is not measured; choose one of {list(names)}.")
         return primary

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evalgap.attribution import decompose, higher_is_better, is_fraction
+from evalgap.attribution import choose_primary, decompose, higher_is_better, is_fraction
 from evalgap.diagnosis import Context, InputScale, build_report
+from evalgap.errors import DataError
 from evalgap.keras.remedies import KerasRemedies
 from evalgap.torch.remedies import TorchRemedies
 from evalgap.recalibration import LayerRecalibration, Recalibration
@@ -44,6 +45,59 @@ def test_seed_numbers_epoch_7():
 def test_metric_names():
     assert higher_is_better("accuracy") and not higher_is_better("val_loss") and not higher_is_better("mse")
     assert is_fraction("sparse_categorical_accuracy") and not is_fraction("loss")
+
+
+#: Keras's metric names (and common others) that shrink as the model improves, and ones that grow
+LOWER = ["poisson", "logcosh", "log_cosh", "mape", "msle", "false_positives", "false_negatives", "hamming_distance", "nll",
+         "kld", "mean_absolute_percentage_error", "val_poisson", "out_a_msle"]
+HIGHER = ["accuracy", "auc", "mean_io_u", "r2_score", "cosine_similarity", "true_positives", "fbeta_score", "pearson_correlation"]
+#: Keras's IoU metrics are named io_u; F-beta and AUROC are fractions too
+FRACTIONS = ["mean_io_u", "io_u", "one_hot_io_u", "one_hot_mean_io_u", "binary_io_u", "auroc", "fbeta_score", "c_mean_io_u"]
+
+
+def test_the_direction_of_keras_metric_names():
+    assert [m for m in LOWER if higher_is_better(m)] == []
+    assert [m for m in HIGHER if not higher_is_better(m)] == []
+    assert [m for m in FRACTIONS if not is_fraction(m)] == []
+    assert not any(is_fraction(m) for m in ("poisson", "false_positives", "r2_score", "loss"))
+
+
+def test_a_lower_is_better_primary_is_worse_when_evaluation_mode_is_higher():
+    """poisson T = 1.3846, E = 1.2837: evaluation mode scores better, so worse_by = E - T = -0.1009 (a CLI
+    --fail-over 0 passes); msle T = 0.7531, E = 0.7833: worse by +0.0302."""
+    values = {"poisson": {"T": 1.3846, "Td": 1.3846, "P": 1.30, "E": 1.2837}, "msle": {"T": 0.7531, "Td": 0.7531, "P": 0.76, "E": 0.7833}}
+    for name, want in (("poisson", -0.1009), ("msle", 0.0302)):
+        report = build_report({name: decompose(name, values[name])}, None, _keras_ctx(), primary=name)
+        assert report.worse_by() == pytest.approx(want, abs=1e-12) and report.gap_points is None
+        assert ("below" if want < 0 else "above") in report.headline()
+
+
+def test_an_iou_gap_is_in_points():
+    """mean_io_u T = 0.900, E = 0.584: 31.6 points worse (a CLI --fail-over 5 fails), the threshold 1 point."""
+    d = decompose("mean_io_u", {"T": 0.900, "Td": 0.900, "P": 0.895, "E": 0.584})
+    report = build_report({"mean_io_u": d}, None, _keras_ctx(), primary="mean_io_u")
+    assert report.gap_points == pytest.approx(31.6) and report.worse_by() == pytest.approx(31.6)
+    assert d.threshold() == 0.01 and "31.6 points below" in report.headline()
+
+
+def test_a_direction_the_framework_states_wins_over_the_name():
+    """A torchmetrics MeanAbsoluteError under the key "l1" states higher_is_better=False: T = 0.40, E = 0.52 is
+    worse by 0.12; without the statement the name rule reads "l1" as higher-is-better."""
+    values = {"T": 0.40, "Td": 0.41, "P": 0.45, "E": 0.52}
+    assert decompose("l1", values).higher_is_better
+    d = decompose("l1", values, higher_is_better=False)
+    assert not d.higher_is_better and d.goodness(d.total) == pytest.approx(0.12)
+    report = build_report({"l1": d}, None, _keras_ctx(), primary="l1")
+    assert report.worse_by() == pytest.approx(0.12) and "0.12 above training" in report.headline()
+    assert decompose("loss", values, higher_is_better=True).higher_is_better  # the statement wins both ways
+
+
+def test_a_primary_the_adapter_left_out_is_refused_with_its_reason():
+    why = "metric 'f1_score' gives 4 values (shape (4,)), not one number: compile it with average='macro'."
+    with pytest.raises(DataError) as info:
+        choose_primary(["loss", "accuracy"], ["accuracy"], "f1_score", left_out={"f1_score": why})
+    assert why in str(info.value) and "primary='f1_score'" in str(info.value)
+    assert choose_primary(["loss", "accuracy"], ["accuracy"], left_out={"f1_score": why}) == "accuracy"
 
 
 def _recal():

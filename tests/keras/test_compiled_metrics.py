@@ -382,3 +382,106 @@ def test_per_output_losses_with_a_ragged_last_batch_are_sample_means():
     assert np.isclose(got["loss"], logs["loss"], rtol=RTOL) and np.isclose(got["loss"], sum(want.values()), rtol=RTOL)
     if keras.backend.backend() != "tensorflow":
         assert all(np.isclose(got[k], logs[k], rtol=RTOL) for k in want), (got, logs)
+
+
+# ---------------------------------------------------------------------------------
+class HitRate(keras.metrics.Metric):
+    """The common custom-metric pattern: a constructor argument with a default, no ``get_config``."""
+
+    def __init__(self, threshold=0.5, name="hit_rate", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = threshold
+        self.hits = self.add_variable(shape=(), initializer="zeros", name="hits")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        p = ops.sum(ops.cast(y_true, y_pred.dtype) * y_pred, axis=-1)  # the true class's probability
+        self.hits.assign_add(ops.sum(ops.cast(p > self.threshold, "float32")))
+        self.count.assign_add(ops.cast(ops.shape(p)[0], "float32"))
+
+    def result(self):
+        return ops.divide_no_nan(self.hits, self.count)
+
+
+def test_a_custom_metric_keeps_its_constructor_arguments():
+    """HitRate(threshold=0.2) is measured at 0.2, not at its default 0.5 (a copy from its config), and its own
+    state is put back: E equals evaluate and the float64 NumPy reference."""
+    x = _features()
+    y = _one_hot(_classes(x))
+    metric = HitRate(threshold=0.2)
+    model = _functional(layers.Dense(4, activation="softmax"), loss="categorical_crossentropy", metrics=[metric])
+    want = _evaluate(model, (x, y))
+    p = (np.asarray(model.predict(x, batch_size=BATCH, verbose=0), np.float64) * y).sum(1)
+    assert (p > 0.2).mean() != (p > 0.5).mean()  # the threshold matters on these data
+    state = [np.asarray(v.numpy()).tobytes() for v in metric.variables]
+
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, progress=False)
+
+    _assert_close(_mode(report, "E"), want, "E")
+    assert _mode(report, "E")["hit_rate"] == pytest.approx((p > 0.2).mean(), abs=1e-7)
+    assert [np.asarray(v.numpy()).tobytes() for v in metric.variables] == state, "the metric's state was not put back"
+
+
+def test_a_metric_that_gives_a_vector_is_left_out_with_a_note():
+    """F1Score() (average=None) and Recall(thresholds=[0.3, 0.7]) give one value per class / threshold: each is
+    named in a note with its shape and the fix; the loss and accuracy are measured as evaluate gives them; asked
+    as primary=, it is a DataError with that advice."""
+    x = _features()
+    y = _one_hot(_classes(x))
+
+    def build():
+        return _functional(layers.Dense(4, activation="softmax"), loss="categorical_crossentropy",
+                           metrics=["accuracy", keras.metrics.F1Score(), keras.metrics.Recall(thresholds=[0.3, 0.7])])
+
+    model = build()
+    logs = model.evaluate(x, y, batch_size=BATCH, return_dict=True, verbose=0)
+    assert np.shape(logs["f1_score"]) == (4,) and np.shape(logs["recall"]) == (2,)
+    scalars = {k: float(v) for k, v in logs.items() if np.size(v) == 1}
+
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, progress=False)
+
+    _assert_close(_mode(report, "E"), scalars, "E")
+    for name, shape in (("f1_score", "(4,)"), ("recall", "(2,)")):
+        note = next((n for n in report.notes if f"'{name}'" in n), None)
+        assert note is not None and shape in note and "left out" in note, report.notes
+    assert any("average='macro'" in n for n in report.notes) and any("one threshold" in n for n in report.notes)
+    with pytest.raises(evalgap.DataError, match=r"primary='f1_score'.*\(4,\).*average='macro'"):
+        eg.diagnose(build(), (x, y), batch_size=BATCH, primary="f1_score", progress=False)
+
+
+def test_directions_keras_states_win_over_the_names():
+    """poisson, msle and an MAE renamed "l1" shrink as the model improves: each decomposition says so, and the
+    report's worse_by is E - T (a higher error in evaluation mode is worse)."""
+    x = _features()
+    y = np.abs(_regression(x))[:, None] + 1.0
+    model = _functional(layers.Dense(1, activation="softplus"), loss="mse",
+                        metrics=["poisson", "msle", keras.metrics.MeanAbsoluteError(name="l1"), keras.metrics.R2Score()])
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, primary="l1", progress=False)
+    directions = {k: d.higher_is_better for k, d in report.decompositions.items()}
+    assert directions == {"loss": False, "poisson": False, "msle": False, "l1": False, "r2_score": True}
+    d = report.decompositions["l1"]
+    assert abs(d.values["T"] - d.values["E"]) > 1e-3  # stale statistics: the sign matters
+    assert report.worse_by() == pytest.approx(d.values["E"] - d.values["T"], abs=1e-12)
+
+
+def test_function_metrics_get_backend_tensors():
+    """A loss and a metric written with keras.ops (``yt - yp``) get the targets as backend tensors, as in evaluate
+    (Keras on torch: NumPy minus a tensor failed); E equals evaluate and the float64 NumPy reference. Targets
+    given in float64 are cast to floatx as Keras's data adapter casts them."""
+
+    def my_loss(yt, yp):
+        return ops.mean(ops.square(yt - yp), axis=-1)
+
+    def my_metric(yt, yp):
+        return ops.mean(ops.abs(yt - yp), axis=-1)
+
+    x = _features()
+    y = _regression(x).astype("float64")[:, None]
+    model = _functional(layers.Dense(1), loss=my_loss, metrics=[my_metric])
+    want = _evaluate(model, (x, y))
+    pred = np.asarray(model.predict(x, batch_size=BATCH, verbose=0), np.float64)
+
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, progress=False)
+
+    _assert_close(_mode(report, "E"), want, "E")
+    assert _mode(report, "E")["my_metric"] == pytest.approx(np.abs(y - pred).mean(), rel=1e-5)

@@ -25,6 +25,7 @@ import tensorflow as tf
 import tf_keras as keras
 from tf_keras import layers
 
+import evalgap
 import evalgap.tf_keras as eg
 
 from ._reference import snapshot
@@ -49,6 +50,25 @@ class AboveThreshold(keras.metrics.Metric):
         above = tf.cast(tf.reshape(y_pred, [-1]) > self.threshold, self.dtype)
         self.hits.assign_add(tf.reduce_sum(above))
         self.count.assign_add(tf.cast(tf.size(above), self.dtype))
+
+    def result(self):
+        return tf.math.divide_no_nan(self.hits, self.count)
+
+
+class HitRate(keras.metrics.Metric):
+    """The common custom-metric pattern: a constructor argument with a default, no ``get_config`` (a copy from its
+    config would measure at 0.5)."""
+
+    def __init__(self, threshold=0.5, name="hit_rate", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = threshold
+        self.hits = self.add_weight(name="hits", initializer="zeros")
+        self.count = self.add_weight(name="count", initializer="zeros")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        p = tf.reduce_max(y_pred, axis=-1)  # the top class's probability
+        self.hits.assign_add(tf.reduce_sum(tf.cast(p > self.threshold, self.dtype)))
+        self.count.assign_add(tf.cast(tf.size(p), self.dtype))
 
     def result(self):
         return tf.math.divide_no_nan(self.hits, self.count)
@@ -101,6 +121,16 @@ def _two_outputs(as_dict: bool):
     return model
 
 
+def _two_outputs_custom_metric():
+    """A custom metric on one output of two: Keras prefixes its name (``a_hit_rate``) when it builds its container."""
+    inp = keras.Input((6,))
+    h = _trunk(inp)
+    model = keras.Model(inp, {"a": layers.Dense(3, activation="softmax", name="a")(h), "b": layers.Dense(1, name="b")(h)})
+    model.compile(optimizer="adam", loss={"a": "sparse_categorical_crossentropy", "b": "mse"},
+                  metrics={"a": ["accuracy", HitRate(threshold=0.4)]})
+    return model
+
+
 def _regularized_conv():
     reg = keras.regularizers.L2(1e-2)
     inp = keras.Input((8, 8, 1))
@@ -137,6 +167,9 @@ CASES = {
     "binary-sigmoid-y1d-borrowed-metric": Case(_binary_sequential, _xy(_binary)),
     "two-outputs-list": Case(lambda: _two_outputs(False), lambda: (lambda x: (x, [_classes(x, 3), _regression(x)]))(_features())),
     "two-outputs-dict": Case(lambda: _two_outputs(True), lambda: (lambda x: (x, {"a": _classes(x, 3), "b": _regression(x)}))(_features())),
+    "two-outputs-custom-metric": Case(
+        _two_outputs_custom_metric, lambda: (lambda x: (x, {"a": _classes(x, 3), "b": _regression(x)}))(_features()),
+    ),
     "sample-weights": Case(
         lambda: _functional(layers.Dense(4, activation="softmax"), loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                             weighted_metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2)]),
@@ -177,7 +210,7 @@ def _metric_state(model) -> list[bytes]:
 
 
 #: where Keras renames metrics when it builds its containers (per-output prefixes, weighted_): also run after evaluate built them
-RENAMED = ("two-outputs-list", "two-outputs-dict", "sample-weights")
+RENAMED = ("two-outputs-list", "two-outputs-dict", "two-outputs-custom-metric", "sample-weights")
 RUNS = [(name, False) for name in CASES] + [(name, True) for name in RENAMED]
 
 
@@ -233,3 +266,73 @@ def test_add_metric_metrics_are_named_in_a_note_and_left_alone():
     assert snapshot(model) == before and _metric_state(model) == metric_state
     assert any("add_metric (mean_hidden)" in note for note in report.notes), report.notes
     _assert_close(_mode(report, "E"), {k: v for k, v in want_e.items() if k != "mean_hidden"}, "E")
+
+
+def test_a_custom_metric_keeps_its_constructor_arguments_and_its_name():
+    """HitRate(threshold=0.4) on output a is measured at 0.4, as evaluate and a float64 NumPy reference give it,
+    under evaluate's key ``a_hit_rate``; the metric object keeps its name and state (a later evaluate agrees)."""
+    x = _features()
+    data = (x, {"a": _classes(x, 3), "b": _regression(x)})
+    model = _two_outputs_custom_metric()
+    metric = model.compiled_metrics._user_metrics["a"][1]
+    model(x[:2])
+    _stale(model)
+    p = np.asarray(model.predict(x, batch_size=BATCH, verbose=0)["a"], np.float64).max(1)
+    assert (p > 0.4).mean() != (p > 0.5).mean()  # the threshold matters on these data
+
+    report = eg.diagnose(model, data, batch_size=BATCH, progress=False)
+
+    assert metric.name == "hit_rate" and float(metric.count.numpy()) == 0.0
+    want = _evaluate(model, data)
+    _assert_close(_mode(report, "E"), want, "E")
+    assert _mode(report, "E")["a_hit_rate"] == pytest.approx((p > 0.4).mean(), abs=1e-7)
+
+
+def test_a_metric_that_gives_a_vector_is_left_out_with_a_note():
+    """F1Score() (average=None) gives one value per class: named in a note with its shape and the fix; the loss
+    and accuracy are evaluate's; asked as primary=, it is a DataError with that advice."""
+    x = _features()
+    y = np.eye(4, dtype="float32")[_classes(x)]
+
+    def build():
+        return _functional(layers.Dense(4, activation="softmax"), loss="categorical_crossentropy",
+                           metrics=["accuracy", keras.metrics.F1Score()])
+
+    model = build()
+    model(x[:2])
+    _stale(model)
+    logs = model.evaluate(x, y, batch_size=BATCH, return_dict=True, verbose=0)
+    assert np.shape(logs["f1_score"]) == (4,)
+
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, progress=False)
+
+    _assert_close(_mode(report, "E"), {k: float(v) for k, v in logs.items() if k != "f1_score"}, "E")
+    note = next((n for n in report.notes if "'f1_score'" in n), "")
+    assert "(4,)" in note and "left out" in note and "average='macro'" in note, report.notes
+    with pytest.raises(evalgap.DataError, match=r"primary='f1_score'.*\(4,\).*average='macro'"):
+        eg.diagnose(build(), (x, y), batch_size=BATCH, primary="f1_score", progress=False)
+
+
+def test_a_custom_metric_under_mirrored_strategy_is_measured_as_evaluate_does():
+    """A custom metric created in a MirroredStrategy's scope (replica-local variables) is measured with its own
+    threshold, as the mirrored model's evaluate and a float64 NumPy reference give it, and its state put back."""
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs 2 logical CPU devices, configured by conftest before TensorFlow starts (run tests/tf_keras alone)")
+    x = _features()
+    y = _classes(x)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = _functional(layers.Dense(4, activation="softmax"), loss="sparse_categorical_crossentropy",
+                            metrics=[HitRate(threshold=0.4)])
+    model(x[:2])
+    _stale(model)
+    want = _evaluate(model, (x, y))
+    p = np.asarray(model.predict(x, batch_size=BATCH, verbose=0), np.float64).max(1)
+    assert (p > 0.4).mean() != (p > 0.5).mean()
+    metric_state = _metric_state(model)
+
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, progress=False)
+
+    _assert_close(_mode(report, "E"), want, "E")
+    assert _mode(report, "E")["hit_rate"] == pytest.approx((p > 0.4).mean(), abs=1e-7)
+    assert _metric_state(model) == metric_state

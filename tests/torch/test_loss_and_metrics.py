@@ -305,6 +305,25 @@ def test_unknown_primary_lists_the_names():
     assert "nope" in str(info.value) and "loss" in str(info.value) and "accuracy" in str(info.value), str(info.value)
 
 
+def test_a_direction_torchmetrics_states_wins_over_the_name():
+    """MeanAbsoluteError states higher_is_better=False: under the key "l1" (which names no direction) the report
+    takes it, so worse_by is E - T (a higher error in evaluation mode is worse); R2Score states True."""
+    tm = pytest.importorskip("torchmetrics")
+    x, g = features(10)
+    y = 5.0 + 3.0 * torch.randn(N, 1, generator=g)
+    data = split(x, y)
+    torch.manual_seed(10)
+    model = fit(mlp(1), data, F.mse_loss)
+    metrics = {"l1": tm.MeanAbsoluteError(), "fit": tm.R2Score()}
+    assert [m.higher_is_better for m in metrics.values()] == [False, True]
+    report = eg.diagnose(model, data, loss_fn=nn.MSELoss(), metrics=metrics, primary="l1", progress=False)
+    assert {k: d.higher_is_better for k, d in report.decompositions.items()} == {"loss": False, "l1": False, "fit": True}
+    d = report.decompositions["l1"]
+    assert abs(d.values["T"] - d.values["E"]) > 1e-3  # stale running statistics: the sign matters
+    assert report.worse_by() == pytest.approx(d.values["E"] - d.values["T"], abs=1e-12)
+    check_against_loops(report, model, data, {"loss": mse, "l1": lambda o, t: ((o.double() - t.double()).abs().sum(), t.numel())})
+
+
 # ---- which computation each mode is --------------------------------------------------
 def test_frozen_batchnorm_stays_frozen_in_training_mode():
     """T runs the model as its training loop does: a frozen BN layer keeps its running statistics."""

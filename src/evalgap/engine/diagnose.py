@@ -12,7 +12,9 @@ Passes over the same probe batches, at fixed weights (see :mod:`evalgap.attribut
    only with frozen BN layers: P with those recalibrated too (their effect);
    only with ``val_data``: E on the validation data.
 
-Metrics are the adapter's (the model's compiled ones, the user's), one fresh state per mode.
+Metrics are the adapter's (the model's compiled ones, the user's), one fresh state per mode; its
+optional ``higher_is_better`` (name -> bool, where the framework states a direction) wins over the
+name rule, and its optional ``left_out`` (name -> reason and fix) answers a ``primary=`` it left out.
 The model is left exactly as it was: the adapter's passes and predictors change nothing.
 """
 
@@ -193,6 +195,7 @@ def _measure_and_explain(run: "_Run", collective, probe, training: Training, pri
     facts = adapter.facts(model)
     check = not facts.training_only and facts.mode_dependent != []  # does training mode do more than BN? not known
     run.by_mode["E"] = run.score("E", keep_first=check)
+    choose_primary(list(run.by_mode["E"]), run.metrics.given, primary, left_out=_left_out(run))  # a wrong primary= fails now
     run.notes.extend(training.unused_fit(list(run.by_mode["E"])))
     measured = _batch_statistic_modes(run, collective, keep_first=check)
     trains_differently = bool(facts.training_only) or check and _training_mode_differs(run, collective)
@@ -204,7 +207,7 @@ def _measure_and_explain(run: "_Run", collective, probe, training: Training, pri
     decompositions = _decompositions(run, training.fit, primary)
     recal = None if measured is None else assemble(measured, written=False)
     ctx = _context(run, recal, facts, training, frozen_effect, probe)
-    report = build_report(decompositions, recal, ctx, primary=choose_primary(list(decompositions), run.metrics.given, primary))
+    report = build_report(decompositions, recal, ctx, primary=choose_primary(list(decompositions), run.metrics.given, primary, left_out=_left_out(run)))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -273,16 +276,22 @@ def _frozen_effect(run: _Run, measured, collective) -> dict[str, float]:
     return {k: pf[k] - run.by_mode["P"][k] for k in pf}
 
 
+def _left_out(run: _Run) -> Mapping[str, str]:
+    """Metrics the adapter could not measure as one number, with the reason and the fix (optional ``Metrics.left_out``)."""
+    return getattr(run.metrics, "left_out", None) or {}
+
+
 def _decompositions(run: _Run, fit: Mapping[str, float] | float | None, primary: str | None) -> dict:
     names = list(run.by_mode["E"])
     if fit is not None and not isinstance(fit, Mapping):  # one number: fit's value of the primary metric
-        fit = {choose_primary(names, run.metrics.given, primary): float(fit)}
+        fit = {choose_primary(names, run.metrics.given, primary, left_out=_left_out(run)): float(fit)}
+    directions = getattr(run.metrics, "higher_is_better", None) or {}  # where the framework states it; else the name says
     out = {}
     for name in names:
         values = {mode: run.by_mode[mode][name] for mode in run.by_mode}
         if fit and name in fit:
             values["F"] = float(fit[name])
-        out[name] = decompose(name, values)
+        out[name] = decompose(name, values, higher_is_better=directions.get(name))
     return out
 
 

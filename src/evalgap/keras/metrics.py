@@ -5,10 +5,13 @@ each of the model's losses (regularization, ``add_loss``) summed, tracked by a `
 weighted by the batch size; ``CompileMetrics.update_state(y, y_pred, sample_weight)``; per
 output losses tracked by the ``CompileLoss`` itself. The results come out under the keys
 and in the order ``evaluate(return_dict=True)`` uses. Each mode gets fresh
-``CompileLoss``/``CompileMetrics`` objects built from what the model was compiled with (metric
-objects re-created from their config), so the model's own metric state is never touched;
-a custom metric that cannot be re-created is reset for each mode and its state put back
-afterwards (:meth:`KerasMetrics.close`).
+``CompileLoss``/``CompileMetrics`` objects built from what the model was compiled with (Keras's
+own metric objects re-created from their config), so the model's own metric state is never touched;
+a custom metric object (its config may miss constructor arguments) is used itself, reset for each
+mode and its state put back afterwards (:meth:`KerasMetrics.close`). Targets and sample weights
+reach the loss and metrics as backend tensors, as ``evaluate``'s data adapter gives them. A metric
+whose result is not one number (``F1Score()``, ``Recall(thresholds=[0.3, 0.7])``) is left out with a
+note; the direction a Keras metric states (``_direction``) is the report's for its key.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import numpy as np
 from keras import ops
 
 from .._checks import check_labels
-from .._keras_common import classifier_defaults, ignored_labels, metric_copies
-from ..engine import Batch
+from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results
+from ..engine import Batch, tree_map
 from ..errors import ModelError
 
 
@@ -48,6 +51,8 @@ class KerasMetrics:
         self.classes = self._classes(outputs[0])
         self.ignored = ignored_labels(self.loss, self.metrics)
         self.names: list[str] = []
+        self.left_out: dict[str, str] = {}  # metrics that are not one number: why, and the fix
+        self.higher_is_better: dict[str, bool] = {}  # keys whose metric states its direction
 
     @staticmethod
     def _classes(pred: Any) -> int | None:
@@ -80,6 +85,11 @@ class KerasMetrics:
         self._saved = None
 
 
+def _tensors(tree: Any) -> Any:
+    """Targets or weights as the backend's tensors, as Keras's data adapters give them to ``test_step``."""
+    return tree_map(lambda a: a if ops.is_tensor(a) else ops.convert_to_tensor(a), tree)
+
+
 class _State:
     def __init__(self, spec: KerasMetrics, loss, metrics):
         self.spec, self.loss, self.metrics = spec, loss, metrics
@@ -90,6 +100,7 @@ class _State:
         y, w = batch.targets, batch.weights
         if self.spec.classes and isinstance(y, np.ndarray) and y.ndim == len(y_pred.shape) - 1:
             check_labels(y, self.spec.classes, self.spec.ignored)
+        y, w = _tensors(y), _tensors(w)
         parts = []
         if self.loss is not None:
             value = self.loss(y, y_pred, w)
@@ -106,9 +117,21 @@ class _State:
     def result(self) -> dict[str, float]:
         out: dict[str, Any] = {"loss": self.tracker.result()}
         if self.metrics is not None and self.metrics.built:
-            out.update(self.metrics.result())
+            results = self.metrics.result()
+            out.update(results)
+            self._directions(list(results))
         if self.loss is not None:
             out.update({m.name: m.result() for m in self.loss.metrics})
-        values = {k: float(np.asarray(ops.convert_to_numpy(v)).reshape(())) for k, v in out.items()}
+        values = one_number_results({k: ops.convert_to_numpy(v) for k, v in out.items()}, self.spec)
         self.spec.names = list(values)
         return values
+
+    def _directions(self, keys: list[str]) -> None:
+        """The direction each metric object states (``_direction``: ``"up"``, ``"down"``), by its key: the keys of
+        ``CompileMetrics.result()`` come one per metric, in the order of its (weighted) metric lists."""
+        lists = [*(getattr(self.metrics, "_flat_metrics", None) or []), *(getattr(self.metrics, "_flat_weighted_metrics", None) or [])]
+        objects = [m for mls in lists if mls for m in getattr(mls, "metrics", [])]
+        if len(objects) == len(keys):
+            for key, m in zip(keys, objects):
+                if getattr(m, "_direction", None) in ("up", "down"):
+                    self.spec.higher_is_better[key] = m._direction == "up"

@@ -6,11 +6,13 @@ regularization_losses=model.losses)`` (its ``Mean`` named ``loss`` weighted by t
 ``compiled_metrics.update_state(y, y_pred, sample_weight)``. The results come out under the
 keys and in the order ``evaluate(return_dict=True)`` uses (``model.metrics``: the loss
 container's, then the metrics container's). Each mode gets fresh ``LossesContainer`` /
-``MetricsContainer`` objects built from what the model was compiled with (metric objects
-re-created from their config), so the model's own metric state is never touched; when the
-model's containers are already built (after fit or evaluate), the fresh metrics take the
-names Keras gave them (per-output prefixes, ``weighted_``). A custom metric that cannot be
-re-created is reset for each mode and its state put back afterwards (:meth:`TfKerasMetrics.close`).
+``MetricsContainer`` objects built from what the model was compiled with (Keras's own metric
+objects re-created from their config), so the model's own metric state is never touched; when
+the model's containers are already built (after fit or evaluate), the fresh metrics take the
+names Keras gave them (per-output prefixes, ``weighted_``). A custom metric object (its config
+may miss constructor arguments) is used itself: reset for each mode, its state and name put back
+afterwards (:meth:`TfKerasMetrics.close`); under a ``tf.distribute`` strategy it is updated as its
+first replica. A metric whose result is not one number (``F1Score()``) is left out with a note.
 Metrics added in ``call`` with ``add_metric`` are not measured (the passes make
 ``add_metric`` do nothing, so that it cannot change the model); the report says so.
 """
@@ -23,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._checks import check_labels
-from .._keras_common import classifier_defaults, ignored_labels, metric_copies
+from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results
 from ..engine import Batch, tree_map
 from ..errors import ModelError
 from .layers import keras, walk
@@ -58,9 +60,11 @@ class TfKerasMetrics:
             )
         self.borrowed: list = []
         self._saved = None
+        self._borrowed_as: dict[int, tuple[Any, str, Any]] = {}  # id -> (metric, its name, its own update_state)
         self.classes = self._classes(outputs[0])
         self.ignored = ignored_labels(self.loss, self.metrics[:2] if self.metrics else None)
         self.names: list[str] = []
+        self.left_out: dict[str, str] = {}  # metrics that are not one number: why, and the fix
 
     @staticmethod
     def _classes(pred: Any) -> int | None:
@@ -74,21 +78,46 @@ class TfKerasMetrics:
         metrics = None
         if self.metrics is not None:
             user, weighted, serialized = self.metrics
-            metrics = from_compile.MetricsContainer(
-                metric_copies(user, keras.metrics.Metric, borrowed), metric_copies(weighted, keras.metrics.Metric, borrowed), output_names=self.output_names, from_serialized=serialized,
-            )
-        if borrowed and self._saved is None:
-            self._saved = [(v, np.array(v.numpy())) for m in borrowed for v in m.variables]
+            user, weighted = metric_copies(user, keras.metrics.Metric, borrowed), metric_copies(weighted, keras.metrics.Metric, borrowed)
+            if borrowed and self._saved is None:
+                self._saved = [(v, np.array(v.numpy())) for m in borrowed for v in m.variables]
+                self._borrowed_as = {id(m): (m, m._name, m.__dict__.get("update_state")) for m in borrowed}
+                for m in borrowed:
+                    _as_first_replica(m)
+            for m, name, _ in self._borrowed_as.values():
+                m._name = name  # a container renames the metrics it builds (per-output prefixes, weighted_)
+            metrics = from_compile.MetricsContainer(user, weighted, output_names=self.output_names, from_serialized=serialized)
         for m in borrowed:
             m.reset_state()
         self.borrowed = borrowed
         return _State(self, loss, metrics)
 
     def close(self) -> None:
-        """Put back the state of borrowed metric objects."""
+        """Put back the state, name and ``update_state`` of borrowed metric objects."""
         for v, value in self._saved or []:
             v.assign(value)
-        self._saved = None
+        for m, name, update in self._borrowed_as.values():
+            m._name = name
+            if update is not None:
+                m.update_state = update
+            else:
+                m.__dict__.pop("update_state", None)
+        self._saved, self._borrowed_as = None, {}
+
+
+def _as_first_replica(metric: Any) -> None:
+    """A metric created under a ``tf.distribute`` strategy holds replica-local variables that refuse ``assign_add``
+    outside a replica: its updates run as the first replica's (its reads sum the replicas; the others stay reset)."""
+    strategy = next((getattr(v, "distribute_strategy", None) for v in metric.variables if isinstance(v, tf.distribute.DistributedValues)), None)
+    if strategy is None:
+        return
+    update = metric.update_state
+
+    def update_state(*args: Any, **kwargs: Any) -> Any:
+        with tf.distribute.ReplicaContext(strategy, replica_id_in_sync_group=0):
+            return update(*args, **kwargs)
+
+    metric.update_state = update_state
 
 
 def _compile_utils():
@@ -113,7 +142,7 @@ class _State:
         if self.metrics is not None:
             self.metrics.update_state(y, y_pred, w)
             if not self._named:
-                _take_names(self.metrics, self.spec.model_metrics)
+                _take_names(self.metrics, self.spec.model_metrics, {i: name for i, (_, name, _) in self.spec._borrowed_as.items()})
                 self._named = True
 
     def result(self) -> dict[str, float]:
@@ -124,16 +153,17 @@ class _State:
         for m in objects:
             value = m.result()
             out.update(value) if isinstance(value, dict) else out.__setitem__(m.name, value)
-        values = {k: float(np.asarray(v).reshape(())) for k, v in out.items()}
+        values = one_number_results(out, self.spec)
         self.spec.names = list(values)
         return values
 
 
-def _take_names(fresh, model_container) -> None:
-    """The names Keras gave the model's built metrics (per-output prefixes, ``weighted_``), in the same order."""
+def _take_names(fresh, model_container, borrowed_names: dict[int, str]) -> None:
+    """The names Keras gave the model's built metrics (per-output prefixes, ``weighted_``), in the same order (a
+    borrowed metric's, which building ``fresh`` renamed, as it was before)."""
     if model_container is None or not getattr(model_container, "_built", False):
         return
     ours, theirs = list(fresh.metrics), list(model_container.metrics)
     if len(ours) == len(theirs):
         for mine, given in zip(ours, theirs):
-            mine._name = given.name
+            mine._name = borrowed_names.get(id(given), given.name)

@@ -10,7 +10,8 @@ plain function's one number is taken as a mean), or one value per sample (``redu
 (:func:`evalgap.engine.tasks.batch_total`); the totals are summed on the device and moved to the
 host once, so every mode gives the per-sample mean over all batches. A torchmetrics object runs
 on a fresh copy per mode (``update`` per batch, ``compute`` at the end, its own
-synchronization across processes), so the user's object is left as it was. Without
+synchronization across processes), so the user's object is left as it was; the direction it states
+(``higher_is_better``, when not None) is the report's for that name. Without
 ``loss_fn``/``metrics`` the defaults of :mod:`evalgap.engine.tasks` apply, with PyTorch's own
 functions, on the prediction in the output (:func:`prediction`), in float32 or wider.
 """
@@ -132,6 +133,11 @@ class TorchMetrics:
         self.given, self.notes = given, notes
         self.defaults = defaults  # names computed by evalgap's defaults, on prediction(output)
         self.tensor_output = True  # the first output seen was a tensor (see _State.update)
+        # the direction a torchmetrics object states (MeanAbsoluteError: False), over what its name says
+        self.higher_is_better: dict[str, bool] = {
+            name: bool(m.higher_is_better) for name, m in (("loss", loss_fn), *self.metrics.items())
+            if is_torchmetric(m) and isinstance(getattr(m, "higher_is_better", None), bool)
+        }
 
     @classmethod
     def choose(cls, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None, collective=None) -> "TorchMetrics":
