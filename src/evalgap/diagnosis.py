@@ -115,6 +115,7 @@ class Context:
     bn_updates: int | None = None
     training_only_layers: list[str] = field(default_factory=list)
     other_normalization: list[str] = field(default_factory=list)
+    running_instance_norm: list[str] = field(default_factory=list)  # per-sample normalization with running statistics
     replicas: int = 1
     synchronized: bool = False
     frozen_effect: dict[str, float] = field(default_factory=dict)  # metric -> P_frozen - P
@@ -234,11 +235,16 @@ def _batch_stats(primary: str, d: Decomposition, value: float, ctx: Context, cau
 
 def _training_only(primary: str, d: Decomposition, value: float, ctx: Context, cause: bool) -> Finding:
     v = d.values
-    layers = ", ".join(ctx.training_only_layers[:5]) or "dropout/noise layers"
-    msg = (
-        f"Training-only layers ({layers}) are active in training mode: {primary} {_fmt(primary, v['T'])} with them "
-        f"vs {_fmt(primary, v['Td'])} without ({_fmt(primary, value, True)})."
-    )
+    layers = ", ".join(ctx.training_only_layers[:5])
+    if layers:
+        what = f"Training-only layers ({layers}) are active in training mode"
+    elif ctx.running_instance_norm:
+        what = (f"InstanceNorm layers with running statistics ({', '.join(ctx.running_instance_norm[:5])}) normalize each "
+                "sample by its own statistics in training mode, by the running averages in evaluation mode")
+    else:
+        what = "Training mode changes the outputs beyond BatchNorm (code that depends on the training flag)"
+    msg = (f"{what}: {primary} {_fmt(primary, v['T'])} in training mode vs {_fmt(primary, v['Td'])} with that off "
+           f"({_fmt(primary, value, True)}).")
     msg += (" Expected behaviour: compare validation with training-mode metrics without them (this report's Td)." if cause
             else _not_a_cause(d, value))
     return Finding("training_only_layers", _severity(cause), msg, None, {"T": v["T"], "Td": v["Td"]})
@@ -374,6 +380,16 @@ def _model_facts(ctx: Context) -> list[Finding]:
             None if ctx.synchronized else ctx.remedies.synchronized(),
             {"replicas": ctx.replicas, "per_replica_batch": per, "synchronized": ctx.synchronized},
         ))
+    if ctx.running_instance_norm:
+        names = ", ".join(ctx.running_instance_norm[:4])
+        out.append(Finding(
+            "running_instance_norm", "warning",
+            f"{len(ctx.running_instance_norm)} InstanceNorm layer(s) keep running statistics (track_running_stats=True: "
+            f"{names}): training mode normalizes each sample by its own statistics, evaluation mode by the running "
+            "averages, so they open a gap of their own (here in training_only_layers, T - Td); recalibrate does not set "
+            "them. With track_running_stats=False (PyTorch's default) they normalize each sample the same way in both modes.",
+            None, {"layers": ctx.running_instance_norm},
+        ))
     if ctx.other_normalization:
         names = ", ".join(ctx.other_normalization[:4])
         out.append(Finding(
@@ -396,7 +412,8 @@ def build_report(decompositions: dict[str, Decomposition], recalibration: Recali
     stale_hurts = stale is not None and stale.remedy is not None  # exact statistics would score better: the fix applies
     stale_is_cause = stale_hurts and stale.severity == "cause"
     if recalibration is None:
-        findings.append(Finding("no_batchnorm", "info", "The model has no BatchNorm layer with moving statistics: the gap does not come from normalization statistics."))
+        findings.append(Finding("no_batchnorm", "info", "The model has no BatchNorm layer with moving statistics" + (
+            "." if ctx.running_instance_norm else ": the gap does not come from normalization statistics.")))
     else:
         findings += _drift(recalibration, ctx, stale) + _frozen(recalibration, ctx, primary, d)
     findings += _input_scale(ctx, stale_is_cause)

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+import evalgap  # noqa: E402
 import evalgap.torch as eg  # noqa: E402
 from evalgap import DataError, EvalgapError, RecalibrationError  # noqa: E402
 
@@ -525,3 +526,34 @@ def test_a_model_whose_train_keeps_layers_in_eval_mode_is_measured_as_it_trains(
     assert [layer.status for layer in eg.recalibrate(copy.deepcopy(model), batches(x, y), progress=False).layers] == ["frozen", "recalibrated"]
     assert state_snapshot(model) == before and modes(model) == modes_before
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_instance_norm_with_running_statistics_is_named_as_the_gap_it_opens():
+    """InstanceNorm2d(track_running_stats=True) normalizes each sample by its own statistics in training mode and by
+    running averages in eval mode: it was called harmless ("LayerNorm/GroupNorm-style ... do not cause this gap") and
+    its gap put down to dropout the model does not have."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+        model[1].running_var.fill_(0.1)
+    data_ = [(torch.randn(8, 3, 6, 6) * 2 + 1, torch.randint(0, 3, (8,))) for _ in range(5)]
+    before = state_snapshot(model)
+    report = eg.diagnose(model, data_, loss_fn=nn.functional.cross_entropy, progress=False)
+    assert state_snapshot(model) == before
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(float(nn.functional.cross_entropy(m(x), y)) * len(y) for x, y in data_) / 40
+
+    values = report.to_dict()["metrics"]["loss"]["values"]
+    assert values["T"] == pytest.approx(loss(copy.deepcopy(model).train()), rel=1e-6)
+    assert values["E"] == pytest.approx(loss(copy.deepcopy(model).eval()), rel=1e-6)
+    found = report.finding("running_instance_norm")
+    assert found is not None and found.numbers["layers"] == ["1"] and "track_running_stats=False" in found.message
+    assert report.finding("other_normalization") is None
+    assert "InstanceNorm layers with running statistics (1)" in report.finding("training_only_layers").message
+    assert "does not come from normalization" not in report.finding("no_batchnorm").message
+    with pytest.raises(evalgap.ModelError, match="track_running_stats=True"):
+        eg.recalibrate(model, data_, progress=False)

@@ -348,6 +348,7 @@ def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) 
         bn_updates=training.bn_updates,
         training_only_layers=facts.training_only,
         other_normalization=facts.other_normalization,
+        running_instance_norm=facts.running_instance_norm,
         replicas=facts.replicas,
         synchronized=facts.synchronized,
         frozen_effect=frozen_effect,

@@ -141,7 +141,10 @@ class Metrics(Protocol):
 
     ``names`` in the order ``evaluate`` (or the user) gives them, ``"loss"`` first;
     ``given`` are the names of the metrics the user compiled or passed (for the primary
-    metric); ``notes`` say where a default was chosen.
+    metric); ``notes`` say where a default was chosen. Optional: ``higher_is_better``
+    (name -> bool where the framework states a direction: Keras metrics, torchmetrics objects;
+    it wins over the name rule) and ``left_out`` (name -> reason and fix, for metrics that are
+    not one number: a ``primary=`` naming one is refused with it).
     """
 
     names: list[str]
@@ -190,6 +193,9 @@ class ModelFacts:
     # the channel axis of the model's input where the model says it (a channels_first convolution first: 1);
     # None: the one ``Adapter.input_array`` gives
     input_channel_axis: int | None = None
+    # per-sample normalization that keeps running statistics for evaluation mode (PyTorch's InstanceNorm with
+    # track_running_stats=True): each sample's own statistics in training mode, the running ones in evaluation mode
+    running_instance_norm: list[str] = field(default_factory=list)
 
 
 class Remedies(Protocol):

@@ -69,7 +69,8 @@ def _no_layer_error(adapter: Adapter, model: Any, layers: list[NormLayer]) -> Mo
         )
     return ModelError(
         f"{name} has no {adapter.bn_kind}: there are no moving statistics to recalibrate. LayerNorm and GroupNorm "
-        "normalize each sample the same way in both modes."
+        "normalize each sample the same way in both modes (an InstanceNorm with track_running_stats=True does not, and "
+        "evalgap does not set its running statistics: diagnose names it)."
     )
 
 

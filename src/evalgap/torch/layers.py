@@ -313,6 +313,12 @@ def input_transforms(model: nn.Module, raw: Any, inputs: Any, *, forward: Forwar
     return [f"{name} receives values in [{got_lo:.3g}, {got_hi:.3g}], the input [{lo:.3g}, {hi:.3g}]"]
 
 
+def _running_instance_norm(m: nn.Module) -> bool:
+    """InstanceNorm with ``track_running_stats=True``: its own statistics per sample in training mode, running
+    averages in eval mode (not the same normalization in both modes, as LayerNorm's and GroupNorm's)."""
+    return isinstance(m, nn.modules.instancenorm._InstanceNorm) and bool(m.track_running_stats)
+
+
 def facts(model: nn.Module, world: int = 1) -> ModelFacts:
     """Training-only modules, per-sample normalization, processes and synchronized BN."""
     bns = find_batchnorms(model)
@@ -320,7 +326,8 @@ def facts(model: nn.Module, world: int = 1) -> ModelFacts:
     return ModelFacts(
         training_only=[name for name, m in model.named_modules() if is_training_only(type(m).__name__) and id(m) not in left_in_eval],
         mode_dependent=mode_dependent(model),
-        other_normalization=[name for name, m in model.named_modules() if isinstance(m, OTHER_NORMALIZATION)],
+        other_normalization=[name for name, m in model.named_modules() if isinstance(m, OTHER_NORMALIZATION) and not _running_instance_norm(m)],
+        running_instance_norm=[name for name, m in model.named_modules() if _running_instance_norm(m)],
         replicas=world,
         synchronized=bool(bns) and all(isinstance(bn, nn.SyncBatchNorm) for _, bn in bns),
         per_process_batches=world > 1,
