@@ -258,6 +258,8 @@ def _epoch_average(primary: str, d: Decomposition, value: float, ctx: Context, c
     )
     msg += (" Compare validation with an evaluation of the training data at the end of the epoch, not with fit's "
             "running average." if cause else _not_a_cause(d, value))
+    msg += (" This term also holds whatever fit computed otherwise than this measurement: class_weight or sample "
+            "weights given to fit, augmentation in its pipeline, other data.")
     return Finding("epoch_average", _severity(cause), msg, None, {"F": v["F"], "T": v["T"]})
 
 
