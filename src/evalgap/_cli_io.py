@@ -101,7 +101,7 @@ def describe(s: Any) -> str:
     """One line on an ImageSet: where from, how many images and classes, what was converted or left out."""
     note = f"{s.source}: {len(s)} images, {len(s.class_names)} classes"
     if s.converted:
-        note += f", {s.converted} converted to RGB (grayscale, RGBA, ...)"
+        note += f", {s.converted} converted to 8-bit RGB (grayscale, RGBA, 16-bit, ...)"
     if s.skipped:
         note += f", {len(s.skipped)} unreadable file(s) left out"
     return note

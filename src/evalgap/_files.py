@@ -2,7 +2,11 @@
 
 A write that fails or is interrupted (even by Ctrl-C) leaves the previous file, if any,
 untouched and no temporary file behind. The file written has the permissions ``open()``
-would give a new file (``0o666`` less the umask), or those of the file it replaces.
+would give a new file (``0o666`` less the umask), or those of the file it replaces. A file
+system error while writing (no permission, a folder or a file in the way, a read-only or
+full disk) is raised as :class:`OutputError`, both an ``OSError`` and a ``DataError`` (the
+command exits 2 with its message). :func:`check_writable` asks the same questions before the
+work that produces the file.
 """
 
 from __future__ import annotations
@@ -11,6 +15,25 @@ import os
 import secrets
 import stat
 from typing import Callable
+
+from .errors import DataError
+
+
+class OutputError(DataError, OSError):
+    """A file cannot be written where asked. An ``OSError`` (``errno``, ``strerror`` and ``filename`` of the cause)
+    and a :class:`~evalgap.errors.DataError`: the message names the path and what to do."""
+
+    def __init__(self, message: str, cause: OSError | None = None):
+        super().__init__(message)
+        if cause is not None:
+            self.errno, self.strerror, self.filename = cause.errno, cause.strerror, cause.filename
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _new_temporary(folder: str, suffix: str) -> str:
@@ -35,21 +58,63 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, suffi
     that of a new file (``0o666`` less the umask).
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = _new_temporary(folder, suffix or ".tmp")
     try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "Is a directory", path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = _new_temporary(folder, suffix or ".tmp")
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            mode = stat.S_IMODE(os.stat(tmp).st_mode)  # as the umask (and a default ACL) made it
-        write(tmp)
-        os.chmod(tmp, mode)  # also where the writer replaced the temporary file by one of its own
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except FileNotFoundError:
+                mode = stat.S_IMODE(os.stat(tmp).st_mode)  # as the umask (and a default ACL) made it
+            write(tmp)
+            os.chmod(tmp, mode)  # also where the writer replaced the temporary file by one of its own
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OutputError:
+        raise
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and os.path.abspath(os.fspath(exc.filename)) != os.path.abspath(path) else ""
+        raise OutputError(f"cannot write {path}: {_reason(exc)}{where}. Give a file in a folder you can write to.", exc) from exc
     return path
+
+
+def _nearest_existing(path: str) -> str:
+    """``path`` or the closest folder above it that exists (what a write there would have to create its folders in)."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool = False) -> None:
+    """Raise :class:`OutputError` now, naming ``what`` (a flag: ``--json``), where ``path`` cannot be written: a file
+    target that is an existing folder, a folder target that is a file, a file in the way of its folders, or a folder
+    in which no file can be created (tried: a temporary file is created and removed, so permissions, read-only file
+    systems and ``/proc`` answer as the real write would). Missing folders are not created."""
+    path = os.fspath(path)
+    if not folder and os.path.isdir(path):
+        example = os.path.join(path, "name" + os.path.splitext(path.rstrip("/" + os.sep))[1])
+        raise OutputError(f"{what} {path} is a folder: give a file name (e.g. {example}).")
+    if folder and os.path.lexists(path) and not os.path.isdir(path):
+        raise OutputError(f"{what} {path} is a file, not a folder: give a folder to write to.")
+    start = path if folder else os.path.dirname(os.path.abspath(path))
+    existing = _nearest_existing(start)
+    if not os.path.isdir(existing):
+        raise OutputError(f"{what} {path}: {existing} is a file, not a folder, so nothing can be written below it; "
+                          "choose another path.")
+    try:
+        os.unlink(_new_temporary(existing, ".probe"))
+    except OSError as exc:
+        raise OutputError(f"{what} {path}: no file can be created in {existing} ({_reason(exc)}); choose a folder you "
+                          "can write to.", exc) from exc
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:

@@ -8,18 +8,50 @@ import os
 import sys
 from typing import Any
 
-from ._files import atomic_write
+from ._files import atomic_write, check_writable
 from .errors import DataError, EvalgapError
 
-EXIT_CODES = """exit status:
+_EXIT_STATUS = """exit status:
   0  success
   1  diagnose: the gap exceeds --fail-over
-  2  bad input (the message names the problem and the fix)
+  2  bad input or an output that cannot be written (the message names the problem and the fix; checked before the work)
   3  unexpected error (the traceback follows; please report it)
-  130  interrupted (Ctrl-C); nothing was written"""
+"""
+
+#: The epilog of diagnose, recalibrate and demo, which write their files at the end.
+EXIT_CODES = _EXIT_STATUS + "  130  interrupted (Ctrl-C) during the work; nothing was written (the files are written at the end)"
+
+#: The epilog of reproduce, which writes its files after each variant.
+REPRODUCE_EXIT_CODES = (_EXIT_STATUS + "  130  interrupted (Ctrl-C); the variants finished before it are kept in --out (reproduce.json,\n"
+                        "       reproduce.csv, reproduce.png, rewritten after each variant; the files kept are printed)")
+
+#: The top-level epilog: every command.
+ALL_EXIT_CODES = (_EXIT_STATUS + "  130  interrupted (Ctrl-C); no file is left half-written: diagnose, recalibrate and demo write\n"
+                  "       nothing, reproduce keeps the variants finished before it (and prints which files)")
+
+
+def _output_folder(path: str, flag: str) -> None:
+    """Create the output folder ``path`` (of ``flag``) and check that files can be created in it: before the work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{flag} {path}: cannot create the output folder ({exc.strerror or exc}); give a folder to write to.") from exc
+    check_writable(path, flag, folder=True)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """True where the paths name one file: the same real path (symbolic links resolved), or the same existing file
+    (hard links, case-insensitive file systems)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _output_folder(args.out, "--out")
     if args.framework == "torch":
         from .seed.demo import run_torch_demo
 
@@ -62,10 +94,27 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, str, dict]
     return model, keras_api(args.model), (x, y), f"{note}, {size_note}" if size_note else note, {}
 
 
+def _check_reports(args: argparse.Namespace) -> None:
+    """--json and --html: neither onto an input nor onto each other, each writable; before anything is loaded."""
+    inputs = [("MODEL", args.model), ("--weights", args.weights), ("--data", args.data), ("--npz", args.npz),
+              ("--tfds-data-dir", args.tfds_data_dir), ("--tfds-manual-dir", args.tfds_manual_dir)]
+    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--html", args.html)) if path]
+    for i, (flag, path) in enumerate(outputs):
+        for other_flag, other in inputs + outputs[:i]:
+            if other and _same_file(path, other):
+                if other_flag == "--json":
+                    raise DataError(f"--html {path} is also --json ({other}): one report would overwrite the other. Give each "
+                                    "its own file.")
+                raise DataError(f"{flag} {path} is {other_flag} ({other}), an input: writing the report would overwrite it. "
+                                f"Give {flag} a file of its own.")
+        check_writable(path, flag)
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     _check_model_flags(args)
+    _check_reports(args)
     model, eg, data, note, extra = _model_and_data(args)
     options = dict(_batching(args), max_samples=args.max_samples, primary=args.primary, progress=not args.quiet)
     report = eg.diagnose(model, data, **options, **extra)
@@ -88,13 +137,19 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _check_output(args: argparse.Namespace, source: str, suffixes: tuple[str, ...]) -> None:
-    if os.path.abspath(args.output) == os.path.abspath(source) and not args.overwrite:
-        raise DataError(f"-o {args.output} is the input; pass --overwrite (or --in-place) to replace it, or choose another file.")
+    """-o: not the input unless --overwrite (through a symbolic or hard link too), the right suffix, a writable file in
+    an existing folder; before anything is loaded."""
+    if source and _same_file(args.output, source) and not args.overwrite:
+        raise DataError(f"-o {args.output} is the input ({source}); pass --overwrite (or --in-place) to replace it, or choose another file.")
     if not args.output.endswith(suffixes):
         raise DataError(f"-o must end in {' or '.join(suffixes)}, got {args.output}.")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise DataError(f"the folder of -o {args.output} does not exist: create {folder} first, or choose another path.")
+    for flag, other in (("--data", args.data), ("--npz", args.npz)):
+        if other and _same_file(args.output, other):
+            raise DataError(f"-o {args.output} is {flag} ({other}): writing the model would overwrite it. Choose another file.")
+    check_writable(args.output, "-o")
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
@@ -143,12 +198,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise DataError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}.")
-    try:  # before hours of training, not after
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"--out {args.out}: cannot create the output folder ({exc.strerror}); give a folder to write to.") from exc
-    if not os.access(args.out, os.W_OK | os.X_OK):
-        raise DataError(f"--out {args.out}: the folder is not writable; give a folder to write to.")
+    _output_folder(args.out, "--out")  # before hours of training, not after
     s = load_image_set(args)
     reproduce(s.images, s.labels, len(s.class_names), variants=variants, epochs=args.epochs, batch_size=args.batch_size,
               out=args.out, source=describe(s),
@@ -206,7 +256,8 @@ def _add_reproduce(sub) -> None:
     from ._cli_io import at_least, non_negative_int, positive_int
     from .seed.common import DEFAULT_PRECISE_SAMPLES, PRECISE_SCHEDULE
 
-    rep = sub.add_parser("reproduce", help="the seed's training job (ResNet50 on UC Merced) with its remedies and the fix")
+    rep = sub.add_parser("reproduce", help="the seed's training job (ResNet50 on UC Merced) with its remedies and the fix",
+                         epilog=REPRODUCE_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = rep.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="UC Merced folder (UCMerced_LandUse/Images) or the official zip")
     src.add_argument("--tfds", metavar="NAME", help="tfds name, e.g. uc_merced")
@@ -240,12 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="evalgap", description="Explain and close the gap between training-mode and evaluation-mode results.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=ALL_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"evalgap {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details, and the frameworks' start-up messages")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the seed's symptom and its fix on embedded data (CPU, < 2 minutes)")
+    demo = sub.add_parser("demo", help="the seed's symptom and its fix on embedded data (CPU, < 2 minutes)", epilog=EXIT_CODES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--framework", choices=["keras", "torch"], default="keras", help="default: keras (backend from KERAS_BACKEND)")
     demo.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the demo's own)")
     demo.add_argument("--out", default="evalgap-out", help="folder for the plot (default: ./evalgap-out)")

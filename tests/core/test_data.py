@@ -260,3 +260,200 @@ def test_tfds_checksum_mismatch_is_explained(tmp_path, monkeypatch):
     monkeypatch.setattr(tfds_source, "reachable", lambda *a, **k: True)
     with pytest.raises(DataError, match="checksum.*--tfds-manual-dir"):
         load_tfds("uc_merced")
+
+
+# ---- 16-bit images, the zip rule, bad zips, tfds's manual archive and channels ------------------------------------
+
+
+def test_16_bit_and_wider_images_keep_their_top_8_bits_as_tensorflow_reads_a_16_bit_png(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit samples at 255 (a white image). TensorFlow reads a 16-bit PNG with
+    decode_png(channels=3) as value >> 8 in each channel: the loader matches it for PNG and TIFF, scales a 32-bit
+    TIFF by its bit depth and a [0, 1] float TIFF to [0, 255], and counts each as converted."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(3)
+    v16 = rng.integers(0, 65536, (12, 12), dtype=np.uint16)
+    v16[0, :4] = [0, 255, 256, 65535]  # where value >> 8 and rounding value / 257 differ (255 -> 0, not 1)
+    v32 = rng.integers(0, 2**31 - 1, (12, 12), dtype=np.int64).astype(np.int32)
+    vf = rng.random((12, 12)).astype(np.float32)
+    images = tmp_path / "Images"
+    for cls in ("a_png16", "b_tif16", "c_tif16b", "d_tif32", "e_float"):
+        (images / cls).mkdir(parents=True)
+    Image.fromarray(v16).save(images / "a_png16" / "x.png")
+    Image.fromarray(v16).save(images / "b_tif16" / "x.tif")
+    Image.frombytes("I;16B", (12, 12), v16.astype(">u2").tobytes()).save(images / "c_tif16b" / "x.tif")
+    Image.fromarray(v32).save(images / "d_tif32" / "x.tif")
+    Image.fromarray(vf).save(images / "e_float" / "x.tif")
+    assert [Image.open(p).mode for p in sorted(images.rglob("x.*"))] == ["I;16", "I;16", "I;16B", "I", "F"]
+    s = load_image_folder(tmp_path, 12, cache=False)  # 12x12 into 12x12: resize_with_pad copies the pixels
+    assert s.class_names == ["a_png16", "b_tif16", "c_tif16b", "d_tif32", "e_float"] and s.converted == 5
+    by_tf = tf.io.decode_png((images / "a_png16" / "x.png").read_bytes(), channels=3).numpy()
+    np.testing.assert_array_equal(s.images[0], by_tf)
+    top8 = np.repeat((v16 >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(by_tf, top8)
+    for i in (1, 2):
+        np.testing.assert_array_equal(s.images[i], top8)
+    np.testing.assert_array_equal(s.images[3], np.repeat((v32 >> 23).astype(np.uint8)[..., None], 3, axis=-1))  # signed 32-bit: 31 bits
+    np.testing.assert_array_equal(s.images[4], np.repeat(np.rint(vf.astype(np.float64) * 255).astype(np.uint8)[..., None], 3, axis=-1))
+    # a float image that is neither [0, 1] nor [0, 255] has no bit depth to read it by: named, or left out
+    Image.fromarray((vf * 1000).astype(np.float32)).save(images / "e_float" / "y.tif")
+    with pytest.raises(DataError, match=r"y\.tif.*floating-point image with values in \[.*neither \[0, 1\] nor \[0, 255\]"):
+        load_image_folder(tmp_path, 12, cache=False)
+    assert load_image_folder(tmp_path, 12, cache=False, skip_bad=True).skipped == [str(images / "e_float" / "y.tif")]
+
+
+def _write_tree(root: Path, files: dict[str, np.ndarray]) -> None:
+    for rel, a in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(root / rel)
+
+
+def _zip_tree(root: Path, zpath: Path, sep: str = "/") -> None:
+    """Zip every file and folder below ``root`` as ``zip -r`` stores them (folders as their own entries)."""
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in sorted(root.rglob("*")):
+            name = sep.join(p.relative_to(root).parts)
+            if p.is_dir():
+                zf.writestr(name + sep, b"")
+            else:
+                zf.write(p, name)
+
+
+def test_a_zip_gives_the_classes_and_labels_of_the_same_folder_unzipped(tmp_path, caplog):
+    """The class is the folder just below the class root (Images), in a zip as in a folder: an image above the class
+    folders, one beside them and one in a sub-folder of a class are not read (with a warning), not classes of their own."""
+    rng = np.random.default_rng(5)
+    px = {n: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for n in ("a0", "a1", "b0", "c0", "c1", "pre", "str", "sub")}
+    unzipped = tmp_path / "unzipped"
+    _write_tree(unzipped, {
+        "UCMerced_LandUse/preview.png": px["pre"],
+        "UCMerced_LandUse/Images/stray.png": px["str"],
+        "UCMerced_LandUse/Images/a/a0.png": px["a0"], "UCMerced_LandUse/Images/a/a1.png": px["a1"],
+        "UCMerced_LandUse/Images/b/b0.png": px["b0"],
+        "UCMerced_LandUse/Images/c/c0.png": px["c0"], "UCMerced_LandUse/Images/c/c1.png": px["c1"],
+        "UCMerced_LandUse/Images/c/sub/s0.png": px["sub"],
+    })
+    zpath = tmp_path / "UCMerced_LandUse.zip"
+    _zip_tree(unzipped, zpath)
+    expected = np.stack([px[n] for n in ("a0", "a1", "b0", "c0", "c1")])
+    for src in (unzipped, unzipped / "UCMerced_LandUse", zpath):
+        s = load_image_folder(src, 8, cache=False)
+        assert s.class_names == ["a", "b", "c"] and s.labels.tolist() == [0, 0, 1, 2, 2], (src, s.class_names, s.labels)
+        np.testing.assert_array_equal(s.images, expected)
+    for src in (unzipped, zpath):  # what is not read is said
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="evalgap.data"):
+            load_image_folder(src, 8, cache=False)
+        assert "c/sub" in caplog.text and "stray.png" in caplog.text, caplog.text
+    # a zip of the class folders themselves (Images/ at the top, a sub-folder in a class): the same classes
+    _zip_tree(unzipped / "UCMerced_LandUse", tmp_path / "images_only.zip")
+    assert load_image_folder(tmp_path / "images_only.zip", 8, cache=False).labels.tolist() == [0, 0, 1, 2, 2]
+    # a class folder without an image is an error in a zip as in the folder, not a class silently dropped
+    (unzipped / "UCMerced_LandUse" / "Images" / "d").mkdir()
+    _zip_tree(unzipped, tmp_path / "empty_class.zip")
+    for src in (unzipped, tmp_path / "empty_class.zip"):
+        with pytest.raises(DataError, match=r"class folder .*Images/d(/ in .*empty_class\.zip)? holds no image"):
+            load_image_folder(src, 8, cache=False)
+
+
+def test_a_zip_of_one_folder_of_class_folders_and_a_windows_zip_are_read(tmp_path):
+    """zip -r flowers.zip flowers/ stores flowers/<class>/...: the classes are below flowers, as --data flowers gives
+    them; a zip whose names use backslashes (some Windows tools) is read by the same rule."""
+    rng = np.random.default_rng(6)
+    px = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    _write_tree(tmp_path / "src", {"flowers/daisy/0.png": px[0], "flowers/daisy/1.png": px[1], "flowers/rose/0.png": px[2]})
+    _zip_tree(tmp_path / "src", tmp_path / "flowers.zip")
+    _zip_tree(tmp_path / "src", tmp_path / "windows.zip", sep="\\")
+    assert "flowers\\daisy\\0.png" in zipfile.ZipFile(tmp_path / "windows.zip").namelist()
+    for src in (tmp_path / "src" / "flowers", tmp_path / "flowers.zip", tmp_path / "windows.zip"):
+        s = load_image_folder(src, 8, cache=False)
+        assert s.class_names == ["daisy", "rose"] and s.labels.tolist() == [0, 0, 1], src
+        np.testing.assert_array_equal(s.images, np.stack(px))
+
+
+def test_a_truncated_or_fake_zip_is_a_data_error_and_a_folder_named_zip_is_a_folder(tmp_path):
+    rng = np.random.default_rng(7)
+    _write_tree(tmp_path / "src", {"Images/a/0.png": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+                                   "Images/b/0.png": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)})
+    _zip_tree(tmp_path / "src", tmp_path / "good.zip")
+    raw = (tmp_path / "good.zip").read_bytes()
+    (tmp_path / "truncated.zip").write_bytes(raw[: len(raw) // 2])  # an interrupted download
+    (tmp_path / "fake.zip").write_text("<html>404</html>")
+    for bad in ("truncated.zip", "fake.zip"):
+        with pytest.raises(DataError, match=rf"{bad} is not a valid zip file \(a truncated download\?\)"):
+            load_image_folder(tmp_path / bad, 8, cache=False)
+    shutil.copytree(tmp_path / "src", tmp_path / "photos.zip")  # a folder that happens to end in .zip
+    assert load_image_folder(tmp_path / "photos.zip", 8, cache=False).class_names == ["a", "b"]
+
+
+def _archive(path: Path, classes: tuple[str, ...], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    with zipfile.ZipFile(path, "w") as zf:
+        for c in classes:
+            buf = path.parent / "tmp.png"
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf)
+            zf.write(buf, f"UCMerced_LandUse/Images/{c}/{c}00.png")
+            buf.unlink()
+
+
+def test_tfds_manual_dir_reads_the_data_set_s_own_archive(tmp_path, monkeypatch):
+    """uc_merced's manual archive is UCMerced_LandUse.zip: not whichever zip sorts first; another data set, a folder
+    without that archive and a missing folder are each said, never a download (the network is off here)."""
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(tfds_source, "reachable", lambda *a, **k: False)
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    _archive(manual / "A_backup.zip", ("p", "q", "r"), 0)  # sorts first
+    _archive(manual / "UCMerced_LandUse.zip", ("w", "x"), 1)
+    for name in ("uc_merced", "uc_merced:2.0.0"):
+        s = load_tfds(name, manual_dir=manual, image_size=8)
+        assert s.class_names == ["w", "x"] and len(s) == 2
+    with pytest.raises(DataError, match=r"--tfds-manual-dir is read only for uc_merced \(UCMerced_LandUse.zip\), not for 'mnist'"):
+        load_tfds("mnist", manual_dir=manual, image_size=8)
+    (manual / "UCMerced_LandUse.zip").unlink()
+    with pytest.raises(DataError, match=r"holds no UCMerced_LandUse.zip \(it holds A_backup.zip\)"):
+        load_tfds("uc_merced", manual_dir=manual, image_size=8)
+    with pytest.raises(DataError, match=r"--tfds-manual-dir .*missing does not exist: give the folder that holds UCMerced_LandUse.zip"):
+        load_tfds("uc_merced", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "missing", image_size=8)
+
+
+def _fake_tfds(monkeypatch, images: np.ndarray, names=("a", "b")):
+    """tfds.builder answering with a prepared data set of these images (labels alternating), as tf.data gives them."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow as tf
+
+    labels = np.arange(len(images)) % len(names)
+
+    class Builder:
+        data_dir = "prepared"
+        info = type("Info", (), {"features": {"label": type("Label", (), {"names": list(names)})()}})()
+
+        def is_prepared(self):
+            return True
+
+        def as_dataset(self, split):
+            return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+    return labels
+
+
+def test_tfds_grayscale_rgba_and_16_bit_images_come_as_rgb(monkeypatch):
+    """A 1-channel (MNIST-like) or 4-channel tfds data set gave the model 1 or 4 channels; they come as RGB, converted
+    as Pillow converts such files (gray repeated, alpha dropped), a 16-bit one as decode_png(channels=3) reads it;
+    each counted."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(8)
+    gray = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (4, 8, 8, 4), dtype=np.uint8)
+    wide = rng.integers(0, 65536, (4, 8, 8, 1), dtype=np.uint16)
+    for images, reference in (
+        (gray, [np.asarray(Image.fromarray(g[..., 0], "L").convert("RGB")) for g in gray]),
+        (rgba, [np.asarray(Image.fromarray(a, "RGBA").convert("RGB")) for a in rgba]),
+        (wide, [tf.io.decode_png(tf.io.encode_png(w), channels=3).numpy() for w in wide]),
+    ):
+        labels = _fake_tfds(monkeypatch, images)
+        s = load_tfds("fake", image_size=8)
+        assert s.images.shape == (4, 8, 8, 3) and s.converted == 4 and s.labels.tolist() == labels.tolist()
+        np.testing.assert_array_equal(s.images, np.stack(reference))
+    _fake_tfds(monkeypatch, rgba[..., :3].copy())
+    assert load_tfds("fake", image_size=8).converted == 0

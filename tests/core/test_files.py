@@ -86,3 +86,58 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
     atomic_write_text(tmp_path / "sub" / "new.txt", "hi")  # a missing folder is created
     assert (tmp_path / "sub" / "new.txt").read_text() == "hi"
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux /proc: a folder no one can create files in")
+
+
+def test_a_write_the_file_system_refuses_is_an_output_error_naming_the_path(tmp_path):
+    """An existing folder as the target, a file in the way of the target's folder: an OutputError (an OSError, with the
+    cause's errno, and a DataError: the command exits 2 with the message), nothing written, no temporary file left;
+    the folder target is refused before the writer runs."""
+    from evalgap import DataError
+    from evalgap._files import OutputError
+
+    calls = []
+    (tmp_path / "adir.keras").mkdir()
+    (tmp_path / "adir.keras" / "keep").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write .*adir\.keras: Is a directory") as done:
+        atomic_write(tmp_path / "adir.keras", lambda tmp: calls.append(tmp), suffix=".keras")
+    assert isinstance(done.value, DataError) and isinstance(done.value, OSError) and done.value.errno == 21
+    assert calls == [] and [p.name for p in (tmp_path / "adir.keras").iterdir()] == ["keep"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write .*afile/r\.json") as done:
+        atomic_write_text(tmp_path / "afile" / "r.json", "{}")
+    assert done.value.errno is not None and (tmp_path / "afile").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.keras", "afile"]
+
+
+@needs_proc
+def test_a_folder_no_file_can_be_created_in_is_an_output_error(tmp_path):
+    """/proc refuses new files, to root too (for whom permission bits do not count): what atomic_write meets after the
+    work, check_writable finds before it."""
+    from evalgap._files import OutputError, check_writable
+
+    with pytest.raises(OutputError, match=r"cannot write /proc/r\.json"):
+        atomic_write_text("/proc/r.json", "{}")
+    with pytest.raises(OutputError, match=r"--json /proc/r\.json: no file can be created in /proc"):
+        check_writable("/proc/r.json", "--json")
+    with pytest.raises(OutputError, match=r"--out /proc/new/sub: no file can be created in /proc"):
+        check_writable("/proc/new/sub", "--out", folder=True)
+
+
+def test_check_writable_names_what_is_in_the_way_and_leaves_nothing(tmp_path):
+    from evalgap._files import OutputError, check_writable
+
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=r"-o .*adir is a folder: give a file name"):
+        check_writable(tmp_path / "adir", "-o")
+    with pytest.raises(OutputError, match=r"--out .*afile is a file, not a folder"):
+        check_writable(tmp_path / "afile", "--out", folder=True)
+    with pytest.raises(OutputError, match=r"--html .*afile/x/r\.html: .*afile is a file, not a folder"):
+        check_writable(tmp_path / "afile" / "x" / "r.html", "--html")
+    check_writable(tmp_path / "new" / "deeper" / "r.json", "--json")  # missing folders: atomic_write creates them
+    check_writable(tmp_path / "afile", "-o")  # an existing file is replaced
+    check_writable(tmp_path / "adir", "--out", folder=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir", "afile"]  # no probe left, no folder created

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import zipfile
 
 import keras
 import numpy as np
@@ -266,3 +269,176 @@ def test_images_of_another_size_than_the_models_input_exit_2(saved, tmp_path, ca
         assert main([command[0], str(saved / "model.keras"), "--npz", str(tmp_path / "small.npz"), *command[1:], "-q"]) == 2
         assert "takes inputs of shape (None, 16, 16, 3)" in capsys.readouterr().err
     assert not (tmp_path / "f.keras").exists()
+
+
+# ---- outputs: never over an input, writable before the work; bad zips; tfds channels; reproduce's words ------------
+
+
+def _never_loaded(monkeypatch):
+    """Fail the test if the command loads a model (the refusal must come first)."""
+    import evalgap._cli_io as cli_io
+
+    def fail(*a, **k):
+        pytest.fail("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(cli_io, "load_keras_model", fail)
+
+
+def test_diagnose_refuses_to_write_a_report_over_an_input_before_loading(saved, tmp_path, monkeypatch, capsys):
+    model = tmp_path / "model.keras"
+    model.write_bytes((saved / "model.keras").read_bytes())
+    (tmp_path / "link.keras").symlink_to(model)
+    npz = tmp_path / "data.npz"
+    npz.write_bytes((saved / "data.npz").read_bytes())
+    before = {p: p.read_bytes() for p in (model, npz)}
+    _never_loaded(monkeypatch)
+    common = [str(model), "--npz", str(npz), "--batch-size", "120", "-q"]
+    for extra, said in ((["--json", str(model)], "--json .*is MODEL"),
+                        (["--html", str(tmp_path / "link.keras")], "--html .*link.keras is MODEL"),
+                        (["--json", str(npz)], "--json .*is --npz"),
+                        (["--json", str(tmp_path / "r.x"), "--html", str(tmp_path / "r.x")], "--html .*is also --json")):
+        assert main(["diagnose", *common, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert re.search(said, err) and "own" in err, err
+    assert {p: p.read_bytes() for p in (model, npz)} == before and not (tmp_path / "r.x").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux /proc: a folder no one can create files in")
+def test_unwritable_outputs_exit_2_before_the_work(saved, tmp_path, monkeypatch, capsys):
+    """An existing folder as -o / --json, a file in the way, a folder no file can be created in (/proc refuses root
+    too), demo --out onto a file: exit 2 naming the flag, before the model is loaded or the demo trains."""
+    import evalgap.seed.demo as demo
+
+    (tmp_path / "isdir.keras").mkdir()
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(demo, "run_keras_demo", lambda **k: pytest.fail("the demo ran before --out was checked"))
+    monkeypatch.setattr(demo, "run_torch_demo", lambda **k: pytest.fail("the demo ran before --out was checked"))
+    model = str(saved / "model.keras")
+    data = ["--npz", str(saved / "data.npz"), "--batch-size", "120", "-q"]
+    with monkeypatch.context() as m:
+        _never_loaded(m)
+        for argv, said in (
+            (["recalibrate", model, *data, "-o", str(tmp_path / "isdir.keras")], "-o .*isdir.keras is a folder"),
+            (["recalibrate", model, *data, "-o", "/proc/fixed.keras"], "-o /proc/fixed.keras: no file can be created in /proc"),
+            (["diagnose", model, *data, "--json", str(tmp_path)], "--json .* is a folder"),
+            (["diagnose", model, *data, "--json", "/proc/r.json"], "--json /proc/r.json: no file can be created in /proc"),
+            (["diagnose", model, *data, "--html", str(tmp_path / "afile" / "r.html")], "--html .*afile is a file, not a folder"),
+            (["demo", "--epochs", "1", "--out", str(tmp_path / "afile")], "--out .*afile"),
+            (["demo", "--framework", "torch", "--epochs", "1", "--out", "/proc/demo"], "--out /proc/demo"),
+        ):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert re.search(said, err) and "Traceback" not in err, (argv, err)
+    # the last guard: a write that fails after the work (here the check is skipped) is exit 2 with the path, no traceback
+    import evalgap.cli as cli
+
+    monkeypatch.setattr(cli, "check_writable", lambda *a, **k: None)
+    assert main(["diagnose", model, *data, "--json", "/proc/r.json"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write /proc/r.json" in err and "Traceback" not in err, err
+    assert main(["recalibrate", model, *data, "-o", "/proc/fixed.keras"]) == 2
+    assert "cannot write /proc/fixed.keras" in capsys.readouterr().err
+
+
+def test_recalibrate_refuses_the_input_as_output_through_a_link(saved, tmp_path, monkeypatch, capsys):
+    model = tmp_path / "model.keras"
+    model.write_bytes((saved / "model.keras").read_bytes())
+    (tmp_path / "link.keras").symlink_to(model)
+    os.link(model, tmp_path / "hard.keras")
+    before = model.read_bytes()
+    _never_loaded(monkeypatch)
+    for source, output in (("link.keras", "model.keras"), ("model.keras", "link.keras"), ("hard.keras", "model.keras")):
+        assert main(["recalibrate", str(tmp_path / source), "--npz", str(saved / "data.npz"), "-o", str(tmp_path / output), "-q"]) == 2
+        assert "is the input" in capsys.readouterr().err
+    assert model.read_bytes() == before
+
+
+def test_a_truncated_zip_exits_2_with_a_message(saved, tmp_path, capsys):
+    from PIL import Image
+
+    with zipfile.ZipFile(tmp_path / "full.zip", "w") as zf:
+        for c in ("a", "b"):
+            Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
+            zf.write(tmp_path / "x.png", f"Images/{c}/x.png")
+    raw = (tmp_path / "full.zip").read_bytes()
+    (tmp_path / "cut.zip").write_bytes(raw[: len(raw) // 2])
+    assert main(["diagnose", str(saved / "model.keras"), "--data", str(tmp_path / "cut.zip"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "cut.zip is not a valid zip file (a truncated download?)" in err and "Traceback" not in err, err
+
+
+def test_reproduce_tfds_with_grayscale_images_gives_the_job_rgb(tmp_path, monkeypatch):
+    """A 1-channel tfds data set (MNIST-like) reached ResNet50 with one channel (exit 3); it comes as RGB, counted."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow as tf
+
+    import evalgap.seed.reproduce as job
+
+    gray = np.random.default_rng(0).integers(0, 256, (6, 40, 40, 1), dtype=np.uint8)
+
+    class Builder:
+        data_dir = str(tmp_path)
+        info = type("Info", (), {"features": {"label": type("Label", (), {"names": ["zero", "one"]})()}})()
+
+        def is_prepared(self):
+            return True
+
+        def as_dataset(self, split):
+            return tf.data.Dataset.from_tensor_slices({"image": gray, "label": np.arange(6) % 2})
+
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+    seen = {}
+    monkeypatch.setattr(job, "reproduce", lambda x, y, classes, **k: seen.update(shape=x.shape, source=k["source"]))
+    assert main(["reproduce", "--tfds", "fake_mnist", "--image-size", "32", "--out", str(tmp_path / "r")]) == 0
+    assert seen["shape"] == (6, 32, 32, 3) and "6 converted to 8-bit RGB" in seen["source"], seen
+
+
+def test_help_says_what_an_interrupted_reproduce_keeps(capsys):
+    for argv in (["--help"], ["reproduce", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        out = capsys.readouterr().out
+        assert done.value.code == 0 and "nothing was written" not in out and "130" in out, out
+        assert re.search(r"reproduce\s+keeps the variants finished before it|the variants finished before it are kept", out), out
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--help"])
+    assert "130  interrupted (Ctrl-C) during the work; nothing was written" in capsys.readouterr().out  # it writes at the end
+
+
+def test_an_interrupted_reproduce_keeps_the_finished_variants_and_says_the_batch_it_used(tmp_path, monkeypatch, capsys):
+    """The variants' real reporting and writing around a stand-in for training: the first variant finishes, Ctrl-C
+    comes in the second (exit 130); the files hold the first and the output says which files were kept. The variant
+    line and the JSON name the batch used (--batch-size, or capped at the number of images), and the schedule reads
+    'every 2nd epoch'."""
+    import evalgap.seed.reproduce as job
+    from evalgap.seed.common import precise_plan, variant_batch_size
+
+    data = _image_folder(tmp_path / "Images", 8)  # 12 images, 2 classes
+
+    def run_variant(variant, images, labels, classes, epochs, *, batch_size=None, on_epoch=None, precise_every="seed",
+                    precise_samples=0, info=None, **k):
+        if variant.name == "precise-bn":
+            raise KeyboardInterrupt
+        bs = variant_batch_size(variant.batch_size, batch_size, len(images))
+        info["precise_val"] = precise_plan(labels, precise_bn=variant.precise_bn, every=precise_every, samples=precise_samples,
+                                           batch_size=bs)[2]
+        rows = [{"epoch": e, "seconds": 0.1, "loss": 1.0, "accuracy": 0.5, "val_loss": 2.0, "val_accuracy": 0.25} for e in (1, 2)]
+        for row in rows:
+            on_epoch(variant, row)
+        return rows
+
+    monkeypatch.setattr(job, "run_variant", run_variant)
+    monkeypatch.setenv("EVALGAP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "rep"
+    common = ["reproduce", "--data", str(data.parent), "--image-size", "32", "--epochs", "2", "--precise-every", "2", "--out", str(out)]
+    assert main([*common, "--variants", "seed,precise-bn", "--batch-size", "5"]) == 130
+    printed = capsys.readouterr().out
+    kept = [str(out / f) for f in ("reproduce.json", "reproduce.csv", "reproduce.png")]
+    assert f"Interrupted during precise-bn: kept {', '.join(kept)} with the finished variant(s) seed." in " ".join(printed.split())
+    written = json.loads((out / "reproduce.json").read_text())
+    assert list(written["variants"]) == ["seed"] and written["variants"]["seed"]["batch_size"] == 5
+    said = "the question's code: batch 5 (--batch-size 5, in place of 96), momentum 0.99, raw pixels"
+    assert f"seed: {said}" in printed and "batch 96," not in printed and written["variants"]["seed"]["description"] == said
+    assert written["variants"]["seed"]["precise_val"].endswith("after every 2nd epoch"), written["variants"]["seed"]["precise_val"]
+    assert main([*common, "--variants", "seed", "--out", str(tmp_path / "rep2")]) == 0  # 12 images: the batch is 12, not 96
+    assert "seed: the question's code: batch 12 (capped at the 12 images, in place of 96)" in capsys.readouterr().out

@@ -2,10 +2,18 @@
 
 Labels are the class folders in sorted order (the order tensorflow_datasets uses). Files
 ``.tif .tiff .jpg .jpeg .png`` are read with Pillow (tfds' ``ImageFolder`` cannot read
-``.tif``, the archive's format), converted to RGB (grayscale and RGBA are converted, and
-counted), and brought to ``size x size`` with :func:`resize_with_pad` (the seed's
-preprocessing), rounded to uint8. A ``.zip`` of such a folder (the official
-``UCMerced_LandUse.zip``) is read in place. Hidden entries (names starting with ``.``:
+``.tif``, the archive's format), converted to RGB (grayscale, RGBA and 16-bit images are
+converted, and counted), and brought to ``size x size`` with :func:`resize_with_pad` (the
+seed's preprocessing), rounded to uint8. Images of more than 8 bits per sample (16-bit PNG
+and TIFF, 32-bit integer TIFF) keep their top 8 bits, as ``tf.io.decode_png(channels=3)``
+reads a 16-bit PNG (``value >> 8``); floating-point TIFFs are read as ``[0, 1]`` (or, where all
+values lie in ``[0, 255]``, as 8-bit values). A ``.zip`` of such a folder (the official
+``UCMerced_LandUse.zip``) is read in place, by the same rule as a folder: the class folders are
+the sub-folders of ``Images``, ``UCMerced_LandUse/Images`` or the top level (a top level that
+holds nothing but one folder of folders is that folder, as ``zip -r data.zip data/`` stores
+it); a class is the folder just below them, and only the images directly in it are read
+(sub-folders of a class folder and images beside the class folders are not, with a warning); a
+class folder without an image is an error. Hidden entries (names starting with ``.``:
 ``.ipynb_checkpoints/``, macOS ``._*`` files) and ``__MACOSX/`` are skipped, files and
 folders, as ``keras.utils.image_dataset_from_directory`` and tfds skip them.
 
@@ -62,45 +70,124 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _class_folders(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name)]
+class _FolderTree:
+    """A folder on disk; places in it are tuples of names below it."""
+
+    def __init__(self, path: Path):
+        self.base = path
+
+    def _path(self, parts: tuple[str, ...]) -> Path:
+        return self.base.joinpath(*parts)
+
+    def show(self, parts: tuple[str, ...]) -> str:
+        return str(self._path(parts))
+
+    def is_dir(self, parts: tuple[str, ...]) -> bool:
+        return self._path(parts).is_dir()
+
+    def folders(self, parts: tuple[str, ...]) -> list[str]:
+        return sorted(p.name for p in self._path(parts).iterdir() if p.is_dir() and not _hidden(p.name))
+
+    def images(self, parts: tuple[str, ...]) -> list[tuple[str, int, float]]:
+        """(member, size, modification time) of the image files directly in ``parts``, by name."""
+        found = []
+        for f in sorted(self._path(parts).iterdir()):
+            if f.suffix.lower() not in EXTENSIONS or _hidden(f.name) or f.is_dir():
+                continue
+            try:
+                st = f.stat()
+            except OSError:  # a dangling link (data not fetched by DVC or git-annex): its read fails, and says so
+                st = os.stat_result((0,) * 10)
+            found.append((str(f), st.st_size, st.st_mtime))
+        return found
 
 
-def _find_root(path: Path) -> Path:
-    """The folder whose sub-folders are the classes (``Images`` in the official layout)."""
-    for candidate in (path / "Images", path / "UCMerced_LandUse" / "Images", path):
-        if candidate.is_dir() and _class_folders(candidate):
-            return candidate
-    raise DataError(f"{path}: no class folders found; expected <folder>/<class>/<image> (or .../Images/<class>/<image>).")
+class _ZipTree:
+    """The folders and files a zip's entry names make (``/`` or ``\\`` separated; folders named only by
+    the files in them count); places are tuples of names below the zip's top level."""
+
+    def __init__(self, zf: zipfile.ZipFile, path: Path):
+        self.path = path
+        self._folders: dict[tuple[str, ...], set[str]] = {(): set()}
+        self._images: dict[tuple[str, ...], list[tuple[str, int, float]]] = {}
+        for info in zf.infolist():
+            name = info.filename.replace("\\", "/")
+            parts = tuple(p for p in name.split("/") if p not in ("", "."))
+            if not parts or any(map(_hidden, parts)):
+                continue
+            folder = parts if name.endswith("/") else parts[:-1]
+            for i in range(len(folder)):
+                self._folders.setdefault(folder[:i], set()).add(folder[i])
+                self._folders.setdefault(folder[: i + 1], set())
+            if not name.endswith("/") and Path(parts[-1]).suffix.lower() in EXTENSIONS:
+                self._images.setdefault(folder, []).append((info.filename, info.file_size, float(info.CRC)))
+
+    def show(self, parts: tuple[str, ...]) -> str:
+        return f"{'/'.join(parts)}/ in {self.path}" if parts else str(self.path)
+
+    def is_dir(self, parts: tuple[str, ...]) -> bool:
+        return parts in self._folders
+
+    def folders(self, parts: tuple[str, ...]) -> list[str]:
+        return sorted(self._folders.get(parts, ()))
+
+    def images(self, parts: tuple[str, ...]) -> list[tuple[str, int, float]]:
+        return sorted(self._images.get(parts, []), key=lambda e: Path(e[0].replace("\\", "/")).name)
+
+
+def _find_root(tree) -> tuple[str, ...]:
+    """The place whose sub-folders are the classes: ``Images``, ``UCMerced_LandUse/Images`` or the top level, the
+    first that has sub-folders; where the top level holds one folder and no image is directly in it (a folder of
+    folders, as ``zip -r data.zip data/`` stores it), that folder is looked in first. One rule for folders and zips."""
+    top = tree.folders(())
+    bases = [(top[0],), ()] if len(top) == 1 and not tree.images((top[0],)) else [()]
+    for base in bases:
+        for candidate in (base + ("Images",), base + ("UCMerced_LandUse", "Images"), base):
+            if tree.is_dir(candidate) and tree.folders(candidate):
+                return candidate
+    raise DataError(f"{tree.show(())}: no class folders found; expected <folder>/<class>/<image> (or .../Images/<class>/<image>).")
+
+
+def _is_zip(path: Path) -> bool:
+    return path.suffix.lower() == ".zip" and not path.is_dir()
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    """``zipfile.ZipFile(path)``, or a DataError that says what is wrong with the file."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path} is not a valid zip file (a truncated download?): {exc}. Download it again, "
+                        "or pass the unzipped folder.") from exc
+    except OSError as exc:
+        raise DataError(f"cannot open {path} ({exc.strerror or exc}): check the path and its permissions.") from exc
 
 
 def _listing(path: Path) -> tuple[list[tuple[str, str, int, float]], list[str]]:
-    """[(member, class, size, mtime)], class names; from a folder or a zip."""
-    entries = []
-    if path.suffix.lower() == ".zip":
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                parts = Path(info.filename).parts
-                if info.is_dir() or len(parts) < 2 or any(map(_hidden, parts)) or Path(info.filename).suffix.lower() not in EXTENSIONS:
-                    continue
-                entries.append((info.filename, parts[-2], info.file_size, float(info.CRC)))
-        entries.sort(key=lambda e: (e[1], Path(e[0]).name))  # as a folder lists them: by class, then file name
-        classes = sorted({e[1] for e in entries})
+    """[(member, class, size, mtime or CRC)], class names; from a folder or a zip, by the one rule of :func:`_find_root`."""
+    if _is_zip(path):
+        with _open_zip(path) as zf:
+            tree = _ZipTree(zf, path)
     else:
-        root = _find_root(path)
-        classes = sorted(p.name for p in _class_folders(root))
-        for cls in classes:
-            files = sorted(f for f in (root / cls).iterdir() if f.suffix.lower() in EXTENSIONS and not _hidden(f.name))
-            if not files:
-                raise DataError(f"class folder {root / cls} holds no image ({', '.join(EXTENSIONS)}): remove it or add its images.")
-            for f in files:
-                try:
-                    st = f.stat()
-                except OSError:  # a dangling link (data not fetched by DVC or git-annex): its read fails, and says so
-                    st = os.stat_result((0,) * 10)
-                entries.append((str(f), cls, st.st_size, st.st_mtime))
-    if not entries:
-        raise DataError(f"{path}: no image files ({', '.join(EXTENSIONS)}) found.")
+        tree = _FolderTree(path)
+    root = _find_root(tree)
+    classes = tree.folders(root)
+    entries = []
+    nested = []
+    for cls in classes:
+        files = tree.images(root + (cls,))
+        if not files:
+            raise DataError(f"class folder {tree.show(root + (cls,))} holds no image ({', '.join(EXTENSIONS)}): remove it or add its images.")
+        entries += [(member, cls, size, stamp) for member, size, stamp in files]
+        nested += [f"{cls}/{sub}" for sub in tree.folders(root + (cls,))]
+    if nested:
+        logger.warning("%s: the images in sub-folders of class folders are not read (%s%s): a class's images lie directly in "
+                       "its folder", tree.show(root), ", ".join(nested[:3]), ", ..." if len(nested) > 3 else "")
+    beside = tree.images(root)
+    if beside:
+        logger.warning("%s: %d image(s) beside the class folders are not read (%s%s): an image belongs to the class folder "
+                       "it lies in", tree.show(root), len(beside), ", ".join(Path(m.replace("\\", "/")).name for m, _, _ in beside[:3]),
+                       ", ..." if len(beside) > 3 else "")
     return entries, classes
 
 
@@ -138,7 +225,7 @@ def load_image_folder(
     images = np.zeros((len(entries), image_size, image_size, 3), dtype=np.uint8)
     labels = np.zeros(len(entries), dtype=np.int64)
     skipped: list[str] = []
-    zf = zipfile.ZipFile(path) if path.suffix.lower() == ".zip" else None
+    zf = _open_zip(path) if _is_zip(path) else None
     try:
         from PIL import Image
 
@@ -149,7 +236,7 @@ def load_image_folder(
             zf.close()
     images, labels = images[:n], labels[:n]
     if converted:
-        logger.warning("%d image(s) were not RGB (grayscale, RGBA, ...) and were converted to RGB", converted)
+        logger.warning("%d image(s) were not 8-bit RGB (grayscale, RGBA, 16-bit, ...) and were converted to it", converted)
     result = ImageSet(images, labels, classes, str(path), converted, skipped)
     if cache:
         _save_cache(cache_file, result)
@@ -167,10 +254,14 @@ def _decode_all(entries, zf, images, labels, label_of, image_size, skip_bad, ski
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 with Image.open(io.BytesIO(raw)) as im:
-                    if im.mode != "RGB":
+                    if im.mode in WIDE_MODES:  # convert("RGB") would clip these at 255: scaled by the file's bit depth
                         converted += 1
-                        im = im.convert("RGB")
-                    arr = np.asarray(im)
+                        arr = np.repeat(to_8bit(im)[..., None], 3, axis=-1)
+                    else:
+                        if im.mode != "RGB":
+                            converted += 1
+                            im = im.convert("RGB")
+                        arr = np.asarray(im)
         except Exception as exc:  # Pillow raises many types on corrupt data
             if skip_bad:
                 skipped.append(member)
@@ -181,6 +272,46 @@ def _decode_all(entries, zf, images, labels, label_of, image_size, skip_bad, ski
         labels[n] = label_of[cls]
         n += 1
     return n, converted
+
+
+#: Pillow's one-channel modes of more than 8 bits per sample: 16-bit (PNG, TIFF, PGM), 32-bit integer and floating point.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(im) -> np.ndarray:
+    """A one-channel image of more than 8 bits per sample (:data:`WIDE_MODES`) as uint8 ``(H, W)``.
+
+    Integers keep their top 8 bits of the file's bit depth (``BitsPerSample`` of a TIFF, one less where its samples
+    are signed, negative values 0; 16 bits otherwise: PNG, and PGM, which Pillow scales to 16 bits), as
+    ``tf.io.decode_png(channels=3)`` reads a 16-bit PNG: ``value >> 8``. Floating point: ``[0, 1]`` is scaled to
+    ``[0, 255]``; values already within ``[0, 255]`` (but not all within ``[0, 1]``) are taken as they are; others
+    are refused (a ValueError: no bit depth says what they mean).
+    """
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError("a floating-point image with NaN or infinite values: save it with 8 or 16 bits per sample")
+        low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if low >= 0 and high <= 1:
+            a = a * 255
+        elif not (low >= 0 and high <= 255):
+            raise ValueError(f"a floating-point image with values in [{low:g}, {high:g}], which is neither [0, 1] nor "
+                             "[0, 255]: save it with 8 or 16 bits per sample")
+        return np.rint(a).astype(np.uint8)
+    bits = 16
+    tags = getattr(im, "tag_v2", None)
+    if tags is not None and im.format == "TIFF":
+        declared = tags.get(258)  # BitsPerSample
+        declared = declared[0] if isinstance(declared, tuple) else declared
+        if isinstance(declared, int) and declared > 0:
+            bits = declared
+        sample_format = tags.get(339)  # SampleFormat: 1 unsigned, 2 signed, 3 floating point
+        if (sample_format[0] if isinstance(sample_format, tuple) else sample_format) == 2:
+            bits -= 1
+    a = np.clip(a.astype(np.int64), 0, 2**bits - 1)
+    a = a >> (bits - 8) if bits >= 8 else a * 255 // (2**bits - 1)
+    return a.astype(np.uint8)
 
 
 def _save_cache(cache_file: Path, s: ImageSet) -> None:

@@ -2,8 +2,11 @@
 
 Offline, ``tfds.load`` retries for minutes before failing. Before asking tfds to download,
 a 3-second reachability check decides; without network the error says how to use a folder
-or the official zip instead. ``manual_dir`` holding the official archive's zip (e.g.
-``UCMerced_LandUse.zip``) is read in place, in the same label order as tfds.
+or the official zip instead. ``manual_dir`` holding the data set's official archive
+(:data:`MANUAL_ARCHIVES`: ``uc_merced`` -> ``UCMerced_LandUse.zip``) is read in place, in the
+same label order as tfds. Images come as RGB: grayscale (one channel) is repeated, RGBA and
+grayscale with alpha lose the alpha channel, 16-bit images keep their top 8 bits, as
+:func:`~evalgap.data.load_image_folder` reads files (each counted in ``converted``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,51 @@ def reachable(host: tuple[str, int] = TFDS_HOST, timeout: float = 3.0) -> bool:
         return False
 
 
+#: The official archive each data set's ``manual_dir`` holds, read in place (the folder loader's rules).
+MANUAL_ARCHIVES = {"uc_merced": "UCMerced_LandUse.zip"}
+
+
+def _manual_archive(name: str, manual_dir: str | os.PathLike) -> Path:
+    """The archive of data set ``name`` (``uc_merced`` or ``uc_merced:2.0.0``) in ``manual_dir``, or a DataError."""
+    base = name.split(":")[0].split("/")[0].strip()
+    folder = Path(manual_dir)
+    if base not in MANUAL_ARCHIVES:
+        known = ", ".join(f"{k} ({v})" for k, v in MANUAL_ARCHIVES.items())
+        raise DataError(f"--tfds-manual-dir is read only for {known}, not for {name!r}: leave --tfds-manual-dir out to "
+                        "load it with tfds, or pass --data <its folder or .zip>.")
+    archive = MANUAL_ARCHIVES[base]
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"--tfds-manual-dir {folder} {what}: give the folder that holds {archive} (or pass --data {archive}).")
+    path = folder / archive
+    if not path.is_file():
+        others = sorted(p.name for p in folder.glob("*.zip"))
+        found = f" (it holds {', '.join(others)})" if others else ""
+        raise DataError(f"--tfds-manual-dir {folder} holds no {archive}{found}: put the official {archive} there, or pass "
+                        "--data <the zip or its unzipped folder>.")
+    return path
+
+
+def _rgb(img: np.ndarray) -> tuple[np.ndarray, bool]:
+    """An image as 8-bit RGB ``(H, W, 3)`` (converted as the folder loader converts files) and whether it was converted."""
+    img = np.asarray(img)
+    converted = False
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.dtype == np.uint16:  # the top 8 bits, as tf.io.decode_png(channels=3) reads a 16-bit PNG
+        img, converted = (img >> 8).astype(np.uint8), True
+    elif img.dtype != np.uint8:
+        raise DataError(f"tfds images of dtype {img.dtype} are not supported: evalgap reads uint8 (or uint16) images.")
+    channels = img.shape[-1]
+    if channels in (1, 2):  # grayscale (with alpha): the gray channel in R, G and B, as Pillow's convert("RGB")
+        img, converted = np.repeat(img[..., :1], 3, axis=-1), True
+    elif channels == 4:  # RGBA: the alpha dropped, as Pillow's convert("RGB")
+        img, converted = img[..., :3], True
+    elif channels != 3:
+        raise DataError(f"tfds images with {channels} channels are not supported: evalgap reads grayscale, RGB and RGBA images.")
+    return img, converted
+
+
 def load_tfds(
     name: str,
     *,
@@ -51,10 +99,9 @@ def load_tfds(
     ``skip_bad`` leaves unreadable images of a manual archive out (:func:`load_image_folder`).
     """
     if manual_dir is not None:
-        zips = sorted(Path(manual_dir).glob("*.zip"))
-        if zips:
-            logger.info("reading the archive %s in place", zips[0])
-            return load_image_folder(zips[0], image_size, limit_per_class=limit_per_class, skip_bad=skip_bad)
+        archive = _manual_archive(name, manual_dir)
+        logger.info("reading the archive %s in place", archive)
+        return load_image_folder(archive, image_size, limit_per_class=limit_per_class, skip_bad=skip_bad)
     try:
         import tensorflow_datasets as tfds
     except ImportError as exc:
@@ -86,15 +133,18 @@ def load_tfds(
             raise DataError(f"tfds could not download and prepare {name!r} ({type(exc).__name__}: {exc}).{hint}") from exc
     ds = builder.as_dataset(split=split)
     names = builder.info.features["label"].names
-    images, labels, count = [], [], {}
+    images, labels, count, converted = [], [], {}, 0
     for example in tfds.as_numpy(ds):
         label = int(example["label"])
         if limit_per_class is not None and count.get(label, 0) >= limit_per_class:
             continue
         count[label] = count.get(label, 0) + 1
-        img = example["image"]
+        img, changed = _rgb(example["image"])
+        converted += changed
         images.append(np.clip(np.rint(resize_with_pad(img, image_size, image_size)), 0, 255).astype(np.uint8))
         labels.append(label)
     if not images:
         raise DataError(f"tfds data set {name!r} split {split!r} is empty.")
-    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), list(names), f"tfds:{name}")
+    if converted:
+        logger.warning("%d image(s) were not 8-bit RGB (grayscale, RGBA, 16-bit, ...) and were converted to it", converted)
+    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), list(names), f"tfds:{name}", converted)

@@ -147,7 +147,13 @@ def schedule_text(every: int | str) -> str:
     every = check_precise_every(every)
     if every == PRECISE_SCHEDULE:
         return "after epochs 1-7, 10, 20, 50 and the last"
-    return "after every epoch" if every == 1 else f"after every {every}th epoch" if every else "never"
+    return "after every epoch" if every == 1 else f"after every {ordinal(every)} epoch" if every else "never"
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st, 22nd, 101st, 111th."""
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def precise_plan(labels, *, precise_bn: bool, every: int | str, samples: int | None, batch_size: int, seed: int = 0):

@@ -302,6 +302,8 @@ def reproduce(
     console = console or Console()
     results: dict[str, list[dict[str, float]]] = {}
     infos: dict[str, dict[str, Any]] = {}
+    kept: list[str] = []  # the variants in the files written last, and those files
+    kept_paths: tuple[str, ...] = ()
     console.print(
         f"The seed's job on {source or 'the given data'} ({images.shape[1]}x{images.shape[2]}): ResNet50(weights=None), Adam, validation data = training data, {framework}, "
         f"{epochs} epochs per variant."
@@ -321,16 +323,42 @@ def reproduce(
                     highlight=False,
                 )
 
-            console.print(f"[bold]{name}[/bold]: {v.description}")
+            console.print(f"[bold]{name}[/bold]: {described(v, batch_size, len(images))}", highlight=False)
             infos[name] = {}
             steps = {"on_step": bar.step} if bar.progress is not None and keras_version != 2 else {}
-            results[name] = runner(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
-                                   precise_every=precise_every, precise_samples=precise_samples, info=infos[name], **steps)
-            data = _reproduction(source, backend, images, classes, epochs, batch_size, table, infos, results)
-            paths = _write_outputs(results, data, out)  # after each variant: an interrupted run keeps the finished ones
+            try:
+                results[name] = runner(v, images, labels, classes, epochs, batch_size=batch_size, on_epoch=on_epoch,
+                                       precise_every=precise_every, precise_samples=precise_samples, info=infos[name], **steps)
+                data = _reproduction(source, backend, images, classes, epochs, batch_size, table, infos, results)
+                paths = _write_outputs(results, data, out)  # after each variant: an interrupted run keeps the finished ones
+            except KeyboardInterrupt:
+                bar.__exit__(None, None, None)
+                bar.progress = None
+                if kept:
+                    console.print(f"Interrupted during {name}: kept {', '.join(kept_paths)} with the finished variant(s) "
+                                  f"{', '.join(kept)}.", markup=False, highlight=False)
+                else:
+                    console.print(f"Interrupted during {name}, the first variant: nothing was written to {out}.", markup=False,
+                                  highlight=False)
+                raise
+            kept, kept_paths = list(results), paths
     console.print(summary_table(results, tuple(summary_epochs(epochs))))
     console.print(f"Written: {', '.join(paths)}")
     return data
+
+
+def described(variant: Variant, batch_size: int | None, images: int) -> str:
+    """The variant's description with the batch it runs at: ``--batch-size`` (the batch-96 variants) or capped at the
+    number of images; as it is unless the batch differs from the variant's own."""
+    used = variant_batch_size(variant.batch_size, batch_size, images)
+    if used == variant.batch_size:
+        return variant.description
+    why = f"--batch-size {batch_size}" if batch_size and variant.batch_size == 96 and batch_size <= images else f"capped at the {images} images"
+    batch = f"batch {used} ({why}, in place of {variant.batch_size})"
+    own = f"batch {variant.batch_size}"
+    if own in variant.description:
+        return variant.description.replace(own, batch, 1)
+    return f"{variant.description}, at {batch}"
 
 
 def _reproduction(source, backend, images, classes, epochs, batch_size, table, infos, results) -> "Reproduction":
@@ -342,7 +370,7 @@ def _reproduction(source, backend, images, classes, epochs, batch_size, table, i
         "image_size": int(images.shape[1]),
         "classes": int(classes),
         "epochs": epochs,
-        "variants": {n: {"description": table[n].description, "batch_size": variant_batch_size(table[n].batch_size, batch_size, len(images)), "momentum": table[n].momentum, "inputs": table[n].inputs, "precise_bn": table[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
+        "variants": {n: {"description": described(table[n], batch_size, len(images)), "batch_size": variant_batch_size(table[n].batch_size, batch_size, len(images)), "momentum": table[n].momentum, "inputs": table[n].inputs, "precise_bn": table[n].precise_bn, **infos[n], "epochs": logs} for n, logs in results.items()},
     })
 
 
