@@ -196,6 +196,25 @@ class NScan(nnx.Module):
         return self.head(body(self.block, self.inp(x)))
 
 
+class NScanStateAxes(NScan):
+    """As :class:`NScan`, with the state axes written out as Flax's scan-over-layers guide does."""
+
+    axes = staticmethod(lambda: nnx.StateAxes({(nnx.Param, nnx.BatchStat): 0, ...: None}))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(self.axes(), nnx.Carry), out_axes=nnx.Carry)
+        def body(block, x):
+            return block(x)
+
+        return self.head(body(self.block, self.inp(x)))
+
+
+class NScanStateAxesOnly(NScanStateAxes):
+    """State axes naming only the parameters and batch statistics (no ``...`` entry)."""
+
+    axes = staticmethod(lambda: nnx.StateAxes({(nnx.Param, nnx.BatchStat): 0}))
+
+
 class NTwice(nnx.Module):
     """One BatchNorm called twice inside ``nnx.remat``: both calls pooled, as a shared layer's."""
 
@@ -255,7 +274,8 @@ def nnx_stale(model) -> None:
             m.var[...] = m.var[...] * 2.0
 
 
-@pytest.mark.parametrize("cls", [NRemat, NScan, NTwice, NCarry], ids=["remat", "scan", "twice-in-remat", "carried-by-scan"])
+@pytest.mark.parametrize("cls", [NRemat, NScan, NScanStateAxes, NScanStateAxesOnly, NTwice, NCarry],
+                         ids=["remat", "scan", "scan-stateaxes", "scan-stateaxes-only", "twice-in-remat", "carried-by-scan"])
 def test_nnx_batchnorm_inside_a_lifted_transform_gets_its_own_exact_statistics(cls):
     model, batches = cls(nnx.Rngs(0)), data()
     nnx_stale(model)
@@ -270,6 +290,87 @@ def test_nnx_batchnorm_inside_a_lifted_transform_gets_its_own_exact_statistics(c
     assert changed(before, nnx_snapshot(model)) == {f"['block']['bn']['{s}'].value" for s in ("mean", "var")}
     assert result["block/bn"].status == "recalibrated" and result["block/bn"].channels == ref_mean.size
     assert result["block/bn"].count == 64 * {NTwice: 2, NCarry: 3}.get(cls, 1)  # values per channel, every call
+
+
+# ---- a masked call that normalizes nothing; a transform that drops the layer's state --------------
+class NMasked(nnx.Module):
+    """``bn`` masked so that no value of these batches reaches it (``x[:, 0] > 1e6``), called as it is or in ``nnx.remat``."""
+
+    def __init__(self, rngs: nnx.Rngs, remat: bool):
+        self.remat = remat
+        self.inp, self.block, self.head = nnx.Linear(5, 6, rngs=rngs), NBlock(rngs), nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        mask = x[:, :1] > 1e6
+
+        def body(b, h):
+            return b.bn(b.lin(h), mask=mask)
+
+        h = self.inp(x)
+        return self.head(nnx.remat(body)(self.block, h) if self.remat else body(self.block, h))
+
+
+class LMaskedBlock(nn.Module):
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask):
+        return nn.BatchNorm(use_running_average=not self.train, name="bn")(nn.Dense(6, name="lin")(x), mask=mask)
+
+
+class LMasked(nn.Module):
+    remat: bool
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        block = (nn.remat(LMaskedBlock) if self.remat else LMaskedBlock)(train=train, name="block")
+        return nn.Dense(3, name="head")(block(nn.Dense(6, name="inp")(x), x[:, :1] > 1e6))
+
+
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_masked_call_that_normalizes_nothing_inside_remat_leaves_the_layer_unreached_as_at_the_top_level(api):
+    """Reference: the same model without the transform (the layer unreached, 0 values) and the data (no value passes the
+    mask); the layer's statistics stay as they were."""
+    batches = data(2)
+    assert not any((x[:, 0] > 1e6).any() for x, _ in batches)
+    out = {}
+    for remat in (False, True):
+        if api == "nnx":
+            model = NMasked(nnx.Rngs(0), remat)
+            nnx_stale(model)
+            before = nnx_snapshot(model)
+            result = eg.recalibrate(model, batches, progress=False)
+            assert changed(before, nnx_snapshot(model)) == set(), remat
+        else:
+            module = LMasked(remat)
+            variables = module.init(jax.random.key(0), batches[0][0])
+            variables = {"params": variables["params"], "batch_stats": stale(variables["batch_stats"])}
+            result, new = eg.recalibrate((module, variables), batches, progress=False)
+            assert snapshot(new) == snapshot(variables), remat
+        out[remat] = [(layer.name, layer.status, layer.count) for layer in result.layers]
+    assert out[False] == [("block/bn", "unreached", 0)]
+    assert out[True] == out[False]
+
+
+class NDropped(nnx.Module):
+    """The block run functionally inside ``jax.checkpoint`` and its updated state dropped: its BatchNorm's statistics never
+    leave the transform (in training they never move either)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.inp, self.block, self.head = nnx.Linear(5, 6, rngs=rngs), NBlock(rngs), nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        graphdef, state = nnx.split(self.block)
+        return self.head(jax.checkpoint(lambda s, h: nnx.merge(graphdef, s)(h))(state, self.inp(x)))
+
+
+def test_nnx_transform_that_drops_the_layers_state_is_a_model_error_naming_the_layer():
+    model, batches = NDropped(nnx.Rngs(0)), data(2)
+    before = nnx_snapshot(model)
+    for run in (eg.recalibrate, eg.diagnose):
+        with pytest.raises(ModelError, match=r"block/bn: no moments came out of the lifted transform"):
+            run(model, batches, progress=False)
+    assert nnx_snapshot(model) == before
 
 
 def ce(out, y):

@@ -101,26 +101,32 @@ class Plain(nn.Module):
         return nn.Dense(4, name="head")(nn.relu(h))
 
 
-def weighted_reference(module, variables, batches) -> tuple[float, float]:
-    """sum(w * l) / sum(w) of the cross-entropy (float64 log-softmax of the user's eval outputs) and of the accuracy."""
-    loss = acc = total = 0.0
+def keras_weighted_reference(module, variables, batches) -> tuple[float, float, float]:
+    """Keras 3's rule for ``evaluate(sample_weight=w)``, in float64 NumPy on the user's eval outputs: the loss
+    (``reduction="sum_over_batch_size"``) ``sum(w * l) / N`` over all N samples, a ``weighted_metrics`` entry
+    ``sum(w * a) / sum(w)`` (checked with Keras 3.15: loss 2.43390 = sum(w l)/N, weighted_accuracy 0.26081 =
+    sum(w a)/sum(w) on a Dense model; sum(w l)/sum(w) was 1.56709). Also ``sum(w * l) / sum(w)``, the rule Keras's loss
+    does not follow."""
+    loss = acc = weight = samples = 0.0
     for x, y, w in batches:
         z = f64(module.apply(variables, x))
         logp = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
         w = f64(w)
         loss += float((w * -logp[np.arange(len(y)), y]).sum())
         acc += float((w * (z.argmax(1) == y)).sum())
-        total += float(w.sum())
-    return loss / total, acc / total
+        weight += float(w.sum())
+        samples += len(y)
+    return loss / samples, acc / weight, loss / weight
 
 
-def test_sample_weights_weight_every_loss_and_metric_as_keras_does():
+def test_sample_weights_weight_the_loss_as_keras_loss_and_the_metrics_as_keras_weighted_metrics():
     rng = np.random.default_rng(0)
     x, y, w = rng.normal(1.0, 2.0, (60, 5)).astype(np.float32), rng.integers(0, 4, 60), rng.uniform(0, 3, 60).astype(np.float32)
     module = Plain()
     variables = stale(module.init(jax.random.key(0), x[:2]))
     batches = [(x[i : i + 20], y[i : i + 20], w[i : i + 20]) for i in range(0, 60, 20)]
-    loss_ref, acc_ref = weighted_reference(module, variables, batches)
+    loss_ref, acc_ref, not_keras = keras_weighted_reference(module, variables, batches)
+    assert abs(loss_ref - not_keras) > 1e-2  # the two rules differ on these weights
     unweighted = eval_loss(lambda a: module.apply(variables, a), batches)
     assert abs(loss_ref - unweighted) > 1e-3  # the weights matter
 
@@ -136,7 +142,7 @@ def test_sample_weights_weight_every_loss_and_metric_as_keras_does():
         assert report.decompositions["loss"].values["E"] == pytest.approx(loss_ref, rel=1e-5), name
         if "accuracy" in report.decompositions:
             assert report.decompositions["accuracy"].values["E"] == pytest.approx(acc_ref, rel=1e-5), name
-        assert any("sum(w * value) / sum(w)" in n for n in report.notes), name
+        assert any("the loss sum(w * loss) / N" in n and "sum(w * value) / sum(w)" in n for n in report.notes), name
     with pytest.raises(DataError, match=r"loss_fn gave one number .* sample weights.*one value per sample"):
         eg.diagnose((module, variables), batches, loss_fn=ce, progress=False)
 
@@ -213,6 +219,53 @@ def test_input_scale_is_not_judged_when_the_model_scales_its_own_input():
     assert found["linen"] == ([], ["input scale not judged: the model transforms its inputs itself (OwnScaling.__call__, before conv)."])
     assert found["nnx"] == ([], ["input scale not judged: the model transforms its inputs itself (NnxOwnScaling.__call__, before conv)."])
     assert found["linen, as given"] == (["input_scale"], [])  # a dtype cast and a transpose pass the input on as it is
+
+
+LAYOUT = {  # what a raw-pixel model may do before its first layer without changing the pixels' range
+    "pad": lambda x: jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))),
+    "gray to rgb, concatenate": lambda x: jnp.concatenate([x[..., :1]] * 3, -1),
+    "gray to rgb, tile": lambda x: jnp.tile(x[..., :1], (1, 1, 1, 3)),
+    "gather": lambda x: x[:, np.array([5, 4, 3, 2, 1, 0])],
+    "nearest resize": lambda x: jax.image.resize(x, (x.shape[0], 12, 12, 3), "nearest"),  # a gather
+    # computed values in the jaxpr (dots, a clamp) that keep the pixels' range: confirmed by value on the first batch
+    "bilinear resize": lambda x: jax.image.resize(x, (x.shape[0], 12, 12, 3), "bilinear"),
+    "clip": lambda x: jnp.clip(x, 0.0, 255.0),
+}
+
+
+class Layout(nn.Module):
+    pre: str
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3), name="conv")(LAYOUT[self.pre](x))))
+        return nn.Dense(3)(x.mean((1, 2)))
+
+
+class NnxLayout(nnx.Module):
+    def __init__(self, pre: str, rngs: nnx.Rngs):
+        self.pre = pre
+        self.conv, self.bn, self.head = nnx.Conv(3, 4, (3, 3), rngs=rngs), nnx.BatchNorm(4, rngs=rngs), nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.bn(self.conv(LAYOUT[self.pre](x)))).mean((1, 2)))
+
+
+@pytest.mark.parametrize("pre", list(LAYOUT))
+def test_input_scale_is_judged_when_the_model_keeps_the_range_of_raw_pixels(pre):
+    """Pixels in [0, 255] reach the first Conv with their range (NumPy reference: the layout function's output range
+    equals the input's): the input-scale finding fires, as for a model given the pixels as they are."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 16, 3, 3, 3)).astype(np.float32).repeat(2, 2).repeat(2, 3)  # 2x2 blocks: smooth
+    pixels[:, 0, :2, :2], pixels[:, 1, :2, :2] = 0.0, 255.0
+    batches = [(x, rng.integers(0, 3, 16)) for x in pixels]
+    seen = np.asarray(LAYOUT[pre](jnp.asarray(batches[0][0])), np.float64)
+    assert np.allclose((seen.min(), seen.max()), (0.0, 255.0), atol=1e-3)
+    models = {"linen": (Layout(pre), Layout(pre).init(jax.random.key(0), batches[0][0])), "nnx": NnxLayout(pre, nnx.Rngs(0))}
+    for name, model in models.items():
+        report = eg.diagnose(model, batches, progress=False)
+        assert [n for n in report.notes if n.startswith("input scale")] == [], name
+        assert [f.kind for f in report.findings if f.kind == "input_scale"] == ["input_scale"], name
 
 
 # ---- inner FrozenDicts ---------------------------------------------------------------------

@@ -114,9 +114,11 @@ def diagnose(
             for one logit and 0/1 targets, mean squared error for float targets shaped like
             the output; otherwise a DataError asks for it.
         metrics: ``{"name": (output, target) -> scalar}`` (default: accuracy where the task has one).
-            With sample weights in the data (``(x, y, w)``, a dict's ``sample_weight``) every
-            loss and metric is ``sum(w * value) / sum(w)``, as Keras weights them; the callables
-            must then give one value per sample (no ``.mean()``), else a DataError.
+            With sample weights in the data (``(x, y, w)``, a dict's ``sample_weight``) they are
+            weighted as Keras's ``evaluate`` weights them: the loss as Keras's loss,
+            ``sum(w * loss) / N`` over all ``N`` samples, every metric as Keras's
+            ``weighted_metrics``, ``sum(w * value) / sum(w)``; the callables must then give one
+            value per sample (no ``.mean()``), else a DataError.
         fit_metric: what the training loop reported for the last epoch (F): a dict by metric
             name, or one number for the primary metric.
         primary: the metric to rank causes by (default: accuracy-like, else the first given

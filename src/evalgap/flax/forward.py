@@ -18,7 +18,7 @@ the model's own training flag. The model never changes:
 A BatchNorm called inside a lifted transform (Linen ``nn.remat``/``nn.scan``/``nn.vmap``, NNX
 ``nnx.remat``/``nnx.scan``/``nnx.vmap``; found by comparing JAX's trace state with the forward's
 own) cannot hand its moments out of the transform's trace; they leave as the model's state,
-which the transforms carry: a slot (:data:`SLOTS`: count, shift, mean - shift, variance) shaped
+which the transforms carry: a slot (:data:`SLOTS`: count, shift, mean - shift, variance, calls) shaped
 like the layer's moving mean, created in the forward (NNX: Variables on the private copy's layer;
 Linen: entries beside ``mean``/``var`` in the ``batch_stats`` collection given to ``apply``,
 which every transform that lets a BatchNorm train carries), so a stacked layer (scan, vmap)
@@ -164,9 +164,11 @@ def _trace_state() -> Any:
     return jax.extend.core.get_opaque_trace_state(convention="nnx")
 
 
-#: A slot's entries (Linen: variable names in ``batch_stats``; NNX: attributes of the layer): count, shift, mean - shift, var.
-SLOTS = ("evalgap_n", "evalgap_s", "evalgap_d", "evalgap_var")
-#: A slot capture's count when its stacked layers saw different numbers of values, or when no call reached it.
+#: A slot's entries (Linen: variable names in ``batch_stats``; NNX: attributes of the layer): count, shift, mean - shift,
+#: var, and the number of calls merged in (a call that normalized nothing, a mask with no value, still counts: the
+#: layer is then unreached, as at the top level, where a slot no call came out of is a transform that drops it).
+SLOTS = ("evalgap_n", "evalgap_s", "evalgap_d", "evalgap_var", "evalgap_calls")
+#: A slot capture's count when its stacked layers saw different numbers of values, or when no call came out of it.
 UNEQUAL_COUNTS, NOT_CARRIED = -1, -2
 
 
@@ -217,9 +219,10 @@ class _Sink:
 
 
 def empty_slot(mean: Any) -> tuple:
-    """A slot for a layer whose moving mean is ``mean``: zero counts, float32 (or wider) moments, its shape."""
+    """A slot for a layer whose moving mean is ``mean``: zero counts and calls, float32 (or wider) moments, its shape."""
     shape, dtype = jnp.shape(mean), jnp.promote_types(jnp.asarray(mean).dtype, jnp.float32)
-    return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+            jnp.zeros(shape, jnp.int32))
 
 
 def merge_slot(slot: tuple, count: Any, exact: tuple, var: Any) -> tuple:
@@ -227,9 +230,9 @@ def merge_slot(slot: tuple, count: Any, exact: tuple, var: Any) -> tuple:
 
     With ``w = n1 / (n0 + n1)`` and ``delta`` the difference of the means (``(s1 - s0) + d1 - d0``,
     never a difference of two large means): ``d = d0 + w delta``, ``var = (1 - w) var0 + w var1 +
-    w (1 - w) delta^2`` (biased). An empty slot takes the call as it is (its shift too).
+    w (1 - w) delta^2`` (biased). An empty slot takes the call as it is (its shift too). One more call.
     """
-    n0, s0, d0, v0 = slot
+    n0, s0, d0, v0, calls = slot
     shape = jnp.shape(s0)
     s1, d1 = (jnp.reshape(a, shape).astype(s0.dtype) for a in exact)
     v1 = jnp.reshape(var, shape).astype(v0.dtype)
@@ -239,14 +242,16 @@ def merge_slot(slot: tuple, count: Any, exact: tuple, var: Any) -> tuple:
     delta = (s1 - s0) + d1 - d0
     empty = n0 == 0
     return (total, jnp.where(empty, s1, s0), jnp.where(empty, d1, d0 + w * delta),
-            jnp.where(empty, v1, (1 - w) * v0 + w * v1 + w * (1 - w) * jnp.square(delta)))
+            jnp.where(empty, v1, (1 - w) * v0 + w * v1 + w * (1 - w) * jnp.square(delta)), calls + 1)
 
 
 def _slot_capture(index: int, slot: tuple) -> tuple:
-    """A slot as one capture: flat moments, and one count (:data:`UNEQUAL_COUNTS`, :data:`NOT_CARRIED` when there is none)."""
-    n, s, d, var = slot
-    n = jnp.reshape(n, -1)
-    count = jnp.where(n[0] <= 0, NOT_CARRIED, jnp.where(jnp.all(n == n[0]), n[0], UNEQUAL_COUNTS))
+    """A slot as one capture: flat moments and one count, 0 where the calls normalized nothing (unreached, as at the top
+    level); :data:`NOT_CARRIED` where no call came out of the transform, :data:`UNEQUAL_COUNTS` where the stacked layers
+    differ."""
+    n, s, d, var, calls = slot
+    n, calls = jnp.reshape(n, -1), jnp.reshape(calls, -1)
+    count = jnp.where(jnp.any(calls <= 0), NOT_CARRIED, jnp.where(jnp.all(n == n[0]), n[0], UNEQUAL_COUNTS))
     return index, count, (jnp.reshape(s, -1), jnp.reshape(d, -1)), jnp.reshape(var, -1)
 
 
@@ -327,7 +332,9 @@ def _slot_class() -> type:
 
     global _SLOT
     if _SLOT is None:
-        _SLOT = type("EvalgapSlot", (nnx.Variable,), {"__doc__": "A private copy's BatchNorm moments from inside a lifted transform."})
+        # a BatchStat: every transform state axes that carry the layer's moving statistics (``nnx.StateAxes({(nnx.Param,
+        # nnx.BatchStat): 0, ...: None})``, a filter on BatchStat) carry the slot the same way, stacked as they are
+        _SLOT = type("EvalgapSlot", (nnx.BatchStat,), {"__doc__": "A private copy's BatchNorm moments from inside a lifted transform."})
     return _SLOT
 
 
@@ -428,43 +435,101 @@ def _discover_nnx(target: NnxModel, x: Any) -> None:
     leaves, structure = jax.tree.flatten(x)
     shapes = tuple((np.shape(a), str(getattr(a, "dtype", type(a).__name__))) for a in leaves)
 
-    def trace() -> tuple[dict, str | None]:
+    def trace() -> tuple[dict, tuple]:
         seen: dict = {}
         first: list = []
         jaxpr = jax.make_jaxpr(_bound(_nnx_discover, graphdef, target.flag, seen, first))(state, x)
         return seen, _input_transform(target.name, first, jaxpr, len(leaves), nnx.Embed)
 
-    calls, target.input_transform = _cached(("nnx-discover", graphdef, target.flag, structure, shapes), trace)
+    calls, transform = _cached(("nnx-discover", graphdef, target.flag, structure, shapes), trace)
     target.calls = dict(calls)
+    target.input_transform = confirm(*transform, (state, x), x)  # by this batch's values: not cached
 
 
 # ---- does the model change its input before its first layer? ----------------------------
-#: Primitives that pass values on as they are (layout, dtype, selection, order).
+#: Primitives that pass values on as they are (layout, dtype, selection, order, repetition, padding): an output is the
+#: input's when every operand computed from the model's input is the input's (pad's padding value, gather's indices and
+#: concatenate's other pieces may be constants).
 PASS_THROUGH = frozenset({
-    "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "convert_element_type", "copy", "copy_p", "rev",
-    "slice", "dynamic_slice", "device_put", "sharding_constraint", "stop_gradient",
+    "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "convert_element_type", "copy", "rev",
+    "slice", "dynamic_slice", "device_put", "sharding_constraint", "stop_gradient", "pad", "concatenate", "tile", "gather",
 })
 
 
-def _input_transform(model: str, first: list, jaxpr: Any, inputs: int, embed: type) -> str | None:
-    """Where the model transforms its input itself, for ``ModelFacts.input_transforms``; None where it does not.
+def _input_transform(model: str, first: list, jaxpr: Any, inputs: int, embed: type) -> tuple[str | None, Any]:
+    """Where the model may transform its input itself, and the jaxpr to confirm it by value (:func:`confirm`).
 
     ``first``: ``(path, class, input)`` of the first Conv/Dense/Embed call (``input`` None inside
-    a lifted transform: not known). An Embed embeds its input; another layer's input is a
-    transform when it is computed from the model's input (the last ``inputs`` arguments of
-    ``jaxpr``) by anything but :data:`PASS_THROUGH` (``x / 255``, ``(x - mean) / std``).
+    a lifted transform: not known), the traced function's first output. An Embed embeds its
+    input (sure: no jaxpr to confirm by); another layer's input is a candidate when it is
+    computed from the model's input (the last ``inputs`` arguments of ``jaxpr``) by anything but
+    :data:`PASS_THROUGH` (``x / 255``, ``(x - mean) / std``, but also a resize or a pooling,
+    which keep the input's range): then ``jaxpr`` comes back with it, else None.
     """
     if not first:
-        return None
+        return None, None
     path, cls, value = first[0]
     layer = path_name(path) or cls.__name__
     if issubclass(cls, embed):
-        return f"{layer} (an embedding)"
+        return f"{layer} (an embedding)", None
     if value is None or not jaxpr.out_avals:
-        return None
+        return None, None
     invars = jaxpr.jaxpr.invars
     label = _labels(jaxpr.jaxpr, [None] * (len(invars) - inputs) + ["input"] * inputs)[0]
-    return f"{model}.__call__, before {layer}" if label == "changed" else None
+    return (f"{model}.__call__, before {layer}", jaxpr) if label == "changed" else (None, None)
+
+
+def confirm(transform: str | None, jaxpr: Any, args: Any, x: Any) -> str | None:
+    """``transform`` where the first layer's input, computed from the first batch, leaves the input's range.
+
+    As PyTorch's check (:func:`evalgap.torch.layers.input_transforms`): the first layer's input
+    (the first output of ``jaxpr`` on ``args``, only the equations it depends on evaluated) and
+    the input ``x`` (one floating or uint8 array) have the same minimum and maximum within 1% of
+    the input's range: no transform (a resize, a pooling, a crop). Where the values cannot be
+    had (several inputs, a failure, non-float values), the jaxpr's verdict stands.
+    """
+    if transform is None or jaxpr is None:
+        return transform
+    leaves = jax.tree.leaves(x)
+    if len(leaves) != 1 or not hasattr(leaves[0], "dtype") or np.size(leaves[0]) == 0:
+        return transform
+    if not (jnp.issubdtype(leaves[0].dtype, jnp.floating) or leaves[0].dtype == jnp.uint8):
+        return transform
+    try:
+        got = _first_output(jaxpr, jax.tree.leaves(args))
+        if not jnp.issubdtype(got.dtype, jnp.floating) or got.size == 0:
+            return transform
+        lo, hi, got_lo, got_hi = (float(v) for v in jax.device_get(
+            [jnp.min(leaves[0]), jnp.max(leaves[0]), jnp.min(got), jnp.max(got)]))
+    except Exception:  # the value is not needed to run the model: the jaxpr's verdict stands
+        return transform
+    if not all(np.isfinite([lo, hi, got_lo, got_hi])):
+        return transform
+    tolerance = 0.01 * max(hi - lo, abs(hi), abs(lo), 1e-12)
+    return None if abs(got_lo - lo) <= tolerance and abs(got_hi - hi) <= tolerance else transform
+
+
+def _first_output(closed: Any, args: list) -> Any:
+    """The first output of the closed jaxpr ``closed`` on ``args``: only the equations it depends on, one op each."""
+    jaxpr, literal = closed.jaxpr, jax.extend.core.Literal
+    needed = {v for v in jaxpr.outvars[:1] if not isinstance(v, literal)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(not isinstance(v, literal) and v in needed for v in eqn.outvars):
+            kept.append(eqn)
+            needed.update(v for v in eqn.invars if not isinstance(v, literal))
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, literal) else env[v]
+
+    for eqn in reversed(kept):
+        bound = eqn.primitive.get_bind_params(eqn.params)
+        subfuns, params = bound if isinstance(bound, tuple) else ((), bound)  # older JAX: (subfuns, params)
+        out = eqn.primitive.bind(*subfuns, *[read(v) for v in eqn.invars], **params)
+        env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
+    return jnp.asarray(read(jaxpr.outvars[0]))
 
 
 def _labels(jaxpr: Any, given: list) -> list:
@@ -480,7 +545,7 @@ def _labels(jaxpr: Any, given: list) -> list:
         inner = [getattr(p, "jaxpr", p) for p in inner]
         if len(inner) == 1 and len(inner[0].invars) == len(ins) and len(inner[0].outvars) == len(eqn.outvars):
             outs = _labels(inner[0], ins)  # a nested jit/call: followed inside
-        elif eqn.primitive.name in PASS_THROUGH and [a for a in ins if a is not None] == ["input"]:
+        elif eqn.primitive.name in PASS_THROUGH and "input" in ins and all(a in (None, "input") for a in ins):
             outs = ["input"] * len(eqn.outvars)
         else:
             outs = ["changed" if any(a is not None for a in ins) else None] * len(eqn.outvars)
@@ -642,8 +707,9 @@ def discover(target: NnxModel | LinenModel, x: Any) -> None:
     in call order, then those of ``batch_stats`` the call did not reach), ``target.others``
     and ``target.rng_collections`` (every Dropout's, and every collection the model asks a key
     of with ``make_rng``: the trace is retried with a key for it). Both: ``target.input_transform``
-    (:func:`_input_transform`, read from the trace's jaxpr). Cached per model structure, flag
-    and input shapes (PreciseBN traces once per model).
+    (:func:`_input_transform`, read from the trace's jaxpr, then confirmed on this batch's values by
+    :func:`confirm`). Cached per model structure, flag and input shapes (PreciseBN traces once per
+    model); the values are compared on every call.
     """
     if isinstance(target, NnxModel):
         return _discover_nnx(target, x)
@@ -652,7 +718,8 @@ def discover(target: NnxModel | LinenModel, x: Any) -> None:
     key = ("discover", _owner(target.module), target.flag, structure, shapes)
     found, _ = _cached(key, lambda: (_discover(target, x), target.module))  # the entry holds the module (see _owner)
     target.batchnorms, target.others = list(found[0]), list(found[1])
-    target.rng_collections, target.input_transform = found[2], found[3]
+    target.rng_collections = found[2]
+    target.input_transform = confirm(*found[3], (target.variables, x), x)  # by this batch's values: not cached
 
 
 def _missing_rng(exc: BaseException) -> str | None:

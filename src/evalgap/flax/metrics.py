@@ -7,9 +7,11 @@ reduced with ``.mean()``, say) or one value per sample (:func:`evalgap.engine.ta
 each batch's per-sample total is kept on the device and fetched once, so every mode gives the
 per-sample mean over all batches, as an evaluation loop that averages per sample does. With
 sample weights (``(x, y, w)`` batches or arrays, a dict batch's ``sample_weight``, one weight per
-sample) every value is the weighted mean ``sum(w * v) / sum(w)`` over all samples, as Keras
-weights its losses and metrics; a callable must then give one value per sample (a DataError
-asks for it: a batch mean cannot be weighted). The
+sample) the values are weighted exactly as Keras's ``evaluate(sample_weight=w)`` weights them:
+the loss as Keras's loss (reduction ``"sum_over_batch_size"``), ``sum(w * loss) / N`` over all
+``N`` samples, and every metric as Keras's ``weighted_metrics``, ``sum(w * value) / sum(w)``; a
+callable must then give one value per sample (a DataError asks for it: a batch mean cannot be
+weighted). The
 callables are compiled together with ``jax.jit`` when they allow it (else they run as they
 are). Without ``loss_fn``/``metrics`` the defaults of :mod:`evalgap.engine.tasks` apply, on
 the prediction in the output (:func:`prediction`), with Flax's channels-last layout (class
@@ -149,7 +151,8 @@ class FlaxMetrics:
         given = list(metrics) if metrics else []
         loss_fn, metrics, defaults, notes = completed(loss_fn, metrics, lambda: _task(prediction(outputs), batch.targets), DEFAULTS)
         if batch.weights is not None:
-            notes.append("weighted by the sample weights: every loss and metric is sum(w * value) / sum(w) over all samples.")
+            notes.append("weighted by the sample weights as Keras's evaluate weights them: the loss sum(w * loss) / N over "
+                         "all N samples, every metric sum(w * value) / sum(w) (Keras's weighted_metrics).")
         return cls(loss_fn, metrics, given=given, notes=notes, collective=collective, defaults=defaults)
 
     def values(self, out: Any, target: Any) -> tuple:
@@ -178,8 +181,8 @@ def _weights(w: Any, k: int) -> Any:
 class _State:
     def __init__(self, spec: FlaxMetrics):
         self.spec = spec
-        # per batch: its sum of weights (the number of samples when unweighted), then the weighted per-sample totals,
-        # all on the device: fetched once, summed in float64
+        # per batch: its number of samples, its sum of weights (the number of samples when unweighted), then the
+        # weighted per-sample totals, all on the device: fetched once, summed in float64
         self.batches: list[Any] = []
         self.weighted = False
 
@@ -187,15 +190,15 @@ class _State:
         k = batch.size if batch.size is not None else int(prediction(outputs).shape[0])
         w = None if batch.weights is None else _weights(batch.weights, k)
         self.weighted = self.weighted or w is not None
-        totals = [jnp.asarray(k, jnp.float32) if w is None else w.sum()]
+        totals = [jnp.asarray(k, jnp.float32), jnp.asarray(k, jnp.float32) if w is None else w.sum()]
         for name, v in zip(self.spec.names, self.spec.values(outputs, batch.targets)):
             each = batch_total(name if name != "loss" else "loss_fn", tuple(v.shape), k) == "each" or k == 1  # one value per sample
             if w is not None and not each:
                 raise DataError(
                     f"{name if name != 'loss' else 'loss_fn'} gave one number for a batch with sample weights, which cannot be "
                     "weighted: return one value per sample (e.g. optax.softmax_cross_entropy_with_integer_labels(o, t) "
-                    "without .mean()), and evalgap weights them as sum(w * value) / sum(w); or leave the weights out of "
-                    "the batches for unweighted values."
+                    "without .mean()), and evalgap weights them as Keras does (the loss sum(w * loss) / N, a metric "
+                    "sum(w * value) / sum(w)); or leave the weights out of the batches for unweighted values."
                 )
             if not each:
                 totals.append(v.reshape(()) * k)
@@ -204,11 +207,12 @@ class _State:
         self.batches.append(jnp.stack(totals))
 
     def result(self) -> dict[str, float]:
-        values = np.asarray(jax.device_get(self.batches), dtype=np.float64).reshape(len(self.batches), 1 + len(self.spec.names))
+        values = np.asarray(jax.device_get(self.batches), dtype=np.float64).reshape(len(self.batches), 2 + len(self.spec.names))
         totals = values.sum(axis=0)
-        if self.spec.collective is not None:  # weighted sums and total weight over every process
+        if self.spec.collective is not None:  # weighted sums, samples and total weight over every process
             totals = self.spec.collective.sum(totals)
-        if self.weighted and not totals[0] > 0:
-            raise DataError(f"the sample weights sum to {totals[0]:g} over the data: give positive weights.")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return {name: float(v / totals[0]) for name, v in zip(self.spec.names, totals[1:])}
+        samples, weight = totals[0], totals[1]
+        if self.weighted and not weight > 0:
+            raise DataError(f"the sample weights sum to {weight:g} over the data: give positive weights.")
+        with np.errstate(invalid="ignore", divide="ignore"):  # Keras: the loss over the samples, a metric over the weight
+            return {name: float(v / (samples if name == "loss" else weight)) for name, v in zip(self.spec.names, totals[2:])}
