@@ -184,6 +184,17 @@ def one_number_results(values: dict[str, Any], spec: Any) -> dict[str, float]:
     return out
 
 
+def overrides(model: Any, method: str) -> bool:
+    """Whether ``type(model)`` defines ``method`` outside Keras (``keras``, ``tf_keras``): a user's subclass."""
+    owner = next((c for c in type(model).__mro__ if method in vars(c)), None)
+    return owner is not None and owner.__module__.split(".")[0] not in ("keras", "tf_keras")
+
+
+def test_step_note(model: Any) -> str:
+    return (f"{type(model).__name__} overrides test_step: evaluate runs that code and may differ from E, which is the "
+            "compiled loss and metrics as Keras's own test_step computes them.")
+
+
 def classifier_defaults(y: Any, pred: np.ndarray, sparse: Callable[..., Any], categorical: Callable[..., Any], error: type) -> tuple[Any, list[str]]:
     """What an uncompiled classifier is measured with: cross-entropy (from logits unless the outputs are
     probabilities) and accuracy; ``error`` is raised for anything that is not class scores."""

@@ -485,3 +485,99 @@ def test_function_metrics_get_backend_tensors():
 
     _assert_close(_mode(report, "E"), want, "E")
     assert _mode(report, "E")["my_metric"] == pytest.approx(np.abs(y - pred).mean(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------
+class ExtraLoss(keras.Model):
+    """Overrides compute_loss: the compiled loss (regularization included) plus 0.5 mean(y_pred**2), tracked by its
+    own Mean (a state diagnose must not change)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra = keras.metrics.Mean(name="extra")
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        extra = 0.5 * ops.mean(ops.square(y_pred))
+        self.extra.update_state(extra)
+        return super().compute_loss(x, y, y_pred, sample_weight, training) + extra
+
+
+def test_an_overridden_compute_loss_is_the_loss_of_every_mode():
+    """E's loss is the override's, as evaluate gives it, and P's is evaluate's after recalibrate; the mae metric is
+    unchanged; neither the weights nor the override's own tracker change."""
+    x = _features()
+    y = _regression(x)[:, None]
+    inp = keras.Input((6,))
+    model = ExtraLoss(inp, layers.Dense(1)(_trunk(inp, reg=keras.regularizers.L2(0.01))))
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    _fit(model, (x, y))
+    weights = model.get_weights()
+    want_e = _evaluate(model, (x, y))
+    pred = np.asarray(model.predict(x, batch_size=BATCH, verbose=0), np.float64)
+    compiled = np.mean((pred - y) ** 2) + sum(float(ops.convert_to_numpy(v)) for v in model.losses)
+    assert want_e["loss"] == pytest.approx(compiled + 0.5 * np.mean(pred ** 2), rel=1e-4)  # evaluate calls the override
+    before, tracked = snapshot(model), [np.asarray(v.numpy()).tobytes() for v in model.extra.variables]
+
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, progress=False)
+
+    assert snapshot(model) == before and [np.asarray(v.numpy()).tobytes() for v in model.extra.variables] == tracked
+    model.set_weights(weights)
+    eg.recalibrate(model, (x, y), batch_size=BATCH, progress=False)
+    want_p = _evaluate(model, (x, y))
+    for mode, want in (("E", want_e), ("P", want_p)):
+        got = _mode(report, mode)
+        _assert_close({k: got[k] for k in ("loss", "mae")}, {k: want[k] for k in ("loss", "mae")}, mode)
+    assert any("overrides compute_loss" in n for n in report.notes), report.notes
+
+
+def test_an_overridden_test_step_is_named_in_a_note():
+    """A model whose test_step scores something else: a note says evaluate may differ from E, and E is the compiled
+    loss as Keras's own test_step computes it (evaluate of a plain functional model on the same layers)."""
+
+    class Doubled(keras.Model):
+        def test_step(self, *args):  # stands for code scoring something else (its signature differs on jax)
+            raise NotImplementedError
+
+    x = _features()
+    y = _regression(x)[:, None]
+    inp = keras.Input((6,))
+    out = layers.Dense(1)(_trunk(inp))
+    model = Doubled(inp, out)
+    model.compile(optimizer="adam", loss="mse")
+    _fit(model, (x, y))
+    plain = keras.Model(inp, out)
+    plain.compile(loss="mse")
+    want = _evaluate(plain, (x, y))
+
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, progress=False)
+
+    _assert_close(_mode(report, "E"), want, "E")
+    assert any("overrides test_step" in n and "evaluate" in n for n in report.notes), report.notes
+
+
+class EndpointMSE(layers.Layer):
+    """An endpoint layer: adds mean((p - t)**2) with add_loss and returns p."""
+
+    def call(self, inputs):
+        p, t = inputs
+        self.add_loss(ops.mean(ops.square(p - t)))
+        return p
+
+
+def test_a_loss_from_add_loss_alone_is_measured_as_evaluate_measures_it():
+    """compile(loss=None), the loss added by an endpoint layer: the model is compiled (no "not compiled" defaults, no
+    error); with placeholder targets E's loss equals evaluate's and the float64 NumPy mean squared error."""
+    x = _features()
+    t = _regression(x)[:, None]
+    inp, target = keras.Input((6,)), keras.Input((1,))
+    model = keras.Model([inp, target], EndpointMSE()([layers.Dense(1)(_trunk(inp)), target]))
+    model.compile(optimizer="adam", loss=None)
+    model.fit([x, t], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    want = {k: float(v) for k, v in model.evaluate([x, t], batch_size=BATCH, return_dict=True, verbose=0).items()}
+    pred = np.asarray(model.predict([x, t], batch_size=BATCH, verbose=0), np.float64)
+
+    report = eg.diagnose(model, ([x, t], np.zeros_like(t)), batch_size=BATCH, progress=False)
+
+    _assert_close(_mode(report, "E"), want, "E")
+    assert _mode(report, "E")["loss"] == pytest.approx(np.mean((pred - t) ** 2), rel=1e-5)
+    assert not any("not compiled" in n for n in report.notes), report.notes

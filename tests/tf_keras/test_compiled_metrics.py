@@ -336,3 +336,31 @@ def test_a_custom_metric_under_mirrored_strategy_is_measured_as_evaluate_does():
     _assert_close(_mode(report, "E"), want, "E")
     assert _mode(report, "E")["hit_rate"] == pytest.approx((p > 0.4).mean(), abs=1e-7)
     assert _metric_state(model) == metric_state
+
+
+def test_an_overridden_test_step_is_named_in_a_note():
+    """A model whose test_step scores 2 * y_pred: evaluate differs from E, a note says why, and E is the compiled loss
+    as Keras's own test_step computes it (evaluate of a plain functional model on the same layers)."""
+
+    class Doubled(keras.Model):
+        def test_step(self, data):
+            x, y = data
+            loss = self.compiled_loss(y, 2.0 * self(x, training=False), regularization_losses=self.losses)
+            return {"loss": loss}
+
+    x = _features()
+    data = (x, _regression(x)[:, None])
+    inp = keras.Input((6,))
+    out = layers.Dense(1)(_trunk(inp))
+    model = Doubled(inp, out)
+    model.compile(loss="mse")
+    _stale(model)
+    plain = keras.Model(inp, out)
+    plain.compile(loss="mse")
+    want = _evaluate(plain, data)
+    assert not np.isclose(_evaluate(model, data)["loss"], want["loss"], rtol=1e-3)
+
+    report = eg.diagnose(model, data, batch_size=BATCH, progress=False)
+
+    _assert_close(_mode(report, "E"), want, "E")
+    assert any("overrides test_step" in n and "evaluate" in n for n in report.notes), report.notes

@@ -12,6 +12,11 @@ mode and its state put back afterwards (:meth:`KerasMetrics.close`). Targets and
 reach the loss and metrics as backend tensors, as ``evaluate``'s data adapter gives them. A metric
 whose result is not one number (``F1Score()``, ``Recall(thresholds=[0.3, 0.7])``) is left out with a
 note; the direction a Keras metric states (``_direction``) is the report's for its key.
+
+A model that overrides ``compute_loss`` gets its loss from that method in every mode, called as
+``test_step`` calls it (``training=False``) inside a ``StatelessScope`` (nothing it assigns is
+kept), with the call's losses as ``model.losses``. A model that overrides ``test_step`` gets a note:
+``evaluate`` runs that code, diagnose the compiled loss and metrics.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 from keras import ops
 
 from .._checks import check_labels
-from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results
+from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results, overrides, test_step_note
 from ..engine import Batch, tree_map
 from ..errors import ModelError
 
@@ -39,13 +44,19 @@ class KerasMetrics:
         self.output_names = getattr(compiled_loss or compiled_metrics, "output_names", None)
         self.loss = None if compiled_loss is None else (compiled_loss._user_loss, compiled_loss._user_loss_weights)
         self.metrics = None if compiled_metrics is None else (compiled_metrics._user_metrics, compiled_metrics._user_weighted_metrics)
-        if self.loss is None and not getattr(model, "losses", None):
+        if self.loss is None and not getattr(model, "compiled", False):
             loss, metrics = classifier_defaults(
                 batch.targets, np.asarray(ops.convert_to_numpy(outputs[0])), keras.losses.SparseCategoricalCrossentropy,
                 keras.losses.CategoricalCrossentropy, ModelError,
             )
             self.loss, self.metrics = (loss, None), (metrics, None)
             self.notes.append("the model is not compiled: measured with cross-entropy and accuracy; compile it to measure your own.")
+        self.model = model if overrides(model, "compute_loss") else None
+        if self.model is not None:
+            self.notes.append(f"{type(model).__name__} overrides compute_loss: every mode's loss is its compute_loss("
+                              "training=False), as evaluate computes it.")
+        if overrides(model, "test_step"):
+            self.notes.append(test_step_note(model))
         self.borrowed: list = []
         self._saved = None
         self.classes = self._classes(outputs[0])
@@ -85,6 +96,18 @@ class KerasMetrics:
         self._saved = None
 
 
+def _compute_loss(model, x, y, y_pred, w, losses) -> Any:
+    """``model.compute_loss`` as ``test_step`` calls it, in a ``StatelessScope`` (no variable is assigned), with the
+    forward's losses (``add_loss``, regularization) as ``model.losses``, as Keras's JAX trainer passes them."""
+    saved = model._losses_override
+    model._losses_override = list(losses)
+    try:
+        with keras.StatelessScope():
+            return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=w, training=False)
+    finally:
+        model._losses_override = saved
+
+
 def _tensors(tree: Any) -> Any:
     """Targets or weights as the backend's tensors, as Keras's data adapters give them to ``test_step``."""
     return tree_map(lambda a: a if ops.is_tensor(a) else ops.convert_to_tensor(a), tree)
@@ -103,9 +126,12 @@ class _State:
         y, w = _tensors(y), _tensors(w)
         parts = []
         if self.loss is not None:
-            value = self.loss(y, y_pred, w)
+            value = self.loss(y, y_pred, w)  # also the per-output losses
             if value is not None:
                 parts.append(value)
+        if self.spec.model is not None:
+            value = _compute_loss(self.spec.model, _tensors(batch.inputs), y, y_pred, w, losses)
+            parts, losses = ([] if value is None else [value]), []
         for extra in losses:
             extra = extra if keras.backend.is_float_dtype(extra.dtype) else ops.cast(extra, keras.backend.floatx())
             parts.append(ops.sum(extra))

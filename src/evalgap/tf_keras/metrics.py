@@ -14,7 +14,9 @@ may miss constructor arguments) is used itself: reset for each mode, its state a
 afterwards (:meth:`TfKerasMetrics.close`); under a ``tf.distribute`` strategy it is updated as its
 first replica. A metric whose result is not one number (``F1Score()``) is left out with a note.
 Metrics added in ``call`` with ``add_metric`` are not measured (the passes make
-``add_metric`` do nothing, so that it cannot change the model); the report says so.
+``add_metric`` do nothing, so that it cannot change the model); the report says so, and that an
+overridden ``test_step`` (which ``evaluate`` runs) may make ``evaluate`` differ from E. An overridden
+``compute_loss`` needs nothing: Keras 2's ``evaluate`` reports the compiled loss's tracker, not its value.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._checks import check_labels
-from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results
+from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results, overrides, test_step_note
 from ..engine import Batch, tree_map
 from ..errors import ModelError
 from .layers import keras, walk
@@ -58,6 +60,8 @@ class TfKerasMetrics:
                 f"metrics added with add_metric ({', '.join(added)}) are not measured: evalgap's passes leave the model's "
                 "metric state alone, so evaluate reports them and diagnose does not."
             )
+        if overrides(model, "test_step"):
+            self.notes.append(test_step_note(model))
         self.borrowed: list = []
         self._saved = None
         self._borrowed_as: dict[int, tuple[Any, str, Any]] = {}  # id -> (metric, its name, its own update_state)
