@@ -35,7 +35,46 @@ def iterate_keeping_random_states(loader: Any, batches: Iterable[Any] | None = N
     which a sampler without a generator and the worker seeds use): reading the training loader for
     statistics must not change the order training draws next."""
     with random_states_kept(python=False, numpy=False, generators=loader_generators(loader)):
-        yield from (loader if batches is None else batches)
+        if batches is not None:
+            yield from batches
+        elif getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0:
+            yield from _separate_pass(loader)
+        else:
+            yield from loader
+
+
+def _separate_pass(loader: Any) -> Iterator[Any]:
+    """The batches of a ``persistent_workers`` DataLoader, read through a loader of its own.
+
+    ``iter()`` on such a loader resets and hands out its one ``_iterator``, the one a training loop
+    may still be consuming mid-epoch (a validation inside the epoch would cut the epoch short), and
+    its persistent workers would draw for the pass from the random states the next epochs'
+    augmentations draw from. So the pass reads a DataLoader built from the same dataset, batch
+    sampler or sampler, collate_fn, generator, worker options and ``num_workers`` (the workers are
+    separate processes, so the main process's random states stay untouched), with
+    ``persistent_workers=False``; its workers are shut down when the pass ends."""
+    import torch.utils.data as tud
+
+    options: dict[str, Any] = dict(
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor, persistent_workers=False, pin_memory_device=loader.pin_memory_device,
+    )
+    if hasattr(loader, "in_order"):
+        options["in_order"] = loader.in_order
+    if isinstance(loader.dataset, tud.IterableDataset):
+        separate = tud.DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **options)
+    elif loader.batch_sampler is not None:
+        separate = tud.DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **options)
+    else:
+        separate = tud.DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, **options)
+    iterator = iter(separate)
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def is_torch_loader(data: Any) -> bool:

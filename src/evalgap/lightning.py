@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from . import engine
@@ -49,6 +51,37 @@ class _TrainingModes:
             yield
 
 
+def _trained_batches(trainer) -> int:
+    """The training batches this trainer's fit loop has run: every training forward moves the BN
+    statistics, not only the ones that end in an optimizer step (gradient accumulation)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
+
+
+def _fitting(trainer) -> bool:
+    return trainer.state.fn == TrainerFn.FITTING
+
+
+def _training_data(trainer, own: Any, seen: Any) -> Any:
+    """The data to read: the callback's own, the trainer's train dataloader in fit, else the one fit read last."""
+    if own is not None:
+        return own
+    if trainer.train_dataloader is not None:
+        return trainer.train_dataloader
+    return seen
+
+
+@contextmanager
+def _precision(trainer) -> Iterator[None]:
+    """The trainer's forward context (autocast under ``precision="bf16-mixed"`` / ``"16-mixed"``), so the
+    BN layers see the inputs training and validation give them."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    if plugin is None:
+        yield
+        return
+    with plugin.forward_context():
+        yield
+
+
 class PreciseBN(pl.Callback):
     """Recalibrate BatchNorm before each validation run (every ``every_n_epochs`` epochs).
 
@@ -64,7 +97,10 @@ class PreciseBN(pl.Callback):
             cross-entropy and accuracy for class scores), at no extra pass: the training-mode
             numbers to read ``val_*`` against.
 
-    Logs ``precise_bn_seconds``. Without a validation loop it recalibrates at the end of each
+    Logs ``precise_bn_seconds``. Recalibrates before a validation only when training batches ran since
+    the last pass (every training forward moves the statistics, with gradient accumulation too); in
+    ``trainer.validate`` after ``fit`` whatever ``every_n_epochs`` says, on the train dataloader fit read.
+    The pass runs in the trainer's forward context (autocast under mixed precision). Without a validation loop it recalibrates at the end of each
     due training epoch. Side effects: the module's BatchNorm running statistics, which is the
     point; training continues from them.
     """
@@ -80,10 +116,12 @@ class PreciseBN(pl.Callback):
         self.scoring = {"training_metrics": training_metrics, "loss_fn": loss_fn, "metrics": metrics}
         self.last = None
         self._modes = _TrainingModes()
-        self._step_done = -1
+        self._batches_done = -1
+        self._fit_data = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._modes.seen = False
+        self._fit_data = trainer.train_dataloader
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._modes.record(pl_module)
@@ -97,13 +135,20 @@ class PreciseBN(pl.Callback):
             self._run(trainer, pl_module)
 
     def _run(self, trainer, pl_module) -> None:
-        if (trainer.current_epoch + 1) % self.every or trainer.global_step == self._step_done or trainer.global_step == 0:
+        done = _trained_batches(trainer)
+        if done == 0 or done == self._batches_done:  # no training yet, or none since the last pass
             return
-        data = self.dataloader if self.dataloader is not None else trainer.train_dataloader
+        if _fitting(trainer) and (trainer.current_epoch + 1) % self.every:
+            return  # outside fit (trainer.validate) the statistics are stale whatever the epoch: recalibrate
+        data = _training_data(trainer, self.dataloader, self._fit_data)
+        if data is None:
+            rank_zero_warn("evalgap.lightning.PreciseBN: no training data to recalibrate on outside fit; pass dataloader= to "
+                           "PreciseBN. This validation runs with the BatchNorm statistics as they are.")
+            return
         t = time.perf_counter()
-        with self._modes.restored(pl_module):
+        with self._modes.restored(pl_module), _precision(trainer):
             self.last = recalibrate(pl_module, data, max_batches=self.max_batches, forward=self.forward, progress=False, **self.scoring)
-        self._step_done = trainer.global_step
+        self._batches_done = done
         pl_module.log("precise_bn_seconds", time.perf_counter() - t, on_step=False, on_epoch=True)
         for name, value in (self.last.training_metrics or {}).items():  # reduced over the ranks already: no sync_dist
             pl_module.log(f"train_mode_{name}", value, on_step=False, on_epoch=True)
@@ -136,6 +181,7 @@ class GapMonitor(pl.Callback):
         self.core = engine.GapProbe(max_samples=max_samples, every=every_n_epochs, verbose=verbose, primary=primary, fix=fix)
         self._modes = _TrainingModes()
         self.logged: dict[str, float] = {}
+        self._fit_data = None
 
     @property
     def last(self):
@@ -143,18 +189,22 @@ class GapMonitor(pl.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._modes.seen = False
+        self._fit_data = trainer.train_dataloader
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._modes.record(pl_module)
         self.core.step()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.global_step == 0 or not self.core.due(trainer.current_epoch):
+        if trainer.sanity_checking or _trained_batches(trainer) == 0 or not self.core.due(trainer.current_epoch):
             return
-        data = self.dataloader if self.dataloader is not None else trainer.train_dataloader
+        data = _training_data(trainer, self.dataloader, self._fit_data)
+        if data is None:
+            rank_zero_warn("evalgap.lightning.GapMonitor: no training data to measure outside fit; pass dataloader= to GapMonitor.")
+            return
         adapter = TorchAdapter(forward=self.forward)
         steps = trainer.num_training_batches if isinstance(trainer.num_training_batches, int) else None
-        with self._modes.restored(pl_module):
+        with self._modes.restored(pl_module), _precision(trainer):
             logs = self.core.measure(adapter, pl_module, lambda: adapter.batches(data, targets=True), trainer.current_epoch,
                                      steps_per_epoch=steps, metric_options=self.metric_options)
         self.logged = logs
