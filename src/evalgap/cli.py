@@ -51,7 +51,7 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    _output_folder(args.out, "--out")
+    check_writable(args.out, "--out", folder=True)  # not created before the work: an interrupted demo writes nothing
     if args.framework == "torch":
         from .seed.demo import run_torch_demo
 

@@ -557,3 +557,40 @@ def test_instance_norm_with_running_statistics_is_named_as_the_gap_it_opens():
     assert "does not come from normalization" not in report.finding("no_batchnorm").message
     with pytest.raises(evalgap.ModelError, match="track_running_stats=True"):
         eg.recalibrate(model, data_, progress=False)
+
+
+class _LoRALinear(nn.Linear):
+    """loralib's pattern: eval mode folds the low-rank update into the weight, train(True) takes it out again.
+    Running train() on the user's model (to learn its training modes) changed its weights."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__(n_in, n_out)
+        self.lora_a, self.lora_b = nn.Parameter(torch.randn(2, n_in) * 0.3), nn.Parameter(torch.randn(n_out, 2) * 0.3)
+        self.merged = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        with torch.no_grad():
+            if mode and self.merged:
+                self.weight -= self.lora_b @ self.lora_a
+                self.merged = False
+            elif not mode and not self.merged:
+                self.weight += self.lora_b @ self.lora_a
+                self.merged = True
+        return self
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if self.merged else out + x @ (self.lora_b @ self.lora_a).T
+
+
+def test_a_train_override_with_side_effects_is_probed_on_a_copy():
+    x, y = data()
+    torch.manual_seed(0)
+    model = nn.Sequential(_LoRALinear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()  # merged
+    before, merged = state_snapshot(model), model[0].merged
+    eg.diagnose(model, batches(x, y), loss_fn=nn.functional.cross_entropy, progress=False)
+    assert state_snapshot(model) == before and model[0].merged is merged
+    eg.recalibrate(model, batches(x, y), progress=False)
+    after = state_snapshot(model)
+    assert {k for k in before if after[k] != before[k]} == {"1.running_mean", "1.running_var"} and model[0].merged is merged

@@ -42,6 +42,7 @@ class TorchAdapter:
         self._tuple_input = False  # the first batch's input is a tuple or list (for hint)
         self._features_last = False  # the model's first layer reads the input's last axis (input_array)
         self._first: Batch | None = None
+        self._left_in_eval: set[int] | None = None  # modules the model's own train() keeps in eval mode
 
     def framework(self, model: Any) -> str:
         return "torch"
@@ -58,10 +59,11 @@ class TorchAdapter:
         self._tuple_input = self.forward is None and isinstance(first.inputs, (list, tuple))
         self._features_last = layers.reads_last_axis(model, first.inputs)
         self._first = first  # for facts(): where the model's first layer reads its input
+        self._left_in_eval = layers.eval_in_training(model)  # once per call: it may copy the model
         return model
 
     def layers(self, model: nn.Module) -> list[NormLayer]:
-        return layers.norm_layers(model)
+        return layers.norm_layers(model, left_in_eval=self._left_in_eval)
 
     def refuses_one_sample(self, model: nn.Module, norm_layers: Sequence[NormLayer], batch: Batch) -> bool:
         """Whether training mode refuses this batch of one sample: BatchNorm raises a ValueError on one value
@@ -143,13 +145,13 @@ class TorchAdapter:
 
     def predictor(self, model, mode, norm_layers=(), stats=()):
         return predict.predictor(model, mode, norm_layers, stats, forward=self.forward, device=self.device,
-                                 local_sync=self._collective is not None)
+                                 local_sync=self._collective is not None, left_in_eval=self._left_in_eval)
 
     def metrics(self, model, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None):
         return TorchMetrics.choose(batch, outputs, loss_fn=loss_fn, metrics=metrics, collective=self._collective)
 
     def facts(self, model: nn.Module):
-        found = layers.facts(model, 1 if self._collective is None else self._collective.world)
+        found = layers.facts(model, 1 if self._collective is None else self._collective.world, left_in_eval=self._left_in_eval)
         if self._first is not None:
             found.input_transforms = layers.input_transforms(model, self._first.raw, self._first.inputs, forward=self.forward,
                                                              device=self.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import types
 from typing import Any, Iterator
@@ -90,25 +91,18 @@ def overrides_train(model: nn.Module) -> bool:
 
 def eval_in_training(model: nn.Module) -> set[int]:
     """The ``id`` of every module that the model's own ``train()`` leaves in eval mode: the modes the user's
-    training loop runs. Empty unless a module class overrides ``train()`` (:func:`overrides_train`), whose
-    ``type(model).train(model, True)`` is then called, and every module's mode and every parameter's
-    ``requires_grad`` put back (an override that raises: empty, the model put back)."""
+    training loop runs. Empty unless a module class overrides ``train()`` (:func:`overrides_train`); then
+    ``train(True)`` runs on a ``copy.deepcopy`` of the model (an override may do more than set modes: merge
+    LoRA weights, register hooks), whose modules map back to the model's by position. Empty where the copy or
+    the override fails. The model itself is not touched."""
     if not overrides_train(model):
         return set()
-    modules = all_modules(model)
-    modes = [(m, m.training) for m in modules]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        type(model).train(model, True)
-        return {id(m) for m in modules if not m.training}
+        side = copy.deepcopy(model)
+        type(side).train(side, True)
     except Exception:
         return set()
-    finally:
-        for m, mode in modes:
-            set_training(m, mode)
-        for p, flag in grads:
-            if p.requires_grad != flag:
-                p.requires_grad_(flag)
+    return {id(m) for m, twin in zip(all_modules(model), all_modules(side)) if not twin.training}
 
 
 def is_frozen(bn: _BatchNorm, model: nn.Module, *, left_in_eval: set[int] | None = None) -> bool:
@@ -129,9 +123,10 @@ def is_frozen(bn: _BatchNorm, model: nn.Module, *, left_in_eval: set[int] | None
     return bool(params) and not any(p.requires_grad for p in params)
 
 
-def norm_layers(model: nn.Module) -> list[NormLayer]:
-    """The BatchNorm layers as the engine sees them (module order)."""
-    left_in_eval = eval_in_training(model)
+def norm_layers(model: nn.Module, *, left_in_eval: set[int] | None = None) -> list[NormLayer]:
+    """The BatchNorm layers as the engine sees them (module order); ``left_in_eval`` as :func:`eval_in_training`
+    gives it, where already known."""
+    left_in_eval = eval_in_training(model) if left_in_eval is None else left_in_eval
     return [
         NormLayer(
             name=name, handle=bn, kind=type(bn).__name__, channels=int(bn.num_features), eps=float(bn.eps),
@@ -319,10 +314,11 @@ def _running_instance_norm(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.instancenorm._InstanceNorm) and bool(m.track_running_stats)
 
 
-def facts(model: nn.Module, world: int = 1) -> ModelFacts:
+def facts(model: nn.Module, world: int = 1, *, left_in_eval: set[int] | None = None) -> ModelFacts:
     """Training-only modules, per-sample normalization, processes and synchronized BN."""
     bns = find_batchnorms(model)
-    left_in_eval = eval_in_training(model)  # e.g. the dropout of a backbone the model's train() keeps in eval mode
+    if left_in_eval is None:  # e.g. the dropout of a backbone the model's train() keeps in eval mode
+        left_in_eval = eval_in_training(model)
     return ModelFacts(
         training_only=[name for name, m in model.named_modules() if is_training_only(type(m).__name__) and id(m) not in left_in_eval],
         mode_dependent=mode_dependent(model),

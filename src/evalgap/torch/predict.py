@@ -38,7 +38,7 @@ def _runner(model: nn.Module, forward: Forward | None, device: torch.device):
 @contextlib.contextmanager
 def predictor(
     model: nn.Module, mode: str, layers: Sequence[NormLayer], stats: Sequence[tuple[np.ndarray, np.ndarray]], *,
-    forward: Forward | None, device: torch.device, local_sync: bool = False,
+    forward: Forward | None, device: torch.device, local_sync: bool = False, left_in_eval: set[int] | None = None,
 ) -> Iterator[Any]:
     """``run(batch) -> outputs`` in mode E, P or T (module docstring). ``local_sync``: in T, SyncBatchNorm
     layers normalize by each process's own batch statistics, as the Td pass does (no collective per batch,
@@ -61,7 +61,8 @@ def predictor(
         return
     if mode != "T":
         raise EvalgapError(f"unknown mode {mode!r}: E, P or T.")
-    left_in_eval = eval_in_training(model)  # what the model's own train() keeps in eval mode
+    if left_in_eval is None:  # what the model's own train() keeps in eval mode
+        left_in_eval = eval_in_training(model)
     frozen = {i for i, m in enumerate(model.modules())
               if id(m) in left_in_eval or isinstance(m, _BatchNorm) and is_frozen(m, model, left_in_eval=left_in_eval)}
     side = copy.deepcopy(model)
