@@ -116,7 +116,35 @@ def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
         input_transforms=[name for name, layer in layers if any(c.__name__ in INPUT_TRANSFORMS for c in type(layer).__mro__)],
         mode_dependent=[name for name, layer in [(model.name, model), *layers] if mode_dependent(layer)],
         input_channel_axis=input_channel_axis(layers),
+        notes=_replica_copies_note(bns),
     )
+
+
+def _replica_copies_note(bns: list[tuple[str, Any]]) -> list[str]:
+    """Under a ``tf.distribute`` strategy, BatchNorm layers that are not synchronized keep one copy of their moving
+    statistics per replica, each updated from its own share of the batches in ``fit``: where the copies differ,
+    ``evaluate`` normalizes each replica's share with its own copy while diagnose's E, P and drift use one set,
+    so E can differ from ``evaluate`` until ``recalibrate`` writes one set to every replica."""
+    worst, where = 0.0, None
+    for name, bn in bns:
+        for attr in ("moving_mean", "moving_variance"):
+            variable = getattr(bn, attr, None)
+            inner = getattr(variable, "value", variable)  # Keras 3 wraps the tf variable (a property there, a method on tf's)
+            copies = getattr(variable if callable(inner) else inner, "values", None)
+            if not isinstance(copies, tuple) or len(copies) < 2:
+                continue
+            try:
+                arrays = [np.asarray(c.numpy(), dtype=np.float64) for c in copies]
+            except Exception:  # pragma: no cover - a copy that cannot be read here
+                continue
+            spread = float(max(np.max(np.abs(a - arrays[0])) for a in arrays[1:]))
+            if spread > worst:
+                worst, where = spread, f"{name}.{attr}"
+    if where is None or worst <= 1e-6:
+        return []
+    return [f"the replicas hold different copies of the moving statistics (largest difference {worst:.3g}, {where}): "
+            "evaluate normalizes each replica's share of a batch with its own copy, while E, P and the drift use one "
+            "set, so E can differ from evaluate; recalibrate writes one exact set to every replica."]
 
 
 def input_channel_axis(layers: list[tuple[str, Any]]) -> int | None:

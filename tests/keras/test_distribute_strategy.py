@@ -89,3 +89,56 @@ def test_same_statistics_with_and_without_mirrored_strategy():
     dd = result["distributed_dataset"]
     assert dd["samples"] == 64 and dd["max_rel_var"] < 1e-6
     assert abs(dd["e"] - dd["evaluate"]) < 1e-5 * max(1.0, abs(dd["evaluate"]))
+
+
+COPIES = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import numpy as np
+    if os.environ.get("TF_USE_LEGACY_KERAS") == "1":
+        import tf_keras as keras, evalgap.tf_keras as eg
+    else:
+        import keras, evalgap.keras as eg
+    rng = np.random.default_rng(0)
+    x = rng.normal(5, 3, (64, 6)).astype("float32")
+    y = (x[:, 0] > 5).astype("int32")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((6,))
+        h = keras.layers.BatchNormalization(momentum=0.9)(keras.layers.Dense(8)(inp))
+        m = keras.Model(inp, keras.layers.Dense(2)(h))
+        m.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=True)  # each replica updates its own copy
+
+    def run():
+        report = eg.diagnose(m, (x, y), batch_size=64, shuffle=False, progress=False)
+        return {"e": report.decompositions["loss"].values["E"], "evaluate": float(m.evaluate(x, y, batch_size=64, verbose=0)),
+                "notes": [n for n in report.notes if "copies of the moving statistics" in n]}
+
+    before = run()
+    eg.recalibrate(m, x, batch_size=16, progress=False)
+    print(json.dumps({"before": before, "after": run()}))
+    """
+)
+
+
+@pytest.mark.parametrize("legacy", ["0", "1"], ids=["keras3", "tf_keras"])
+def test_replicas_with_different_copies_of_the_moving_statistics_are_said(legacy):
+    """After fit under a MirroredStrategy each replica holds its own copy of the moving statistics; evaluate
+    normalizes each replica's share with its own copy, diagnose's E with one set: the report says so (E differed
+    from evaluate without a word); after recalibrate the copies agree, no note, and E equals evaluate."""
+    if legacy == "1":
+        pytest.importorskip("tf_keras")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_USE_LEGACY_KERAS=legacy)
+    out = subprocess.run([sys.executable, "-c", COPIES], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    before, after = result["before"], result["after"]
+    assert abs(before["e"] - before["evaluate"]) > 1e-3  # the copies differ enough to move evaluate
+    assert len(before["notes"]) == 1 and "recalibrate writes one exact set" in before["notes"][0]
+    assert after["notes"] == [] and abs(after["e"] - after["evaluate"]) < 1e-5 * max(1.0, abs(after["evaluate"]))

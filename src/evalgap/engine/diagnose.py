@@ -321,7 +321,7 @@ def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) 
     sample = None if facts.input_transforms else _input_sample(adapter, probe, axis=facts.input_channel_axis)
     tracked = [layer for layer in run.layers if layer.tracks_statistics]
     notes = [] if recal is None else [n for n in recal.notes]
-    notes += run.notes + list(run.metrics.notes)
+    notes += run.notes + list(run.metrics.notes) + list(facts.notes)
     if facts.input_transforms:
         notes.append(f"input scale not judged: the model transforms its inputs itself ({', '.join(facts.input_transforms[:3])}).")
     size_note = f"batch size {probe.batch_size} ({probe.size_note})" if probe.size_note else None

@@ -196,6 +196,7 @@ class ModelFacts:
     # per-sample normalization that keeps running statistics for evaluation mode (PyTorch's InstanceNorm with
     # track_running_stats=True): each sample's own statistics in training mode, the running ones in evaluation mode
     running_instance_norm: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the adapter knows about the model that the report should say
 
 
 class Remedies(Protocol):
