@@ -120,18 +120,21 @@ def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
     )
 
 
-def _replica_copies_note(bns: list[tuple[str, Any]]) -> list[str]:
-    """Under a ``tf.distribute`` strategy, BatchNorm layers that are not synchronized keep one copy of their moving
-    statistics per replica, each updated from its own share of the batches in ``fit``: where the copies differ,
-    ``evaluate`` normalizes each replica's share with its own copy while diagnose's E, P and drift use one set,
-    so E can differ from ``evaluate`` until ``recalibrate`` writes one set to every replica."""
+def distributed_copies(variable: Any) -> tuple | None:
+    """The per-replica components of a ``tf.distribute`` variable (Keras 3 wraps it: ``.value`` is the tf variable,
+    a property there, a method on tf's), or None where it has fewer than two."""
+    inner = getattr(variable, "value", variable)
+    copies = getattr(variable if callable(inner) else inner, "values", None)
+    return copies if isinstance(copies, tuple) and len(copies) >= 2 else None
+
+
+def _largest_copy_difference(bns: list[tuple[str, Any]]) -> tuple[float, str | None]:
+    """The largest absolute difference between replicas' copies of a moving statistic, and where it is."""
     worst, where = 0.0, None
     for name, bn in bns:
         for attr in ("moving_mean", "moving_variance"):
-            variable = getattr(bn, attr, None)
-            inner = getattr(variable, "value", variable)  # Keras 3 wraps the tf variable (a property there, a method on tf's)
-            copies = getattr(variable if callable(inner) else inner, "values", None)
-            if not isinstance(copies, tuple) or len(copies) < 2:
+            copies = distributed_copies(getattr(bn, attr, None))
+            if copies is None:
                 continue
             try:
                 arrays = [np.asarray(c.numpy(), dtype=np.float64) for c in copies]
@@ -140,11 +143,53 @@ def _replica_copies_note(bns: list[tuple[str, Any]]) -> list[str]:
             spread = float(max(np.max(np.abs(a - arrays[0])) for a in arrays[1:]))
             if spread > worst:
                 worst, where = spread, f"{name}.{attr}"
+    return worst, where
+
+
+def copies_differ(bns: list[tuple[str, Any]]) -> bool:
+    """Whether the replicas hold different copies of any BatchNorm layer's moving statistics."""
+    return _largest_copy_difference(bns)[0] > 0.0
+
+
+def _replica_copies_note(bns: list[tuple[str, Any]]) -> list[str]:
+    """Under a ``tf.distribute`` strategy, BatchNorm layers that are not synchronized keep one copy of their moving
+    statistics per replica, each updated from its own share of the batches in ``fit``. ``evaluate``, and diagnose's
+    E with it (:func:`per_replica`), normalize each replica's share of a batch with its own copy; P, T and the drift
+    table use one set: the note says how far apart the copies are."""
+    worst, where = _largest_copy_difference(bns)
     if where is None or worst <= 1e-6:
         return []
     return [f"the replicas hold different copies of the moving statistics (largest difference {worst:.3g}, {where}): "
-            "evaluate normalizes each replica's share of a batch with its own copy, while E, P and the drift use one "
-            "set, so E can differ from evaluate; recalibrate writes one exact set to every replica."]
+            "evaluate, and E with it, normalize each replica's share of a batch with its own copy, while the drift "
+            "table reads one set; recalibrate writes one exact set to every replica."]
+
+
+def replica_shares(size: int, replicas: int) -> list[slice]:
+    """How ``tf.distribute`` splits a global batch of ``size`` samples among ``replicas`` (``evaluate`` under a
+    MirroredStrategy): ``ceil(size / replicas)`` samples each, in order, so the last replicas may get fewer or none."""
+    each = -(-size // replicas)
+    return [slice(min(r * each, size), min((r + 1) * each, size)) for r in range(replicas)]
+
+
+def per_replica(step: Callable[[Any, Any], tuple], inputs: Any, size: int, copies: list[Any]) -> tuple:
+    """``step(inputs, values) -> (y_pred, losses, logits)`` on each replica's share of a batch (:func:`replica_shares`)
+    with that replica's ``copies[r]`` of the variables, as ``evaluate`` runs it under a MirroredStrategy: the outputs
+    and logits concatenated in sample order, each model loss (``add_loss``) the shares' mean weighted by their size,
+    as ``evaluate`` weights each replica's total loss. TensorFlow only (the strategy's framework)."""
+    import tensorflow as tf
+
+    size = size or int(tf.shape(tf.nest.flatten(inputs)[0])[0])
+    parts = []
+    for share, values in zip(replica_shares(size, len(copies)), copies):
+        if share.stop > share.start:
+            parts.append((share.stop - share.start, step(tf.nest.map_structure(lambda a, s=share: a[s], inputs), values)))
+    if len(parts) == 1:
+        return parts[0][1]
+    y_pred = tf.nest.map_structure(lambda *a: tf.concat(a, 0), *[out[0] for _, out in parts])
+    losses = [tf.add_n([out[1][i] * (n / size) for n, out in parts]) for i in range(len(parts[0][1][1]))]
+    logits = [None if any(out[2][i] is None for _, out in parts) else tf.concat([out[2][i] for _, out in parts], 0)
+              for i in range(len(parts[0][1][2]))]
+    return y_pred, losses, logits
 
 
 def input_channel_axis(layers: list[tuple[str, Any]]) -> int | None:

@@ -1,6 +1,8 @@
 """Outputs in a chosen mode, through ``stateless_call``: no variable of the model changes.
 
-E runs in inference mode with the current variables; P in inference mode with the given
+E runs in inference mode with the current variables (under a ``tf.distribute`` strategy whose replicas
+hold different copies of the moving statistics, each replica's share of a batch with its own copy,
+as ``evaluate`` runs it); P in inference mode with the given
 statistics substituted for the moving statistics of the given layers; T in training mode
 (BN on batch statistics except frozen layers, which Keras runs in inference mode; dropout
 on; the updated state is thrown away). The step is compiled once per model (``jax.jit`` /
@@ -17,9 +19,10 @@ from typing import Any, Iterator, Sequence
 import keras
 import numpy as np
 
-from .._keras_common import mark_logits, output_logits, traced_alone
+from .._keras_common import copies_differ, distributed_copies, mark_logits, output_logits, per_replica, replicas, traced_alone
 from .._random import random_states_kept
 from ..engine import Batch, NormLayer
+from .layers import find_batchnorms
 
 _PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
 
@@ -64,7 +67,9 @@ class _Predictor:
             self._fns[key] = tf.function(traced_alone(self._plain, f"{_MODES[key]}_step"), reduce_retracing=True)
         return self._fns[key]
 
-    def __call__(self, x, trainable, non_trainable, training: bool, substituted: bool = False):
+    def __call__(self, x, trainable, non_trainable, training: bool, substituted: bool = False, copies=None, size=None):
+        """``(y_pred, losses, new_non_trainable)``; with ``copies`` (each replica's non-trainable values, TensorFlow
+        under a MirroredStrategy), each replica's share of the ``size`` samples runs with its own copy."""
         tv = trainable
         fn = self._compiled(training, substituted)
         backend = keras.backend.backend()
@@ -74,10 +79,31 @@ class _Predictor:
             with torch.no_grad():
                 return fn(tv, non_trainable, x, training)
         if backend == "tensorflow":
-            y_pred, losses, new_ntv, logits = fn(tv, non_trainable, x, training)
+            if copies is not None:
+                y_pred, losses, logits = per_replica(lambda share, values: _without_state(fn(tv, values, share, training)), x, size, copies)
+                new_ntv = non_trainable
+            else:
+                y_pred, losses, new_ntv, logits = fn(tv, non_trainable, x, training)
             mark_logits(keras.tree.flatten(y_pred), logits)
             return y_pred, losses, new_ntv
         return fn(tv, non_trainable, x, training)
+
+
+def _without_state(step_output: tuple) -> tuple:
+    y_pred, losses, _, logits = step_output
+    return y_pred, losses, logits
+
+
+def _replica_copies(model) -> list[list] | None:
+    """Each replica's values of the non-trainable variables where, under a ``tf.distribute`` strategy, the replicas
+    hold different copies of some BatchNorm layer's moving statistics (``evaluate`` runs each replica's share of a
+    batch with its own copy); None otherwise."""
+    if replicas(model) < 2 or not copies_differ(find_batchnorms(model)):
+        return None
+    variables = list(model.non_trainable_variables)
+    found = [distributed_copies(v) for v in variables]
+    count = max(len(c) for c in found if c is not None)
+    return [[c[r] if c is not None and len(c) == count else v.value for v, c in zip(variables, found)] for r in range(count)]
 
 
 
@@ -109,9 +135,11 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
     values = _substituted(model, layers, stats) if mode == "P" else [v.value for v in model.non_trainable_variables]
     training = mode == "T"
     state = {"values": values}
+    copies = _replica_copies(model) if mode == "E" else None
 
     def run(batch: Batch):
-        y_pred, losses, new_values = predict(batch.inputs, trainable, state["values"], training, substituted=mode == "P")
+        y_pred, losses, new_values = predict(batch.inputs, trainable, state["values"], training, substituted=mode == "P",
+                                             copies=copies, size=batch.size)
         if training:
             state["values"] = list(new_values)
         return y_pred, losses

@@ -1,6 +1,8 @@
 """Outputs in a chosen mode, assigning no variable of the model.
 
-E runs ``model(x, training=False)`` with the current variables; P the same with the given
+E runs ``model(x, training=False)`` with the current variables (under a MirroredStrategy whose
+replicas hold different copies of the moving statistics, each replica's share of a batch with its
+own copy, as ``evaluate`` runs it); P the same with the given
 statistics in place of the moving mean and variance of the given layers; T runs
 ``model(x, training=True)`` as ``fit`` does (BN on batch statistics except frozen layers and
 layers called with ``training=False``, dropout on). One ``tf.function`` per model and mode
@@ -28,7 +30,7 @@ import tensorflow as tf
 
 from ..engine import Batch, NormLayer
 from .distributed import multi_worker_strategy
-from .._keras_common import mark_logits, output_logits, traced_alone
+from .._keras_common import copies_differ, distributed_copies, mark_logits, output_logits, per_replica, traced_alone
 from .layers import autograph_off, find_batchnorms, stat_attrs, stateless_patches, statistics, substituted, walk
 
 _PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
@@ -74,6 +76,19 @@ def _values(model, bns: list, layers: Sequence[NormLayer], stats: Sequence[tuple
     return values
 
 
+def _replica_copies(model, bns: list) -> list[list[list[Any]]] | None:
+    """Each local replica's own copies of every layer's statistics where the replicas' copies differ (after ``fit``
+    under a MirroredStrategy each replica updates its own; ``evaluate`` normalizes each replica's share of a batch
+    with its copy, where a read of the variable gives their mean); None otherwise."""
+    if not copies_differ([(bn.name, bn) for bn in bns]):
+        return None
+    found = [[distributed_copies(bn.__dict__[name]) for name in stat_attrs(bn)] for bn in bns]
+    count = max(len(c) for layer in found for c in layer if c is not None)
+    current = statistics(bns, local=multi_worker_strategy(model) is not None)
+    return [[[tf.identity(c[r]) if c is not None and len(c) == count else v for c, v in zip(layer, now)]
+             for layer, now in zip(found, current)] for r in range(count)]
+
+
 @contextlib.contextmanager
 def rng_restored(model) -> Iterator[None]:
     """Put back the state of the random layers' ``tf.random.Generator`` objects."""
@@ -95,9 +110,13 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
     predict = _predictor(model)
     fn = predict.function(mode == "T")
     values = _values(model, predict.bns, list(layers) if mode == "P" else [], stats)
+    copies = _replica_copies(model, predict.bns) if mode == "E" else None
 
     def run(batch: Batch):
-        y_pred, losses, logits = fn(batch.inputs, values)
+        if copies is not None:
+            y_pred, losses, logits = per_replica(fn, batch.inputs, batch.size, copies)
+        else:
+            y_pred, losses, logits = fn(batch.inputs, values)
         mark_logits(tf.nest.flatten(y_pred), logits)
         return y_pred, losses
 
