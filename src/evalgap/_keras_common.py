@@ -120,6 +120,14 @@ def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
     )
 
 
+def user_metrics(container: Any) -> list:
+    """The metrics a model was compiled with (Keras 3 ``CompileMetrics``, Keras 2 ``MetricsContainer``), weighted
+    ones too, flattened; [] for None."""
+    if container is None:
+        return []
+    return tree_leaves([getattr(container, "_user_metrics", None), getattr(container, "_user_weighted_metrics", None)])
+
+
 def distributed_copies(variable: Any) -> tuple | None:
     """The per-replica components of a ``tf.distribute`` variable (Keras 3 wraps it: ``.value`` is the tf variable,
     a property there, a method on tf's), or None where it has fewer than two."""

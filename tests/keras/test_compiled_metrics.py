@@ -564,9 +564,11 @@ class EndpointMSE(layers.Layer):
         return p
 
 
-def test_a_loss_from_add_loss_alone_is_measured_as_evaluate_measures_it():
+@pytest.mark.parametrize("targets", ["placeholder", "none"])
+def test_a_loss_from_add_loss_alone_is_measured_as_evaluate_measures_it(targets):
     """compile(loss=None), the loss added by an endpoint layer: the model is compiled (no "not compiled" defaults, no
-    error); with placeholder targets E's loss equals evaluate's and the float64 NumPy mean squared error."""
+    error); with placeholder targets, or the inputs alone as fit([x, t]) takes them (diagnose refused them: "needs
+    targets"), E's loss equals evaluate's and the float64 NumPy mean squared error."""
     x = _features()
     t = _regression(x)[:, None]
     inp, target = keras.Input((6,)), keras.Input((1,))
@@ -576,7 +578,8 @@ def test_a_loss_from_add_loss_alone_is_measured_as_evaluate_measures_it():
     want = {k: float(v) for k, v in model.evaluate([x, t], batch_size=BATCH, return_dict=True, verbose=0).items()}
     pred = np.asarray(model.predict([x, t], batch_size=BATCH, verbose=0), np.float64)
 
-    report = eg.diagnose(model, ([x, t], np.zeros_like(t)), batch_size=BATCH, progress=False)
+    data = ([x, t], np.zeros_like(t)) if targets == "placeholder" else ([x, t],)  # (x,): fit([x, t])
+    report = eg.diagnose(model, data, batch_size=BATCH, progress=False)
 
     _assert_close(_mode(report, "E"), want, "E")
     assert _mode(report, "E")["loss"] == pytest.approx(np.mean((pred - t) ** 2), rel=1e-5)

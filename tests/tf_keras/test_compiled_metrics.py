@@ -268,6 +268,34 @@ def test_add_metric_metrics_are_named_in_a_note_and_left_alone():
     _assert_close(_mode(report, "E"), {k: v for k, v in want_e.items() if k != "mean_hidden"}, "E")
 
 
+class EndpointMSE(layers.Layer):
+    """An endpoint layer: adds mean((p - t)**2) with add_loss and returns p."""
+
+    def call(self, inputs):
+        p, t = inputs
+        self.add_loss(tf.reduce_mean(tf.square(p - t)))
+        return p
+
+
+def test_a_loss_from_add_loss_alone_needs_no_targets():
+    """compile() with neither loss nor metrics, the loss added by an endpoint layer that reads its targets from the
+    inputs, as fit([x, t]) trains it: the inputs alone are enough (diagnose refused them: "needs targets"), and E's
+    loss equals evaluate's and the float64 NumPy mean squared error."""
+    x = _features()
+    t = _regression(x)[:, None]
+    inp, target = keras.Input((6,)), keras.Input((1,))
+    model = keras.Model([inp, target], EndpointMSE()([layers.Dense(1)(_trunk(inp)), target]))
+    model.compile(optimizer="adam")
+    model.fit([x, t], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    want = {k: float(v) for k, v in model.evaluate([x, t], batch_size=BATCH, return_dict=True, verbose=0).items()}
+    pred = np.asarray(model.predict([x, t], batch_size=BATCH, verbose=0), np.float64)
+
+    report = eg.diagnose(model, ([x, t],), batch_size=BATCH, progress=False)
+
+    _assert_close(_mode(report, "E"), want, "E")
+    assert _mode(report, "E")["loss"] == pytest.approx(np.mean((pred - t) ** 2), rel=1e-5)
+
+
 def test_a_custom_metric_keeps_its_constructor_arguments_and_its_name():
     """HitRate(threshold=0.4) on output a is measured at 0.4, as evaluate and a float64 NumPy reference give it,
     under evaluate's key ``a_hit_rate``; the metric object keeps its name and state (a later evaluate agrees)."""

@@ -165,7 +165,7 @@ def diagnose(
     first, probe = peek(probe)
     if first is None:
         raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")
-    if first.targets is None:
+    if first.targets is None and getattr(adapter, "needs_targets", lambda model: True)(model):
         raise DataError("diagnose needs targets to measure the loss and metrics: pass (x, y), not x alone." + _dict_hint(adapter, first))
     model = adapter.prepare(model, first)
     layers = adapter.layers(model)

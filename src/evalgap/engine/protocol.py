@@ -233,6 +233,9 @@ class Adapter(Protocol):
 
     def framework(self, model: Any) -> str: ...
 
+    # optional: needs_targets(model) -> bool, False where the model's loss needs no targets beside its inputs
+    # (Keras compiled with neither loss nor metrics: add_loss); diagnose refuses batches without targets otherwise
+
     def refuses_one_sample(self, model: Any, layers: Sequence[NormLayer], batch: Batch) -> bool:
         """Only where ``one_sample_batches`` is False: whether training mode refuses ``batch``, of one sample."""
         ...

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from .._keras_common import check_batched
+from .._keras_common import check_batched, user_metrics
 from ..engine import Batch, NormLayer
 from ..errors import ModelError
 from . import data, distributed, layers, moments, predict, transfer
@@ -30,6 +30,12 @@ class KerasAdapter:
 
     def batches(self, source: Any, *, batch_size=None, shuffle=True, seed=0, targets=False):
         return data.batches(source, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=targets)
+
+    def needs_targets(self, model: Any) -> bool:
+        """False for a model compiled with neither a loss nor metrics: its loss is its own (``add_loss``, an
+        endpoint layer reading its targets from the inputs, ``compute_loss``), as ``fit(x)`` trains it."""
+        compiled = getattr(model, "compiled", False)
+        return not compiled or getattr(model, "_compile_loss", None) is not None or bool(user_metrics(getattr(model, "_compile_metrics", None)))
 
     def prepare(self, model: Any, first: Batch):
         if not isinstance(model, (keras.Model, keras.layers.Layer)):
