@@ -120,6 +120,24 @@ def test_inputs_the_model_rescales_or_embeds_itself_get_no_scale_advice(digits):
     assert "raw [0, 255]" in plain.finding("input_scale").message
 
 
+def test_integer_ids_are_not_judged_as_pixels():
+    """Character codes in [32, 122] as int32 (N, L), one-hot encoded in a Lambda no class name gives away: ids, not
+    pixels (they got "raw [0, 255] pixels" and Rescaling(1 / 255)). The same values as uint8 pixels of a flattened
+    image, (N, F) into a Dense, are still raw pixels."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(32, 123, size=(96, 16)).astype("int32")
+    y = rng.integers(0, 2, 96)
+    inp = keras.Input((16,), dtype="int32")
+    h = layers.Conv1D(8, 3)(layers.Lambda(lambda t: keras.ops.one_hot(t, 128))(inp))
+    chars = keras.Model(inp, layers.Dense(2)(layers.GlobalMaxPooling1D()(layers.BatchNormalization()(h))))
+    pixels = keras.Sequential([keras.Input((16,)), layers.Dense(8), layers.BatchNormalization(), layers.Dense(2)])
+    for model in (chars, pixels):
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    assert eg.diagnose(chars, (codes, y), batch_size=32, progress=False).finding("input_scale") is None
+    raw = eg.diagnose(pixels, (codes.astype("uint8"), y), batch_size=32, progress=False).finding("input_scale")
+    assert raw is not None and "raw [0, 255]" in raw.message
+
+
 class Boost(layers.Layer):
     """Training-flag code no class name gives away: doubles its input in training mode."""
 

@@ -299,11 +299,13 @@ def _input_sample(adapter: Adapter, batches, limit: int = 2048, axis: int | None
     """Up to ``limit`` samples of what reaches the model's first layer, as ``(values, channels)`` rows
     (every position of every sample one row), and the channel axis of the input (``axis`` where the
     model says it, else the adapter's). Batches may differ in every other dimension (sequences padded
-    per batch); None when the input is not an array or its number of channels changes between batches."""
+    per batch); None when the input is not an array, holds ids (integers other than uint8 in at most two
+    dimensions: token or category codes, (N, L) or (N,), not pixels), or its number of channels changes between
+    batches."""
     rows, seen, where = [], 0, axis
     for batch in batches:
         found = adapter.input_array(batch.inputs)
-        if found is None:
+        if found is None or (found[0].dtype.kind in "iu" and found[0].dtype != np.uint8 and found[0].ndim <= 2):
             return None
         x, axis = found[0], found[1] if where is None or found[0].ndim < 2 else where
         flat = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]) if x.ndim > 1 else x.reshape(-1, 1)
