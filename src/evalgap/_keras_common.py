@@ -180,10 +180,11 @@ def replica_shares(size: int, replicas: int) -> list[slice]:
 
 
 def per_replica(step: Callable[[Any, Any], tuple], inputs: Any, size: int, copies: list[Any]) -> tuple:
-    """``step(inputs, values) -> (y_pred, losses, logits)`` on each replica's share of a batch (:func:`replica_shares`)
+    """``step(inputs, values) -> (y_pred, losses, marks)`` on each replica's share of a batch (:func:`replica_shares`)
     with that replica's ``copies[r]`` of the variables, as ``evaluate`` runs it under a MirroredStrategy: the outputs
-    and logits concatenated in sample order, each model loss (``add_loss``) the shares' mean weighted by their size,
-    as ``evaluate`` weights each replica's total loss. TensorFlow only (the strategy's framework)."""
+    and their marks (:func:`output_marks`) concatenated in sample order, each model loss (``add_loss``) the shares'
+    mean weighted by their size, as ``evaluate`` weights each replica's total loss. TensorFlow only (the strategy's
+    framework)."""
     import tensorflow as tf
 
     size = size or int(tf.shape(tf.nest.flatten(inputs)[0])[0])
@@ -195,9 +196,9 @@ def per_replica(step: Callable[[Any, Any], tuple], inputs: Any, size: int, copie
         return parts[0][1]
     y_pred = tf.nest.map_structure(lambda *a: tf.concat(a, 0), *[out[0] for _, out in parts])
     losses = [tf.add_n([out[1][i] * (n / size) for n, out in parts]) for i in range(len(parts[0][1][1]))]
-    logits = [None if any(out[2][i] is None for _, out in parts) else tf.concat([out[2][i] for _, out in parts], 0)
-              for i in range(len(parts[0][1][2]))]
-    return y_pred, losses, logits
+    marks = [None if any(out[2][i] is None for _, out in parts) else tf.concat([out[2][i] for _, out in parts], 0)
+             for i in range(len(parts[0][1][2]))]
+    return y_pred, losses, marks
 
 
 def input_channel_axis(layers: list[tuple[str, Any]]) -> int | None:
@@ -383,19 +384,33 @@ def check_no_number_lists(data: Any) -> None:
             raise DataError(f"{name} is a Python list of numbers: pass it as an array (np.asarray({name})), as fit and evaluate need it.")
 
 
-def output_logits(outputs: list) -> list:
-    """The logits Keras's softmax and sigmoid mark their outputs with (``_keras_logits``), one per output, None where
-    unmarked: read inside a traced function, returned beside the outputs (see :func:`mark_logits`)."""
-    return [getattr(t, "_keras_logits", None) for t in outputs]
+def _attribute_mask(t: Any) -> Any:
+    return getattr(t, "_keras_mask", None)
 
 
-def mark_logits(outputs: list, logits: list) -> None:
-    """Put the logits back on outputs that left a ``tf.function`` (which drops the mark). On TensorFlow, Keras 3 and
-    Keras 2 compute their cross-entropy losses and metrics from the marked logits, exactly, where the probabilities
-    saturate (else they clip them at 1e-7): inside ``evaluate``'s graph the mark is there, so the losses must see it
-    here too for E to equal ``evaluate``. (An output of a bare ``tf.nn.softmax``, unmarked, is known to those losses
-    by its op inside a graph only: it is scored from its clipped probabilities.)"""
-    for t, logit in zip(outputs, logits):
+def _set_attribute_mask(t: Any, mask: Any) -> None:
+    t._keras_mask = mask
+
+
+def output_marks(outputs: list, *, logits: bool = True, get_mask: Callable[[Any], Any] = _attribute_mask) -> list:
+    """What Keras marks its outputs with and a compiled function drops, read inside the traced function and returned
+    beside the outputs (see :func:`mark_outputs`): per output the logits its softmax or sigmoid marked
+    (``_keras_logits``; where ``logits``, TensorFlow), then per output its mask (``_keras_mask``, e.g. from
+    ``Embedding(mask_zero=True)``; Keras 3 passes its own getter, which also reads a JAX tracer's); None where unmarked."""
+    return [getattr(t, "_keras_logits", None) if logits else None for t in outputs] + [get_mask(t) for t in outputs]
+
+
+def mark_outputs(outputs: list, marks: list, *, set_mask: Callable[[Any, Any], None] = _set_attribute_mask) -> None:
+    """Put :func:`output_marks` back on the outputs. On TensorFlow, Keras 3 and Keras 2 compute their cross-entropy
+    losses and metrics from the marked logits, exactly, where the probabilities saturate (else they clip them at 1e-7);
+    and every compiled loss and metric weights its values by the output's mask (``evaluate`` averages a padded
+    sequence's loss over its real positions): inside ``evaluate``'s graph the marks are there, so the losses must see
+    them here too for E to equal ``evaluate``. (An output of a bare ``tf.nn.softmax``, unmarked, is known to those
+    losses by its op inside a graph only: it is scored from its clipped probabilities.)"""
+    count = len(outputs)
+    for t, logit, mask in zip(outputs, marks[:count], marks[count:]):
         if logit is not None:
             t._keras_logits = logit
+        if mask is not None:
+            set_mask(t, mask)
 

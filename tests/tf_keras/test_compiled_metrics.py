@@ -392,3 +392,27 @@ def test_an_overridden_test_step_is_named_in_a_note():
 
     _assert_close(_mode(report, "E"), want, "E")
     assert any("overrides test_step" in n and "evaluate" in n for n in report.notes), report.notes
+
+
+def test_a_masked_output_is_scored_over_its_real_positions_as_evaluate_scores_it():
+    """A padded-sequence tagger whose output carries the padding mask (Embedding(mask_zero=True)): evaluate weights
+    the loss and metrics by the mask, which a compiled step drops; E equals evaluate and the float64 NumPy masked
+    accuracy of predict (E was the accuracy over every position)."""
+    rng = np.random.default_rng(0)
+    n, length, vocab, classes = 64, 10, 20, 4
+    x = rng.integers(1, vocab, (n, length)).astype("int32")
+    for i, real in enumerate(rng.integers(3, length + 1, n)):
+        x[i, real:] = 0
+    y = rng.integers(0, classes, (n, length))
+    inp = keras.Input((length,), dtype="int32")
+    h = layers.LSTM(8, return_sequences=True)(layers.Embedding(vocab, 8, mask_zero=True)(inp))
+    model = keras.Model(inp, layers.Dense(classes, activation="softmax")(layers.BatchNormalization(momentum=0.5)(h)))
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    expected = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    hits = np.asarray(model.predict(x, batch_size=16, verbose=0)).argmax(-1) == y
+
+    report = eg.diagnose(model, (x, y), batch_size=16, shuffle=False, progress=False)
+
+    _assert_close(_mode(report, "E"), {k: float(v) for k, v in expected.items()}, "E")
+    assert _mode(report, "E")["accuracy"] == pytest.approx(hits[x != 0].mean(), abs=1e-6)

@@ -27,7 +27,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from .._keras_common import mark_logits, output_logits, traced_alone
+from keras.src.backend import get_keras_mask, set_keras_mask
+
+from .._keras_common import mark_outputs, output_marks, traced_alone
 from ..engine.protocol import HostCaptures
 from ..errors import ModelError
 
@@ -147,9 +149,10 @@ class MomentsPass:
         self.order = [c[0] for c in caps]
         means, variances = [_flat(c[2]) for c in caps], [_flat(c[3]) for c in caps]
         self.channels = [int(m.shape[0]) for m in means]
-        logits = output_logits(keras.tree.flatten(y_pred))  # for the losses of Td (see mark_logits)
+        # for the losses of Td: the outputs' masks and (TensorFlow) logits (see mark_outputs)
+        marks = output_marks(keras.tree.flatten(y_pred), logits=keras.backend.backend() == "tensorflow", get_mask=get_keras_mask)
         if not caps:
-            return (None, None), y_pred, list(losses), logits
+            return (None, None), y_pred, list(losses), marks
         dtype = keras.backend.result_type(*[m.dtype for m in means + variances])
         values = ops.concatenate([ops.cast(t, dtype) for t in means + variances])
         counts = [c[1] for c in caps]
@@ -157,7 +160,7 @@ class MomentsPass:
             counts = np.asarray(counts, dtype=np.int64)  # eager: known here, no device round trip
         else:
             counts = ops.stack([ops.cast(n, "int32") for n in counts])
-        return (counts, values), y_pred, list(losses), logits
+        return (counts, values), y_pred, list(losses), marks
 
     def _compiled(self):
         if self._step is None:
@@ -188,11 +191,11 @@ class MomentsPass:
             import torch
 
             with torch.no_grad():
-                (counts, values), y_pred, losses, logits = self._compiled()(trainable, non_trainable, x)
+                (counts, values), y_pred, losses, marks = self._compiled()(trainable, non_trainable, x)
         else:
-            (counts, values), y_pred, losses, logits = self._compiled()(trainable, non_trainable, x)
-        if backend == "tensorflow":
-            mark_logits(keras.tree.flatten(y_pred), logits)
+            (counts, values), y_pred, losses, marks = self._compiled()(trainable, non_trainable, x)
+        if backend != "torch":  # eager on torch: the outputs keep their marks
+            mark_outputs(keras.tree.flatten(y_pred), marks, set_mask=set_keras_mask)
         if values is None:
             return [], (y_pred, losses)
         # order and channels were recorded when the step was traced: a compiled step reused for this

@@ -19,7 +19,9 @@ from typing import Any, Iterator, Sequence
 import keras
 import numpy as np
 
-from .._keras_common import copies_differ, distributed_copies, mark_logits, output_logits, per_replica, replicas, traced_alone
+from keras.src.backend import get_keras_mask, set_keras_mask
+
+from .._keras_common import copies_differ, distributed_copies, mark_outputs, output_marks, per_replica, replicas, traced_alone
 from .._random import random_states_kept
 from ..engine import Batch, NormLayer
 from .layers import find_batchnorms
@@ -40,9 +42,9 @@ class _Predictor:
 
         def fn(tv, ntv, x, training):
             y_pred, new_ntv, losses = self._model().stateless_call(tv, ntv, x, training=training, return_losses=True)
-            if backend == "tensorflow":  # the logits behind softmax/sigmoid outputs, for the losses (see mark_logits)
-                return y_pred, list(losses), new_ntv, output_logits(keras.tree.flatten(y_pred))
-            return y_pred, list(losses), new_ntv
+            # the outputs' masks, and on TensorFlow the logits behind softmax/sigmoid, for the losses (see mark_outputs)
+            marks = output_marks(keras.tree.flatten(y_pred), logits=backend == "tensorflow", get_mask=get_keras_mask)
+            return y_pred, list(losses), new_ntv, marks
 
         self._plain = fn
         self._fns: dict[tuple[bool, bool], Any] = {}
@@ -76,22 +78,20 @@ class _Predictor:
         if backend == "torch":
             import torch
 
-            with torch.no_grad():
-                return fn(tv, non_trainable, x, training)
-        if backend == "tensorflow":
-            if copies is not None:
-                y_pred, losses, logits = per_replica(lambda share, values: _without_state(fn(tv, values, share, training)), x, size, copies)
-                new_ntv = non_trainable
-            else:
-                y_pred, losses, new_ntv, logits = fn(tv, non_trainable, x, training)
-            mark_logits(keras.tree.flatten(y_pred), logits)
-            return y_pred, losses, new_ntv
-        return fn(tv, non_trainable, x, training)
+            with torch.no_grad():  # eager: the outputs keep their marks
+                return fn(tv, non_trainable, x, training)[:3]
+        if copies is not None:
+            y_pred, losses, marks = per_replica(lambda share, values: _without_state(fn(tv, values, share, training)), x, size, copies)
+            new_ntv = non_trainable
+        else:
+            y_pred, losses, new_ntv, marks = fn(tv, non_trainable, x, training)
+        mark_outputs(keras.tree.flatten(y_pred), marks, set_mask=set_keras_mask)
+        return y_pred, losses, new_ntv
 
 
 def _without_state(step_output: tuple) -> tuple:
-    y_pred, losses, _, logits = step_output
-    return y_pred, losses, logits
+    y_pred, losses, _, marks = step_output
+    return y_pred, losses, marks
 
 
 def _replica_copies(model) -> list[list] | None:

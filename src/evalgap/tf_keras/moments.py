@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from .distributed import multi_worker_strategy
-from .._keras_common import mark_logits, output_logits, traced_alone
+from .._keras_common import mark_outputs, output_marks, traced_alone
 from .layers import Patches, autograph_off, channel_axes, find_batchnorms, is_fused, stateless_patches, statistics, substituted
 
 #: Compiled passes, per model and per choice of layers: a later recalibration of the same
@@ -162,14 +162,14 @@ class MomentsPass:
         self.layout = [(c[0], int(c[2].shape[0])) for c in self._captures]
         pieces = [tf.cast(tf.reshape(v, [-1]), tf.float64) for c in self._captures for v in c[1:]]
         packed = tf.concat(pieces, 0) if pieces else tf.zeros([0], tf.float64)
-        return packed, y_pred, losses, output_logits(tf.nest.flatten(y_pred))  # for the losses of Td (see mark_logits)
+        return packed, y_pred, losses, output_marks(tf.nest.flatten(y_pred))  # for the losses of Td (see mark_outputs)
 
     def run(self, batch) -> tuple[list[tuple[int, Any, Any, Any]], Any]:
         """One batch: its captures (slices of one packed float64 vector, moved to the host in one copy) and outputs."""
         if self._step is None:
             self._step = tf.function(autograph_off(traced_alone(self._raw_step, "moments_step")), reduce_retracing=True)
-        packed, y_pred, losses, logits = self._step(batch.inputs, self._stats)
-        mark_logits(tf.nest.flatten(y_pred), logits)
+        packed, y_pred, losses, marks = self._step(batch.inputs, self._stats)
+        mark_outputs(tf.nest.flatten(y_pred), marks)
         captures, offset = [], 0
         for index, channels in self.layout:
             count, mean, var = (Packed(packed, a, b) for a, b in ((offset, offset + 1), (offset + 1, offset + 1 + channels),

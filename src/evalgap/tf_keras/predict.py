@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from ..engine import Batch, NormLayer
 from .distributed import multi_worker_strategy
-from .._keras_common import copies_differ, distributed_copies, mark_logits, output_logits, per_replica, traced_alone
+from .._keras_common import copies_differ, distributed_copies, mark_outputs, output_marks, per_replica, traced_alone
 from .layers import autograph_off, find_batchnorms, stat_attrs, stateless_patches, statistics, substituted, walk
 
 _PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
@@ -51,7 +51,7 @@ class _Predictor:
                 model = self._model()
                 with substituted(self.bns, stats):
                     y_pred = model(x, training=training)
-                return y_pred, list(model.losses), output_logits(tf.nest.flatten(y_pred))  # see mark_logits
+                return y_pred, list(model.losses), output_marks(tf.nest.flatten(y_pred))  # see mark_outputs
 
             self._fns[training] = tf.function(autograph_off(traced_alone(fn, "T_step" if training else "E_step")), reduce_retracing=True)
         return self._fns[training]
@@ -114,10 +114,10 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
 
     def run(batch: Batch):
         if copies is not None:
-            y_pred, losses, logits = per_replica(fn, batch.inputs, batch.size, copies)
+            y_pred, losses, marks = per_replica(fn, batch.inputs, batch.size, copies)
         else:
-            y_pred, losses, logits = fn(batch.inputs, values)
-        mark_logits(tf.nest.flatten(y_pred), logits)
+            y_pred, losses, marks = fn(batch.inputs, values)
+        mark_outputs(tf.nest.flatten(y_pred), marks)
         return y_pred, losses
 
     with stateless_patches(model), rng_restored(model) if mode == "T" else contextlib.nullcontext():
