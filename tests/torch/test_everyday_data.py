@@ -1,9 +1,11 @@
 """Shapes and outputs from everyday PyTorch code that broke the diagnosis, each against an independent reference:
 sequences padded per batch, sequence-first inputs, dataclass outputs, soft labels, misnamed fit values, a map-style
-Dataset without a batch size, a metric that is not one number."""
+Dataset without a batch size, a metric that is not one number, PackedSequence batches, features-last inputs a
+convolution reads after a transpose."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -261,3 +263,105 @@ def test_input_scale_is_judged_on_what_the_first_layer_receives(scale, flatten):
     else:  # converted (and flattened): the first layer receives the raw pixels
         assert found is not None and "raw [0, 255]" in found.message
         assert not any(n.startswith("input scale not judged") for n in report.notes)
+
+
+class _PackedGRU(nn.Module):
+    """A GRU over a PackedSequence (a packing collate_fn's batches), BatchNorm on its last hidden state."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.bn, self.head = nn.GRU(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+        self.bn.running_mean.normal_(0, 0.5)
+        self.bn.running_var.uniform_(0.3, 3.0)
+
+    def forward(self, packed):
+        return self.head(torch.relu(self.bn(self.rnn(packed)[1][-1])))
+
+
+def test_packed_sequence_batches_count_their_sequences_not_their_tokens():
+    """A PackedSequence holds batch_sizes[0] sequences (its data holds their tokens): 8 batches of 12 sequences are
+    96 samples, none ragged, and the statistics and E are those of every batch (float64 reference loops)."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(8):
+        lengths = torch.randint(2, 10, (12,), generator=g).tolist()
+        seqs = [2.0 * torch.randn(n, 4, generator=g) for n in lengths]
+        batches.append((pack_sequence(seqs, enforce_sorted=False), torch.randint(0, 3, (12,), generator=g)))
+    assert len({int(p.data.shape[0]) for p, _ in batches}) > 1  # the token counts differ from batch to batch
+    model = _PackedGRU().train()
+    report = eg.diagnose(model, batches, progress=False)
+    assert (report.samples, report.batch_size) == (96, 12)
+    assert report.decompositions["loss"].values["E"] == pytest.approx(eval_loss(model, batches), rel=1e-6)
+
+    m64 = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        seen = torch.cat([m64.rnn(p.double())[1][-1] for p, _ in batches]).numpy()  # what the BN layer sees
+    model.train()
+    result = eg.recalibrate(model, batches, progress=False)
+    assert (result.samples, result.batches, result.skipped_batches) == (96, 8, 0)
+    np.testing.assert_allclose(model.bn.running_mean.double().numpy(), seen.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bn.running_var.double().numpy(), seen.var(0), rtol=1e-5)
+
+    alone = eg.recalibrate(copy.deepcopy(model), [p for p, _ in batches], progress=False)  # batches of the input only
+    assert (alone.samples, alone.skipped_batches) == (96, 0)
+
+
+def test_packed_sequences_move_to_a_device_with_their_batch_sizes_on_the_cpu():
+    """PackedSequence requires batch_sizes on the CPU: moved by its own to(), not part by part."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    from evalgap.torch.data import to_device
+
+    packed = pack_sequence([torch.randn(3, 2), torch.randn(1, 2)])
+    moved = to_device((packed, torch.tensor([0, 1])), torch.device("meta"))
+    assert moved[0].data.device.type == "meta" and moved[1].device.type == "meta"
+    assert moved[0].batch_sizes.device.type == "cpu" and moved[0].batch_sizes.tolist() == packed.batch_sizes.tolist()
+
+
+class _FeaturesLastConv(nn.Module):
+    """(N, L, F) windows, features last, moved to channels first in forward for a Conv1d (or a BatchNorm1d) first."""
+
+    def __init__(self, first: str, features: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Conv1d(features, 8, 3, padding=1) if first == "conv" else nn.BatchNorm1d(features)
+        width = 8 if first == "conv" else features
+        self.bn, self.head = nn.BatchNorm1d(width), nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.first(x.transpose(1, 2)))).mean(-1))
+
+
+@pytest.mark.parametrize("first", ["conv", "batchnorm"])
+def test_a_convolution_reading_the_last_axis_is_judged_per_feature(first):
+    """A Conv1d / BatchNorm1d of F channels fed (N, L, F) transposed reads the features on the last axis: the input
+    scale is per feature (not one value per time step on axis 1) and the code handed out normalizes that axis
+    (float64 NumPy reference)."""
+    rng = np.random.default_rng(1)
+    centre, spread = np.array([500.0, 0.0, 3.0]), np.array([100.0, 1.0, 0.5])
+    x = torch.from_numpy((rng.normal(size=(128, 24, 3)) * spread + centre).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 2, 128))
+    report = eg.diagnose(_FeaturesLastConv(first), (x, y), batch_size=32, progress=False)
+    found = report.finding("input_scale")
+    x64 = x.double().numpy().reshape(-1, 3)
+    np.testing.assert_allclose(found.numbers["mean"], x64.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(found.numbers["std"], x64.std(0), rtol=1e-6)
+    space = {"x": x.clone(), "torch": torch}
+    exec(found.remedy, space)
+    out = space["x"].double().numpy().reshape(-1, 3)
+    np.testing.assert_allclose(out.mean(0), 0.0, atol=2e-3)  # constants printed to 4 significant digits
+    np.testing.assert_allclose(out.std(0), 1.0, atol=2e-3)
+
+
+def test_a_convolution_whose_channels_are_on_axis_1_stays_channels_first():
+    """(N, C, L) with C == the Conv1d's in_channels: axis 1, even when L happens to equal C too."""
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy((rng.normal(size=(64, 3, 3)) * np.array([[50.0], [1.0], [0.1]]) + 20.0).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 2, 64))
+    model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
+    found = eg.diagnose(model, (x, y), batch_size=16, progress=False).finding("input_scale")
+    x64 = np.moveaxis(x.double().numpy(), 1, -1).reshape(-1, 3)
+    np.testing.assert_allclose(found.numbers["std"], x64.std(0), rtol=1e-6)

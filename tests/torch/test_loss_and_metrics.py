@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -207,6 +208,87 @@ def test_unguessable_shapes_ask_for_loss_fn_and_metrics():
         eg.diagnose(model, data, progress=False)
     assert "loss_fn" in str(info.value) and "metrics" in str(info.value), str(info.value)
 
+
+
+class _Tagger(nn.Module):
+    """Per-token scores (N, L, C) on the last axis for (N, L) integer tags, as a tagger returns them."""
+
+    def __init__(self, tags):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.bn, self.head = nn.Embedding(tags, 8), nn.BatchNorm1d(8), nn.Linear(8, tags)
+
+    def forward(self, ids):
+        return self.head(self.bn(self.embed(ids).transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("length", [6, 5])
+def test_per_token_scores_are_never_read_as_segmentation(length):
+    """(N, L, C) scores with (N, L) tags: with L == C the shapes fit segmentation (classes on axis 1) and per-token
+    scores (classes last) alike, so no default is guessed (as for L != C): a DataError names both readings and asks
+    for loss_fn; the user's per-token loss then gives the evaluation loop's values."""
+    tags = 6
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, tags, (64, length), generator=g)
+    data = split(ids, ids, 16)  # the tag is the token: a tagger learns it
+    model = fit(_Tagger(tags), data, lambda o, t: F.cross_entropy(o.flatten(0, -2), t.flatten()), steps=12, lr=0.05)
+    with pytest.raises(evalgap.DataError) as info:
+        eg.diagnose(model, data, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"cannot choose a loss for outputs of shape (16, {length}, {tags})") and "loss_fn" in message
+    if length == tags:
+        assert "axis 1" in message and "last axis" in message, message
+
+    def per_token(o, t):
+        return F.cross_entropy(o.flatten(0, -2), t.flatten())
+
+    report = eg.diagnose(model, data, loss_fn=per_token, metrics={"accuracy": lambda o, t: (o.argmax(-1) == t).float().mean()},
+                         progress=False)
+    pairs = outputs(model, data)
+    e_loss = per_sample(pairs, lambda o, t: (F.cross_entropy(o.double().flatten(0, -2), t.flatten(), reduction="sum") / t.shape[1], len(t)))
+    e_acc = per_sample(pairs, lambda o, t: ((o.argmax(-1) == t).double().mean(1).sum(), len(t)))
+    assert report.decompositions["loss"].values["E"] == pytest.approx(e_loss, rel=RTOL)
+    assert report.decompositions["accuracy"].values["E"] == pytest.approx(e_acc, rel=RTOL)
+    assert e_acc > 0.9  # the per-token reading is the right one (the segmentation one scored positions as classes)
+
+
+def _float64_data(kind):
+    """float64 NumPy features and targets: 0/1 floats (binary) or 5 classes, 90 samples, batches of 30."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 4.0, (90, 7))
+    y = rng.integers(0, 2, 90).astype(np.float64) if kind == "binary" else rng.integers(0, 5, 90)
+    return x, y
+
+
+@pytest.mark.parametrize("kind", ["binary", "classes"])
+def test_a_float64_models_default_loss_and_accuracy_stay_float64(kind):
+    """A float64 model's default loss and accuracy are computed in float64 (BCE targets, accuracy's mean), as a float64
+    NumPy loop gives them to 1e-12; a float32 output's defaults stay float32."""
+    from evalgap.torch.metrics import DEFAULTS
+
+    x, y = _float64_data(kind)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(7, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1 if kind == "binary" else 5)).double().eval()
+    report = eg.diagnose(net, (x, y), batch_size=30, shuffle=False, progress=False)
+    with torch.no_grad():
+        o = net(torch.from_numpy(x)).numpy()
+    if kind == "binary":
+        o = o[:, 0]
+        loss = np.mean(np.logaddexp(0.0, o) - y * o)  # BCE with logits
+        accuracy = np.mean((o > 0) == (y == 1))
+    else:
+        shifted = o - o.max(1, keepdims=True)
+        loss = np.mean(np.log(np.exp(shifted).sum(1)) - shifted[np.arange(len(y)), y])
+        accuracy = np.mean(o.argmax(1) == y)
+    assert report.decompositions["loss"].values["E"] == pytest.approx(loss, rel=1e-12, abs=1e-15)
+    assert report.decompositions["accuracy"].values["E"] == pytest.approx(accuracy, rel=1e-12, abs=1e-15)
+
+    task = "binary" if kind == "binary" else "classification"
+    default_loss, default_metrics = DEFAULTS[task]
+    target = torch.from_numpy(y[:30])
+    for dtype in (torch.float32, torch.float64):
+        out = torch.from_numpy(o[:30]).to(dtype)
+        assert {default_loss(out, target).dtype, default_metrics["accuracy"](out, target).dtype} == {dtype}
 
 # ---- user-given loss and metrics -----------------------------------------------------
 def test_module_loss_and_callable_metric():

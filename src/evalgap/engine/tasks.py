@@ -9,6 +9,8 @@ task               output / targets                             loss, metrics
 =================  ===========================================  ============================
 ``classification`` scores (N, C), C > 1 / integers (N,) or (N, 1)  cross-entropy, accuracy
 ``segmentation``   scores (N, C, *S) / integers (N, [1,] *S)     per-pixel CE, pixel accuracy
+                   (PyTorch: not where the classes may be on the
+                   last axis as well, :func:`two_class_axes`)
 ``binary``         one logit (N,) or (N, 1) / 0-1 values          BCE with logits, accuracy
 ``regression``     any / floats of the output's shape, not 0-1,   MSE only
                    not rows of class probabilities
@@ -34,15 +36,35 @@ def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
     return shape[:-1] if len(shape) == 2 and shape[-1] == 1 else shape
 
 
+def _labels_shape(out: tuple[int, ...], tgt: tuple[int, ...]) -> tuple[int, ...]:
+    """(N, 1, *S) labels as (N, *S), as Keras's sparse losses take them, for scores of more than one class on axis 1."""
+    if len(tgt) == len(out) >= 2 and tgt[1] == 1 and out[1] > 1:
+        return tgt[:1] + tgt[2:]
+    return tgt
+
+
+def two_class_axes(output_shape: Sequence[int], target_shape: Sequence[int]) -> bool:
+    """Whether integer targets fit scores of at least 3 dimensions with the classes on axis 1 (segmentation: scores
+    (N, C, *S), labels (N, *S)) and with the classes on the last axis (per token: scores (N, L, C), labels (N, L), as
+    a tagger returns them) alike: every axis after the first has the same size, so the shapes cannot tell which."""
+    out, tgt = tuple(int(d) for d in output_shape), tuple(int(d) for d in target_shape)
+    if len(out) < 3 or out[1] < 2:
+        return False
+    tgt = _labels_shape(out, tgt)
+    return tgt == (out[0], *out[2:]) and tgt == out[:-1]
+
+
 def default_task(output_shape: Sequence[int], target_shape: Sequence[int], integer_targets: bool, binary_values: bool,
-                 probability_rows: bool = False) -> str | None:
+                 probability_rows: bool = False, classes_last_too: bool = False) -> str | None:
     """The task the shapes imply (table above), or None when they leave doubt.
 
     ``integer_targets``: the targets are an integer dtype; ``binary_values``: every target is
     0 or 1. One logit and 0/1 targets is ``binary`` whatever the target dtype.
     ``probability_rows``: the targets are non-negative and sum to 1 over the class axis (soft
     labels: label smoothing, mixup, distillation), which cross-entropy takes as well as MSE: doubt,
-    as for one-hot rows.
+    as for one-hot rows. ``classes_last_too``: the framework's models may return their classes on the
+    last axis as well (PyTorch's per-token scores (N, L, C)), so shapes that fit both readings
+    (:func:`two_class_axes`) leave doubt instead of being taken for segmentation.
     """
     out, tgt = tuple(int(d) for d in output_shape), tuple(int(d) for d in target_shape)
     if not out or not tgt or out[0] != tgt[0]:
@@ -53,8 +75,9 @@ def default_task(output_shape: Sequence[int], target_shape: Sequence[int], integ
             return "binary"
         return None if integer_targets else "regression"
     if integer_targets:
-        if len(tgt) == len(out) >= 2 and tgt[1] == 1 and out[1] > 1:  # (N, 1) labels, as Keras's sparse losses take them
-            tgt = tgt[:1] + tgt[2:]
+        if classes_last_too and two_class_axes(out, tgt):
+            return None
+        tgt = _labels_shape(out, tgt)  # (N, 1) labels, as Keras's sparse losses take them
         if len(out) == 2 and out[1] > 1 and tgt == (out[0],):
             return "classification"
         if len(out) >= 3 and out[1] > 1 and tgt == (out[0], *out[2:]):

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.nn.parameter import is_lazy
 
 from ..engine import Batch, NormLayer
@@ -56,7 +57,8 @@ class TorchAdapter:
             raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}.")
         self.device = data.model_device(model)
         self._collective = collective(self.process_group)  # now, not at construction: the group may start later
-        self._tuple_input = self.forward is None and isinstance(first.inputs, (list, tuple))
+        self._tuple_input = self.forward is None and isinstance(first.inputs, (list, tuple)) \
+            and not isinstance(first.inputs, PackedSequence)  # a NamedTuple, passed whole
         self._features_last = layers.reads_last_axis(model, first.inputs)
         self._first = first  # for facts(): where the model's first layer reads its input
         self._left_in_eval = layers.eval_in_training(model)  # once per call: it may copy the model

@@ -19,6 +19,7 @@ import numpy as np
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .._random import iterate_keeping_random_states
 from ..engine import ArrayBatches, Batch, StreamBatches, tree_leaves
@@ -45,8 +46,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to ``device``; other values pass through."""
-    if isinstance(batch, torch.Tensor):
+    """Move every tensor in a (nested) batch to ``device``; other values pass through. A ``PackedSequence`` moves
+    by its own ``to()``, which keeps its ``batch_sizes`` on the CPU as the class requires."""
+    if isinstance(batch, (torch.Tensor, PackedSequence)):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
@@ -65,7 +67,10 @@ def _dict_input_key(batch: Mapping) -> str | None:
 
 
 def model_input(batch: Any) -> Any:
-    """The model's input in a batch: the tensor itself, a tuple's first element, or a dict's input key."""
+    """The model's input in a batch: the tensor (or ``PackedSequence``) itself, a tuple's first element, or a dict's
+    input key."""
+    if isinstance(batch, PackedSequence):  # a NamedTuple of its parts, one input
+        return batch
     if isinstance(batch, (list, tuple)):
         if not batch:
             raise DataError("got an empty batch (an empty tuple or list); each batch must hold the input first.")
@@ -76,17 +81,28 @@ def model_input(batch: Any) -> Any:
     return batch
 
 
-def _first_tensor(tree: Any) -> torch.Tensor | None:
-    """The first tensor of at least one dimension in a tensor, a dict's values or a list/tuple's items."""
-    items = tree.values() if isinstance(tree, Mapping) else tree if isinstance(tree, (list, tuple)) else (tree,)
+def _first_tensor(tree: Any) -> torch.Tensor | PackedSequence | None:
+    """The first tensor of at least one dimension (or ``PackedSequence``) in a tensor, a dict's values or a
+    list/tuple's items."""
+    items = (tree,) if isinstance(tree, PackedSequence) else tree.values() if isinstance(tree, Mapping) \
+        else tree if isinstance(tree, (list, tuple)) else (tree,)
     for v in items:
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
+        if isinstance(v, PackedSequence) or (isinstance(v, torch.Tensor) and v.dim() > 0):
             return v
     return None
 
 
+def _samples(t: torch.Tensor | PackedSequence) -> int:
+    """A tensor's leading dimension; a ``PackedSequence``'s number of sequences, ``batch_sizes[0]`` (its ``data``
+    holds their tokens, not them)."""
+    if isinstance(t, PackedSequence):
+        return int(t.batch_sizes[0]) if t.batch_sizes.numel() else 0
+    return int(t.shape[0])
+
+
 def batch_size_of(batch: Any) -> int | None:
-    """The number of samples in a batch: the leading dimension of its input (the first tensor found), or None.
+    """The number of samples in a batch: the leading dimension of its input (the first tensor found), or None;
+    for a ``PackedSequence`` input, the number of sequences it packs.
 
     A sequence-first input, ``(T, N, ...)`` as ``batch_first=False`` RNNs and Transformers take it, is
     told by its targets: when their leading dimension is not the input's first but its second, the
@@ -95,9 +111,10 @@ def batch_size_of(batch: Any) -> int | None:
     if x is None:
         return None
     y = _first_tensor(targets_of(batch))
-    if y is not None and x.dim() >= 2 and x.shape[0] != y.shape[0] and x.shape[1] == y.shape[0]:
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() >= 2 and x.shape[0] != y.shape[0] \
+            and x.shape[1] == y.shape[0]:
         return int(y.shape[0])
-    return int(x.shape[0])
+    return _samples(x)
 
 
 def call_model(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
@@ -113,7 +130,7 @@ def call_model(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
     if isinstance(batch, Mapping) and _dict_input_key(batch) is None:
         return model(**batch)
     x = model_input(batch)
-    if isinstance(x, (list, tuple)) and len(x) > 1:
+    if isinstance(x, (list, tuple)) and not isinstance(x, PackedSequence) and len(x) > 1:
         low, high = positional_arguments(model)
         if low > 1 and low <= len(x) <= high:
             return model(*x)
@@ -144,8 +161,9 @@ def _positional(fn: Callable, unbound: bool) -> tuple[int, int]:
 
 
 def targets_of(batch: Any) -> Any:
-    """The targets in a batch: a tuple's second element or a dict's target key; None if there are none."""
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+    """The targets in a batch: a tuple's second element or a dict's target key; None if there are none (a
+    ``PackedSequence`` alone is an input)."""
+    if isinstance(batch, (list, tuple)) and not isinstance(batch, PackedSequence) and len(batch) >= 2:
         return batch[1]
     if isinstance(batch, Mapping):
         for key in TARGET_KEYS:

@@ -242,15 +242,22 @@ def mode_dependent(model: nn.Module) -> list[str] | None:
 def reads_last_axis(model: nn.Module, inputs: Any) -> bool:
     """Whether the model's first layer (in module order) takes a tensor input of 3 or more dimensions by its last
     axis: a Linear of that many ``in_features`` or an RNN of that ``input_size`` ((N, L, F) sequences), so its
-    channels are features on the last axis, not on axis 1 as a convolution's."""
+    channels are features on the last axis, not on axis 1 as a convolution's; or a convolution (``in_channels``) or
+    BatchNorm (``num_features``) whose channels number the last axis's size and not axis 1's (an (N, L, F) sequence
+    or an (N, H, W, C) image that ``forward`` moves to channels first)."""
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 3:
         return False
+    last, second = int(inputs.shape[-1]), int(inputs.shape[1])
     for m in all_modules(model):
         if isinstance(m, nn.Linear):
-            return m.in_features == inputs.shape[-1]
+            return m.in_features == last
         if isinstance(m, nn.RNNBase):
-            return m.input_size == inputs.shape[-1]
-        if isinstance(m, (nn.modules.conv._ConvNd, _BatchNorm, nn.Embedding)):
+            return m.input_size == last
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.in_channels == last != second
+        if isinstance(m, _BatchNorm):
+            return m.num_features == last != second
+        if isinstance(m, nn.Embedding):
             return False
     return False
 

@@ -13,7 +13,8 @@ on a fresh copy per mode (``update`` per batch, ``compute`` at the end, its own
 synchronization across processes), so the user's object is left as it was; the direction it states
 (``higher_is_better``, when not None) is the report's for that name. Without
 ``loss_fn``/``metrics`` the defaults of :mod:`evalgap.engine.tasks` apply, with PyTorch's own
-functions, on the prediction in the output (:func:`prediction`), in float32 or wider.
+functions, on the prediction in the output (:func:`prediction`), in its dtype where that is float32 or float64
+(a float64 model's loss and accuracy stay float64), else in float32.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from .._checks import check_labels
 from ..engine import Batch, Collective
-from ..engine.tasks import batch_total, completed, default_task
+from ..engine.tasks import batch_total, completed, default_task, two_class_axes
 from ..errors import DataError, ModelError
 from .data import to_device
 
@@ -65,16 +66,23 @@ def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(output, _labels(output, target).long())  # int32/int16 labels too, as NumPy gives them
 
 
+def _dtype(output: torch.Tensor) -> torch.dtype:
+    """The dtype a default computes in: the output's (float64 stays float64), float32 for any other."""
+    return output.dtype if output.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (output.argmax(1) == _labels(output, target)).float().mean()
+    return (output.argmax(1) == _labels(output, target)).to(_dtype(output)).mean()
 
 
 def _binary_accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return ((output > 0).float() == target.reshape(output.shape).float()).float().mean()
+    dtype = _dtype(output)
+    return ((output > 0).to(dtype) == target.reshape(output.shape).to(dtype)).to(dtype).mean()
 
 
 def _bce(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return nn.functional.binary_cross_entropy_with_logits(output, target.reshape(output.shape).float())
+    output = output.to(_dtype(output))
+    return nn.functional.binary_cross_entropy_with_logits(output, target.reshape(output.shape).to(output.dtype))
 
 
 def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -95,13 +103,20 @@ def _task(output: torch.Tensor, target: Any) -> str:
     t = target.detach()
     binary = bool(t.numel()) and bool(((t == 0) | (t == 1)).all())
     soft = _probability_rows(t)
-    task = default_task(output.shape, t.shape, not torch.is_floating_point(t), binary, soft)
+    integer = not torch.is_floating_point(t)
+    task = default_task(output.shape, t.shape, integer, binary, soft, classes_last_too=True)
     if task is None:
+        example = "torch.nn.BCEWithLogitsLoss()"
         why = (" The targets look like class probabilities (soft labels: label smoothing, mixup, distillation): "
                "torch.nn.CrossEntropyLoss() takes them as targets." if soft else "")
+        if integer and two_class_axes(output.shape, t.shape):
+            example = "lambda o, t: torch.nn.functional.cross_entropy(o.flatten(0, -2), t.flatten()) for per-token scores"
+            why = (" These shapes fit two readings: the classes on axis 1 (segmentation: scores (N, C, ...), one label per "
+                   "position) or on the last axis (per token: scores (N, L, C), one label per token), and each gives a "
+                   "different loss and accuracy.")
         raise DataError(
             f"cannot choose a loss for outputs of shape {tuple(output.shape)} and {t.dtype} targets of shape {tuple(t.shape)}: "
-            "pass loss_fn=(output, target) -> scalar (e.g. torch.nn.BCEWithLogitsLoss()) and metrics={'name': ...} "
+            f"pass loss_fn=(output, target) -> scalar (e.g. {example}) and metrics={{'name': ...}} "
             f"(callables or torchmetrics objects).{why}"
         )
     if task in ("classification", "segmentation"):
