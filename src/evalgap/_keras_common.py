@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .engine import ModelFacts, is_training_only, tree_leaves
+from .engine import ModelFacts, is_training_only, scale_changed, tree_leaves
 
 #: Per-sample normalization layers: the same in both modes.
 NON_BN_NORMALIZATION = ("LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization")
@@ -23,6 +23,13 @@ NON_BN_NORMALIZATION = ("LayerNormalization", "GroupNormalization", "UnitNormali
 #: the raw inputs' scale then says nothing about what reaches the first BatchNorm.
 INPUT_TRANSFORMS = ("Rescaling", "Normalization", "Embedding", "CategoryEncoding", "StringLookup", "IntegerLookup",
                     "Hashing", "TextVectorization", "Discretization")
+
+
+#: Layers that read the input's values first in most models, by class name in the layer's MRO (Keras 3 and Keras 2):
+#: the input-scale finding is about what reaches them (:func:`received_range`).
+FIRST_LAYERS = frozenset({"BaseConv", "BaseDepthwiseConv", "BaseSeparableConv", "BaseConvTranspose", "Conv", "Dense",
+                          "EinsumDense", "BatchNormalization", "BatchNormalizationBase", "Embedding", "LayerNormalization",
+                          "GroupNormalization", "RNN"})
 
 
 #: Keras's own layers whose call takes ``training`` but computes the same in both modes (containers and
@@ -105,15 +112,21 @@ def replicas(model: Any) -> int:
         return 1
 
 
-def facts(model: Any, bns: list[tuple[str, Any]]) -> ModelFacts:
-    """Training-only layers, per-sample normalization, replicas, synchronized BN and input transforms of a Keras model."""
+def facts(model: Any, bns: list[tuple[str, Any]], first_inputs: Any = None,
+          to_numpy: Callable[[Any], np.ndarray] = np.asarray) -> ModelFacts:
+    """Training-only layers, per-sample normalization, replicas, synchronized BN and input transforms of a Keras model:
+    layers of the classes in :data:`INPUT_TRANSFORMS`, else, given the first batch's inputs, what its first layer
+    receives (:func:`received_range`)."""
     layers = list(walk(model))
+    transforms = [name for name, layer in layers if any(c.__name__ in INPUT_TRANSFORMS for c in type(layer).__mro__)]
+    if not transforms and first_inputs is not None:
+        transforms = received_range(model, first_inputs, to_numpy)
     return ModelFacts(
         training_only=[name for name, layer in layers if is_training_only(type(layer).__name__)],
         other_normalization=[name for name, layer in layers if type(layer).__name__ in NON_BN_NORMALIZATION],
         replicas=replicas(model),
         synchronized=bool(bns) and all(getattr(bn, "synchronized", False) for _, bn in bns),
-        input_transforms=[name for name, layer in layers if any(c.__name__ in INPUT_TRANSFORMS for c in type(layer).__mro__)],
+        input_transforms=transforms,
         mode_dependent=[name for name, layer in [(model.name, model), *layers] if mode_dependent(layer)],
         input_channel_axis=input_channel_axis(layers),
         notes=_replica_copies_note(bns),
@@ -157,6 +170,66 @@ def _largest_copy_difference(bns: list[tuple[str, Any]]) -> tuple[float, str | N
 def copies_differ(bns: list[tuple[str, Any]]) -> bool:
     """Whether the replicas hold different copies of any BatchNorm layer's moving statistics."""
     return _largest_copy_difference(bns)[0] > 0.0
+
+
+class _Reached(BaseException):  # not an Exception: a user's ``except Exception`` in a call does not swallow it
+    pass
+
+
+def received_range(model: Any, inputs: Any, to_numpy: Callable[[Any], np.ndarray]) -> list[str]:
+    """Where the model changes its input's scale before its first layer (a convolution, Dense, BatchNormalization,
+    Embedding, RNN or LayerNormalization layer, the first one called), in code no layer class names: a
+    ``Lambda(preprocess_input)``, ``preprocess_input(inputs)`` on the Keras tensor (ops nodes), arithmetic in a
+    subclass's ``call``. ``["conv1 receives values in [a, b], the input [c, d]"]``, or ``[]`` where that layer
+    receives the input's range (:func:`evalgap.engine.scale_changed`) or where this cannot be told (the input is
+    not one floating or uint8 array, no such layer, the call fails). One eager call of the first batch in inference
+    mode (which assigns no variable), stopped where that layer is reached: the candidate layers' ``call`` is
+    replaced on the instance for that call, then removed."""
+    if isinstance(inputs, (dict, list, tuple)):
+        return []
+    try:
+        x = np.asarray(to_numpy(inputs))
+    except Exception:  # pragma: no cover - an input that is not an array
+        return []
+    if x.size == 0 or not (x.dtype.kind == "f" or x.dtype == np.uint8):
+        return []
+    candidates = [(name, layer) for name, layer in walk(model) if FIRST_LAYERS & {c.__name__ for c in type(layer).__mro__}]
+    seen: list[tuple[str, Any]] = []
+
+    def stop(name: str) -> Callable[..., Any]:
+        def call(*args, **kwargs):
+            seen.append((name, args[0] if args else next(iter(kwargs.values()), None)))
+            raise _Reached
+
+        return call
+
+    wrapped = []
+    try:
+        for name, layer in candidates:
+            if "call" not in vars(layer):
+                object.__setattr__(layer, "call", stop(name))
+                wrapped.append(layer)
+        model(inputs, training=False)
+    except _Reached:
+        pass
+    except Exception:
+        return []
+    finally:
+        for layer in wrapped:
+            object.__delattr__(layer, "call")
+    if not seen:
+        return []
+    name, got = seen[0]
+    try:
+        got = np.asarray(to_numpy(got), dtype=np.float64)
+    except Exception:
+        return []
+    if got.size == 0 or not np.all(np.isfinite([got.min(), got.max(), x.min(), x.max()])):
+        return []
+    lo, hi, got_lo, got_hi = float(x.min()), float(x.max()), float(got.min()), float(got.max())
+    if not scale_changed((lo, hi), (got_lo, got_hi)):
+        return []
+    return [f"{name} receives values in [{got_lo:.3g}, {got_hi:.3g}], the input [{lo:.3g}, {hi:.3g}]"]
 
 
 def _replica_copies_note(bns: list[tuple[str, Any]]) -> list[str]:

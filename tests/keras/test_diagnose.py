@@ -120,6 +120,46 @@ def test_inputs_the_model_rescales_or_embeds_itself_get_no_scale_advice(digits):
     assert "raw [0, 255]" in plain.finding("input_scale").message
 
 
+class Scaled(keras.Model):
+    """A subclassed model that scales its pixels in ``call``, in code no layer class names."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = layers.Conv2D(4, 3, name="conv")
+        self.bn = layers.BatchNormalization(name="bn")
+        self.head = layers.Dense(10, activation="softmax")
+
+    def call(self, x, training=False):
+        h = self.bn(self.conv(x / 127.5 - 1.0), training=training)
+        return self.head(keras.ops.mean(h, axis=(1, 2)))
+
+
+def test_inputs_scaled_in_code_no_layer_class_names_get_no_scale_advice(digits):
+    """preprocess_input in a Lambda, on the Keras tensor (ops nodes, as the transfer-learning tutorial writes it) and
+    in a subclass's call: the first convolution receives [-1, 1], not the raw pixels (all three got "raw [0, 255]
+    pixels" and Rescaling(1 / 255), which would scale them twice). The note names what the first layer receives,
+    checked against a model cut at that layer's input; the raw-pixel model keeps the finding."""
+    x, y = digits
+    x, y = x[:240], y[:240]
+    preprocess = keras.applications.mobilenet_v2.preprocess_input  # x / 127.5 - 1
+    cases = {}
+    for how in ("lambda", "ops"):
+        inp = keras.Input((16, 16, 3))
+        scaled = layers.Lambda(preprocess)(inp) if how == "lambda" else preprocess(inp)
+        received = np.asarray(keras.Model(inp, scaled).predict(x[:BATCH], verbose=0), np.float64)
+        cases[how] = (keras.Model(inp, net()(scaled)), (received.min(), received.max()))
+    cases["subclass"] = (Scaled(), (x[:BATCH].min() / 127.5 - 1.0, x[:BATCH].max() / 127.5 - 1.0))
+    for how, (model, (lo, hi)) in cases.items():
+        model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        before = snapshot(model) if model.built else None
+        report = eg.diagnose(model, (x, y), batch_size=BATCH, shuffle=False, progress=False)
+        assert report.finding("input_scale") is None, (how, str(report))
+        assert before is None or snapshot(model) == before
+        note = next(n for n in report.notes if n.startswith("input scale not judged"))
+        assert f"receives values in [{lo:.3g}, {hi:.3g}]" in note, (how, note)
+    assert "raw [0, 255]" in eg.diagnose(net(), (x, y), batch_size=BATCH, progress=False).finding("input_scale").message
+
+
 def test_integer_ids_are_not_judged_as_pixels():
     """Character codes in [32, 122] as int32 (N, L), one-hot encoded in a Lambda no class name gives away: ids, not
     pixels (they got "raw [0, 255] pixels" and Rescaling(1 / 255)). The same values as uint8 pixels of a flattened

@@ -132,3 +132,24 @@ def test_no_retracing_warning_over_several_models():
     messages, _, report, _ = models_in_a_row(keras, eg)
     assert not [m for m in messages if "retracing" in m], [m[:120] for m in messages]
     assert report.decompositions["loss"].values["E"] > 0
+
+
+@pytest.mark.parametrize("how", ["lambda", "ops"])
+def test_inputs_scaled_in_code_no_layer_class_names_get_no_scale_advice(digits, how):
+    """preprocess_input in a Lambda or on the Keras tensor (TFOpLambda layers, as the transfer-learning tutorial
+    writes it): the first convolution receives [-1, 1], not the raw pixels (both got "raw [0, 255] pixels" and
+    Rescaling(1 / 255)); the note names what it receives, checked against a model cut at that layer's input."""
+    x, y = digits
+    x, y = x[:240], y[:240]
+    preprocess = keras.applications.mobilenet_v2.preprocess_input
+    inp = keras.Input((16, 16, 3))
+    scaled = layers.Lambda(preprocess)(inp) if how == "lambda" else preprocess(inp)
+    received = np.asarray(keras.Model(inp, scaled).predict(x[:BATCH], verbose=0), np.float64)
+    model = keras.Model(inp, net()(scaled))
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    before = snapshot(model)
+    report = eg.diagnose(model, (x, y), batch_size=BATCH, shuffle=False, progress=False)
+    assert report.finding("input_scale") is None, str(report)
+    assert snapshot(model) == before
+    note = next(n for n in report.notes if n.startswith("input scale not judged"))
+    assert f"receives values in [{received.min():.3g}, {received.max():.3g}]" in note, note

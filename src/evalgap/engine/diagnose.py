@@ -192,7 +192,7 @@ def _dict_hint(adapter: Adapter, batch: Batch) -> str:
 
 def _measure_and_explain(run: "_Run", collective, probe, training: Training, primary, max_samples, val_source, start) -> Report:
     adapter, model = run.adapter, run.model
-    facts = adapter.facts(model)
+    facts = adapter.facts(model, next(iter(probe), None))  # the first batch: what the model's first layer receives
     check = not facts.training_only and facts.mode_dependent != []  # does training mode do more than BN? not known
     run.by_mode["E"] = run.score("E", keep_first=check)
     choose_primary(list(run.by_mode["E"]), run.metrics.given, primary, left_out=_left_out(run))  # a wrong primary= fails now

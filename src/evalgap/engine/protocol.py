@@ -172,6 +172,16 @@ class Collective(Protocol):
 TRAINING_ONLY_TOKENS = ("Drop", "StochasticDepth", "Noise", "Random")
 
 
+def scale_changed(given: tuple[float, float], received: tuple[float, float], tolerance: float = 0.01) -> bool:
+    """Whether the first layer receives another range than the model's input: ``received``'s minimum or maximum
+    differs from ``given``'s by more than ``tolerance`` of the input's range (a reshape, a permutation, a crop, a
+    pooling or a dtype conversion keep the range; rescaling, normalizing or ``preprocess_input`` change it). The
+    adapters' probes of what their first layer receives all judge by this rule."""
+    lo, hi = given
+    tol = tolerance * max(hi - lo, abs(hi), abs(lo), 1e-12)
+    return abs(received[0] - lo) > tol or abs(received[1] - hi) > tol
+
+
 def is_training_only(class_name: str) -> bool:
     """Whether a layer of this class name may act differently in training mode (:data:`TRAINING_ONLY_TOKENS`)."""
     return any(t in class_name for t in TRAINING_ONLY_TOKENS)
@@ -264,7 +274,7 @@ class Adapter(Protocol):
 
     def metrics(self, model: Any, batch: Batch, outputs: Any, **options: Any) -> Metrics: ...
 
-    def facts(self, model: Any) -> ModelFacts: ...
+    def facts(self, model: Any, first: Batch | None = None) -> ModelFacts: ...
 
     def collective(self, model: Any) -> Collective | None: ...
 

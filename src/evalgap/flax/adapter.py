@@ -116,7 +116,7 @@ class FlaxAdapter:
     def metrics(self, model, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None) -> FlaxMetrics:
         return FlaxMetrics.choose(batch, outputs, loss_fn=loss_fn, metrics=metrics, collective=self.collective(model))
 
-    def facts(self, model: NnxModel | LinenModel):
+    def facts(self, model: NnxModel | LinenModel, first: Batch | None = None):
         facts = model.facts()
         shards = distributed.data_shards(self._first)
         collective = self.collective(model)

@@ -55,6 +55,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
+from ..engine import scale_changed
 from ..errors import ModelError
 from .layers import Flag, LinenLayer, LinenModel, NnxModel, Path, like, linen_call, linen_stats, path_name, replace_stats, stacked_kind
 
@@ -505,8 +506,7 @@ def confirm(transform: str | None, jaxpr: Any, args: Any, x: Any) -> str | None:
         return transform
     if not all(np.isfinite([lo, hi, got_lo, got_hi])):
         return transform
-    tolerance = 0.01 * max(hi - lo, abs(hi), abs(lo), 1e-12)
-    return None if abs(got_lo - lo) <= tolerance and abs(got_hi - hi) <= tolerance else transform
+    return transform if scale_changed((lo, hi), (got_lo, got_hi)) else None
 
 
 def _first_output(closed: Any, args: list) -> Any:

@@ -105,8 +105,8 @@ class KerasAdapter:
     def metrics(self, model, batch: Batch, outputs: Any) -> KerasMetrics:
         return KerasMetrics(model, batch, outputs)
 
-    def facts(self, model):
-        return layers.facts(model)
+    def facts(self, model, first: Batch | None = None):
+        return layers.facts(model, None if first is None else first.inputs)
 
     def collective(self, model):
         return distributed.collective(model)

@@ -29,5 +29,5 @@ def norm_layers(model) -> list[NormLayer]:
     ]
 
 
-def facts(model) -> ModelFacts:
-    return _facts(model, find_batchnorms(model))
+def facts(model, first_inputs=None) -> ModelFacts:
+    return _facts(model, find_batchnorms(model), first_inputs, keras.ops.convert_to_numpy)

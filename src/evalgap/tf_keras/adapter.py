@@ -117,8 +117,8 @@ class TfKerasAdapter:
     def metrics(self, model, batch: Batch, outputs: Any) -> TfKerasMetrics:
         return TfKerasMetrics(model, batch, outputs)
 
-    def facts(self, model):
-        return layers.facts(model)
+    def facts(self, model, first: Batch | None = None):
+        return layers.facts(model, None if first is None else first.inputs)
 
     def collective(self, model):
         return distributed.collective(model)

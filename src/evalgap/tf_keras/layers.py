@@ -235,8 +235,8 @@ def norm_layers(model) -> list[NormLayer]:
 STAT_ATTRS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 
 
-def facts(model) -> ModelFacts:
-    return _facts(model, find_batchnorms(model))
+def facts(model, first_inputs=None) -> ModelFacts:
+    return _facts(model, find_batchnorms(model), first_inputs, lambda t: t.numpy() if hasattr(t, "numpy") else np.asarray(t))
 
 
 def stat_attrs(bn) -> list[str]:

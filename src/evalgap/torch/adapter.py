@@ -42,7 +42,6 @@ class TorchAdapter:
         self._collective = None
         self._tuple_input = False  # the first batch's input is a tuple or list (for hint)
         self._features_last = False  # the model's first layer reads the input's last axis (input_array)
-        self._first: Batch | None = None
         self._left_in_eval: set[int] | None = None  # modules the model's own train() keeps in eval mode
 
     def framework(self, model: Any) -> str:
@@ -60,7 +59,6 @@ class TorchAdapter:
         self._tuple_input = self.forward is None and isinstance(first.inputs, (list, tuple)) \
             and not isinstance(first.inputs, PackedSequence)  # a NamedTuple, passed whole
         self._features_last = layers.reads_last_axis(model, first.inputs)
-        self._first = first  # for facts(): where the model's first layer reads its input
         self._left_in_eval = layers.eval_in_training(model)  # once per call: it may copy the model
         return model
 
@@ -152,11 +150,10 @@ class TorchAdapter:
     def metrics(self, model, batch: Batch, outputs: Any, *, loss_fn=None, metrics=None):
         return TorchMetrics.choose(batch, outputs, loss_fn=loss_fn, metrics=metrics, collective=self._collective)
 
-    def facts(self, model: nn.Module):
+    def facts(self, model: nn.Module, first: Batch | None = None):
         found = layers.facts(model, 1 if self._collective is None else self._collective.world, left_in_eval=self._left_in_eval)
-        if self._first is not None:
-            found.input_transforms = layers.input_transforms(model, self._first.raw, self._first.inputs, forward=self.forward,
-                                                             device=self.device)
+        if first is not None:  # where the model's first layer reads its input
+            found.input_transforms = layers.input_transforms(model, first.raw, first.inputs, forward=self.forward, device=self.device)
         return found
 
     def collective(self, model: Any):

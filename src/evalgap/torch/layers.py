@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..engine import ModelFacts, NormLayer, is_training_only
+from ..engine import ModelFacts, NormLayer, is_training_only, scale_changed
 from .data import Forward, call_model, to_device
 
 OTHER_NORMALIZATION = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
@@ -309,8 +309,7 @@ def input_transforms(model: nn.Module, raw: Any, inputs: Any, *, forward: Forwar
         return []
     lo, hi = (float(v) for v in torch.aminmax(inputs.detach().to(torch.float64)))
     got_lo, got_hi = (float(v) for v in torch.aminmax(got.detach().to(torch.float64)))
-    tolerance = 0.01 * max(hi - lo, abs(hi), abs(lo), 1e-12)
-    if abs(got_lo - lo) <= tolerance and abs(got_hi - hi) <= tolerance:
+    if not scale_changed((lo, hi), (got_lo, got_hi)):
         return []
     return [f"{name} receives values in [{got_lo:.3g}, {got_hi:.3g}], the input [{lo:.3g}, {hi:.3g}]"]
 
