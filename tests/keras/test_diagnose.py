@@ -268,6 +268,50 @@ def test_validation_data_term_and_outputs(digits, tmp_path):
     assert set(report.plot()) == {"modes", "waterfall", "drift"}
 
 
+class Backbone(keras.Model):
+    """A subclass that runs its backbone in inference mode in every call, as transfer-learning code writes it."""
+
+    def __init__(self, frozen: bool):
+        super().__init__()
+        inp = keras.Input((6,))
+        self.base = keras.Model(inp, layers.BatchNormalization(momentum=0.5, name="bn")(layers.Dense(4)(inp)))
+        self.head = layers.Dense(2, activation="softmax")
+        self.frozen = frozen
+
+    def call(self, x, training=None):
+        return self.head(self.base(x, training=False) if self.frozen else self.base(x))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_backbone_called_with_training_false_is_frozen(frozen):
+    """self.base(x, training=False) in a subclass's call: fit never moves that BatchNorm's statistics (checked), so
+    it is frozen, and T = Td = P = E = the mean loss of model(x, training=True) (its batch statistics were forced on:
+    Td 0.83 for T 1.60, a batch_statistics term that fit never had); called plainly, it is measured as before."""
+    rng = np.random.default_rng(0)
+    x, y = (rng.normal(size=(32, 6)) * 3 + 2).astype("float32"), rng.integers(0, 2, size=32)
+    keras.utils.set_random_seed(0)
+    model = Backbone(frozen)
+    model(x[:1])
+    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    bn = model.base.get_layer("bn")
+    mean_before = np.array(keras.ops.convert_to_numpy(bn.moving_mean))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    if frozen:  # (called plainly, fit updates them on TensorFlow and torch; Keras's JAX trainer drops the update)
+        assert np.array_equal(mean_before, keras.ops.convert_to_numpy(bn.moving_mean))
+    before = snapshot(model)
+    report = eg.diagnose(model, (x, y), batch_size=8, shuffle=False, progress=False)
+    assert snapshot(model) == before
+    assert [layer.status == "frozen" for layer in report.recalibration.layers] == [frozen]
+    values = report.decompositions["loss"].values
+    if frozen:
+        losses = [np.mean(keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y[i:i + 8], model(x[i:i + 8], training=True))))
+                  for i in range(0, 32, 8)]
+        for mode in ("T", "Td", "P", "E"):
+            assert values[mode] == pytest.approx(float(np.mean(losses)), rel=1e-5), mode
+    else:
+        assert values["Td"] != pytest.approx(values["E"], rel=1e-3)
+
+
 def test_no_batchnorm_all_frozen_bad_labels_and_generators(digits):
     from evalgap import DataError
 

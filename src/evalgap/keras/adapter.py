@@ -48,6 +48,7 @@ class KerasAdapter:
         check_batched(model, first.inputs)
         if not model.built:
             model(first.inputs, training=False)  # builds the variables; inference mode changes no statistic
+        layers.remember_inference_only(model, first.inputs)
         return model
 
     def layers(self, model) -> list[NormLayer]:

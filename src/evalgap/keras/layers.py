@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from typing import Any
+
 import keras
 
 from .._keras_common import facts as _facts
 from .._keras_common import walk
-from ..engine import ModelFacts, NormLayer
+from ..engine import ModelFacts, NormLayer, tree_map
+
+#: Per model: (number of BN layers, ids of those a training-mode call runs in inference mode).
+_INFERENCE_ONLY: "weakref.WeakKeyDictionary[Any, tuple[int, frozenset[int]]]" = weakref.WeakKeyDictionary()
 
 
 def find_batchnorms(model) -> list[tuple[str, keras.layers.BatchNormalization]]:
@@ -19,11 +26,56 @@ def is_frozen(bn) -> bool:
     return not bn.trainable
 
 
+def remember_inference_only(model, inputs: Any) -> frozenset[int]:
+    """Ids of the BN layers that receive ``training=False`` in every call of a training-mode forward (a subclass
+    whose ``call`` runs ``self.base(x, training=False)``): fit runs them in inference mode, as frozen layers.
+
+    One call of the first two samples through ``stateless_call(..., training=True)`` (no variable is assigned), each
+    BN layer's ``call`` replaced on the instance by the identity that records the ``training`` it receives, then
+    removed; cached per model. A model that cannot be called so keeps ``trainable=False`` as its only rule.
+    """
+    bns = [bn for _, bn in find_batchnorms(model)]
+    cached = _INFERENCE_ONLY.get(model)
+    if cached is not None and cached[0] == len(bns):
+        return cached[1]
+    received: dict[int, list[Any]] = {id(bn): [] for bn in bns}
+
+    def recorder(bn):
+        def call(inputs, training=None, mask=None, **kwargs):
+            received[id(bn)].append(training)
+            return inputs
+
+        return call
+
+    for bn in bns:
+        object.__setattr__(bn, "call", recorder(bn))
+    try:
+        few = tree_map(lambda a: a[:2], inputs)
+        grad = contextlib.nullcontext()
+        if keras.backend.backend() == "torch":
+            import torch
+
+            grad = torch.no_grad()
+        with grad:
+            model.stateless_call([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                                 few, training=True)
+        found = frozenset(i for i, values in received.items() if values and all(v is False for v in values))
+    except Exception:  # the rule stays trainable=False alone
+        found = frozenset()
+    finally:
+        for bn in bns:
+            object.__delattr__(bn, "call")
+    _INFERENCE_ONLY[model] = (len(bns), found)
+    return found
+
+
 def norm_layers(model) -> list[NormLayer]:
+    inference_only = _INFERENCE_ONLY.get(model, (0, frozenset()))[1]
     return [
         NormLayer(
             name=name, handle=bn, kind=type(bn).__name__ + (" (synchronized)" if getattr(bn, "synchronized", False) else ""),
-            channels=int(bn.moving_mean.shape[0]), eps=float(bn.epsilon), momentum=float(bn.momentum), frozen=is_frozen(bn),
+            channels=int(bn.moving_mean.shape[0]), eps=float(bn.epsilon), momentum=float(bn.momentum),
+            frozen=is_frozen(bn) or id(bn) in inference_only,
         )
         for name, bn in find_batchnorms(model)
     ]
