@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Collection, Sequence
 
 import numpy as np
 
 from .errors import DataError
 from .stats import ChannelMoments
+
+
+#: What each count argument means, for the messages of :func:`check_size`.
+_SIZES = {
+    "batch_size": ("the training batch size", "batch_size=32"),
+    "max_batches": ("or None for all batches", "max_batches=10, or leave it out"),
+    "max_samples": ("or None for all samples", "max_samples=1024, or leave it out"),
+}
+
+
+def check_size(name: str, value) -> int | None:
+    """``value`` of the count argument ``name`` (``batch_size``, ``max_batches``, ``max_samples``) as an int >= 1,
+    None kept; anything else (0, negative, a float, a string, a bool) is a DataError naming the argument and the value."""
+    if value is None:
+        return None
+    meaning, example = _SIZES.get(name, ("", f"{name}=1"))
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise DataError(f"{name} must be a whole number >= 1 ({meaning}; an int, NumPy integers are fine), got {value!r} "
+                        f"of type {type(value).__name__}: pass e.g. {example}.")
+    if value < 1:
+        raise DataError(f"{name} must be >= 1 ({meaning}), got {int(value)}: pass e.g. {example}.")
+    return int(value)
+
+
+def check_sizes(**sizes) -> tuple[int | None, ...]:
+    """:func:`check_size` of each keyword (``batch_size=``, ``max_batches=``, ``max_samples=``), in order: what every
+    public ``recalibrate`` / ``diagnose`` checks first, before reading the data."""
+    return tuple(check_size(name, value) for name, value in sizes.items())
 
 
 def check_count(count: int, layer: str) -> None:

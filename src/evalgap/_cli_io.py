@@ -27,6 +27,17 @@ def _int_at_least(low: int, text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1 (argparse names the flag and exits 2 otherwise)."""
     return _int_at_least(1, text)
@@ -237,7 +248,8 @@ def load_torch_model(spec: str, weights: str | None):
 
 
 def torch_arrays(x: np.ndarray, y: np.ndarray, model: Any = None) -> tuple[Any, Any]:
-    """Images as an NCHW tensor (NHWC arrays get a view, no copy) and int64 labels, for the torch adapter.
+    """Images as an NCHW tensor (NHWC arrays get a view, no copy) and the labels as a tensor of their own kind (integers
+    as int64, floats as they are, for the API's checks to judge as they judge the same arrays); not numbers: DataError.
 
     4-D ``x`` is NHWC (image folders, tfds, most npz files) unless its axis 1, not its last, holds as
     many channels as the model's first convolution takes (an npz saved from PyTorch, NCHW); without a
@@ -245,10 +257,19 @@ def torch_arrays(x: np.ndarray, y: np.ndarray, model: Any = None) -> tuple[Any, 
     """
     import torch
 
-    t = torch.from_numpy(np.asarray(x))
+    from ._checks import check_label_dtype
+
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"the images must be numbers, got {x.dtype} values: save x as a numeric array (e.g. uint8 pixels), "
+                        "np.savez(path, x=images, y=labels).")
+    check_label_dtype(y)
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"labels must be numbers (class indices), got {y.dtype} values: save y as integer class indices.")
+    t = torch.from_numpy(x)
     if t.dim() == 4 and _layout(tuple(t.shape), _first_conv_channels(model)) == "NHWC":
         t = t.permute(0, 3, 1, 2)
-    return t, torch.from_numpy(np.asarray(y)).long()
+    return t, torch.from_numpy(y.astype(np.int64) if y.dtype.kind in "biu" else y)
 
 
 def _first_conv_channels(model: Any) -> int | None:

@@ -214,7 +214,7 @@ def _model_arguments(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_diagnose(sub) -> None:
-    from ._cli_io import add_data_arguments
+    from ._cli_io import add_data_arguments, non_negative_float
 
     diag = sub.add_parser("diagnose", help="measure a model in every mode on the same data and explain the gap", epilog=EXIT_CODES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,7 +222,7 @@ def _add_diagnose(sub) -> None:
     add_data_arguments(diag)
     diag.add_argument("--json", metavar="FILE", help="write the report as JSON (schema evalgap.report/1)")
     diag.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with figures")
-    diag.add_argument("--fail-over", type=float, metavar="POINTS", help="exit 1 when evaluation mode is worse than training mode by more than this, in points for "
+    diag.add_argument("--fail-over", type=non_negative_float, metavar="POINTS", help="exit 1 when evaluation mode is worse than training mode by more than this, in points for "
                       "accuracy-like metrics (5 = 0.05 accuracy), else in the metric's own units (a loss: how much higher)")
     diag.add_argument("--primary", metavar="METRIC", help="the metric to rank causes by (default: accuracy-like, else the first compiled metric, else the loss)")
     diag.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -192,6 +192,33 @@ def test_npz(tmp_path):
         load_npz(tmp_path / "bad.npz")
 
 
+def test_a_corrupt_truncated_or_pickled_npz_is_a_data_error_saying_how_to_write_one(tmp_path):
+    """Not a zip, truncated, empty, an object (pickled) array, a bare .npy, a damaged compressed member: each a
+    DataError naming the file and np.savez, never NumPy's advice to load it with allow_pickle."""
+    np.savez_compressed(tmp_path / "good.npz", x=np.random.default_rng(0).normal(size=(64, 8, 8, 3)), y=np.arange(64))
+    raw = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "not_zip.npz").write_bytes(b"not a zip")
+    (tmp_path / "truncated.npz").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    damaged = bytearray(raw)
+    damaged[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)  # inside x's compressed bytes; the directory intact
+    (tmp_path / "damaged.npz").write_bytes(bytes(damaged))
+    np.savez(tmp_path / "objects.npz", x=np.zeros((3, 2)), y=np.array([1, "a", None], dtype=object))
+    np.save(tmp_path / "bare.npy", np.zeros((3, 2)))
+    (tmp_path / "bare.npy").rename(tmp_path / "bare.npz")
+    for bad, why in [("not_zip", "not a zip"), ("truncated", "not a zip"), ("empty", "unreadable"), ("damaged", "damaged"),
+                     ("objects", "Python objects"), ("bare", "single .npy array")]:
+        with pytest.raises(DataError) as info:
+            load_npz(tmp_path / f"{bad}.npz")
+        msg = str(info.value)
+        assert f"{bad}.npz is not a valid .npz of numeric arrays" in msg and why in msg, msg
+        assert "np.savez(path, x=images, y=labels)" in msg and "allow_pickle" not in msg and "pickle.load" not in msg, msg
+    np.savez(tmp_path / "scalars.npz", x=np.float32(1), y=np.int64(1))
+    with pytest.raises(DataError, match=r"one row per sample, got shapes \(\) and \(\).*np\.savez"):
+        load_npz(tmp_path / "scalars.npz")
+    assert load_npz(tmp_path / "good.npz")[0].shape == (64, 8, 8, 3)
+
+
 def test_tfds_offline_fails_fast_and_manual_zip_is_read(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(tfds_source, "reachable", lambda *a, **k: False)

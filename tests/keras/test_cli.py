@@ -442,3 +442,35 @@ def test_an_interrupted_reproduce_keeps_the_finished_variants_and_says_the_batch
     assert written["variants"]["seed"]["precise_val"].endswith("after every 2nd epoch"), written["variants"]["seed"]["precise_val"]
     assert main([*common, "--variants", "seed", "--out", str(tmp_path / "rep2")]) == 0  # 12 images: the batch is 12, not 96
     assert "seed: the question's code: batch 12 (capped at the 12 images, in place of 96)" in capsys.readouterr().out
+
+
+def test_every_api_refuses_counts_that_are_not_whole_numbers_of_at_least_1_before_the_work(saved):
+    """recalibrate and diagnose of evalgap.keras, .tf_keras, .flax (and .torch) check batch_size, max_batches and
+    max_samples the same way, first: max_samples=0 wrote one batch's statistics, "16" and 2.5 were taken."""
+    import importlib
+    import inspect
+
+    import evalgap.keras
+    from evalgap import DataError
+
+    model = keras.saving.load_model(saved / "model.keras")
+    z = np.load(saved / "data.npz")
+    before = [np.array(v) for v in model.weights]
+    for value, named in [(0, "max_samples must be >= 1 (or None for all samples), got 0"), (-3, "got -3"),
+                         (2.5, "max_samples must be a whole number >= 1")]:
+        with pytest.raises(DataError, match=re.escape(named)):
+            evalgap.keras.recalibrate(model, (z["x"], z["y"]), batch_size=120, max_samples=value, progress=False)
+    assert all(np.array_equal(b, np.array(v)) for b, v in zip(before, model.weights))
+    for name in ("evalgap.keras", "evalgap.tf_keras", "evalgap.flax", "evalgap.torch"):
+        try:
+            api = importlib.import_module(name)
+        except ImportError:
+            continue
+        for fn in (api.recalibrate, api.diagnose):
+            for arg in ("batch_size", "max_batches", "max_samples"):
+                if arg not in inspect.signature(fn).parameters:
+                    continue
+                for value, says in [(0, f"{arg} must be >= 1"), ("16", f"{arg} must be a whole number >= 1"),
+                                    (2.5, "got 2.5 of type float"), (True, "got True of type bool")]:
+                    with pytest.raises(DataError, match=re.escape(says)):
+                        fn(None, None, **{arg: value})  # refused before the model or the data are looked at

@@ -150,3 +150,53 @@ def test_npz_saved_channels_first_reads_as_the_same_images(tmp_path):
 
     assert _layout((5, 3, 8, 8), 3) == "NCHW" and _layout((5, 8, 8, 3), 3) == "NHWC" and _layout((5, 3, 8, 3), 3) == "NHWC"
     assert _layout((5, 3, 32, 32), None) == "NCHW" and _layout((5, 32, 32, 3), None) == "NHWC"
+
+
+def test_a_bad_npz_and_labels_that_are_not_class_indices_exit_2_with_one_line(tmp_path, capsys):
+    """A corrupt or pickled .npz, string labels, float labels: exit 2 and one line. Float labels are not cut to class
+    indices (0.5 -> 0): they reach the API's own check, which gives the same error for the same arrays."""
+    import evalgap.torch as eg
+    from evalgap import DataError
+
+    x, y = _trained_files(tmp_path)
+    (tmp_path / "not_zip.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "objects.npz", x=x, y=y.astype(object))
+    np.savez(tmp_path / "strings.npz", x=x, y=np.array(["a", "b", "c"])[y])
+    halves = y + 0.5
+    np.savez(tmp_path / "floats.npz", x=x, y=halves)
+    with pytest.raises(DataError) as api:  # the same arrays through the API
+        eg.diagnose(make_net(), (torch.from_numpy(x).permute(0, 3, 1, 2).float(), torch.from_numpy(halves)), batch_size=16,
+                    progress=False)
+    cases = [("not_zip", "not a valid .npz of numeric arrays"), ("objects", "not a valid .npz of numeric arrays"),
+             ("strings", "labels must be numbers"), ("floats", str(api.value))]
+    for name, message in cases:
+        recalibrate = ["recalibrate", "-o", str(tmp_path / "fixed.pt")]
+        for command in (["diagnose"], recalibrate) if name != "floats" else (["diagnose"],):  # recalibrate scores no labels
+            argv = [*command, "--torch-model", f"{__name__}:make_net", "--weights", str(tmp_path / "w.pt"),
+                    "--npz", str(tmp_path / f"{name}.npz"), "--batch-size", "16", "-q"]
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert message in err and len(err.splitlines()) == 1 and "allow_pickle" not in err, (name, err)
+    assert not (tmp_path / "fixed.pt").exists()
+
+
+def test_torch_arrays_keep_the_labels_kind():
+    from evalgap import DataError
+    from evalgap._cli_io import torch_arrays
+
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    assert torch_arrays(x, np.arange(4, dtype=np.uint8))[1].dtype == torch.int64
+    assert torch_arrays(x, np.array([0.5, 1.5, 2.5, 0.0]))[1].tolist() == [0.5, 1.5, 2.5, 0.0]
+    with pytest.raises(DataError, match="images must be numbers"):
+        torch_arrays(np.array(["a"] * 4), np.arange(4))
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf", "five"])
+def test_fail_over_must_be_a_number_of_at_least_0(value, capsys):
+    from evalgap.cli import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        main(["diagnose", "--torch-model", f"{__name__}:make_net", "--npz", "d.npz", "--fail-over", value])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "argument --fail-over: expected a number >= 0" in err and "Traceback" not in err, err
+    assert build_parser().parse_args(["diagnose", "m.keras", "--npz", "d.npz", "--fail-over", "0"]).fail_over == 0

@@ -594,3 +594,39 @@ def test_a_train_override_with_side_effects_is_probed_on_a_copy():
     eg.recalibrate(model, batches(x, y), progress=False)
     after = state_snapshot(model)
     assert {k for k in before if after[k] != before[k]} == {"1.running_mean", "1.running_var"} and model[0].merged is merged
+
+
+@pytest.mark.parametrize("call, kwargs, named", [
+    ("recalibrate", {"batch_size": 16, "max_samples": 0}, "max_samples must be >= 1 (or None for all samples), got 0"),
+    ("recalibrate", {"batch_size": 16, "max_samples": -5}, "max_samples must be >= 1 (or None for all samples), got -5"),
+    ("recalibrate", {"batch_size": "16"}, "batch_size must be a whole number >= 1 (the training batch size; an int, NumPy integers are fine), got '16' of type str"),
+    ("recalibrate", {"batch_size": 2.5}, "got 2.5 of type float"),
+    ("recalibrate", {"batch_size": True}, "batch_size must be a whole number >= 1 (the training batch size; an int, NumPy integers are fine), got True of type bool"),
+    ("recalibrate", {"batch_size": 0}, "batch_size must be >= 1 (the training batch size), got 0"),
+    ("recalibrate", {"batch_size": 16, "max_batches": 1.5}, "max_batches must be a whole number >= 1 (or None for all batches; an int"),
+    ("recalibrate", {"batch_size": 16, "max_batches": 0}, "max_batches must be >= 1 (or None for all batches), got 0"),
+    ("recalibrate", {"batch_size": 16, "max_samples": np.float64(32)}, "max_samples must be a whole number >= 1"),
+    ("diagnose", {"batch_size": 16, "max_samples": -1}, "max_samples must be >= 1 (or None for all samples), got -1"),
+    ("diagnose", {"batch_size": 2.5}, "batch_size must be a whole number >= 1"),
+    ("diagnose", {"batch_size": 16, "max_samples": "8"}, "max_samples must be a whole number >= 1"),
+])
+def test_counts_that_are_not_whole_numbers_of_at_least_1_are_refused_and_change_nothing(call, kwargs, named):
+    """batch_size, max_batches, max_samples: a DataError naming the argument, the value and what to pass, before
+    any pass (max_samples=0 wrote one batch's statistics; 2.5 became 2, True 1, max_batches=1.5 ran 2 batches)."""
+    x, y = data()
+    model = trained(net(), x, y)
+    before, before_modes = state_snapshot(model), modes(model)
+    with pytest.raises(DataError) as info:
+        getattr(eg, call)(model, (x, y), progress=False, **kwargs)
+    assert named in str(info.value) and "pass e.g. " in str(info.value), str(info.value)
+    assert state_snapshot(model) == before and modes(model) == before_modes
+
+
+def test_numpy_integer_counts_are_taken_as_ints():
+    x, y = data()
+    a, b = trained(net(), x, y), trained(net(), x, y)
+    eg.recalibrate(a, (x, y), batch_size=16, max_samples=32, progress=False)
+    eg.recalibrate(b, (x, y), batch_size=np.int64(16), max_samples=np.int32(32), progress=False)
+    assert torch.equal(a[1].running_mean, b[1].running_mean) and torch.equal(a[1].running_var, b[1].running_var)
+    result = eg.recalibrate(net(), batches(x, y), max_batches=np.int64(2), progress=False)
+    assert result.batches == 2

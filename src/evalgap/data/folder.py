@@ -30,6 +30,7 @@ import logging
 import os
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -327,17 +328,43 @@ def _save_cache(cache_file: Path, s: ImageSet) -> None:
 
 
 def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """``x`` and ``y`` arrays from a ``.npz`` (keys ``x``/``y``, or ``images``/``labels``)."""
+    """``x`` and ``y`` arrays from a ``.npz`` (keys ``x``/``y``, or ``images``/``labels``); a file that is no ``.npz``
+    of plain arrays (not a zip, truncated, ``.npy``, pickled objects) is a DataError saying how to write one."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist.")
-    with np.load(path, allow_pickle=False) as z:
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a .npz file: pass the file (np.savez(path, x=images, y=labels)), or the folder with --data.")
+
+    def invalid(why: str) -> DataError:
+        return DataError(f"{path} is not a valid .npz of numeric arrays ({why}): write one with "
+                         "np.savez(path, x=images, y=labels), from NumPy arrays of numbers (no Python objects).")
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError:  # neither a zip nor a .npy: NumPy takes it for a pickle
+        raise invalid("not a zip archive of arrays") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise invalid(f"unreadable: {exc}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise invalid(f"a single .npy array of shape {getattr(z, 'shape', '?')}, not named arrays x and y")
+    with z:
         for xk, yk in (("x", "y"), ("images", "labels")):
             if xk in z and yk in z:
-                x, y = z[xk], z[yk]
+                try:
+                    x, y = z[xk], z[yk]
+                except ValueError as exc:
+                    if "pickle" in str(exc):  # an object array: only pickle could read it
+                        raise invalid(f"'{xk}' or '{yk}' holds Python objects, which are only readable as a pickle") from None
+                    raise invalid(f"a damaged member: {exc}") from None
+                except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                    raise invalid(f"a damaged member: {exc}") from None
                 break
         else:
             raise DataError(f"{path} holds {list(z.keys())}; expected arrays named x and y (or images and labels).")
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(f"{path}: x and y must hold one row per sample, got shapes {x.shape} and {y.shape}: "
+                        "save arrays with a leading sample axis, np.savez(path, x=images, y=labels).")
     if len(x) != len(y):
         raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}.")
     return x, y

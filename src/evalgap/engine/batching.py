@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from .._checks import check_size
 from ..errors import DataError
 from .protocol import Batch
 
@@ -90,8 +91,9 @@ class ArrayBatches:
                 f"every array must hold one row per sample, but their first dimensions are {sorted(lengths)}: "
                 "check that x, y (and sample weights) have the same number of samples."
             )
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}.")
+        batch_size = check_size("batch_size", batch_size)
+        if batch_size is None:
+            raise DataError("batch_size is needed to cut arrays into batches: pass the training batch size, e.g. batch_size=32.")
         self.arrays = arrays
         self.samples = lengths.pop()
         if self.samples == 0:
@@ -144,7 +146,7 @@ class ArrayBatches:
     def take(self, max_samples: int) -> "ArrayBatches":
         """Whole batches within ``max_samples`` (at least one), drawn at random from all of the data."""
         whole = [s for s in self._starts if s + self.batch_size <= self.samples]
-        k = max(1, int(max_samples) // self.batch_size)
+        k = max(1, check_size("max_samples", max_samples) // self.batch_size)
         if k >= len(whole):
             return self
         out = ArrayBatches.__new__(ArrayBatches)
@@ -194,7 +196,7 @@ class StreamBatches:
     def take(self, max_samples: int) -> "StreamBatches":
         out = StreamBatches(self.make_iter, to_batch=self.to_batch, reiterable=self.reiterable, total=None)
         out.batch_size, out.size_note, out.describe = self.batch_size, self.size_note, self.describe
-        out._max_samples = int(max_samples)
+        out._max_samples = check_size("max_samples", max_samples)
         return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .._checks import check_finite
+from .._checks import check_finite, check_size
 from .._progress import progress_bar
 from ..errors import DataError, EvalgapError, ModelError, RecalibrationError
 from ..recalibration import LayerRecalibration, Recalibration
@@ -95,8 +95,7 @@ def measure(
     run, and ``on_output(batch, outputs)`` receives every batch and the model's outputs in
     this mode (BN on batch statistics, dropout off), as the metrics of mode Td need.
     """
-    if max_batches is not None and max_batches < 1:
-        raise DataError(f"max_batches must be >= 1 (or None for all batches), got {max_batches}.")
+    max_batches = check_size("max_batches", max_batches)
     start = time.perf_counter()
     tracked = [layer for layer in layers if layer.tracks_statistics]
     static = [layer for layer in layers if not layer.tracks_statistics]
@@ -267,6 +266,7 @@ def recalibrate(
     metrics are (PyTorch, Flax), else they are this process's batches only (Keras).
     """
     start = time.perf_counter()
+    max_batches = check_size("max_batches", max_batches)
     if metric_options and not training_metrics:
         raise DataError(f"{', '.join(sorted(metric_options))} score the pass's outputs: pass training_metrics=True as well.")
     if max_batches is None and getattr(source, "infinite", False):

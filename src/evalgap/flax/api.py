@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from .. import engine
+from .._checks import check_sizes
 from ..recalibration import Recalibration
 from ..report import Report
 from .adapter import FlaxAdapter
@@ -70,6 +71,7 @@ def recalibrate(
     place, all or nothing (on failure or Ctrl-C nothing changes; the error names the batch).
     Nothing else: weights, RNG state, ``use_running_average``/``deterministic`` stay as they are.
     """
+    batch_size, max_batches = check_sizes(batch_size=batch_size, max_batches=max_batches)
     adapter = FlaxAdapter(train_arg=train_arg)
     source = adapter.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
     options = {k: v for k, v in (("loss_fn", loss_fn), ("metrics", metrics)) if v is not None}
@@ -134,6 +136,7 @@ def diagnose(
         :class:`evalgap.Report`. The model is left exactly as it was: every mode runs in a
         compiled function on a private copy (NNX) or on the given variables (Linen).
     """
+    batch_size, max_samples = check_sizes(batch_size=batch_size, max_samples=max_samples)
     adapter = FlaxAdapter(train_arg=train_arg)
     source = adapter.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)
     val = None if val_data is None else adapter.batches(val_data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)

@@ -6,6 +6,7 @@ from typing import Any
 
 
 from .. import engine
+from .._checks import check_sizes
 from ..recalibration import Recalibration
 from ..report import Report
 from .adapter import ADAPTER
@@ -63,6 +64,7 @@ def recalibrate(
     Side effects: ``moving_mean`` / ``moving_variance`` of the recalibrated layers only
     (the pass runs through ``stateless_call``); on failure or Ctrl-C, nothing.
     """
+    batch_size, max_batches, max_samples = check_sizes(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
     source = ADAPTER.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
     source = source.take(max_samples) if max_samples is not None else source
     return engine.recalibrate(ADAPTER, model, source, max_batches=max_batches, include_frozen=include_frozen, progress=progress,
@@ -112,6 +114,7 @@ def diagnose(
         :class:`evalgap.Report`. The model is left exactly as it was: every variable, its
         modes and attributes, its compiled metrics' state, also on error.
     """
+    batch_size, max_samples = check_sizes(batch_size=batch_size, max_samples=max_samples)
     source = ADAPTER.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)
     val = None if val_data is None else ADAPTER.batches(val_data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)
     training = engine.Training.from_history(history)

@@ -6,6 +6,7 @@ from typing import Any
 
 
 from .. import engine
+from .._checks import check_sizes
 from ..recalibration import Recalibration
 from ..report import Report
 from .adapter import ADAPTER
@@ -70,6 +71,7 @@ def recalibrate(
     (and ``moving_stddev`` of Batch Renormalization layers); the pass assigns no variable
     (no ``add_update`` runs), so on failure or Ctrl-C nothing has changed.
     """
+    batch_size, max_batches, max_samples = check_sizes(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
     source = ADAPTER.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
     source = source.take(max_samples) if max_samples is not None else source
     return engine.recalibrate(ADAPTER, model, source, max_batches=max_batches, include_frozen=include_frozen, progress=progress,
@@ -121,6 +123,7 @@ def diagnose(
         assigned (every pass runs with the updates disabled), its layers' attributes are
         put back, its compiled metrics are not touched, also on error.
     """
+    batch_size, max_samples = check_sizes(batch_size=batch_size, max_samples=max_samples)
     source = ADAPTER.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)
     val = None if val_data is None else ADAPTER.batches(val_data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)
     training = engine.Training.from_history(history)

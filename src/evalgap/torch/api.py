@@ -7,6 +7,7 @@ from typing import Any, Iterable, Mapping
 from torch import nn
 
 from .. import engine
+from .._checks import check_sizes
 from ..recalibration import Recalibration
 from ..report import Report
 from .adapter import TorchAdapter
@@ -79,6 +80,7 @@ def recalibrate(
     (modes, ``momentum``, ``num_batches_tracked``, weights); on failure or
     ``KeyboardInterrupt`` nothing at all (the error names the batch that failed).
     """
+    batch_size, max_batches, max_samples = check_sizes(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
     adapter = TorchAdapter(forward=forward, process_group=process_group)
     source = adapter.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
     source = source.take(max_samples) if max_samples is not None else source
@@ -149,6 +151,7 @@ def diagnose(
         (for P with the population statistics swapped in and put back), Td in the moments
         pass that puts everything back, T (only with dropout-like modules) on a side copy.
     """
+    batch_size, max_samples = check_sizes(batch_size=batch_size, max_samples=max_samples)
     adapter = TorchAdapter(forward=forward, process_group=process_group)
     source = adapter.batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)
     val = None if val_data is None else adapter.batches(val_data, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=True)
