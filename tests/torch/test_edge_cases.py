@@ -630,3 +630,19 @@ def test_numpy_integer_counts_are_taken_as_ints():
     assert torch.equal(a[1].running_mean, b[1].running_mean) and torch.equal(a[1].running_var, b[1].running_var)
     result = eg.recalibrate(net(), batches(x, y), max_batches=np.int64(2), progress=False)
     assert result.batches == 2
+
+
+def test_validation_data_that_fail_are_named_as_val_data():
+    """val_data whose second batch (batch 1, counting from 0 as every pass error does) fails to load: the error names
+    val_data (it said "batch 1 of the data", the training data's words), and the model is left as it was."""
+    x, y = data()
+    model = trained(net(dropout=0.2), x, y)
+    before = state_snapshot(model)
+
+    def failing():
+        yield x[:16], y[:16]
+        raise OSError("image 17 is truncated")
+
+    with pytest.raises(RecalibrationError, match=r"evaluation mode pass over val_data failed while reading batch 1 of val_data"):
+        eg.diagnose(model, batches(x, y), val_data=failing(), progress=False)
+    assert state_snapshot(model) == before

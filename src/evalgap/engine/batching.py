@@ -263,10 +263,11 @@ class Cursor:
             self.index += 1
             yield batch
 
-    def where(self, before: str) -> str:
-        """``while reading batch k of the data``, ``at batch k``, or ``before`` when no batch was reached."""
+    def where(self, before: str, data: str = "the data") -> str:
+        """``while reading batch k of the data`` (``data`` names them), ``at batch k``, or ``before`` when no batch was
+        reached."""
         if self.reading:
-            return f"while reading batch {self.index + 1} of the data"
+            return f"while reading batch {self.index + 1} of {data}"
         return f"at batch {self.index}" if self.index >= 0 else before
 
 

@@ -100,9 +100,10 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     first: dict[str, tuple[Batch, Any]] = field(default_factory=dict)  # a mode's first batch and its outputs
 
-    def score(self, mode: str, layers=(), stats=(), batches: Any = None, keep_first: bool = False) -> dict[str, float]:
-        """Loss and metrics of the batches (the probe by default) with the adapter's predictor;
-        ``keep_first``: the first batch and its outputs are kept in ``first[mode]``.
+    def score(self, mode: str, layers=(), stats=(), batches: Any = None, keep_first: bool = False,
+              data: str = "the data") -> dict[str, float]:
+        """Loss and metrics of the batches (the probe by default; ``data`` names them in errors) with the adapter's
+        predictor; ``keep_first``: the first batch and its outputs are kept in ``first[mode]``.
 
         A framework error in the pass (a shape the model cannot take, a loss that does not
         return a scalar) becomes a :class:`evalgap.RecalibrationError` naming the mode and
@@ -131,10 +132,11 @@ class _Run:
         except Exception as exc:
             if isinstance(exc, EvalgapError):
                 raise
-            where = cursor.where("at the start of the pass")
+            where = cursor.where("at the start of the pass", data)
+            over = "" if data == "the data" else f" over {data}"
             hint = getattr(self.adapter, "hint", lambda e: None)(exc)
             raise RecalibrationError(
-                f"diagnose's {what} pass failed {where} ({type(exc).__name__}: {exc}); the model was restored exactly as "
+                f"diagnose's {what} pass{over} failed {where} ({type(exc).__name__}: {exc}); the model was restored exactly as "
                 "it was." + (" " + hint if hint else "") + " Check that the data fit the model and that loss_fn/metrics "
                 "return one number per batch or one per sample."
             ) from exc
@@ -203,7 +205,7 @@ def _measure_and_explain(run: "_Run", collective, probe, training: Training, pri
     frozen_effect = _frozen_effect(run, measured, collective)
     if val_source is not None:
         val = val_source.take(max_samples) if max_samples is not None else val_source
-        run.by_mode["E_val"] = run.score("E", batches=val)
+        run.by_mode["E_val"] = run.score("E", batches=val, data="val_data")
     decompositions = _decompositions(run, training.fit, primary)
     recal = None if measured is None else assemble(measured, written=False)
     ctx = _context(run, recal, facts, training, frozen_effect, probe)
