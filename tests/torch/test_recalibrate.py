@@ -502,3 +502,27 @@ def test_the_summary_counts_the_drift_it_corrected_not_the_frozen_layers():
     line = result.summary()
     assert f"largest drift corrected {fixed.drift.worst:.3g}" in line
     assert f"frozen 1 drifts {frozen.drift.worst:.3g}, left alone" in line
+
+
+def test_an_ema_copy_that_never_trains_is_recalibrated_not_frozen():
+    """An EMA copy as training loops keep one: deepcopy(model).eval() with requires_grad_(False) on every parameter.
+    Nothing in it trains, so neither its mode nor requires_grad marks a layer frozen (every layer was frozen and
+    nothing was written): its statistics are the float64 population statistics of every BN input. A model fine-tuned
+    around BN layers whose parameters alone are frozen (in eval mode) keeps them frozen."""
+    net = mixed_model()
+    net.body[2].train()
+    ema = copy.deepcopy(net).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    data = far_batches()
+    ref = reference_population_stats(ema, data)
+
+    result = eg.recalibrate(ema, data, progress=False)
+
+    assert {layer.status for layer in result.layers} == {"recalibrated"}
+    for name, bn in eg.find_batchnorms(ema):
+        assert_stats_close(bn, ref[name])
+    tuned = copy.deepcopy(net).eval()
+    for p in tuned.body[2].parameters():  # fine-tuning the rest around a frozen BN
+        p.requires_grad_(False)
+    assert eg.recalibrate(tuned, data, progress=False)["body.2"].status == "frozen"

@@ -105,13 +105,15 @@ def eval_in_training(model: nn.Module) -> set[int]:
     return {id(m) for m, twin in zip(all_modules(model), all_modules(side)) if not twin.training}
 
 
-def is_frozen(bn: _BatchNorm, model: nn.Module, *, left_in_eval: set[int] | None = None) -> bool:
+def is_frozen(bn: _BatchNorm, model: nn.Module, *, left_in_eval: set[int] | None = None, model_trains: bool | None = None) -> bool:
     """A BN layer is frozen when it normalizes with its running statistics during training.
 
     That is: the model's own ``train()`` leaves it in eval mode (:func:`eval_in_training`; given as
     ``left_in_eval`` where already known), or it is in eval mode while the model is in training mode,
-    or it is in eval mode and its affine parameters do not require gradients. (When the whole model
-    is in eval mode and the parameters are trainable, the mode says nothing and it is not frozen.)
+    or it is in eval mode and its affine parameters do not require gradients while others of the model
+    do (``model_trains``: some parameter requires gradients; computed when not given). When the whole
+    model is in eval mode and its parameters are trainable, or none is (an EMA or inference copy, never
+    trained itself), the mode says nothing and it is not frozen.
     """
     if id(bn) in (eval_in_training(model) if left_in_eval is None else left_in_eval):
         return True
@@ -120,17 +122,20 @@ def is_frozen(bn: _BatchNorm, model: nn.Module, *, left_in_eval: set[int] | None
     if model.training:
         return True
     params = list(bn.parameters(recurse=False))
-    return bool(params) and not any(p.requires_grad for p in params)
+    if not params or any(p.requires_grad for p in params):
+        return False
+    return any(p.requires_grad for p in model.parameters()) if model_trains is None else model_trains
 
 
 def norm_layers(model: nn.Module, *, left_in_eval: set[int] | None = None) -> list[NormLayer]:
     """The BatchNorm layers as the engine sees them (module order); ``left_in_eval`` as :func:`eval_in_training`
     gives it, where already known."""
     left_in_eval = eval_in_training(model) if left_in_eval is None else left_in_eval
+    trains = any(p.requires_grad for p in model.parameters())
     return [
         NormLayer(
             name=name, handle=bn, kind=type(bn).__name__, channels=int(bn.num_features), eps=float(bn.eps),
-            momentum=bn.momentum, frozen=is_frozen(bn, model, left_in_eval=left_in_eval),
+            momentum=bn.momentum, frozen=is_frozen(bn, model, left_in_eval=left_in_eval, model_trains=trains),
             tracks_statistics=bool(bn.track_running_stats and bn._buffers.get("running_mean") is not None),
         )
         for name, bn in find_batchnorms(model)
