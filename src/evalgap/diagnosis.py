@@ -114,6 +114,7 @@ class Context:
     epochs: int | None = None
     bn_updates: int | None = None
     training_only_layers: list[str] = field(default_factory=list)
+    mode_dependent_layers: list[str] = field(default_factory=list)  # other code that may read the training flag
     other_normalization: list[str] = field(default_factory=list)
     running_instance_norm: list[str] = field(default_factory=list)  # per-sample normalization with running statistics
     replicas: int = 1
@@ -235,14 +236,16 @@ def _batch_stats(primary: str, d: Decomposition, value: float, ctx: Context, cau
 
 def _training_only(primary: str, d: Decomposition, value: float, ctx: Context, cause: bool) -> Finding:
     v = d.values
-    layers = ", ".join(ctx.training_only_layers[:5])
+    layers, other = ", ".join(ctx.training_only_layers[:5]), ", ".join(ctx.mode_dependent_layers[:5])
     if layers:
-        what = f"Training-only layers ({layers}) are active in training mode"
+        also = f" and code that may depend on the training flag ({other})" if other else ""
+        what = f"Training-only layers ({layers}){also} are active in training mode"
     elif ctx.running_instance_norm:
         what = (f"InstanceNorm layers with running statistics ({', '.join(ctx.running_instance_norm[:5])}) normalize each "
                 "sample by its own statistics in training mode, by the running averages in evaluation mode")
     else:
-        what = "Training mode changes the outputs beyond BatchNorm (code that depends on the training flag)"
+        what = ("Training mode changes the outputs beyond BatchNorm (code that depends on the training flag"
+                + (f": {other})" if other else ")"))
     msg = (f"{what}: {primary} {_fmt(primary, v['T'])} in training mode vs {_fmt(primary, v['Td'])} with that off "
            f"({_fmt(primary, value, True)}).")
     msg += (" Expected behaviour: compare validation with training-mode metrics without them (this report's Td)." if cause

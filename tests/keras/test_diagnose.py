@@ -390,3 +390,26 @@ def test_no_retracing_warning_over_several_models_every_mode_and_a_ragged_batch(
     expected = model.evaluate(x, y, batch_size=32, verbose=0)[0]
     assert report.decompositions["loss"].values["E"] != pytest.approx(expected, rel=1e-3)  # recalibrated since
     assert eg.diagnose(model, (x, y), batch_size=32, progress=False).decompositions["loss"].values["E"] == pytest.approx(expected, rel=1e-6)
+
+
+class PenaltyIfTraining(layers.Layer):
+    """The user's own training-only code: a loss added in training mode only."""
+
+    def call(self, x, training=None):
+        if training:
+            self.add_loss(10.0 * keras.ops.mean(keras.ops.square(x)))
+        return x
+
+
+def test_training_mode_code_beside_dropout_is_named_with_it():
+    """T - Td holds a dropout layer and a penalty the user's layer adds in training mode: the finding names both
+    (it credited the dropout alone)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 6)).astype("float32") * 3 + 1, rng.integers(0, 2, 64)
+    inp = keras.Input((6,))
+    h = PenaltyIfTraining(name="penalty")(layers.BatchNormalization()(layers.Dense(8)(inp)))
+    model = keras.Model(inp, layers.Dense(2, activation="softmax")(layers.Dropout(0.5, name="drop")(h)))
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    report = eg.diagnose(model, (x, y), batch_size=32, progress=False, primary="loss")
+    finding = report.finding("training_only_layers")
+    assert finding is not None and "drop" in finding.message and "penalty" in finding.message, str(report)

@@ -351,6 +351,7 @@ def _context(run: _Run, recal, facts, training: Training, frozen_effect, probe) 
         epochs=training.epochs,
         bn_updates=training.bn_updates,
         training_only_layers=facts.training_only,
+        mode_dependent_layers=[name for name in facts.mode_dependent or [] if name not in facts.training_only],
         other_normalization=facts.other_normalization,
         running_instance_norm=facts.running_instance_norm,
         replicas=facts.replicas,
