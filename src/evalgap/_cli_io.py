@@ -248,8 +248,9 @@ def load_torch_model(spec: str, weights: str | None):
 
 
 def torch_arrays(x: np.ndarray, y: np.ndarray, model: Any = None) -> tuple[Any, Any]:
-    """Images as an NCHW tensor (NHWC arrays get a view, no copy) and the labels as a tensor of their own kind (integers
-    as int64, floats as they are, for the API's checks to judge as they judge the same arrays); not numbers: DataError.
+    """Images as an NCHW tensor (NHWC arrays get a view, no copy) and the labels as class ids (int64) where they are
+    integers or whole-number floats (as pandas stores them), other floats as they are, for the API's checks to judge
+    as they judge the same arrays; not numbers: DataError.
 
     4-D ``x`` is NHWC (image folders, tfds, most npz files) unless its axis 1, not its last, holds as
     many channels as the model's first convolution takes (an npz saved from PyTorch, NCHW); without a
@@ -264,12 +265,11 @@ def torch_arrays(x: np.ndarray, y: np.ndarray, model: Any = None) -> tuple[Any, 
         raise DataError(f"the images must be numbers, got {x.dtype} values: save x as a numeric array (e.g. uint8 pixels), "
                         "np.savez(path, x=images, y=labels).")
     check_label_dtype(y)
-    if y.dtype.kind not in "biuf":
-        raise DataError(f"labels must be numbers (class indices), got {y.dtype} values: save y as integer class indices.")
     t = torch.from_numpy(x)
     if t.dim() == 4 and _layout(tuple(t.shape), _first_conv_channels(model)) == "NHWC":
         t = t.permute(0, 3, 1, 2)
-    return t, torch.from_numpy(y.astype(np.int64) if y.dtype.kind in "biu" else y)
+    whole = y.dtype.kind in "biu" or (y.dtype.kind == "f" and y.size and bool(np.all(np.isfinite(y) & (np.mod(y, 1) == 0))))
+    return t, torch.from_numpy(y.astype(np.int64) if whole else y)
 
 
 def _first_conv_channels(model: Any) -> int | None:

@@ -8,6 +8,7 @@ classes). Framework-free: nothing here imports Keras.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any, Callable, Iterator
 
@@ -28,7 +29,7 @@ INPUT_TRANSFORMS = ("Rescaling", "Normalization", "Embedding", "CategoryEncoding
 #: Layers that read the input's values first in most models, by class name in the layer's MRO (Keras 3 and Keras 2):
 #: the input-scale finding is about what reaches them (:func:`received_range`).
 FIRST_LAYERS = frozenset({"BaseConv", "BaseDepthwiseConv", "BaseSeparableConv", "BaseConvTranspose", "Conv", "Dense",
-                          "EinsumDense", "BatchNormalization", "BatchNormalizationBase", "Embedding", "LayerNormalization",
+                          "EinsumDense", "BatchNormalization", "BatchNormalizationBase", "LayerNormalization",
                           "GroupNormalization", "RNN"})
 
 
@@ -176,22 +177,41 @@ class _Reached(BaseException):  # not an Exception: a user's ``except Exception`
     pass
 
 
+@contextlib.contextmanager
+def calls_replaced(replacements: list[tuple[Any, Callable[..., Any]]]) -> Iterator[None]:
+    """Each layer's ``call`` replaced on the instance by the given function (Keras's ``__call__`` reaches it), and put
+    back on exit, normal or not, as it was: removed, or the instance-level ``call`` someone had set before."""
+    missing = object()
+    saved = [(layer, vars(layer).get("call", missing)) for layer, _ in replacements]
+    try:
+        for layer, fn in replacements:
+            object.__setattr__(layer, "call", fn)
+        yield
+    finally:
+        for layer, before in reversed(saved):
+            if before is missing:
+                if "call" in vars(layer):
+                    object.__delattr__(layer, "call")
+            else:
+                object.__setattr__(layer, "call", before)
+
+
 def received_range(model: Any, inputs: Any, to_numpy: Callable[[Any], np.ndarray]) -> list[str]:
     """Where the model changes its input's scale before its first layer (a convolution, Dense, BatchNormalization,
-    Embedding, RNN or LayerNormalization layer, the first one called), in code no layer class names: a
-    ``Lambda(preprocess_input)``, ``preprocess_input(inputs)`` on the Keras tensor (ops nodes), arithmetic in a
-    subclass's ``call``. ``["conv1 receives values in [a, b], the input [c, d]"]``, or ``[]`` where that layer
-    receives the input's range (:func:`evalgap.engine.scale_changed`) or where this cannot be told (the input is
-    not one floating or uint8 array, no such layer, the call fails). One eager call of the first batch in inference
-    mode (which assigns no variable), stopped where that layer is reached: the candidate layers' ``call`` is
-    replaced on the instance for that call, then removed."""
+    RNN or LayerNormalization layer, the first one called), in code no layer class names: a
+    ``Lambda(preprocess_input)``, ``preprocess_input(inputs)`` on the Keras tensor (ops nodes), ids one-hot encoded
+    in a ``Lambda``, arithmetic in a subclass's ``call``. ``["conv1 receives values in [a, b], the input [c, d]"]``,
+    or ``[]`` where that layer receives the input's scale (:func:`evalgap.engine.scale_changed`) or where this cannot
+    be told (the input is not one array of numbers, no such layer, the call fails). One eager call of the first
+    batch in inference mode (which assigns no variable), stopped where that layer is reached: the candidate layers'
+    ``call`` is replaced on the instance for that call (:func:`calls_replaced`)."""
     if isinstance(inputs, (dict, list, tuple)):
         return []
     try:
         x = np.asarray(to_numpy(inputs))
     except Exception:  # pragma: no cover - an input that is not an array
         return []
-    if x.size == 0 or not (x.dtype.kind == "f" or x.dtype == np.uint8):
+    if x.size == 0 or x.dtype.kind not in "iuf":
         return []
     candidates = [(name, layer) for name, layer in walk(model) if FIRST_LAYERS & {c.__name__ for c in type(layer).__mro__}]
     seen: list[tuple[str, Any]] = []
@@ -203,20 +223,13 @@ def received_range(model: Any, inputs: Any, to_numpy: Callable[[Any], np.ndarray
 
         return call
 
-    wrapped = []
     try:
-        for name, layer in candidates:
-            if "call" not in vars(layer):
-                object.__setattr__(layer, "call", stop(name))
-                wrapped.append(layer)
-        model(inputs, training=False)
+        with calls_replaced([(layer, stop(name)) for name, layer in candidates]):
+            model(inputs, training=False)
     except _Reached:
         pass
     except Exception:
         return []
-    finally:
-        for layer in wrapped:
-            object.__delattr__(layer, "call")
     if not seen:
         return []
     name, got = seen[0]
@@ -224,12 +237,9 @@ def received_range(model: Any, inputs: Any, to_numpy: Callable[[Any], np.ndarray
         got = np.asarray(to_numpy(got), dtype=np.float64)
     except Exception:
         return []
-    if got.size == 0 or not np.all(np.isfinite([got.min(), got.max(), x.min(), x.max()])):
+    if got.size == 0 or not (np.all(np.isfinite(got)) and np.all(np.isfinite(x))) or not scale_changed(x, got):
         return []
-    lo, hi, got_lo, got_hi = float(x.min()), float(x.max()), float(got.min()), float(got.max())
-    if not scale_changed((lo, hi), (got_lo, got_hi)):
-        return []
-    return [f"{name} receives values in [{got_lo:.3g}, {got_hi:.3g}], the input [{lo:.3g}, {hi:.3g}]"]
+    return [f"{name} receives values in [{got.min():.3g}, {got.max():.3g}], the input [{x.min():.3g}, {x.max():.3g}]"]
 
 
 def _replica_copies_note(bns: list[tuple[str, Any]]) -> list[str]:

@@ -37,6 +37,7 @@ from keras import layers, ops
 
 import evalgap
 import evalgap.keras as eg
+from evalgap import DataError
 
 from ._reference import snapshot
 
@@ -584,3 +585,14 @@ def test_a_loss_from_add_loss_alone_is_measured_as_evaluate_measures_it(targets)
     _assert_close(_mode(report, "E"), want, "E")
     assert _mode(report, "E")["loss"] == pytest.approx(np.mean((pred - t) ** 2), rel=1e-5)
     assert not any("not compiled" in n for n in report.notes), report.notes
+
+
+def test_a_model_without_any_loss_still_needs_targets():
+    """compile(optimizer) alone and no add_loss (a custom train_step, say): there is no loss to measure from the
+    inputs alone, so diagnose asks for targets (it reported a loss of 0 in every mode)."""
+    x = _features()
+    inp = keras.Input((6,))
+    model = keras.Model(inp, layers.Dense(1)(_trunk(inp)))
+    model.compile(optimizer="adam")
+    with pytest.raises(DataError, match="needs targets"):
+        eg.diagnose(model, (x,), batch_size=BATCH, progress=False)

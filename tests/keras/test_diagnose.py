@@ -160,6 +160,40 @@ def test_inputs_scaled_in_code_no_layer_class_names_get_no_scale_advice(digits):
     assert "raw [0, 255]" in eg.diagnose(net(), (x, y), batch_size=BATCH, progress=False).finding("input_scale").message
 
 
+def test_same_scale_first_layers_keep_the_raw_pixel_finding(digits):
+    """What reaches the first layer on the input's scale is still judged: an average-pooling stem (its values stay
+    inside [0, 255], its mean is the input's), and integer tabular features (int64 counts into a Dense); both lost
+    the finding. A user's own ``call`` set on a BatchNorm instance is still there after diagnose."""
+    x, y = digits
+    x, y = x[:240], y[:240]
+    inp = keras.Input((16, 16, 3))
+    pooled = keras.Model(inp, net()(layers.UpSampling2D(2)(layers.AveragePooling2D(2)(inp))))
+    pooled.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    raw = eg.diagnose(pooled, (x, y), batch_size=BATCH, progress=False).finding("input_scale")
+    assert raw is not None and "raw [0, 255]" in raw.message
+    counts = np.random.default_rng(0).integers(0, 256, size=(240, 6)).astype("int64")
+    tabular = keras.Sequential([keras.Input((6,)), layers.Dense(8), layers.BatchNormalization(name="bn"), layers.Dense(10)])
+    tabular.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    bn = tabular.get_layer("bn")
+    own = bn.call
+    object.__setattr__(bn, "call", own)  # an instance-level call, as a user's wrapper sets one
+    assert eg.diagnose(tabular, (counts, y), batch_size=BATCH, progress=False).finding("input_scale") is not None
+    assert vars(bn).get("call") is own
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="training mode draws from torch's global RNG on torch")
+def test_diagnose_leaves_torch_global_random_state_alone(digits):
+    """Training-mode probes (which BN layers a training call runs with training=False; T) draw dropout masks from
+    torch's global generator on the torch backend: it is put back."""
+    import torch
+
+    x, y = digits
+    model = net(dropout=0.5)
+    state = torch.get_rng_state()
+    eg.diagnose(model, (x[:240], y[:240]), batch_size=BATCH, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_integer_ids_are_not_judged_as_pixels():
     """Character codes in [32, 122] as int32 (N, L), one-hot encoded in a Lambda no class name gives away: ids, not
     pixels (they got "raw [0, 255] pixels" and Rescaling(1 / 255)). The same values as uint8 pixels of a flattened

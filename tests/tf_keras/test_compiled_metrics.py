@@ -296,6 +296,16 @@ def test_a_loss_from_add_loss_alone_needs_no_targets():
     assert _mode(report, "E")["loss"] == pytest.approx(np.mean((pred - t) ** 2), rel=1e-5)
 
 
+def test_a_model_without_any_loss_still_needs_targets():
+    """compile(optimizer) alone and no add_loss: there is no loss to measure from the inputs alone, so diagnose asks
+    for targets (it reported a loss of 0 in every mode)."""
+    inp = keras.Input((6,))
+    model = keras.Model(inp, layers.Dense(1)(_trunk(inp)))
+    model.compile(optimizer="adam")
+    with pytest.raises(evalgap.DataError, match="needs targets"):
+        eg.diagnose(model, (_features(),), batch_size=BATCH, progress=False)
+
+
 def test_a_custom_metric_keeps_its_constructor_arguments_and_its_name():
     """HitRate(threshold=0.4) on output a is measured at 0.4, as evaluate and a float64 NumPy reference give it,
     under evaluate's key ``a_hit_rate``; the metric object keeps its name and state (a later evaluate agrees)."""

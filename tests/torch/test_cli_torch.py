@@ -187,6 +187,8 @@ def test_torch_arrays_keep_the_labels_kind():
     x = np.zeros((4, 8, 8, 3), np.uint8)
     assert torch_arrays(x, np.arange(4, dtype=np.uint8))[1].dtype == torch.int64
     assert torch_arrays(x, np.array([0.5, 1.5, 2.5, 0.0]))[1].tolist() == [0.5, 1.5, 2.5, 0.0]
+    whole = torch_arrays(x, np.array([0.0, 2.0, 1.0, 2.0]))[1]  # class ids stored as floats (pandas): class ids
+    assert whole.dtype == torch.int64 and whole.tolist() == [0, 2, 1, 2]
     with pytest.raises(DataError, match="images must be numbers"):
         torch_arrays(np.array(["a"] * 4), np.arange(4))
 

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .._checks import check_size
 from .._progress import progress_bar
 from ..attribution import choose_primary, decompose
 from ..diagnosis import Context, InputScale, build_report, label_mix
@@ -157,9 +158,7 @@ def diagnose(
     """Measure every mode on the same batches of ``source`` and explain the gap (module docstring)."""
     start = time.perf_counter()
     training = training or Training()
-    if max_samples is not None:
-        if max_samples < 1:
-            raise DataError(f"max_samples must be >= 1 (or None for all), got {max_samples}.")
+    if check_size("max_samples", max_samples) is not None:
         source = source.take(max_samples)
     elif getattr(source, "infinite", False):
         raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_samples= to say how much to probe.")
@@ -167,9 +166,9 @@ def diagnose(
     first, probe = peek(probe)
     if first is None:
         raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")
-    if first.targets is None and getattr(adapter, "needs_targets", lambda model: True)(model):
-        raise DataError("diagnose needs targets to measure the loss and metrics: pass (x, y), not x alone." + _dict_hint(adapter, first))
     model = adapter.prepare(model, first)
+    if first.targets is None and getattr(adapter, "needs_targets", lambda model, batch: True)(model, first):
+        raise DataError("diagnose needs targets to measure the loss and metrics: pass (x, y), not x alone." + _dict_hint(adapter, first))
     layers = adapter.layers(model)
     if not adapter.one_sample_batches:
         probe = without_singleton_batch(probe, lambda batch: adapter.refuses_one_sample(model, layers, batch))
@@ -177,7 +176,7 @@ def diagnose(
     run = _Run(adapter, model, probe, layers, progress and (collective is None or collective.rank == 0),
                metric_options=dict(metric_options or {}))
     try:
-        return _measure_and_explain(run, collective, probe, training, primary, max_samples, val_source, start)
+        return _measure_and_explain(run, collective, probe, first, training, primary, max_samples, val_source, start)
     finally:
         close = getattr(run.metrics, "close", None)
         if close is not None:
@@ -192,9 +191,10 @@ def _dict_hint(adapter: Adapter, batch: Batch) -> str:
             f"{', '.join(map(repr, keys[:-1]))} or {keys[-1]!r}: rename yours, or give the batches as (x, y).")
 
 
-def _measure_and_explain(run: "_Run", collective, probe, training: Training, primary, max_samples, val_source, start) -> Report:
+def _measure_and_explain(run: "_Run", collective, probe, first: Batch, training: Training, primary, max_samples, val_source,
+                         start) -> Report:
     adapter, model = run.adapter, run.model
-    facts = adapter.facts(model, next(iter(probe), None))  # the first batch: what the model's first layer receives
+    facts = adapter.facts(model, first)  # the first batch: what the model's first layer receives
     check = not facts.training_only and facts.mode_dependent != []  # does training mode do more than BN? not known
     run.by_mode["E"] = run.score("E", keep_first=check)
     choose_primary(list(run.by_mode["E"]), run.metrics.given, primary, left_out=_left_out(run))  # a wrong primary= fails now
@@ -301,13 +301,11 @@ def _input_sample(adapter: Adapter, batches, limit: int = 2048, axis: int | None
     """Up to ``limit`` samples of what reaches the model's first layer, as ``(values, channels)`` rows
     (every position of every sample one row), and the channel axis of the input (``axis`` where the
     model says it, else the adapter's). Batches may differ in every other dimension (sequences padded
-    per batch); None when the input is not an array, holds ids (integers other than uint8 in at most two
-    dimensions: token or category codes, (N, L) or (N,), not pixels), or its number of channels changes between
-    batches."""
+    per batch); None when the input is not an array or its number of channels changes between batches."""
     rows, seen, where = [], 0, axis
     for batch in batches:
         found = adapter.input_array(batch.inputs)
-        if found is None or (found[0].dtype.kind in "iu" and found[0].dtype != np.uint8 and found[0].ndim <= 2):
+        if found is None:
             return None
         x, axis = found[0], found[1] if where is None or found[0].ndim < 2 else where
         flat = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]) if x.ndim > 1 else x.reshape(-1, 1)

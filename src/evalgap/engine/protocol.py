@@ -172,14 +172,19 @@ class Collective(Protocol):
 TRAINING_ONLY_TOKENS = ("Drop", "StochasticDepth", "Noise", "Random")
 
 
-def scale_changed(given: tuple[float, float], received: tuple[float, float], tolerance: float = 0.01) -> bool:
-    """Whether the first layer receives another range than the model's input: ``received``'s minimum or maximum
-    differs from ``given``'s by more than ``tolerance`` of the input's range (a reshape, a permutation, a crop, a
-    pooling or a dtype conversion keep the range; rescaling, normalizing or ``preprocess_input`` change it). The
-    adapters' probes of what their first layer receives all judge by this rule."""
-    lo, hi = given
+def scale_changed(given: Any, received: Any, tolerance: float = 0.01) -> bool:
+    """Whether the first layer receives its input on another scale than the model's input (each the values of one
+    batch, anything NumPy takes; compared in float64). Changed: the received values leave the input's range by more
+    than ``tolerance`` of it (shifted or widened: standardizing, ``x / 127.5 - 1``), or their mean moves by more than
+    a quarter of the input's standard deviation (``x / 255`` stays inside [0, 255], its mean 255 times smaller).
+    A reshape, a permutation, a dtype conversion, a crop, padding, a resize or average pooling keep both within
+    these margins. The adapters' probes of what their first layer receives all judge by this rule."""
+    g, r = np.asarray(given, dtype=np.float64), np.asarray(received, dtype=np.float64)
+    lo, hi = float(g.min()), float(g.max())
     tol = tolerance * max(hi - lo, abs(hi), abs(lo), 1e-12)
-    return abs(received[0] - lo) > tol or abs(received[1] - hi) > tol
+    if float(r.min()) < lo - tol or float(r.max()) > hi + tol:
+        return True
+    return abs(float(r.mean()) - float(g.mean())) > max(0.25 * float(g.std()), tol)
 
 
 def is_training_only(class_name: str) -> bool:
@@ -243,8 +248,9 @@ class Adapter(Protocol):
 
     def framework(self, model: Any) -> str: ...
 
-    # optional: needs_targets(model) -> bool, False where the model's loss needs no targets beside its inputs
-    # (Keras compiled with neither loss nor metrics: add_loss); diagnose refuses batches without targets otherwise
+    # optional: needs_targets(model, first) -> bool, False where the model's loss needs no targets beside its inputs
+    # (Keras compiled with neither loss nor metrics, with a loss of its own: add_loss, compute_loss); diagnose
+    # refuses batches without targets otherwise
 
     def refuses_one_sample(self, model: Any, layers: Sequence[NormLayer], batch: Batch) -> bool:
         """Only where ``one_sample_batches`` is False: whether training mode refuses ``batch``, of one sample."""

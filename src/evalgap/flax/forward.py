@@ -481,13 +481,13 @@ def _input_transform(model: str, first: list, jaxpr: Any, inputs: int, embed: ty
 
 
 def confirm(transform: str | None, jaxpr: Any, args: Any, x: Any) -> str | None:
-    """``transform`` where the first layer's input, computed from the first batch, leaves the input's range.
+    """``transform`` where the first layer's input, computed from the first batch, changes the input's scale.
 
     As PyTorch's check (:func:`evalgap.torch.layers.input_transforms`): the first layer's input
-    (the first output of ``jaxpr`` on ``args``, only the equations it depends on evaluated) and
-    the input ``x`` (one floating or uint8 array) have the same minimum and maximum within 1% of
-    the input's range: no transform (a resize, a pooling, a crop). Where the values cannot be
-    had (several inputs, a failure, non-float values), the jaxpr's verdict stands.
+    (the first output of ``jaxpr`` on ``args``, only the equations it depends on evaluated) against
+    the input ``x`` (one floating or uint8 array) by :func:`evalgap.engine.scale_changed` (a resize,
+    a pooling, a crop keep the scale). Where the values cannot be had (several inputs, a failure,
+    non-float or non-finite values), the jaxpr's verdict stands.
     """
     if transform is None or jaxpr is None:
         return transform
@@ -500,13 +500,12 @@ def confirm(transform: str | None, jaxpr: Any, args: Any, x: Any) -> str | None:
         got = _first_output(jaxpr, jax.tree.leaves(args))
         if not jnp.issubdtype(got.dtype, jnp.floating) or got.size == 0:
             return transform
-        lo, hi, got_lo, got_hi = (float(v) for v in jax.device_get(
-            [jnp.min(leaves[0]), jnp.max(leaves[0]), jnp.min(got), jnp.max(got)]))
+        given, received = (np.asarray(v, dtype=np.float64) for v in jax.device_get([leaves[0], got]))
     except Exception:  # the value is not needed to run the model: the jaxpr's verdict stands
         return transform
-    if not all(np.isfinite([lo, hi, got_lo, got_hi])):
+    if not (np.all(np.isfinite(given)) and np.all(np.isfinite(received))):
         return transform
-    return transform if scale_changed((lo, hi), (got_lo, got_hi)) else None
+    return transform if scale_changed(given, received) else None
 
 
 def _first_output(closed: Any, args: list) -> Any:

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from .._keras_common import check_batched, user_metrics
-from ..engine import Batch, NormLayer
+from .._keras_common import check_batched, overrides, user_metrics
+from ..engine import Batch, NormLayer, tree_map
 from ..errors import ModelError
 from . import data, distributed, layers, moments, predict, transfer
 from .metrics import KerasMetrics
@@ -31,11 +31,17 @@ class KerasAdapter:
     def batches(self, source: Any, *, batch_size=None, shuffle=True, seed=0, targets=False):
         return data.batches(source, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=targets)
 
-    def needs_targets(self, model: Any) -> bool:
-        """False for a model compiled with neither a loss nor metrics: its loss is its own (``add_loss``, an
-        endpoint layer reading its targets from the inputs, ``compute_loss``), as ``fit(x)`` trains it."""
+    def needs_targets(self, model: Any, first: Batch) -> bool:
+        """False for a model compiled with neither a loss nor metrics whose loss is its own: an overridden
+        ``compute_loss``, or losses its layers add (``add_loss``, an endpoint layer reading its targets from the
+        inputs; one inference call of two samples tells), as ``fit(x)`` trains it. Without any, it has no loss."""
         compiled = getattr(model, "compiled", False)
-        return not compiled or getattr(model, "_compile_loss", None) is not None or bool(user_metrics(getattr(model, "_compile_metrics", None)))
+        if not compiled or getattr(model, "_compile_loss", None) is not None or user_metrics(getattr(model, "_compile_metrics", None)):
+            return True
+        if overrides(model, "compute_loss"):
+            return False
+        _, losses = predict.run_once(model, tree_map(lambda a: a[:2], first.inputs))
+        return not losses
 
     def prepare(self, model: Any, first: Batch):
         if not isinstance(model, (keras.Model, keras.layers.Layer)):

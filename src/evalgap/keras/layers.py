@@ -8,8 +8,9 @@ from typing import Any
 
 import keras
 
+from .._keras_common import calls_replaced, walk
 from .._keras_common import facts as _facts
-from .._keras_common import walk
+from .._random import random_states_kept
 from ..engine import ModelFacts, NormLayer, tree_map
 
 #: Per model: (number of BN layers, ids of those a training-mode call runs in inference mode).
@@ -30,9 +31,10 @@ def remember_inference_only(model, inputs: Any) -> frozenset[int]:
     """Ids of the BN layers that receive ``training=False`` in every call of a training-mode forward (a subclass
     whose ``call`` runs ``self.base(x, training=False)``): fit runs them in inference mode, as frozen layers.
 
-    One call of the first two samples through ``stateless_call(..., training=True)`` (no variable is assigned), each
-    BN layer's ``call`` replaced on the instance by the identity that records the ``training`` it receives, then
-    removed; cached per model. A model that cannot be called so keeps ``trainable=False`` as its only rule.
+    One call of the first two samples through ``stateless_call(..., training=True)`` (no variable is assigned; the
+    global random states put back), each BN layer's ``call`` replaced on the instance by the identity that records
+    the ``training`` it receives (:func:`evalgap._keras_common.calls_replaced`); cached per model. A model that
+    cannot be called so keeps ``trainable=False`` as its only rule.
     """
     bns = [bn for _, bn in find_batchnorms(model)]
     cached = _INFERENCE_ONLY.get(model)
@@ -47,24 +49,18 @@ def remember_inference_only(model, inputs: Any) -> frozenset[int]:
 
         return call
 
-    for bn in bns:
-        object.__setattr__(bn, "call", recorder(bn))
-    try:
-        few = tree_map(lambda a: a[:2], inputs)
-        grad = contextlib.nullcontext()
-        if keras.backend.backend() == "torch":
-            import torch
+    grad = contextlib.nullcontext()
+    if keras.backend.backend() == "torch":
+        import torch
 
-            grad = torch.no_grad()
-        with grad:
+        grad = torch.no_grad()
+    try:  # training mode on the torch backend draws from torch's global generators: put them back
+        with calls_replaced([(bn, recorder(bn)) for bn in bns]), random_states_kept(python=False, numpy=False), grad:
             model.stateless_call([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
-                                 few, training=True)
+                                 tree_map(lambda a: a[:2], inputs), training=True)
         found = frozenset(i for i, values in received.items() if values and all(v is False for v in values))
     except Exception:  # the rule stays trainable=False alone
         found = frozenset()
-    finally:
-        for bn in bns:
-            object.__delattr__(bn, "call")
     _INFERENCE_ONLY[model] = (len(bns), found)
     return found
 

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._keras_common import by_dtype, check_batched, user_metrics
-from ..engine import Batch, NormLayer
+from ..engine import Batch, NormLayer, tree_map
 from ..engine.moments import captures_to_host
 from ..errors import ModelError, RecalibrationError
 from . import data, distributed, layers, moments, predict
@@ -39,12 +39,16 @@ class TfKerasAdapter:
     def batches(self, source: Any, *, batch_size=None, shuffle=True, seed=0, targets=False):
         return data.batches(source, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=targets)
 
-    def needs_targets(self, model: Any) -> bool:
-        """False for a model compiled with neither a loss nor metrics: its loss is its own (``add_loss``, an
-        endpoint layer reading its targets from the inputs), as ``fit(x)`` trains it."""
+    def needs_targets(self, model: Any, first: Batch) -> bool:
+        """False for a model compiled with neither a loss nor metrics whose layers add losses of their own
+        (``add_loss``, an endpoint layer reading its targets from the inputs; one inference call of two samples
+        tells), as ``fit(x)`` trains it. Without any, it has no loss."""
         if not getattr(model, "_is_compiled", False):
             return True
-        return getattr(getattr(model, "compiled_loss", None), "_user_losses", None) is not None or bool(user_metrics(getattr(model, "compiled_metrics", None)))
+        if getattr(getattr(model, "compiled_loss", None), "_user_losses", None) is not None or user_metrics(getattr(model, "compiled_metrics", None)):
+            return True
+        _, losses = predict.run_once(model, tree_map(lambda a: a[:2], first.inputs))
+        return not losses
 
     def prepare(self, model: Any, first: Batch):
         """The model, built (an eager call in inference mode changes no statistic); its inference-only BN layers found."""

@@ -278,8 +278,8 @@ class _Reached(BaseException):  # not an Exception: a user's ``except Exception`
 def input_transforms(model: nn.Module, raw: Any, inputs: Any, *, forward: Forward | None, device: torch.device) -> list[str]:
     """Where the model changes the scale of its input before its first layer (a Conv, Linear, RNN, Embedding or
     normalization layer, the first one called): ``["conv1 receives values in [a, b], the input [c, d]"]``, an Embedding's
-    name, or ``[]`` when that layer receives the input's range (a reshape, a permutation, a crop or a dtype
-    conversion keep it; tolerance 1% of the range). One forward of ``raw`` (the first batch) in eval mode
+    name, or ``[]`` when that layer receives the input's scale (:func:`evalgap.engine.scale_changed`: a reshape,
+    a permutation, a crop, a pooling or a dtype conversion keep it). One forward of ``raw`` (the first batch) in eval mode
     without gradients, stopped where that layer is reached; modes put back. ``[]`` where this cannot be told
     (the input is not one tensor, no such layer, the forward fails)."""
     if not isinstance(inputs, torch.Tensor) or inputs.numel() == 0:
@@ -312,10 +312,10 @@ def input_transforms(model: nn.Module, raw: Any, inputs: Any, *, forward: Forwar
         return [f"{name} ({type(module).__name__})"]
     if not isinstance(got, torch.Tensor) or got is inputs or not (torch.is_floating_point(got) and got.numel()):
         return []
-    lo, hi = (float(v) for v in torch.aminmax(inputs.detach().to(torch.float64)))
-    got_lo, got_hi = (float(v) for v in torch.aminmax(got.detach().to(torch.float64)))
-    if not scale_changed((lo, hi), (got_lo, got_hi)):
+    given, received = (t.detach().to(device="cpu", dtype=torch.float64).numpy() for t in (inputs, got))
+    if not scale_changed(given, received):
         return []
+    lo, hi, got_lo, got_hi = float(given.min()), float(given.max()), float(received.min()), float(received.max())
     return [f"{name} receives values in [{got_lo:.3g}, {got_hi:.3g}], the input [{lo:.3g}, {hi:.3g}]"]
 
 

@@ -63,8 +63,9 @@ def predictor(
         raise EvalgapError(f"unknown mode {mode!r}: E, P or T.")
     if left_in_eval is None:  # what the model's own train() keeps in eval mode
         left_in_eval = eval_in_training(model)
+    trains = any(p.requires_grad for p in model.parameters())
     frozen = {i for i, m in enumerate(model.modules())
-              if id(m) in left_in_eval or isinstance(m, _BatchNorm) and is_frozen(m, model, left_in_eval=left_in_eval)}
+              if id(m) in left_in_eval or isinstance(m, _BatchNorm) and is_frozen(m, model, left_in_eval=left_in_eval, model_trains=trains)}
     side = copy.deepcopy(model)
     set_modes(side, True, except_eval={id(m) for i, m in enumerate(side.modules()) if i in frozen})
     if local_sync:
