@@ -9,29 +9,40 @@ here imports Keras. ``{api}`` in the docstrings is filled in by :func:`doc`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from . import engine
 from ._keras_common import reshuffle_warning, reshuffles_each_iteration
+from ._random import random_states_kept
 from .errors import DataError
 
 logger = logging.getLogger("evalgap")
 
 
+def _swaps_weights(callback: Any) -> bool:
+    """A callback that swaps other weights into the model around validation (Keras's ``SwapEMAWeights``)."""
+    return any(cls.__name__ == "SwapEMAWeights" for cls in type(callback).__mro__)
+
+
 def run_first(callback: Any, model: Any, set_model: Any) -> None:
-    """Move evalgap's callbacks to the front of the ``CallbackList`` that is calling ``set_model``.
+    """Move evalgap's callbacks to the front of the ``CallbackList`` that is calling ``set_model``,
+    behind only the callbacks that swap weights in for validation (``SwapEMAWeights``).
 
     Keras passes one logs dict to every callback's ``on_epoch_end`` in list order, so a
     ``CSVLogger`` or ``TensorBoard`` listed before an evalgap callback would write the epoch
-    before evalgap adds its values. Called from ``set_model``, which the ``CallbackList`` calls
-    on every callback when fit builds it (found by inspection of the calling frames; if it is
-    not there, nothing changes). The list is being iterated: evalgap's callbacks moved before
-    the current position get their model here (the others may get ``set_model`` once more,
-    which only stores the model again). The relative order of the other callbacks, and of
-    evalgap's, is kept.
+    before evalgap adds its values. A ``SwapEMAWeights`` stays ahead, so that ``PreciseBN``
+    recalibrates the weights validation runs with (the EMA weights it has swapped in).
+    Called from ``set_model``, which the ``CallbackList`` calls on every callback when fit
+    builds it (found by inspection of the calling frames; if it is not there, nothing
+    changes). The list is being iterated: the callbacks moved before the current position get
+    their model here (the others may get ``set_model`` once more, which only stores the model
+    again). The relative order of the other callbacks, and of evalgap's, is kept.
     """
     frame, callbacks = sys._getframe(1), None
     for _ in range(6):  # our set_model (or a subclass's), then the CallbackList
@@ -43,9 +54,44 @@ def run_first(callback: Any, model: Any, set_model: Any) -> None:
     if callbacks is None:
         return
     ours = [c for c in callbacks if getattr(c, "_evalgap_runs_first", False)]
-    callbacks[:] = ours + [c for c in callbacks if not getattr(c, "_evalgap_runs_first", False)]
+    swappers = [c for c in callbacks if _swaps_weights(c) and not getattr(c, "_evalgap_runs_first", False)]
+    moved = swappers + ours
+    callbacks[:] = moved + [c for c in callbacks if all(c is not m for m in moved)]
+    for c in swappers:
+        c.set_model(model)
     for c in ours:
         set_model(c, model)  # the framework's Callback.set_model: no second reordering
+
+
+def _fingerprint(weights: Any) -> str:
+    """A digest of the weights' values: equal digests, equal weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    for w in weights:
+        value = np.ascontiguousarray(w.numpy() if hasattr(w, "numpy") else np.asarray(w))
+        digest.update(str((value.shape, value.dtype)).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _repeats_forever(data: Any) -> bool:
+    """A ``tf.data.Dataset`` whose cardinality is infinite (``.repeat()`` without a count)."""
+    tf = sys.modules.get("tensorflow")
+    cardinality = getattr(data, "cardinality", None)
+    if tf is None or cardinality is None or not hasattr(data, "element_spec"):
+        return False
+    try:
+        return int(cardinality()) == int(tf.data.INFINITE_CARDINALITY)
+    except Exception:  # not TensorFlow's
+        return False
+
+
+def _steps_taken(model: Any) -> int | None:
+    """The optimizer's step counter (every training step, those of earlier fits included), if it has one."""
+    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    try:
+        return int(np.asarray(iterations.numpy() if hasattr(iterations, "numpy") else iterations))
+    except Exception:
+        return None
 
 
 
@@ -56,7 +102,9 @@ class PreciseBNLogic:
     recalibrates at that point, so the epoch's ``val_*`` metrics in the logs and the
     History are computed with exact statistics. Without validation it recalibrates at
     ``on_epoch_end``. A standalone ``model.evaluate`` does not trigger it. Once more at
-    the end of training if the weights changed since the last run.
+    the end of training if the weights changed since the last run (by training, or by fit
+    swapping in an optimizer's EMA weights, ``use_ema=True``, at its end). With Keras's
+    ``SwapEMAWeights`` it recalibrates the EMA weights that validation runs with.
 
     Args:
         data: training data as :func:`{api}.recalibrate` takes it (arrays are
@@ -76,6 +124,8 @@ class PreciseBNLogic:
     Adds ``precise_bn_seconds`` to the epoch logs; runs before the other callbacks whatever
     their order in the list (:func:`run_first`), so ``CSVLogger`` and ``TensorBoard`` see it.
     Side effects: the model's moving statistics, which is the point; training continues from them.
+    The passes leave Python's and NumPy's global random states as they were, so a
+    ``PyDataset`` or ``Sequence`` that augments with ``np.random`` draws what it would without them.
     """
 
     #: set by each Keras version's subclass
@@ -92,8 +142,10 @@ class PreciseBNLogic:
         shuffle: bool = True, seed: int = 0, training_metrics: bool = False,
     ):
         super().__init__()
-        engine.check_schedule(every, max_samples)
+        engine.check_schedule(every, max_samples, batch_size=batch_size)
         engine.check_reiterable(data, "PreciseBN")
+        if max_samples is None and _repeats_forever(data):
+            raise DataError("PreciseBN: the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_samples=.")
         if reshuffles_each_iteration(data):
             logger.warning(reshuffle_warning("PreciseBN"))
         self.data, self.max_samples, self.every, self.verbose = data, max_samples, int(every), verbose
@@ -106,6 +158,7 @@ class PreciseBNLogic:
         self._done_this_epoch = False
         self._seconds = 0.0
         self._stale = False
+        self._fingerprint: str | None = None  # of the trainable weights at the last run, with an EMA optimizer
         self._warned = False
 
     # ---- fit hooks ----------------------------------------------------------------
@@ -135,7 +188,8 @@ class PreciseBNLogic:
         self._epoch = None
 
     def on_train_end(self, logs=None):
-        if self._stale:
+        # fit has swapped an EMA optimizer's weights in by now (finalize_variable_values comes before on_train_end)
+        if self._stale or (self._fingerprint is not None and self._fingerprint != _fingerprint(self.model.trainable_weights)):
             self._run()
         self._epoch = None
 
@@ -148,7 +202,10 @@ class PreciseBNLogic:
         source = self._adapter.batches(self.data, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed)
         if self.max_samples is not None:
             source = source.take(self.max_samples)
-        self.last = engine.recalibrate(self._adapter, self.model, source, progress=False, training_metrics=self.training_metrics)
+        with random_states_kept():
+            self.last = engine.recalibrate(self._adapter, self.model, source, progress=False, training_metrics=self.training_metrics)
+        # an EMA optimizer's weights are swapped in at the end of fit: remember these (a host copy, EMA only)
+        self._fingerprint = _fingerprint(self.model.trainable_weights) if getattr(self.model.optimizer, "use_ema", False) else None
         if self.batch_size is None and self._is_array_structure(self.data) and not self._warned:
             logger.warning("PreciseBN: array data without batch_size, so batches of 32 (Keras's default); "
                            "pass PreciseBN(..., batch_size=<fit's batch_size>) to match training.")
@@ -174,12 +231,14 @@ class GapMonitorLogic:
       probe (what validation of these samples would report after PreciseBN).
 
     Prints one plain sentence when the validation numbers are distorted by BatchNorm
-    statistics. It counts the training steps (each one a BatchNorm update), so the EMA
-    arithmetic in :attr:`last` (the latest :class:`evalgap.Report`) uses real step counts.
-    The model is never changed.
+    statistics. The EMA arithmetic in :attr:`last` (the latest :class:`evalgap.Report`) uses real
+    step counts: each training step is a BatchNorm update, and the optimizer's ``iterations``
+    counts those of earlier fits too (a resumed ``fit(..., initial_epoch=...)``). The model is
+    never changed, and Python's and NumPy's global random states are left as they were.
 
     Args:
-        data: training data with targets, as :func:`{api}.diagnose` takes it.
+        data: training data with targets, as :func:`{api}.diagnose` takes it; re-iterable (not
+            a generator: the probe drawn from the one fit trains on would take fit's batches).
         max_samples: size of the probe subset (whole batches, drawn at random from arrays;
             at least one batch).
         every: measure after every ``every``-th epoch.
@@ -199,6 +258,7 @@ class GapMonitorLogic:
         primary: str | None = None, shuffle: bool = True, seed: int = 0,
     ):
         super().__init__()
+        engine.check_reiterable(data, "GapMonitor", "draws its probe from the data during fit (from the generator fit trains on, it would take fit's batches)")
         self.data, self.batching = data, {"batch_size": batch_size, "shuffle": shuffle, "seed": seed}
         if reshuffles_each_iteration(data):
             logger.warning(reshuffle_warning("GapMonitor"))
@@ -229,7 +289,9 @@ class GapMonitorLogic:
         if not self.core.due(epoch):
             return
         source = lambda: self._adapter.batches(self.data, targets=True, **self.batching)  # noqa: E731
-        epoch_logs = self.core.measure(self._adapter, self.model, source, epoch, steps_per_epoch=(self.params or {}).get("steps"))
+        with random_states_kept():
+            epoch_logs = self.core.measure(self._adapter, self.model, source, epoch, steps_per_epoch=(self.params or {}).get("steps"),
+                                           updates=_steps_taken(self.model))
         if logs is not None:
             logs.update(epoch_logs)
 

@@ -125,3 +125,58 @@ def test_gap_monitor_counts_every_step_of_an_execution():
     assert int(model.optimizer.iterations.numpy()) == 24
     ema = next(f for f in monitor.last.findings if "updates" in (f.numbers or {}))
     assert monitor.updates == 24 and ema.numbers["updates"] == 24
+
+
+def _tiny(optimizer) -> keras.Model:
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((6,))
+    h = layers.ReLU()(layers.BatchNormalization(name="bn1")(layers.Dense(8)(inp)))
+    h = layers.ReLU()(layers.BatchNormalization(name="bn2")(layers.Dense(8)(h)))
+    model = keras.Model(inp, layers.Dense(3, activation="softmax")(h))
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _tiny_data(n=160, seed=0):
+    r = np.random.RandomState(seed)
+    x = (r.randn(n, 6) * 3 + 2).astype("float32")
+    return x, (x[:, 0] + x[:, 1] > 4).astype("int32") + (x[:, 2] > 2).astype("int32")
+
+
+def test_an_ema_optimizer_gets_statistics_of_the_weights_fit_swaps_in_at_its_end():
+    """fit swaps the EMA weights in after the last epoch: PreciseBN's end-of-training run is for those weights."""
+    (x, y), (xv, yv) = _tiny_data(), _tiny_data(64, seed=5)
+    model = _tiny(keras.optimizers.SGD(0.05, use_ema=True, ema_momentum=0.9))
+    model.fit(x, y, batch_size=32, epochs=3, validation_data=(xv, yv), verbose=0, shuffle=False,
+              callbacks=[eg.PreciseBN((x, y), batch_size=32, shuffle=False, verbose=0)])
+    stats = lambda: [w for n in ("bn1", "bn2") for w in model.get_layer(n).get_weights()[2:]]  # noqa: E731
+    after_fit, loss_after_fit = stats(), model.evaluate(xv, yv, batch_size=32, verbose=0)[0]
+    eg.recalibrate(model, (x, y), batch_size=32, shuffle=False, progress=False)  # the reference, at the same weights
+    for got, want in zip(after_fit, stats()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert loss_after_fit == pytest.approx(model.evaluate(xv, yv, batch_size=32, verbose=0)[0], rel=1e-5)
+
+
+def test_a_sequence_augmenting_with_np_random_draws_what_it_would_without_the_callbacks():
+    """The callbacks' passes leave NumPy's global random state: training identical to a fit without them."""
+    (x, y), (xv, yv) = _tiny_data(), _tiny_data(64, seed=5)
+
+    class Augmenting(keras.utils.Sequence):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            xb = x[i * 32 : (i + 1) * 32]
+            return (xb + np.random.normal(0, 0.5, xb.shape)).astype("float32"), y[i * 32 : (i + 1) * 32]
+
+    final = {}
+    for name in ("none", "precise_bn", "gap_monitor"):
+        model = _tiny(keras.optimizers.SGD(0.05))
+        np.random.seed(123)
+        callbacks = {"none": [], "precise_bn": [eg.PreciseBN(Augmenting(), verbose=0)],
+                     "gap_monitor": [eg.GapMonitor(Augmenting(), max_samples=64, verbose=0)]}[name]
+        model.fit(Augmenting(), epochs=2, validation_data=(xv, yv), verbose=0, shuffle=False, callbacks=callbacks)
+        final[name] = [w.numpy() for w in model.trainable_weights]
+    for name in ("precise_bn", "gap_monitor"):
+        for got, want in zip(final[name], final["none"]):
+            np.testing.assert_array_equal(got, want, err_msg=name)

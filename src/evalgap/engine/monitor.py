@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
+from .._checks import check_sizes
 from ..errors import DataError
 from ..report import Report
 from .batching import materialize
@@ -11,18 +13,21 @@ from .diagnose import Training, diagnose
 from .protocol import Adapter, BatchSource
 
 
-def check_schedule(every: int, max_samples: int | None) -> None:
-    if every < 1:
-        raise DataError(f"every must be >= 1, got {every}.")
-    if max_samples is not None and max_samples < 1:
-        raise DataError(f"max_samples must be >= 1 (or None for all), got {max_samples}.")
+def check_schedule(every: int, max_samples: int | None, **sizes: int | None) -> None:
+    """A callback's arguments, at construction: ``every`` a whole number >= 1, and ``max_samples`` and the other counts
+    given (``batch_size=``, ``max_batches=``) as every ``recalibrate`` and ``diagnose`` checks them
+    (:func:`evalgap._checks.check_size`: 2.5 or ``"8"`` failed only at the first epoch's end)."""
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise DataError(f"every must be a whole number >= 1, got {every!r}: pass e.g. every=1.")
+    check_sizes(max_samples=max_samples, **sizes)
 
 
-def check_reiterable(data: Any, who: str) -> None:
-    """Callbacks read the data again at every epoch: a generator would be empty the second time."""
+def check_reiterable(data: Any, who: str, reads: str = "reads the data after every epoch") -> None:
+    """Callbacks read the data again at every epoch, or draw from it while training runs: a generator
+    would be empty the second time, or hand the callback batches the training loop then misses."""
     if hasattr(data, "__next__"):
         raise DataError(
-            f"{who} reads the data after every epoch, and a generator or iterator is used up after one pass: "
+            f"{who} {reads}, and a generator or iterator is used up after one pass: "
             "pass re-iterable data (arrays, a tf.data.Dataset, a keras.utils.PyDataset, a DataLoader or a list of batches)."
         )
 
@@ -49,13 +54,24 @@ class GapProbe:
         self.steps_in_epoch += n
 
     def due(self, epoch: int) -> bool:
-        return (epoch + 1) % self.every == 0
+        """Whether the epoch that just ended is measured; called at every epoch's end, so an epoch
+        not measured does not count towards the next measured epoch's steps."""
+        if (epoch + 1) % self.every == 0:
+            return True
+        self.steps_in_epoch = 0
+        return False
 
     def measure(
         self, adapter: Adapter, model: Any, source: Callable[[], BatchSource], epoch: int,
-        steps_per_epoch: int | None = None, metric_options: dict | None = None,
+        steps_per_epoch: int | None = None, metric_options: dict | None = None, updates: int | None = None,
     ) -> dict[str, float]:
-        """Diagnose the probe (drawn from ``source()`` the first time) and return the epoch logs."""
+        """Diagnose the probe (drawn from ``source()`` the first time) and return the epoch logs.
+
+        ``updates``: the training steps taken so far where the framework counts them (Keras: the
+        optimizer's ``iterations``, earlier fits included); the larger of it and :meth:`step`'s count is used.
+        """
+        if updates is not None and updates > self.updates:
+            self.updates = updates
         if self._probe is None:
             self._probe = materialize(source().take(self.max_samples))
         training = Training(steps_per_epoch=steps_per_epoch or self.steps_in_epoch or None, epochs=epoch + 1, bn_updates=self.updates)

@@ -35,7 +35,7 @@ class PreciseBN:
     """
 
     def __init__(self, data: Iterable[Any], *, every: int = 1, max_batches: int | None = None, verbose: int = 1, **recalibrate_kwargs: Any):
-        engine.check_schedule(every, None)
+        engine.check_schedule(every, None, max_batches=max_batches, batch_size=recalibrate_kwargs.get("batch_size"))
         engine.check_reiterable(data, "PreciseBN")
         self.data, self.every, self.max_batches, self.verbose = data, every, max_batches, verbose
         self.kwargs = recalibrate_kwargs
