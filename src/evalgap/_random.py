@@ -17,24 +17,77 @@ import numpy as np
 
 
 def loader_generators(loader: Any) -> list[Any]:
-    """The ``torch.Generator`` objects a DataLoader's shuffling draws from (its own, its sampler's)."""
+    """The random generators a DataLoader's reading draws from, wherever they are held.
+
+    Walks the loader, its sampler, its batch sampler and its dataset, and from them every attribute
+    that is a ``Sampler`` or a ``Dataset`` (a ``BatchSampler`` over a ``RandomSampler``, a custom
+    batch sampler's own generator, a ``Subset``'s dataset, lists of them): each ``torch.Generator``,
+    NumPy ``Generator`` / ``RandomState`` and ``random.Random`` found there, as objects with
+    ``get_state()`` / ``set_state(state)``. Attributes of other objects are not entered.
+    """
     t = sys.modules.get("torch")
-    found: list[Any] = []
     if t is None:
-        return found
-    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        g = getattr(owner, "generator", None)
-        if isinstance(g, t.Generator) and all(g is not f for f in found):
-            found.append(g)
+        return []
+    tud = t.utils.data
+    found: list[Any] = []
+    seen: set[int] = set()
+    pending: list[Any] = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None), getattr(loader, "dataset", None)]
+    while pending:
+        owner = pending.pop()
+        if owner is None or id(owner) in seen:
+            continue
+        seen.add(id(owner))
+        state = _state_of(owner, t)
+        if state is not None:
+            found.append(state)
+            continue
+        if isinstance(owner, (list, tuple)):
+            pending.extend(owner)
+            continue
+        try:  # the roots whatever their type; below them only samplers and datasets are entered
+            values = list(vars(owner).values())
+        except TypeError:
+            continue
+        for value in values:
+            if isinstance(value, (tud.Sampler, tud.Dataset)) or _state_of(value, t) is not None:
+                pending.append(value)
+            elif isinstance(value, (list, tuple)) and any(isinstance(v, (tud.Sampler, tud.Dataset)) for v in value[:8]):
+                pending.extend(value)
     return found
+
+
+class _PythonRandom:
+    """A ``random.Random`` (or NumPy ``Generator``) seen through ``get_state`` / ``set_state``."""
+
+    def __init__(self, rng: Any):
+        self.rng = rng
+
+    def get_state(self) -> Any:
+        return self.rng.getstate() if isinstance(self.rng, random.Random) else self.rng.bit_generator.state
+
+    def set_state(self, state: Any) -> None:
+        if isinstance(self.rng, random.Random):
+            self.rng.setstate(state)
+        else:
+            self.rng.bit_generator.state = state
+
+
+def _state_of(value: Any, t: Any) -> Any:
+    """``value`` as an object with ``get_state`` / ``set_state`` if it is a random generator, else None."""
+    if isinstance(value, (t.Generator, np.random.RandomState)):
+        return value
+    if isinstance(value, (random.Random, np.random.Generator)):
+        return _PythonRandom(value)
+    return None
 
 
 def iterate_keeping_random_states(loader: Any, batches: Iterable[Any] | None = None) -> Iterator[Any]:
     """Iterate a torch DataLoader (or ``batches`` read from it, e.g. through Keras's data adapter) and put
-    back every random state the iteration drew from (the loader's generators and torch's global RNG,
-    which a sampler without a generator and the worker seeds use): reading the training loader for
-    statistics must not change the order training draws next."""
-    with random_states_kept(python=False, numpy=False, generators=loader_generators(loader)):
+    back every random state the iteration drew from: the generators :func:`loader_generators` finds,
+    torch's global RNG (a sampler without a generator, the worker seeds), and Python's and NumPy's
+    global states (a dataset or sampler that augments or shuffles with ``random`` / ``np.random`` in
+    the main process): reading the training loader for statistics must not change what training draws next."""
+    with random_states_kept(generators=loader_generators(loader)):
         if batches is not None:
             yield from batches
         elif getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0:

@@ -18,6 +18,7 @@ and reproduce those modes for the pass: layers frozen in training stay frozen.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -27,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from . import engine
+from ._random import is_torch_loader, iterate_keeping_random_states
 from .errors import DataError
 from .torch.adapter import TorchAdapter
 from .torch.api import recalibrate
@@ -70,6 +72,59 @@ def _training_data(trainer, own: Any, seen: Any) -> Any:
     return seen
 
 
+class _PreparedBatches:
+    """The batches of ``data`` as the fit loop hands them to ``training_step``: through the precision plugin's
+    ``convert_input`` (``"bf16-true"``, ``"64-true"``), the ``on_before_batch_transfer``,
+    ``transfer_batch_to_device`` and ``on_after_batch_transfer`` hooks (the module's or the datamodule's)
+    and onto the strategy's device. A DataLoader is read keeping its random states (the hooks' draws too)."""
+
+    def __init__(self, data: Any, trainer, module) -> None:
+        self.data, self.trainer, self.module = data, trainer, module
+
+    def __iter__(self) -> Iterator[Any]:
+        source = iterate_keeping_random_states(self.data) if is_torch_loader(self.data) else iter(self.data)
+        try:
+            for batch in source:
+                batch = self.trainer.precision_plugin.convert_input(batch)
+                batch = self.module._on_before_batch_transfer(batch, dataloader_idx=0)
+                yield self.trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # put the random states back now, not when the generator is collected
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def _check_one_train_loader(trainer, own: Any, who: str) -> None:
+    """Refuse, at the start of fit, several training dataloaders (a dict or list: Lightning combines their
+    batches into one dict or list per step) when the callback has no ``dataloader=`` of its own."""
+    loaders = trainer.train_dataloader
+    if own is None and isinstance(loaders, (Mapping, list, tuple)):
+        raise DataError(
+            f"evalgap.lightning.{who}: fit got {len(loaders)} training dataloaders (a {type(loaders).__name__}), which "
+            f"Lightning combines into one batch per step; {who} reads one: pass {who}(dataloader=...) with the batches "
+            "the BatchNorm layers are trained on (e.g. the loader those layers see)."
+        )
+
+
+def _batch_limit(trainer, own: Any, max_batches: int | None, who: str) -> int | None:
+    """The batches a pass reads: ``max_batches``, and on the trainer's own train dataloader no more than an epoch of
+    fit reads (``limit_train_batches``). A train dataloader without a length that nothing bounds is refused."""
+    if own is not None:
+        return max_batches
+    per_epoch = trainer.num_training_batches
+    if isinstance(per_epoch, int):
+        return per_epoch if max_batches is None else min(max_batches, per_epoch)
+    if max_batches is None:
+        raise DataError(
+            f"evalgap.lightning.{who}: the train dataloader has no length (a stream) and limit_train_batches does not "
+            f"bound it, so a pass over it might never end: pass {who}(max_batches=N), or limit_train_batches=N to the Trainer."
+        )
+    return max_batches
+
+
 @contextmanager
 def _precision(trainer) -> Iterator[None]:
     """The trainer's forward context (autocast under ``precision="bf16-mixed"`` / ``"16-mixed"``), so the
@@ -97,17 +152,24 @@ class PreciseBN(pl.Callback):
             cross-entropy and accuracy for class scores), at no extra pass: the training-mode
             numbers to read ``val_*`` against.
 
-    Logs ``precise_bn_seconds``. Recalibrates before a validation only when training batches ran since
-    the last pass (every training forward moves the statistics, with gradient accumulation too); in
-    ``trainer.validate`` after ``fit`` whatever ``every_n_epochs`` says, on the train dataloader fit read.
-    The pass runs in the trainer's forward context (autocast under mixed precision). Without a validation loop it recalibrates at the end of each
-    due training epoch. Side effects: the module's BatchNorm running statistics, which is the
-    point; training continues from them.
+    Logs ``precise_bn_seconds`` (not in predict, which has no logging). Recalibrates before a validation
+    only when training batches ran since the last pass (every training forward moves the statistics,
+    with gradient accumulation too); at the start of ``trainer.validate``, ``trainer.test`` and
+    ``trainer.predict`` after ``fit`` likewise, whatever ``every_n_epochs`` says, on the train
+    dataloader fit read. Batches reach the module as the fit loop gives them to ``training_step``:
+    the precision plugin's ``convert_input`` (``"bf16-true"``, ``"64-true"``), the batch hooks
+    (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``) and
+    the strategy's device. On the trainer's train dataloader a pass reads at most an epoch of fit
+    (``limit_train_batches``); a stream without a length that nothing bounds, and several training
+    dataloaders (a dict or list) without ``dataloader=``, are refused when fit starts. The pass runs
+    in the trainer's forward context (autocast under mixed precision). Without a validation loop it
+    recalibrates at the end of each due training epoch. Side effects: the module's BatchNorm running
+    statistics, which is the point; training continues from them.
     """
 
     def __init__(self, dataloader: Any = None, max_batches: int | None = None, every_n_epochs: int = 1, forward=None, verbose: int = 0,
                  *, training_metrics: bool = False, loss_fn=None, metrics=None):
-        engine.check_schedule(every_n_epochs, None)
+        engine.check_schedule(every_n_epochs, None, max_batches=max_batches)
         if dataloader is not None:
             engine.check_reiterable(dataloader, "evalgap.lightning.PreciseBN")
         if (loss_fn is not None or metrics is not None) and not training_metrics:
@@ -119,6 +181,10 @@ class PreciseBN(pl.Callback):
         self._batches_done = -1
         self._fit_data = None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        _check_one_train_loader(trainer, self.dataloader, "PreciseBN")
+        _batch_limit(trainer, self.dataloader, self.max_batches, "PreciseBN")  # refuses an unbounded stream now, not mid-fit
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._modes.seen = False
         self._fit_data = trainer.train_dataloader
@@ -129,6 +195,12 @@ class PreciseBN(pl.Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and not trainer.testing:
             self._run(trainer, pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._run(trainer, pl_module)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._run(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.enable_validation or not trainer.val_dataloaders:
@@ -145,13 +217,16 @@ class PreciseBN(pl.Callback):
             rank_zero_warn("evalgap.lightning.PreciseBN: no training data to recalibrate on outside fit; pass dataloader= to "
                            "PreciseBN. This validation runs with the BatchNorm statistics as they are.")
             return
+        limit = _batch_limit(trainer, self.dataloader, self.max_batches, "PreciseBN")
         t = time.perf_counter()
         with self._modes.restored(pl_module), _precision(trainer):
-            self.last = recalibrate(pl_module, data, max_batches=self.max_batches, forward=self.forward, progress=False, **self.scoring)
+            self.last = recalibrate(pl_module, _PreparedBatches(data, trainer, pl_module), max_batches=limit, forward=self.forward,
+                                    progress=False, **self.scoring)
         self._batches_done = done
-        pl_module.log("precise_bn_seconds", time.perf_counter() - t, on_step=False, on_epoch=True)
-        for name, value in (self.last.training_metrics or {}).items():  # reduced over the ranks already: no sync_dist
-            pl_module.log(f"train_mode_{name}", value, on_step=False, on_epoch=True)
+        if not trainer.predicting:  # predict has no logging
+            pl_module.log("precise_bn_seconds", time.perf_counter() - t, on_step=False, on_epoch=True)
+            for name, value in (self.last.training_metrics or {}).items():  # reduced over the ranks already: no sync_dist
+                pl_module.log(f"train_mode_{name}", value, on_step=False, on_epoch=True)
         if self.verbose and trainer.is_global_zero:
             print(f"PreciseBN (epoch {trainer.current_epoch + 1}): {self.last.summary()}")
 
@@ -165,7 +240,9 @@ class GapMonitor(pl.Callback):
     metric on the training probe: what stale moving statistics cost an evaluation of it), ``gap_batch_stats`` (Td - P) and
     ``precise_val_<metric>`` (P). Counts training steps for the EMA arithmetic; prints one
     sentence when validation is distorted by BatchNorm statistics (``verbose=1``). The module
-    is never changed. ``loss_fn``, ``metrics``, ``primary`` and ``forward`` are as in
+    is never changed. The probe's batches reach the module as the fit loop gives them (see
+    :class:`PreciseBN`); several training dataloaders without ``dataloader=`` are refused when fit
+    starts. ``loss_fn``, ``metrics``, ``primary`` and ``forward`` are as in
     :func:`evalgap.torch.diagnose` (default: cross-entropy and accuracy for class scores).
     """
 
@@ -187,6 +264,9 @@ class GapMonitor(pl.Callback):
     def last(self):
         return self.core.last
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        _check_one_train_loader(trainer, self.dataloader, "GapMonitor")
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._modes.seen = False
         self._fit_data = trainer.train_dataloader
@@ -205,7 +285,8 @@ class GapMonitor(pl.Callback):
         adapter = TorchAdapter(forward=self.forward)
         steps = trainer.num_training_batches if isinstance(trainer.num_training_batches, int) else None
         with self._modes.restored(pl_module), _precision(trainer):
-            logs = self.core.measure(adapter, pl_module, lambda: adapter.batches(data, targets=True), trainer.current_epoch,
+            prepared = _PreparedBatches(data, trainer, pl_module)
+            logs = self.core.measure(adapter, pl_module, lambda: adapter.batches(prepared, targets=True), trainer.current_epoch,
                                      steps_per_epoch=steps, metric_options=self.metric_options)
         self.logged = logs
         for name, value in logs.items():

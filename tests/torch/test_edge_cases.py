@@ -646,3 +646,17 @@ def test_validation_data_that_fail_are_named_as_val_data():
     with pytest.raises(RecalibrationError, match=r"evaluation mode pass over val_data failed while reading batch 1 of val_data"):
         eg.diagnose(model, batches(x, y), val_data=failing(), progress=False)
     assert state_snapshot(model) == before
+
+
+@pytest.mark.parametrize("make", [
+    lambda data: eg.PreciseBN(data, max_batches=2.5),
+    lambda data: eg.PreciseBN(data, batch_size=0),
+    lambda data: eg.PreciseBN(data, every=True),
+    lambda data: eg.GapMonitor(data, max_samples=2.5),
+], ids=["max_batches", "batch_size", "every", "gap_max_samples"])
+def test_callback_counts_are_checked_when_the_callback_is_made(make):
+    """The loop helpers check their counts as recalibrate and diagnose do, at construction (2.5 or 0 was accepted and
+    failed at the first epoch's end, or ran 3 batches)."""
+    x, y = data()
+    with pytest.raises(DataError, match="must be a whole number >= 1|must be >= 1"):
+        make(batches(x, y))

@@ -136,3 +136,97 @@ def test_attached_then_compiled_fires_on_the_compiled_models_eval():
     ref = reference_population_stats(copy.deepcopy(model), data)["1"]
     np.testing.assert_allclose(model[1].running_var.double().numpy(), ref[1], rtol=1e-5)
     assert not model.training and not model[1].training
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Samples scaled by a draw from NumPy's or Python's global RNG, or from a generator the dataset holds."""
+
+    def __init__(self, x, draw):
+        self.x, self.draw = x, draw
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] * (1 + 0.1 * self.draw(self)), i
+
+
+class _OwnGeneratorBatches(torch.utils.data.Sampler):
+    """A batch sampler that shuffles with a generator of its own (bucketing samplers do)."""
+
+    def __init__(self, n, size):
+        self.n, self.size, self.generator = n, size, torch.Generator().manual_seed(3)
+
+    def __len__(self):
+        return self.n // self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        return iter([order[i:i + self.size] for i in range(0, self.n, self.size)])
+
+
+def _loader(kind, x):
+    draws = {"numpy": lambda ds: float(np.random.rand()), "python": lambda ds: __import__("random").random(),
+             "dataset_rng": lambda ds: float(ds.rng.random())}
+    if kind in draws:
+        return torch.utils.data.DataLoader(_Augmented(x, draws[kind]), batch_size=8, shuffle=True)
+    plain = _Augmented(x, lambda ds: 0.0)
+    if kind == "batch_sampler":
+        return torch.utils.data.DataLoader(plain, batch_sampler=_OwnGeneratorBatches(len(x), 8))
+    sampler = torch.utils.data.RandomSampler(range(len(x)), generator=torch.Generator().manual_seed(3))
+    batched = torch.utils.data.BatchSampler(sampler, 8, False)  # sampler=BatchSampler(...), batch_size=None
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(len(x))), sampler=batched, batch_size=None)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "python", "dataset_rng", "batch_sampler", "sampler_is_a_batch_sampler"])
+def test_reading_the_loader_leaves_what_training_draws_next_as_without_precise_bn(kind):
+    """Every random state the read draws from is put back: NumPy's and Python's global states, a generator
+    the dataset, a custom batch sampler or a BatchSampler given as sampler= holds."""
+    import random
+
+    x = torch.randn(32, 4) * 5 + 20
+
+    def run(with_precise_bn):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        model, loader = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)), _loader(kind, x)
+        hook, opt, seen = eg.PreciseBN(loader, verbose=0), torch.optim.SGD(model.parameters(), 1e-3), []
+        for epoch in range(2):
+            model.train()
+            for xb, ib in loader:
+                seen.append((xb.sum().item(), ib.tolist()))
+                loss = model(xb).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if with_precise_bn:
+                hook(model, epoch)
+        return seen, model[0].weight.detach().clone()
+
+    (seen, weight), (seen_with, weight_with) = run(False), run(True)
+    assert seen_with == seen
+    assert torch.equal(weight_with, weight)
+
+
+def test_attached_after_the_graph_was_compiled_still_fires_on_eval():
+    """A graph compiled before ``attach`` runs without the new forward pre-hook; the training steps it runs still
+    move the BN layers' ``num_batches_tracked``, so ``eval()`` recalibrates (it never fired: stale statistics)."""
+
+    class CompiledFirst(nn.Sequential):  # a class of its own: no graph of another test is reused
+        pass
+
+    torch._dynamo.reset()
+    model, data = setup()
+    model = CompiledFirst(*model)
+    compiled = torch.compile(model, backend="eager")
+    train_epoch(compiled, data)  # compiles the training graph, no hook yet
+    hook = eg.PreciseBN(data, verbose=0).attach(model)
+    train_epoch(compiled, data)  # the same graph: the pre-hook never runs
+    compiled.eval()
+    assert hook.last is not None and hook.last.batches == 4
+    ref = reference_population_stats(copy.deepcopy(model), data)["1"]
+    np.testing.assert_allclose(model[1].running_var.double().numpy(), ref[1], rtol=1e-5)
+    first = hook.last
+    compiled.train()
+    compiled.eval()  # no training step since the pass: nothing
+    assert hook.last is first

@@ -30,7 +30,8 @@ class PreciseBN:
             validate(model, val_loader)
 
     Or let it fire by itself when the model switches to evaluation mode (``model.eval()``)
-    after training steps (forward passes in training mode with gradients on):
+    after training steps (forward passes in training mode with gradients on, or any that moved
+    a BatchNorm layer's ``num_batches_tracked``: a compiled graph may skip the forward hooks):
     ``precise_bn.attach(model)`` (``detach()`` undoes it). Side effects: the model's
     BatchNorm running statistics, which is the point. Extra keyword arguments go to
     :func:`evalgap.torch.recalibrate` (``batch_size``, ``seed``, ``process_group``,
@@ -41,7 +42,7 @@ class PreciseBN:
         self, data: Iterable[Any], *, every: int = 1, max_batches: int | None = None, forward: Forward | None = None,
         verbose: int = 1, **recalibrate_kwargs: Any,
     ):
-        engine.check_schedule(every, None)
+        engine.check_schedule(every, None, max_batches=max_batches, batch_size=recalibrate_kwargs.get("batch_size"))
         engine.check_reiterable(data, "PreciseBN")
         self.data, self.every, self.max_batches, self.forward, self.verbose = data, every, max_batches, forward, verbose
         self.kwargs = recalibrate_kwargs
@@ -51,6 +52,7 @@ class PreciseBN:
         self._model: nn.Module | None = None
         self._hook = None
         self._trained = False
+        self._tracked = 0
         self._busy = False
 
     def __call__(self, model: nn.Module, epoch: int | None = None) -> Recalibration | None:
@@ -62,6 +64,8 @@ class PreciseBN:
         self.last = recalibrate(model, self.data, max_batches=self.max_batches, forward=self.forward, progress=False, **self.kwargs)
         self.seconds = time.perf_counter() - t
         self._trained = False
+        if model is self._model:
+            self._tracked = _batches_tracked(model)
         if self.verbose:
             print(f"PreciseBN (epoch {index + 1}): {self.last.summary()}")
         return self.last
@@ -76,7 +80,7 @@ class PreciseBN:
         """
         if self._model is not None:
             raise EvalgapError("this PreciseBN is already attached to a model: detach() it first.")
-        self._model, self._trained = model, False
+        self._model, self._trained, self._tracked = model, False, _batches_tracked(model)
         self._hook = model.register_forward_pre_hook(_TrainingSteps(self))
         model.train = types.MethodType(_TrainSwitch(self), model)  # type: ignore[method-assign]
         return self
@@ -103,13 +107,21 @@ class _TrainSwitch:
         hook = self.precise_bn
         # (not ``model.training``: a ``torch.compile`` wrapper's ``eval()`` sets this module's flag before it calls
         # this; the submodules' modes, which say which BN layers are frozen, are still those of training)
-        if model is hook._model and not mode and hook._trained and not hook._busy:
+        if model is hook._model and not mode and not hook._busy \
+                and (hook._trained or _batches_tracked(model) != hook._tracked):  # the pre-hook, or what BN training calls count
             hook._busy = True  # recalibrate itself switches modes
             try:
                 hook(model)  # the submodules still in training mode: frozen (eval-mode) BN layers are recognized
             finally:
                 hook._busy = False
         return type(model).train(model, mode)
+
+
+def _batches_tracked(model: nn.Module) -> int:
+    """The sum of the BatchNorm layers' ``num_batches_tracked``: every call of a layer in training mode adds one,
+    inside a compiled graph too, where a forward pre-hook added after compiling never runs."""
+    return sum(int(m.num_batches_tracked) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._NormBase) and isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor))
 
 
 class _TrainingSteps:
