@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import engine
-from ._keras_common import reshuffle_warning, reshuffles_each_iteration
+from ._keras_common import repeats_forever, reshuffle_warning, reshuffles_each_iteration
 from ._random import random_states_kept
 from .errors import DataError
 
@@ -31,13 +31,14 @@ def _swaps_weights(callback: Any) -> bool:
 
 
 def run_first(callback: Any, model: Any, set_model: Any) -> None:
-    """Move evalgap's callbacks to the front of the ``CallbackList`` that is calling ``set_model``,
-    behind only the callbacks that swap weights in for validation (``SwapEMAWeights``).
+    """Move evalgap's callbacks to the front of the ``CallbackList`` that is calling ``set_model``, or right behind
+    the first callback that swaps weights in for validation (``SwapEMAWeights``); no other callback moves.
 
     Keras passes one logs dict to every callback's ``on_epoch_end`` in list order, so a
     ``CSVLogger`` or ``TensorBoard`` listed before an evalgap callback would write the epoch
     before evalgap adds its values. A ``SwapEMAWeights`` stays ahead, so that ``PreciseBN``
-    recalibrates the weights validation runs with (the EMA weights it has swapped in).
+    recalibrates the weights validation runs with (the EMA weights it has swapped in), and the
+    callbacks listed before it stay before it (a ``ModelCheckpoint`` saving the raw weights).
     Called from ``set_model``, which the ``CallbackList`` calls on every callback when fit
     builds it (found by inspection of the calling frames; if it is not there, nothing
     changes). The list is being iterated: the callbacks moved before the current position get
@@ -54,10 +55,10 @@ def run_first(callback: Any, model: Any, set_model: Any) -> None:
     if callbacks is None:
         return
     ours = [c for c in callbacks if getattr(c, "_evalgap_runs_first", False)]
-    swappers = [c for c in callbacks if _swaps_weights(c) and not getattr(c, "_evalgap_runs_first", False)]
-    moved = swappers + ours
-    callbacks[:] = moved + [c for c in callbacks if all(c is not m for m in moved)]
-    for c in swappers:
+    others = [c for c in callbacks if not getattr(c, "_evalgap_runs_first", False)]
+    at = next((i + 1 for i, c in enumerate(others) if _swaps_weights(c)), 0)
+    callbacks[:] = others[:at] + ours + others[at:]
+    for c in others[:at]:  # now ahead of the position being iterated: they may not have their model yet
         c.set_model(model)
     for c in ours:
         set_model(c, model)  # the framework's Callback.set_model: no second reordering
@@ -71,18 +72,6 @@ def _fingerprint(weights: Any) -> str:
         digest.update(str((value.shape, value.dtype)).encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
-
-
-def _repeats_forever(data: Any) -> bool:
-    """A ``tf.data.Dataset`` whose cardinality is infinite (``.repeat()`` without a count)."""
-    tf = sys.modules.get("tensorflow")
-    cardinality = getattr(data, "cardinality", None)
-    if tf is None or cardinality is None or not hasattr(data, "element_spec"):
-        return False
-    try:
-        return int(cardinality()) == int(tf.data.INFINITE_CARDINALITY)
-    except Exception:  # not TensorFlow's
-        return False
 
 
 def _steps_taken(model: Any) -> int | None:
@@ -144,7 +133,7 @@ class PreciseBNLogic:
         super().__init__()
         engine.check_schedule(every, max_samples, batch_size=batch_size)
         engine.check_reiterable(data, "PreciseBN")
-        if max_samples is None and _repeats_forever(data):
+        if max_samples is None and repeats_forever(data):
             raise DataError("PreciseBN: the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_samples=.")
         if reshuffles_each_iteration(data):
             logger.warning(reshuffle_warning("PreciseBN"))
@@ -262,7 +251,8 @@ class GapMonitorLogic:
         self.data, self.batching = data, {"batch_size": batch_size, "shuffle": shuffle, "seed": seed}
         if reshuffles_each_iteration(data):
             logger.warning(reshuffle_warning("GapMonitor"))
-        self.core = engine.GapProbe(max_samples=max_samples, every=every, verbose=verbose, primary=primary, fix=self._adapter.remedies.monitor_fix())
+        self.core = engine.GapProbe(max_samples=max_samples, every=every, verbose=verbose, primary=primary, fix=self._adapter.remedies.monitor_fix(),
+                                    batch_size=batch_size)
 
     @property
     def updates(self) -> int:

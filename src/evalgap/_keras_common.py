@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .engine import ModelFacts, is_training_only, scale_changed, tree_leaves
+from .engine import ModelFacts, is_training_only, scale_changed, tree_leaves, value_summary
 
 #: Per-sample normalization layers: the same in both modes.
 NON_BN_NORMALIZATION = ("LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization")
@@ -134,6 +135,37 @@ def facts(model: Any, bns: list[tuple[str, Any]], first_inputs: Any = None,
     )
 
 
+def repeats_forever(data: Any) -> bool:
+    """A ``tf.data.Dataset`` whose cardinality is infinite (``.repeat()`` without a count); TensorFlow is looked up,
+    never imported (data of no other kind repeat forever so)."""
+    tf = sys.modules.get("tensorflow")
+    cardinality = getattr(data, "cardinality", None)
+    if tf is None or cardinality is None or not hasattr(data, "element_spec"):
+        return False
+    try:
+        return int(cardinality()) == int(tf.data.INFINITE_CARDINALITY)
+    except Exception:  # not TensorFlow's
+        return False
+
+
+def adds_own_loss(predictor: Callable[..., Any], model: Any, inputs: Any) -> bool:
+    """Whether the model's layers add a loss that depends on its inputs (``add_loss``, an endpoint layer reading its
+    targets from the inputs), not only weight regularization, which is the same for any input: the losses of the
+    first sample and of the second, each one inference-mode call through an adapter's cached E step
+    (``predictor(model, "E")``; no variable is assigned), differ. One sample: any loss counts."""
+    from .engine import Batch, tree_leaves, tree_map
+
+    count = int(tree_leaves(inputs)[0].shape[0])
+    totals = []
+    with predictor(model, "E") as run:
+        for start in range(min(count, 2)):
+            _, losses = run(Batch(tree_map(lambda a, s=start: a[s:s + 1], inputs), size=1))
+            if not losses:
+                return False
+            totals.append(float(np.sum([np.asarray(loss, dtype=np.float64) for loss in losses])))
+    return len(totals) == 1 or totals[0] != totals[1]
+
+
 def user_metrics(container: Any) -> list:
     """The metrics a model was compiled with (Keras 3 ``CompileMetrics``, Keras 2 ``MetricsContainer``), weighted
     ones too, flattened; [] for None."""
@@ -196,6 +228,32 @@ def calls_replaced(replacements: list[tuple[Any, Callable[..., Any]]]) -> Iterat
                 object.__setattr__(layer, "call", before)
 
 
+def inference_only(model: Any, bns: list, cache: Any, trace: Callable[[list[tuple[Any, Callable[..., Any]]]], None],
+                   identity: Callable[[Any], Any] = lambda t: t, wrap: Callable[[Any], Any] = lambda f: f) -> frozenset[int]:
+    """Ids of the BN layers ``bns`` that receive ``training=False`` in every call of a training-mode forward (a
+    backbone called as ``base(x, training=False)``): fit runs them in inference mode, as frozen layers; cached per
+    model in ``cache`` (a weak dict: model -> (number of layers, ids)). ``trace(replacements)`` runs one
+    training-mode forward with each layer's ``call`` replaced by its recorder (``wrap``-ped), the identity
+    (``identity``) that records the ``training`` it receives; what it raises propagates."""
+    cached = cache.get(model)
+    if cached is not None and cached[0] == len(bns):
+        return cached[1]
+    received: dict[int, list[Any]] = {id(bn): [] for bn in bns}
+
+    def recorder(bn: Any) -> Callable[..., Any]:
+        def call(inputs, training=None, mask=None, **kwargs):
+            received[id(bn)].append(training)
+            return identity(inputs)
+
+        return wrap(call)
+
+    trace([(bn, recorder(bn)) for bn in bns])
+    found = frozenset(i for i, values in received.items()
+                      if values and all(v is False or (isinstance(v, int) and not isinstance(v, bool) and v == 0) for v in values))
+    cache[model] = (len(bns), found)
+    return found
+
+
 def received_range(model: Any, inputs: Any, to_numpy: Callable[[Any], np.ndarray]) -> list[str]:
     """Where the model changes its input's scale before its first layer (a convolution, Dense, BatchNormalization,
     RNN or LayerNormalization layer, the first one called), in code no layer class names: a
@@ -237,9 +295,12 @@ def received_range(model: Any, inputs: Any, to_numpy: Callable[[Any], np.ndarray
         got = np.asarray(to_numpy(got), dtype=np.float64)
     except Exception:
         return []
-    if got.size == 0 or not (np.all(np.isfinite(got)) and np.all(np.isfinite(x))) or not scale_changed(x, got):
+    if got.size == 0 or not (np.all(np.isfinite(got)) and np.all(np.isfinite(x))):
         return []
-    return [f"{name} receives values in [{got.min():.3g}, {got.max():.3g}], the input [{x.min():.3g}, {x.max():.3g}]"]
+    given, received = value_summary(x), value_summary(got)
+    if not scale_changed(given, received):
+        return []
+    return [f"{name} receives values in [{received[0]:.3g}, {received[1]:.3g}], the input [{given[0]:.3g}, {given[1]:.3g}]"]
 
 
 def _replica_copies_note(bns: list[tuple[str, Any]]) -> list[str]:

@@ -117,3 +117,37 @@ def test_primary_metric_rule():
     assert choose_primary(["loss", "auc"], ["auc"], "loss") == "loss"
     with pytest.raises(DataError, match=r"'nope'.*\['loss', 'auc'\]"):
         choose_primary(["loss", "auc"], ["auc"], "nope")
+
+
+def test_the_scale_rule_tells_rescaling_from_layout_padding_and_pooling():
+    """engine.scale_changed on what a first layer receives, against hand-made cases: zero padding (ResNet's stem on a
+    small image), a crop of a centred digit, average pooling and a permutation keep the scale; x / 255 (dense or
+    sparse images), x / 127.5 - 1 and ImageNet standardization of [0, 1] inputs change it. (A rule on the mean called
+    padding and crops transforms; one on the range alone missed x / 255.)"""
+    from evalgap.engine import scale_changed, value_summary
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (8, 32, 32, 3)).astype(np.float64)
+    digit = np.zeros((8, 28, 28))
+    digit[:, 6:22, 6:22] = rng.integers(0, 256, (8, 16, 16))
+    sparse = (rng.random((8, 28, 28)) < 0.05) * 255.0
+    unit = pixels / 255.0
+    pooled = pixels.reshape(8, 16, 2, 16, 2, 3).mean(axis=(2, 4))
+
+    def changed(given, received):
+        return scale_changed(value_summary(given), value_summary(received))
+
+    kept = {
+        "zero padding": (pixels, np.pad(pixels, ((0, 0), (3, 3), (3, 3), (0, 0)))),
+        "crop": (digit, digit[:, 4:24, 4:24]),
+        "average pooling": (pixels, pooled),
+        "permutation": (pixels, pixels.transpose(0, 3, 1, 2)),
+    }
+    rescaled = {
+        "x / 255": (pixels, pixels / 255.0),
+        "sparse x / 255": (sparse, sparse / 255.0),
+        "x / 127.5 - 1": (pixels, pixels / 127.5 - 1.0),
+        "ImageNet standardization": (unit, (unit - 0.45) / 0.225),
+    }
+    assert [name for name, (a, b) in kept.items() if changed(a, b)] == []
+    assert [name for name, (a, b) in rescaled.items() if not changed(a, b)] == []

@@ -71,6 +71,32 @@ def test_with_swap_ema_weights_validation_runs_with_exact_statistics_of_the_ema_
         assert history.history["val_loss"][-1] == pytest.approx(reference.evaluate(xv, yv, batch_size=BATCH, verbose=0)[0], rel=1e-5)
 
 
+def test_precise_bn_goes_right_behind_swap_ema_weights_and_moves_no_other_callback():
+    """A callback listed before SwapEMAWeights (a checkpoint of the raw weights) stays before it; PreciseBN runs right
+    after the swap, whatever its place in the list (SwapEMAWeights was moved to the front, ahead of the user's)."""
+    x, y = data()
+    order = []
+
+    class Swap(keras.callbacks.SwapEMAWeights):
+        def on_test_begin(self, logs=None):
+            order.append("swap")
+            super().on_test_begin(logs)
+
+    class First(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            order.append("first")
+
+    class Precise(eg.PreciseBN):
+        def on_test_begin(self, logs=None):
+            order.append("precise")
+            super().on_test_begin(logs)
+
+    model = tiny(keras.optimizers.SGD(0.5, use_ema=True, ema_momentum=0.9))
+    model.fit(x, y, batch_size=BATCH, epochs=1, validation_data=(x, y), verbose=0,
+              callbacks=[First(), Swap(), Precise((x, y), batch_size=BATCH, verbose=0)])
+    assert order == ["first", "swap", "precise"]
+
+
 class Augmenting(keras.utils.PyDataset):
     """Batches with noise from NumPy's and Python's global random states, as everyday augmentation draws it."""
 

@@ -587,12 +587,15 @@ def test_a_loss_from_add_loss_alone_is_measured_as_evaluate_measures_it(targets)
     assert not any("not compiled" in n for n in report.notes), report.notes
 
 
-def test_a_model_without_any_loss_still_needs_targets():
-    """compile(optimizer) alone and no add_loss (a custom train_step, say): there is no loss to measure from the
-    inputs alone, so diagnose asks for targets (it reported a loss of 0 in every mode)."""
+@pytest.mark.parametrize("regularized", [False, True])
+def test_a_model_without_any_loss_still_needs_targets(regularized):
+    """compile(optimizer) alone and no add_loss (a custom train_step, say), with or without weight regularization
+    (the same for any input): there is no loss to measure from the inputs alone, so diagnose asks for targets (it
+    reported a loss of 0, or the L2 penalty, in every mode)."""
     x = _features()
     inp = keras.Input((6,))
-    model = keras.Model(inp, layers.Dense(1)(_trunk(inp)))
+    reg = keras.regularizers.L2(0.1) if regularized else None
+    model = keras.Model(inp, layers.Dense(1, kernel_regularizer=reg)(_trunk(inp)))
     model.compile(optimizer="adam")
     with pytest.raises(DataError, match="needs targets"):
         eg.diagnose(model, (x,), batch_size=BATCH, progress=False)

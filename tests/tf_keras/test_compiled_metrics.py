@@ -296,11 +296,14 @@ def test_a_loss_from_add_loss_alone_needs_no_targets():
     assert _mode(report, "E")["loss"] == pytest.approx(np.mean((pred - t) ** 2), rel=1e-5)
 
 
-def test_a_model_without_any_loss_still_needs_targets():
-    """compile(optimizer) alone and no add_loss: there is no loss to measure from the inputs alone, so diagnose asks
-    for targets (it reported a loss of 0 in every mode)."""
+@pytest.mark.parametrize("regularized", [False, True])
+def test_a_model_without_any_loss_still_needs_targets(regularized):
+    """compile(optimizer) alone and no add_loss, with or without weight regularization (the same for any input): there
+    is no loss to measure from the inputs alone, so diagnose asks for targets (it reported a loss of 0, or the L2
+    penalty, in every mode)."""
     inp = keras.Input((6,))
-    model = keras.Model(inp, layers.Dense(1)(_trunk(inp)))
+    reg = keras.regularizers.L2(0.1) if regularized else None
+    model = keras.Model(inp, layers.Dense(1, kernel_regularizer=reg)(_trunk(inp)))
     model.compile(optimizer="adam")
     with pytest.raises(evalgap.DataError, match="needs targets"):
         eg.diagnose(model, (_features(),), batch_size=BATCH, progress=False)

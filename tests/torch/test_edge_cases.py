@@ -653,7 +653,8 @@ def test_validation_data_that_fail_are_named_as_val_data():
     lambda data: eg.PreciseBN(data, batch_size=0),
     lambda data: eg.PreciseBN(data, every=True),
     lambda data: eg.GapMonitor(data, max_samples=2.5),
-], ids=["max_batches", "batch_size", "every", "gap_max_samples"])
+    lambda data: eg.GapMonitor(data, batch_size=0),
+], ids=["max_batches", "batch_size", "every", "gap_max_samples", "gap_batch_size"])
 def test_callback_counts_are_checked_when_the_callback_is_made(make):
     """The loop helpers check their counts as recalibrate and diagnose do, at construction (2.5 or 0 was accepted and
     failed at the first epoch's end, or ran 3 batches)."""

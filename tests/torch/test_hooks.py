@@ -230,3 +230,19 @@ def test_attached_after_the_graph_was_compiled_still_fires_on_eval():
     compiled.train()
     compiled.eval()  # no training step since the pass: nothing
     assert hook.last is first
+
+
+def test_loading_a_checkpoint_is_not_a_training_step():
+    """``load_state_dict`` rewrites ``num_batches_tracked`` (a checkpoint, pretrained weights): ``eval()`` after it, with
+    no training step, does not recalibrate (the counter moved, and it fired before the baseline evaluation)."""
+    model, data = setup()
+    trained = copy.deepcopy(model)
+    train_epoch(trained, data)  # its counters are 4 ahead
+    hook = eg.PreciseBN(data, verbose=0).attach(model)
+    model.load_state_dict(trained.state_dict())
+    model.eval()
+    assert hook.last is None
+    model.train()
+    train_epoch(model, data)
+    model.eval()
+    assert hook.last is not None

@@ -12,12 +12,12 @@ from .diagnose import Training, diagnose
 from .monitor import GapProbe, check_reiterable, check_schedule
 from .protocol import (
     Adapter, Batch, BatchSource, Capture, Collective, HostCaptures, Metrics, MetricState, ModelFacts, NormLayer, Remedies, is_training_only,
-    scale_changed,
+    scale_changed, value_summary,
 )
 from .recalibrate import Measured, assemble, measure, recalibrate, write
 
 __all__ = [
-    "is_training_only", "scale_changed",
+    "is_training_only", "scale_changed", "value_summary",
     "Adapter", "Batch", "BatchSource", "Capture", "Collective", "HostCaptures", "Metrics", "MetricState", "ModelFacts", "NormLayer",
     "Remedies", "ArrayBatches", "ListBatches", "StreamBatches", "materialize", "peek", "tree_map", "tree_leaves",
     "Training", "diagnose", "recalibrate", "measure", "assemble", "write", "Measured", "GapProbe", "check_reiterable",

@@ -41,8 +41,9 @@ class GapProbe:
     metric and ``precise_val_<metric>`` (P). The model is never changed.
     """
 
-    def __init__(self, *, max_samples: int = 256, every: int = 1, verbose: int = 1, primary: str | None = None, fix: str):
-        check_schedule(every, max_samples)
+    def __init__(self, *, max_samples: int = 256, every: int = 1, verbose: int = 1, primary: str | None = None, fix: str,
+                 batch_size: int | None = None):
+        check_schedule(every, max_samples, batch_size=batch_size)
         self.max_samples, self.every, self.verbose, self.primary, self.fix = max_samples, int(every), verbose, primary, fix
         self.updates = 0
         self.steps_in_epoch = 0

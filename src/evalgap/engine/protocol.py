@@ -172,19 +172,26 @@ class Collective(Protocol):
 TRAINING_ONLY_TOKENS = ("Drop", "StochasticDepth", "Noise", "Random")
 
 
-def scale_changed(given: Any, received: Any, tolerance: float = 0.01) -> bool:
-    """Whether the first layer receives its input on another scale than the model's input (each the values of one
-    batch, anything NumPy takes; compared in float64). Changed: the received values leave the input's range by more
-    than ``tolerance`` of it (shifted or widened: standardizing, ``x / 127.5 - 1``), or their mean moves by more than
-    a quarter of the input's standard deviation (``x / 255`` stays inside [0, 255], its mean 255 times smaller).
-    A reshape, a permutation, a dtype conversion, a crop, padding, a resize or average pooling keep both within
-    these margins. The adapters' probes of what their first layer receives all judge by this rule."""
-    g, r = np.asarray(given, dtype=np.float64), np.asarray(received, dtype=np.float64)
-    lo, hi = float(g.min()), float(g.max())
+def scale_changed(given: tuple[float, float, float], received: tuple[float, float, float], tolerance: float = 0.01) -> bool:
+    """Whether the first layer receives its input on another scale than the model's input, each given as
+    ``(minimum, maximum, standard deviation)`` of one batch (:func:`value_summary`). Changed: the received values
+    leave the input's range by more than ``tolerance`` of it (shifted or widened: standardizing, ``x / 127.5 - 1``),
+    or their standard deviation is under a tenth, or over ten times, the input's (``x / 255`` stays inside
+    [0, 255] with a spread 255 times smaller). A reshape, a permutation, a dtype conversion, a crop, zero padding,
+    a resize or a pooling keep both within these margins. The adapters' probes of what their first layer receives
+    all judge by this rule."""
+    lo, hi, spread = given
+    got_lo, got_hi, got_spread = received
     tol = tolerance * max(hi - lo, abs(hi), abs(lo), 1e-12)
-    if float(r.min()) < lo - tol or float(r.max()) > hi + tol:
+    if got_lo < lo - tol or got_hi > hi + tol:
         return True
-    return abs(float(r.mean()) - float(g.mean())) > max(0.25 * float(g.std()), tol)
+    return spread > 0 and not 0.1 <= got_spread / spread <= 10.0
+
+
+def value_summary(values: Any) -> tuple[float, float, float]:
+    """``(minimum, maximum, standard deviation)`` of an array of numbers, in float64, for :func:`scale_changed`."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.min()), float(a.max()), float(a.std())
 
 
 def is_training_only(class_name: str) -> bool:

@@ -82,7 +82,8 @@ class GapMonitor:
         self.adapter = FlaxAdapter(train_arg=train_arg)
         self.data, self.batching = data, {"batch_size": batch_size, "shuffle": shuffle, "seed": seed}
         self.metric_options = {"loss_fn": loss_fn, "metrics": metrics}
-        self.core = engine.GapProbe(max_samples=max_samples, every=every, verbose=verbose, primary=primary, fix=self.adapter.remedies.monitor_fix())
+        self.core = engine.GapProbe(max_samples=max_samples, every=every, verbose=verbose, primary=primary, fix=self.adapter.remedies.monitor_fix(),
+                                    batch_size=batch_size)
 
     @property
     def updates(self) -> int:

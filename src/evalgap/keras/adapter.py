@@ -7,8 +7,8 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from .._keras_common import check_batched, overrides, user_metrics
-from ..engine import Batch, NormLayer, tree_map
+from .._keras_common import adds_own_loss, check_batched, overrides, user_metrics
+from ..engine import Batch, NormLayer
 from ..errors import ModelError
 from . import data, distributed, layers, moments, predict, transfer
 from .metrics import KerasMetrics
@@ -33,15 +33,15 @@ class KerasAdapter:
 
     def needs_targets(self, model: Any, first: Batch) -> bool:
         """False for a model compiled with neither a loss nor metrics whose loss is its own: an overridden
-        ``compute_loss``, or losses its layers add (``add_loss``, an endpoint layer reading its targets from the
-        inputs; one inference call of two samples tells), as ``fit(x)`` trains it. Without any, it has no loss."""
+        ``compute_loss``, or losses its layers add from the inputs (``add_loss``, an endpoint layer reading its targets
+        from the inputs: :func:`evalgap._keras_common.adds_own_loss`), as ``fit(x)`` trains it. Weight regularization
+        alone is no loss to measure."""
         compiled = getattr(model, "compiled", False)
         if not compiled or getattr(model, "_compile_loss", None) is not None or user_metrics(getattr(model, "_compile_metrics", None)):
             return True
         if overrides(model, "compute_loss"):
             return False
-        _, losses = predict.run_once(model, tree_map(lambda a: a[:2], first.inputs))
-        return not losses
+        return not adds_own_loss(predict.predictor, model, first.inputs)
 
     def prepare(self, model: Any, first: Batch):
         if not isinstance(model, (keras.Model, keras.layers.Layer)):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_label_dtype
-from .._keras_common import check_no_number_lists, check_not_arrays_in_a_list
+from .._keras_common import check_no_number_lists, check_not_arrays_in_a_list, repeats_forever
 from .._random import is_torch_loader, iterate_keeping_random_states
 from ..engine import ArrayBatches, Batch, StreamBatches, tree_leaves
 from ..errors import DataError
@@ -147,16 +147,3 @@ def _distributed(data: Any) -> bool:
     """A ``strategy.experimental_distribute_dataset(...)``: its batches are PerReplica values, made global ones
     (:func:`_global`); Keras's NumPy iterator would turn each into an object array."""
     return any(cls.__name__ == "DistributedDataset" and cls.__module__.startswith("tensorflow") for cls in type(data).__mro__)
-
-
-def repeats_forever(data: Any) -> bool:
-    """A ``tf.data.Dataset`` whose cardinality is infinite (``.repeat()`` without a count)."""
-    cardinality = getattr(data, "cardinality", None)
-    if cardinality is None or not hasattr(data, "element_spec"):
-        return False
-    try:
-        import tensorflow as tf
-
-        return int(cardinality()) == int(tf.data.INFINITE_CARDINALITY)
-    except Exception:  # not TensorFlow's
-        return False

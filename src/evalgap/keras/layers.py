@@ -8,7 +8,7 @@ from typing import Any
 
 import keras
 
-from .._keras_common import calls_replaced, walk
+from .._keras_common import calls_replaced, inference_only, walk
 from .._keras_common import facts as _facts
 from .._random import random_states_kept
 from ..engine import ModelFacts, NormLayer, tree_map
@@ -29,40 +29,24 @@ def is_frozen(bn) -> bool:
 
 def remember_inference_only(model, inputs: Any) -> frozenset[int]:
     """Ids of the BN layers that receive ``training=False`` in every call of a training-mode forward (a subclass
-    whose ``call`` runs ``self.base(x, training=False)``): fit runs them in inference mode, as frozen layers.
+    whose ``call`` runs ``self.base(x, training=False)``): fit runs them in inference mode, as frozen layers
+    (:func:`evalgap._keras_common.inference_only`). The forward: one call of the first two samples through
+    ``stateless_call(..., training=True)`` (no variable is assigned; torch's global random state put back)."""
 
-    One call of the first two samples through ``stateless_call(..., training=True)`` (no variable is assigned; the
-    global random states put back), each BN layer's ``call`` replaced on the instance by the identity that records
-    the ``training`` it receives (:func:`evalgap._keras_common.calls_replaced`); cached per model. A model that
-    cannot be called so keeps ``trainable=False`` as its only rule.
-    """
-    bns = [bn for _, bn in find_batchnorms(model)]
-    cached = _INFERENCE_ONLY.get(model)
-    if cached is not None and cached[0] == len(bns):
-        return cached[1]
-    received: dict[int, list[Any]] = {id(bn): [] for bn in bns}
+    def trace(replacements) -> None:
+        grad = contextlib.nullcontext()
+        if keras.backend.backend() == "torch":
+            import torch
 
-    def recorder(bn):
-        def call(inputs, training=None, mask=None, **kwargs):
-            received[id(bn)].append(training)
-            return inputs
+            grad = torch.no_grad()
+        try:
+            with calls_replaced(replacements), random_states_kept(python=False, numpy=False), grad:
+                model.stateless_call([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                                     tree_map(lambda a: a[:2], inputs), training=True)
+        except Exception:  # a model that cannot be called so (a fixed batch size): trainable=False stays the only rule
+            pass
 
-        return call
-
-    grad = contextlib.nullcontext()
-    if keras.backend.backend() == "torch":
-        import torch
-
-        grad = torch.no_grad()
-    try:  # training mode on the torch backend draws from torch's global generators: put them back
-        with calls_replaced([(bn, recorder(bn)) for bn in bns]), random_states_kept(python=False, numpy=False), grad:
-            model.stateless_call([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
-                                 tree_map(lambda a: a[:2], inputs), training=True)
-        found = frozenset(i for i, values in received.items() if values and all(v is False for v in values))
-    except Exception:  # the rule stays trainable=False alone
-        found = frozenset()
-    _INFERENCE_ONLY[model] = (len(bns), found)
-    return found
+    return inference_only(model, [bn for _, bn in find_batchnorms(model)], _INFERENCE_ONLY, trace)
 
 
 def norm_layers(model) -> list[NormLayer]:

@@ -147,10 +147,3 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
     # training mode on the torch backend draws from torch's global generators: put them back
     with random_states_kept(python=False, numpy=False) if training else contextlib.nullcontext():
         yield run
-
-
-def run_once(model, x) -> tuple[Any, list]:
-    """``(y_pred, losses)`` of one inference-mode call on ``x`` (the losses its layers add and its regularization),
-    through the cached E step: no variable is assigned."""
-    with predictor(model, "E") as run:
-        return run(Batch(x, size=None))

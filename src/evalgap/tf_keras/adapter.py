@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._keras_common import by_dtype, check_batched, user_metrics
-from ..engine import Batch, NormLayer, tree_map
+from .._keras_common import adds_own_loss, by_dtype, check_batched, user_metrics
+from ..engine import Batch, NormLayer
 from ..engine.moments import captures_to_host
 from ..errors import ModelError, RecalibrationError
 from . import data, distributed, layers, moments, predict
@@ -40,15 +40,15 @@ class TfKerasAdapter:
         return data.batches(source, batch_size=batch_size, shuffle=shuffle, seed=seed, targets=targets)
 
     def needs_targets(self, model: Any, first: Batch) -> bool:
-        """False for a model compiled with neither a loss nor metrics whose layers add losses of their own
-        (``add_loss``, an endpoint layer reading its targets from the inputs; one inference call of two samples
-        tells), as ``fit(x)`` trains it. Without any, it has no loss."""
+        """False for a model compiled with neither a loss nor metrics whose layers add losses from the inputs
+        (``add_loss``, an endpoint layer reading its targets from the inputs:
+        :func:`evalgap._keras_common.adds_own_loss`), as ``fit(x)`` trains it. Weight regularization alone is no
+        loss to measure."""
         if not getattr(model, "_is_compiled", False):
             return True
         if getattr(getattr(model, "compiled_loss", None), "_user_losses", None) is not None or user_metrics(getattr(model, "compiled_metrics", None)):
             return True
-        _, losses = predict.run_once(model, tree_map(lambda a: a[:2], first.inputs))
-        return not losses
+        return not adds_own_loss(predict.predictor, model, first.inputs)
 
     def prepare(self, model: Any, first: Batch):
         """The model, built (an eager call in inference mode changes no statistic); its inference-only BN layers found."""

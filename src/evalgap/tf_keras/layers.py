@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .._keras_common import facts as _facts
-from .._keras_common import traced_alone, walk
+from .._keras_common import inference_only, traced_alone, walk
 from ..engine import ModelFacts, NormLayer, tree_map
 
 
@@ -184,40 +184,25 @@ _INFERENCE_ONLY: "weakref.WeakKeyDictionary[Any, tuple[int, frozenset[int]]]" = 
 
 
 def remember_inference_only(model, inputs: Any) -> frozenset[int]:
-    """Ids of the BN layers that get ``training=False`` in every call of a training-mode forward.
-
-    A symbolic trace of ``model(x, training=True)`` (nothing runs) with each BN layer
-    replaced by the identity that records the ``training`` it receives; cached per model.
-    """
+    """Ids of the BN layers that get ``training=False`` in every call of a training-mode forward
+    (:func:`evalgap._keras_common.inference_only`). The forward: a symbolic trace of
+    ``model(x, training=True)`` (nothing runs), with the batch's own shape where an open batch
+    dimension cannot be traced (``x.shape[0]`` in a call); the trace does not raise here."""
     import tensorflow as tf
 
-    bns = [bn for _, bn in find_batchnorms(model)]
-    cached = _INFERENCE_ONLY.get(model)
-    if cached is not None and cached[0] == len(bns):
-        return cached[1]
-    received: dict[int, list[Any]] = {id(bn): [] for bn in bns}
+    def trace(replacements) -> None:
+        patches = stateless_patches(model)
+        for bn, call in replacements:
+            patches.add(bn, "call", call)
+        with patches:
+            traced = tf.function(autograph_off(traced_alone(lambda x: model(x, training=True), "frozen_trace")))
+            try:
+                traced.get_concrete_function(input_specs(inputs))
+            except Exception:  # a model that needs the batch size: the batch's own shape (the recorders record again)
+                traced.get_concrete_function(input_specs(inputs, open_batch=False))
 
-    def recorder(bn):
-        def call(inputs, training=None, mask=None, **kwargs):
-            received[id(bn)].append(training)
-            return tf.identity(inputs)
-
-        return autograph_off(call)
-
-    patches = stateless_patches(model)
-    for bn in bns:
-        patches.add(bn, "call", recorder(bn))
-    with patches:
-        trace = tf.function(autograph_off(traced_alone(lambda x: model(x, training=True), "frozen_trace")))
-        try:
-            trace.get_concrete_function(input_specs(inputs))
-        except Exception:  # a model that needs the batch size (x.shape[0] in call): trace with the batch's own shape
-            for values in received.values():
-                values.clear()
-            trace.get_concrete_function(input_specs(inputs, open_batch=False))
-    found = frozenset(i for i, values in received.items() if values and all(v is False or (isinstance(v, int) and v == 0) for v in values))
-    _INFERENCE_ONLY[model] = (len(bns), found)
-    return found
+    return inference_only(model, [bn for _, bn in find_batchnorms(model)], _INFERENCE_ONLY, trace, identity=tf.identity,
+                          wrap=autograph_off)
 
 
 def norm_layers(model) -> list[NormLayer]:

@@ -122,10 +122,3 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
 
     with stateless_patches(model), rng_restored(model) if mode == "T" else contextlib.nullcontext():
         yield run
-
-
-def run_once(model, x) -> tuple[Any, list]:
-    """``(y_pred, losses)`` of one inference-mode call on ``x`` (the losses its layers add and its regularization),
-    through the cached E step: no variable is assigned."""
-    with predictor(model, "E") as run:
-        return run(Batch(x, size=None))

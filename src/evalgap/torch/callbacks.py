@@ -31,7 +31,8 @@ class PreciseBN:
 
     Or let it fire by itself when the model switches to evaluation mode (``model.eval()``)
     after training steps (forward passes in training mode with gradients on, or any that moved
-    a BatchNorm layer's ``num_batches_tracked``: a compiled graph may skip the forward hooks):
+    a BatchNorm layer's ``num_batches_tracked``, a training-mode forward under ``no_grad`` too, since it
+    moves the statistics; a compiled graph may skip the forward hooks; ``load_state_dict`` is none):
     ``precise_bn.attach(model)`` (``detach()`` undoes it). Side effects: the model's
     BatchNorm running statistics, which is the point. Extra keyword arguments go to
     :func:`evalgap.torch.recalibrate` (``batch_size``, ``seed``, ``process_group``,
@@ -50,7 +51,7 @@ class PreciseBN:
         self.seconds = 0.0
         self._calls = 0
         self._model: nn.Module | None = None
-        self._hook = None
+        self._hook = self._load_hook = None
         self._trained = False
         self._tracked = 0
         self._busy = False
@@ -82,15 +83,17 @@ class PreciseBN:
             raise EvalgapError("this PreciseBN is already attached to a model: detach() it first.")
         self._model, self._trained, self._tracked = model, False, _batches_tracked(model)
         self._hook = model.register_forward_pre_hook(_TrainingSteps(self))
+        self._load_hook = model.register_load_state_dict_post_hook(_LoadedCounters(self))
         model.train = types.MethodType(_TrainSwitch(self), model)  # type: ignore[method-assign]
         return self
 
     def detach(self) -> None:
         if self._model is not None:
             self._model.__dict__.pop("train", None)
-        if self._hook is not None:
-            self._hook.remove()
-        self._model = self._hook = None
+        for handle in (self._hook, self._load_hook):
+            if handle is not None:
+                handle.remove()
+        self._model = self._hook = self._load_hook = None
 
 
 class _TrainSwitch:
@@ -119,9 +122,25 @@ class _TrainSwitch:
 
 def _batches_tracked(model: nn.Module) -> int:
     """The sum of the BatchNorm layers' ``num_batches_tracked``: every call of a layer in training mode adds one,
-    inside a compiled graph too, where a forward pre-hook added after compiling never runs."""
-    return sum(int(m.num_batches_tracked) for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._NormBase) and isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor))
+    inside a compiled graph too, where a forward pre-hook added after compiling never runs. One transfer."""
+    counts = [m.num_batches_tracked.detach().reshape(()) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._NormBase) and isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)]
+    return int(torch.stack([c.to(counts[0].device) for c in counts]).sum()) if counts else 0
+
+
+class _LoadedCounters:
+    """``load_state_dict`` post-hook of an attached model: loaded counters (a checkpoint, pretrained weights) are no
+    training step. A copy of the model gets a hook that does nothing (:class:`_NoHook`)."""
+
+    def __init__(self, precise_bn: PreciseBN):
+        self.precise_bn = precise_bn
+
+    def __call__(self, module: nn.Module, incompatible: Any) -> None:
+        if module is self.precise_bn._model:
+            self.precise_bn._tracked = _batches_tracked(module)
+
+    def __reduce__(self):
+        return (_NoHook, ())
 
 
 class _TrainingSteps:
@@ -141,7 +160,7 @@ class _TrainingSteps:
 
 
 class _NoHook:
-    def __call__(self, module: nn.Module, inputs: Any) -> None:
+    def __call__(self, module: nn.Module, *args: Any) -> None:
         return None
 
 
@@ -171,7 +190,8 @@ class GapMonitor:
         self.adapter = TorchAdapter(forward=forward, process_group=process_group)
         self.data, self.batching = data, {"batch_size": batch_size, "shuffle": shuffle, "seed": seed}
         self.metric_options = {"loss_fn": loss_fn, "metrics": metrics}
-        self.core = engine.GapProbe(max_samples=max_samples, every=every, verbose=verbose, primary=primary, fix=self.adapter.remedies.monitor_fix())
+        self.core = engine.GapProbe(max_samples=max_samples, every=every, verbose=verbose, primary=primary, fix=self.adapter.remedies.monitor_fix(),
+                                    batch_size=batch_size)
 
     @property
     def updates(self) -> int:

@@ -312,11 +312,18 @@ def input_transforms(model: nn.Module, raw: Any, inputs: Any, *, forward: Forwar
         return [f"{name} ({type(module).__name__})"]
     if not isinstance(got, torch.Tensor) or got is inputs or not (torch.is_floating_point(got) and got.numel()):
         return []
-    given, received = (t.detach().to(device="cpu", dtype=torch.float64).numpy() for t in (inputs, got))
+    given, received = _summary(inputs), _summary(got)
     if not scale_changed(given, received):
         return []
-    lo, hi, got_lo, got_hi = float(given.min()), float(given.max()), float(received.min()), float(received.max())
+    (lo, hi, _), (got_lo, got_hi, _) = given, received
     return [f"{name} receives values in [{got_lo:.3g}, {got_hi:.3g}], the input [{lo:.3g}, {hi:.3g}]"]
+
+
+def _summary(t: torch.Tensor) -> tuple[float, float, float]:
+    """``(min, max, std)`` of a tensor in float64, computed where it lies (one transfer of three numbers)."""
+    t = t.detach().to(torch.float64)
+    lo, hi = torch.aminmax(t)
+    return tuple(float(v) for v in torch.stack([lo, hi, t.std(unbiased=False)]).tolist())  # type: ignore[return-value]
 
 
 def _running_instance_norm(m: nn.Module) -> bool:
