@@ -19,15 +19,7 @@ import evalgap.lightning as egl  # noqa: E402
 import evalgap.torch as eg  # noqa: E402
 from evalgap import DataError  # noqa: E402
 
-from .test_lightning_loops import D, N, Tiny, my_val_loss, population, trainer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ds():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(N, D, generator=g) * 3 + 2
-    y = (x[:, 0] > 2).long() + (x[:, 1] > 2).long()
-    return torch.utils.data.TensorDataset(x, y)
+from .test_lightning_loops import N, Tiny, ds, my_val_loss, population, trainer  # noqa: E402,F401 (ds: the fixture)
 
 
 class Normalizing(Tiny):
