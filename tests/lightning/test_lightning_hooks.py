@@ -19,7 +19,8 @@ import evalgap.lightning as egl  # noqa: E402
 import evalgap.torch as eg  # noqa: E402
 from evalgap import DataError  # noqa: E402
 
-from .test_lightning_loops import N, Tiny, ds, my_val_loss, population, trainer  # noqa: E402,F401 (ds: the fixture)
+from .conftest import N  # noqa: E402
+from .test_lightning_loops import Tiny, my_val_loss, population, trainer  # noqa: E402
 
 
 class Normalizing(Tiny):
@@ -52,34 +53,41 @@ def assert_exact(module, batches, rtol):
         assert float(((bn.running_var.double() - v) / v).abs().max()) < rtol
 
 
+def loaders(ds):
+    """The training loader (batches of 8) and the validation one (32), with torch's RNG seeded for the module."""
+    torch.manual_seed(0)
+    return torch.utils.data.DataLoader(ds, batch_size=8), torch.utils.data.DataLoader(ds, batch_size=32)
+
+
+def recalibrated_copy(module, train):
+    """The reference: a copy of the module recalibrated on the batches training_step sees."""
+    own = copy.deepcopy(module)
+    eg.recalibrate(own, prepared(train), progress=False)
+    return own
+
+
 @pytest.mark.parametrize("callback", ["PreciseBN", "GapMonitor"])
 def test_the_pass_reads_batches_through_the_modules_batch_hooks(ds, callback):
     """The statistics are those of the batches training_step sees (after on_before/on_after_batch_transfer)."""
-    train = torch.utils.data.DataLoader(ds, batch_size=8)
-    val = torch.utils.data.DataLoader(ds, batch_size=32)
-    torch.manual_seed(0)
+    train, val = loaders(ds)
     module = Normalizing()
     if callback == "PreciseBN":
         t = trainer([egl.PreciseBN()], max_epochs=1)
         t.fit(module, train, val)
         assert_exact(module, prepared(train), 1e-5)
-        own = copy.deepcopy(module)
-        eg.recalibrate(own, prepared(train), progress=False)
+        own = recalibrated_copy(module, train)
         assert float(t.callback_metrics["val_loss"]) == pytest.approx(my_val_loss(own, prepared(val)), rel=1e-5)
     else:  # the probe's precise metric: the loss with the statistics of the prepared batches
         gap = egl.GapMonitor(verbose=0, max_samples=N, loss_fn=nn.functional.cross_entropy)
         trainer([gap], max_epochs=1).fit(module, train, val)
-        own = copy.deepcopy(module)
-        eg.recalibrate(own, prepared(train), progress=False)
+        own = recalibrated_copy(module, train)
         assert gap.logged["precise_val_loss"] == pytest.approx(my_val_loss(own, prepared(train)), rel=1e-4)
 
 
 @pytest.mark.parametrize("precision,rtol", [("64-true", 1e-9), ("bf16-true", 3e-2)])
 def test_true_precision_fits_and_recalibrates_on_the_converted_batches(ds, precision, rtol):
     """Lightning converts each batch to the module's dtype; the pass does too (it crashed on float32 batches)."""
-    train = torch.utils.data.DataLoader(ds, batch_size=8)
-    val = torch.utils.data.DataLoader(ds, batch_size=32)
-    torch.manual_seed(0)
+    train, val = loaders(ds)
     module, gap = Tiny(), egl.GapMonitor(verbose=0)
     trainer([egl.PreciseBN(), gap], max_epochs=1, precision=precision).fit(module, train, val)
     dtype = next(module.parameters()).dtype
@@ -90,14 +98,11 @@ def test_true_precision_fits_and_recalibrates_on_the_converted_batches(ds, preci
 @pytest.mark.parametrize("stage", ["test", "predict"])
 def test_test_and_predict_after_fit_recalibrate_as_validate_does(ds, stage):
     """trainer.test() / predict() after a fit whose last epoch was not validated run on recalibrated statistics."""
-    train = torch.utils.data.DataLoader(ds, batch_size=8)
-    val = torch.utils.data.DataLoader(ds, batch_size=32)
-    torch.manual_seed(0)
+    train, val = loaders(ds)
     module = Normalizing()
     t = trainer([egl.PreciseBN()], max_epochs=3, check_val_every_n_epoch=2)
     t.fit(module, train, val)
-    own = copy.deepcopy(module)
-    eg.recalibrate(own, prepared(train), progress=False)
+    own = recalibrated_copy(module, train)
     if stage == "test":
         result = t.test(module, val, verbose=False)
         assert result[0]["test_loss"] == pytest.approx(my_val_loss(own, prepared(val)), rel=1e-5)

@@ -17,15 +17,7 @@ from torch import nn  # noqa: E402
 
 import evalgap.lightning as egl  # noqa: E402
 
-N, D, C = 96, 6, 3
-
-
-@pytest.fixture(scope="module")
-def ds():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(N, D, generator=g) * 3 + 2
-    y = (x[:, 0] > 2).long() + (x[:, 1] > 2).long()
-    return torch.utils.data.TensorDataset(x, y)
+from .conftest import C, D  # noqa: E402 (the data of the ds fixture)
 
 
 class Tiny(L.LightningModule):
