@@ -391,6 +391,35 @@ def metric_copies(spec: Any, metric_class: type, borrowed: list) -> Any:
     return spec
 
 
+def unique(items: Any) -> list:
+    """The items in their order, each object once (a metric variable may be tracked by two containers)."""
+    seen: set[int] = set()
+    return [v for v in items if not (id(v) in seen or seen.add(id(v)))]
+
+
+def sum_over_workers(variables: list, collective: Any, read: Callable[[Any], np.ndarray],
+                     assign: Callable[[Any, np.ndarray], None]) -> None:
+    """Every worker's metric state combined in place, as Keras combines a metric variable's replicas under
+    ``tf.distribute``: by its ``aggregation``, summed over the workers (``"sum"``, the default of every Keras metric:
+    totals, counts, confusion counts, AUC's histograms), averaged (``"mean"``) or the chief's
+    (``"only_first_replica"``). A metric's result from the combined state is the metric over the union of the
+    workers' data (an AUC too, which an average of the workers' AUCs is not). Collective: every worker calls it
+    with the same metrics, once per state. Side effect: ``variables`` hold the combined values."""
+    if collective is None or not variables:
+        return
+    values = [np.asarray(read(v), dtype=np.float64) for v in variables]
+    flat = np.concatenate([a.ravel() for a in values])
+    how = [str(getattr(v, "aggregation", "sum")).lower() for v in variables]
+    summed = np.asarray(collective.sum(flat))
+    first = np.asarray(collective.broadcast(flat)) if any("first" in h for h in how) else None
+    start = 0
+    for v, a, h in zip(variables, values, how):
+        part = slice(start, start + a.size)
+        start += a.size
+        combined = first[part] if "first" in h else summed[part] / collective.world if "mean" in h else summed[part]
+        assign(v, combined.reshape(a.shape))
+
+
 def one_number_results(values: dict[str, Any], spec: Any) -> dict[str, float]:
     """The results that are one number each, as floats. A metric that gives several (per class, per threshold)
     is left out, with its reason and fix in ``spec.notes`` and ``spec.left_out``; the others are measured."""

@@ -62,3 +62,19 @@ class WorkerCollective:
 def collective(model) -> WorkerCollective | None:
     strategy = multi_worker_strategy(model)
     return None if strategy is None else WorkerCollective(strategy)
+
+
+def outside_scope(found: WorkerCollective | None, api: str) -> WorkerCollective | None:
+    """``found``, the collective that sums a diagnosis's metric states over the workers, checked to be used outside
+    ``strategy.scope()``: metric objects created there hold variables that TensorFlow reduces across the workers at
+    every update, which workers with different numbers of batches cannot do (a collective shape mismatch)."""
+    if found is not None:
+        import tensorflow as tf
+
+        if tf.distribute.has_strategy():
+            from ..errors import DataError
+
+            raise DataError(f"{api}.diagnose runs inside strategy.scope() under MultiWorkerMirroredStrategy: call it outside "
+                            "the `with strategy.scope():` block (as fit runs callbacks); every worker's metrics are summed "
+                            "after the passes.")
+    return found

@@ -28,15 +28,16 @@ import numpy as np
 from keras import ops
 
 from .._checks import check_labels
-from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results, overrides, test_step_note
-from ..engine import Batch, tree_map
+from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results, overrides, sum_over_workers, test_step_note, unique
+from ..engine import Batch, Collective, tree_map
 from ..errors import ModelError
 
 
 class KerasMetrics:
     """:class:`evalgap.engine.Metrics` from a compiled Keras model (module docstring)."""
 
-    def __init__(self, model, batch: Batch, outputs: Any):
+    def __init__(self, model, batch: Batch, outputs: Any, collective: Collective | None = None):
+        self.collective = collective
         compiled_loss = getattr(model, "_compile_loss", None)
         compiled_metrics = getattr(model, "_compile_metrics", None)
         self.notes: list[str] = []
@@ -117,6 +118,7 @@ class _State:
     def __init__(self, spec: KerasMetrics, loss, metrics):
         self.spec, self.loss, self.metrics = spec, loss, metrics
         self.tracker = keras.metrics.Mean(name="loss")
+        self._combined = False
 
     def update(self, batch: Batch, outputs: Any) -> None:
         y_pred, losses = outputs
@@ -141,6 +143,12 @@ class _State:
             self.metrics.update_state(y, y_pred, w)
 
     def result(self) -> dict[str, float]:
+        if not self._combined:  # every worker's state, once (MultiWorkerMirroredStrategy)
+            objects = [self.tracker, *(self.loss.metrics if self.loss is not None else []),
+                       *([self.metrics] if self.metrics is not None and self.metrics.built else [])]
+            sum_over_workers(unique(v for m in objects for v in m.variables), self.spec.collective, ops.convert_to_numpy,
+                             lambda v, value: v.assign(ops.cast(value, v.dtype)))
+            self._combined = True
         out: dict[str, Any] = {"loss": self.tracker.result()}
         if self.metrics is not None and self.metrics.built:
             results = self.metrics.result()

@@ -27,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from .._checks import check_labels
-from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results, overrides, test_step_note
-from ..engine import Batch, tree_map
+from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results, overrides, sum_over_workers, test_step_note, unique
+from ..engine import Batch, Collective, tree_map
 from ..errors import ModelError
 from .layers import keras, walk
 
@@ -40,7 +40,8 @@ def _tensors(tree: Any) -> Any:
 class TfKerasMetrics:
     """:class:`evalgap.engine.Metrics` from a compiled Keras 2 model (module docstring)."""
 
-    def __init__(self, model, batch: Batch, outputs: Any):
+    def __init__(self, model, batch: Batch, outputs: Any, collective: Collective | None = None):
+        self.collective = collective
         compiled = bool(getattr(model, "_is_compiled", False))
         losses = getattr(model, "compiled_loss", None) if compiled else None
         self.model_metrics = getattr(model, "compiled_metrics", None) if compiled else None
@@ -135,6 +136,7 @@ class _State:
     def __init__(self, spec: TfKerasMetrics, loss, metrics):
         self.spec, self.loss, self.metrics = spec, loss, metrics
         self._named = False
+        self._combined = False
 
     def update(self, batch: Batch, outputs: Any) -> None:
         y_pred, losses = outputs
@@ -153,6 +155,10 @@ class _State:
         objects = list(self.loss.metrics)
         if self.metrics is not None and self.metrics.built:
             objects += list(self.metrics.metrics)
+        if not self._combined:  # every worker's state, once (MultiWorkerMirroredStrategy)
+            sum_over_workers(unique(v for m in objects for v in m.variables), self.spec.collective, lambda v: v.numpy(),
+                             lambda v, value: v.assign(tf.cast(value, v.dtype)))
+            self._combined = True
         out: dict[str, Any] = {}
         for m in objects:
             value = m.result()
