@@ -238,7 +238,8 @@ class GapMonitor(pl.Callback):
     batches of the dataloader) in every mode and logs, with ``pl_module.log`` (so they reach
     TensorBoard, CSV or any logger the trainer has): ``gap_bn_stale`` (P - E of the primary
     metric on the training probe: what stale moving statistics cost an evaluation of it), ``gap_batch_stats`` (Td - P) and
-    ``precise_val_<metric>`` (P). Counts training steps for the EMA arithmetic; prints one
+    ``precise_val_<metric>`` (P). The EMA arithmetic counts every training batch the fit loop has run, those of
+    the epochs a resumed fit restored from its checkpoint included; prints one
     sentence when validation is distorted by BatchNorm statistics (``verbose=1``). The module
     is never changed. The probe's batches reach the module as the fit loop gives them (see
     :class:`PreciseBN`); several training dataloaders without ``dataloader=`` are refused when fit
@@ -287,7 +288,7 @@ class GapMonitor(pl.Callback):
         with self._modes.restored(pl_module), _precision(trainer):
             prepared = _PreparedBatches(data, trainer, pl_module)
             logs = self.core.measure(adapter, pl_module, lambda: adapter.batches(prepared, targets=True), trainer.current_epoch,
-                                     steps_per_epoch=steps, metric_options=self.metric_options)
+                                     steps_per_epoch=steps, metric_options=self.metric_options, updates=_trained_batches(trainer))
         self.logged = logs
         for name, value in logs.items():
             pl_module.log(name, value, on_step=False, on_epoch=True)

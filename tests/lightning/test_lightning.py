@@ -133,6 +133,22 @@ def test_gap_monitor_logs_reach_the_logger(digits, tmp_path):
     assert report.probe["samples"] == 240 and report.finding("stale_moving_statistics").numbers["updates"] == 28
 
 
+def test_gap_monitor_on_a_resumed_fit_counts_the_batches_of_the_earlier_epochs(digits, tmp_path):
+    """A fresh GapMonitor on a fit resumed from a checkpoint of epoch 1: 2 epochs x 14 batches = 28 BN updates, as
+    the uninterrupted run of the test above counts them (0.99 ** 28 of the initial statistics left, not 0.99 ** 14)."""
+    L.seed_everything(0, verbose=False)
+    module = Seed()
+    train, val = loaders(digits)
+    first = trainer(epochs=1, logger=False)
+    first.fit(module, train, val)
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    monitor = egl.GapMonitor(max_samples=240, verbose=0)
+    trainer([monitor], epochs=2, logger=False).fit(module, train, val, ckpt_path=tmp_path / "epoch1.ckpt")
+    numbers = monitor.last.finding("stale_moving_statistics").numbers
+    assert len(train) == 14 and numbers["updates"] == 28
+    assert numbers["initial_weight"] == pytest.approx(0.99 ** 28)
+
+
 def test_precise_bn_keeps_the_spread_of_batch_means_that_swa_drops(digits):
     """Lightning's StochasticWeightAveraging averages batch variances: the first BN layer (whose input
     does not depend on batching) shows the difference against an independent float64 reference."""
