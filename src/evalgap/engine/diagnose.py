@@ -34,7 +34,7 @@ from ..errors import DataError, EvalgapError, RecalibrationError
 from ..report import Report
 from .batching import Cursor, ListBatches, materialize, peek, tree_leaves, without_singleton_batch
 from .protocol import Adapter, Batch, BatchSource, Metrics, NormLayer
-from .recalibrate import assemble, measure
+from .recalibrate import assemble, measure, set_up_together
 
 
 @dataclass
@@ -162,17 +162,20 @@ def diagnose(
         source = source.take(max_samples)
     elif getattr(source, "infinite", False):
         raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_samples= to say how much to probe.")
-    probe = materialize(source)
-    first, probe = peek(probe)
-    if first is None:
-        raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")
-    model = adapter.prepare(model, first)
-    if first.targets is None and getattr(adapter, "needs_targets", lambda model, batch: True)(model, first):
-        raise DataError("diagnose needs targets to measure the loss and metrics: pass (x, y), not x alone." + _dict_hint(adapter, first))
-    layers = adapter.layers(model)
-    if not adapter.one_sample_batches:
-        probe = without_singleton_batch(probe, lambda batch: adapter.refuses_one_sample(model, layers, batch))
-    collective = adapter.collective(model)
+
+    def set_up() -> tuple[Any, list, Any, Batch]:
+        first, batches = peek(materialize(source))
+        if first is None:
+            raise DataError("the data yielded no batch: pass the training data with targets, e.g. (x, y).")
+        prepared = adapter.prepare(model, first)
+        if first.targets is None and getattr(adapter, "needs_targets", lambda model, batch: True)(prepared, first):
+            raise DataError("diagnose needs targets to measure the loss and metrics: pass (x, y), not x alone." + _dict_hint(adapter, first))
+        found = adapter.layers(prepared)
+        if not adapter.one_sample_batches:
+            batches = without_singleton_batch(batches, lambda batch: adapter.refuses_one_sample(prepared, found, batch))
+        return prepared, found, batches, first
+
+    (model, layers, probe, first), collective = set_up_together(adapter, model, set_up)
     run = _Run(adapter, model, probe, layers, progress and (collective is None or collective.rank == 0),
                metric_options=dict(metric_options or {}))
     try:

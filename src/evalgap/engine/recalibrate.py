@@ -23,7 +23,7 @@ import numpy as np
 
 from .._checks import check_finite, check_size
 from .._progress import progress_bar
-from ..errors import DataError, EvalgapError, ModelError, RecalibrationError
+from ..errors import DataError, DistributedError, EvalgapError, ModelError, RecalibrationError
 from ..recalibration import LayerRecalibration, Recalibration
 from .batching import Cursor, peek
 from .moments import FLUSH_EVERY, LayerMoments
@@ -137,6 +137,35 @@ def measure(
         raise DataError(f"the data yielded no batch{skipped}: no full batch to use; give at least one batch of the training batch size.")
     result.seconds = time.perf_counter() - start
     return Measured(result, tracked, batch_statistics, before, acc, static)
+
+
+def set_up_together(adapter: Adapter, model: Any, set_up: Callable[[], Any]) -> tuple[Any, Collective | None]:
+    """``set_up()`` (check the data, prepare and inspect the model) and the adapter's collective; with several
+    processes, one sum then says which of them failed: a process whose set-up failed raises its own error, every
+    other one a :class:`DistributedError` naming it, before any pass and with nothing changed. Without it a process
+    that stopped early (its shard yielded no batch) left the others waiting in the first collective until the
+    group's timeout. Collective: every process calls it."""
+    failure: Exception | None = None
+    value = None
+    try:
+        value = set_up()
+    except Exception as exc:
+        failure = exc
+    collective = adapter.collective(model)
+    if collective is not None:
+        flags = np.zeros(collective.world, dtype=np.float64)
+        flags[collective.rank] = failure is not None
+        failed = np.flatnonzero(np.asarray(collective.sum(flags)) > 0)
+        if failure is None and failed.size:
+            which = f"process{'es' if failed.size > 1 else ''} {', '.join(map(str, failed))} of {collective.world}"
+            raise DistributedError(
+                f"{which} stopped before the pass with an error of its own (e.g. its data "
+                "yielded no batch), so no process measured or wrote anything: fix what that process's error names and "
+                "call again on every process."
+            )
+    if failure is not None:
+        raise failure
+    return value, collective
 
 
 def _agree_on_batch_size(source: BatchSource, collective: Collective, result: Recalibration) -> BatchSource:
@@ -272,15 +301,19 @@ def recalibrate(
     if max_batches is None and getattr(source, "infinite", False):
         raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_batches= (max_samples= for a callback).")
     first, source = peek(source)
-    if first is None:
-        raise DataError("the data yielded no batch: give at least one batch of the training batch size.")
-    if training_metrics and first.targets is None:
-        raise DataError("training_metrics=True scores the pass's outputs against targets: pass (x, y), not x alone.")
-    model = adapter.prepare(model, first)
-    layers = adapter.layers(model)
-    if not any(layer.tracks_statistics for layer in layers):
-        raise _no_layer_error(adapter, model, layers)
-    collective = adapter.collective(model)
+
+    def set_up() -> tuple[Any, list[NormLayer]]:
+        if first is None:
+            raise DataError("the data yielded no batch: give at least one batch of the training batch size.")
+        if training_metrics and first.targets is None:
+            raise DataError("training_metrics=True scores the pass's outputs against targets: pass (x, y), not x alone.")
+        prepared = adapter.prepare(model, first)
+        found = adapter.layers(prepared)
+        if not any(layer.tracks_statistics for layer in found):
+            raise _no_layer_error(adapter, prepared, found)
+        return prepared, found
+
+    (model, layers), collective = set_up_together(adapter, model, set_up)
     score = _Score(adapter, model, metric_options or {}) if training_metrics else None
     try:
         measured = measure(

@@ -157,6 +157,8 @@ class TorchAdapter:
         return found
 
     def collective(self, model: Any):
+        if self._collective is None:  # single process, or asked before prepare (diagnose's set-up failed)
+            return collective(self.process_group)
         return self._collective
 
     def input_array(self, inputs: Any) -> tuple[np.ndarray, int] | None:
