@@ -77,7 +77,9 @@ class PreciseBN:
 
         Sets ``model.train`` (the class's own ``train`` runs inside) and a forward pre-hook. A copy
         of the model (``copy.deepcopy``, as EMA helpers make; ``torch.save``/``pickle``) switches
-        modes plainly and never fires: only ``model`` is attached.
+        modes plainly and never fires: only ``model`` is attached. Under ``torch.distributed`` the
+        recalibration is a collective (the statistics are combined over the ranks): every rank must
+        switch to evaluation mode at the same point, e.g. validate on every rank, not on rank 0 alone.
         """
         if self._model is not None:
             raise EvalgapError("this PreciseBN is already attached to a model: detach() it first.")
