@@ -163,7 +163,10 @@ class PreciseBN(pl.Callback):
     (``limit_train_batches``); a stream without a length that nothing bounds, and several training
     dataloaders (a dict or list) without ``dataloader=``, are refused when fit starts. The pass runs
     in the trainer's forward context (autocast under mixed precision). Without a validation loop it
-    recalibrates at the end of each due training epoch. Side effects: the module's BatchNorm running
+    recalibrates at the end of each due training epoch. When fit ends with training batches after the
+    last pass (``check_val_every_n_epoch`` that skips the last epoch, ``max_steps``), it recalibrates
+    once more: the module leaves fit with the statistics of its last weights (under ``ddp_spawn`` the
+    main process gets the module back without the fit loop's progress and cannot tell). Side effects: the module's BatchNorm running
     statistics, which is the point; training continues from them.
     """
 
@@ -206,11 +209,14 @@ class PreciseBN(pl.Callback):
         if not trainer.enable_validation or not trainer.val_dataloaders:
             self._run(trainer, pl_module)
 
-    def _run(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._run(trainer, pl_module, last=True)  # epochs trained after the last validation: fit ends exact anyway
+
+    def _run(self, trainer, pl_module, last: bool = False) -> None:
         done = _trained_batches(trainer)
         if done == 0 or done == self._batches_done:  # no training yet, or none since the last pass
             return
-        if _fitting(trainer) and (trainer.current_epoch + 1) % self.every:
+        if _fitting(trainer) and not last and (trainer.current_epoch + 1) % self.every:
             return  # outside fit (trainer.validate) the statistics are stale whatever the epoch: recalibrate
         data = _training_data(trainer, self.dataloader, self._fit_data)
         if data is None:
@@ -223,7 +229,7 @@ class PreciseBN(pl.Callback):
             self.last = recalibrate(pl_module, _PreparedBatches(data, trainer, pl_module), max_batches=limit, forward=self.forward,
                                     progress=False, **self.scoring)
         self._batches_done = done
-        if not trainer.predicting:  # predict has no logging
+        if not trainer.predicting and not last:  # predict and on_train_end have no logging
             pl_module.log("precise_bn_seconds", time.perf_counter() - t, on_step=False, on_epoch=True)
             for name, value in (self.last.training_metrics or {}).items():  # reduced over the ranks already: no sync_dist
                 pl_module.log(f"train_mode_{name}", value, on_step=False, on_epoch=True)

@@ -149,6 +149,23 @@ def test_gap_monitor_on_a_resumed_fit_counts_the_batches_of_the_earlier_epochs(d
     assert numbers["initial_weight"] == pytest.approx(0.99 ** 28)
 
 
+def test_fit_ends_with_the_statistics_of_its_last_weights_when_the_last_epoch_did_not_validate(digits):
+    """check_val_every_n_epoch=2 over 3 epochs: epoch 3 trains after the last validation. The module leaves fit with
+    the exact statistics of its last weights (the first BN layer against a float64 reference), so whatever runs next
+    sees them: a ddp_spawn strategy hands the module back to the main process without the fit loop's progress, and
+    its trainer.validate() used to run on the stale statistics."""
+    L.seed_everything(0, verbose=False)
+    module = Seed()
+    train, val = loaders(digits, shuffle=False)
+    trainer([egl.PreciseBN()], epochs=3, logger=False, check_val_every_n_epoch=2).fit(module, train, val)
+    x = torch.cat([b[0] for b in train]).double()
+    with torch.no_grad():
+        first = nn.functional.conv2d(x, module.net[0].weight.double(), padding=1)
+    reference = first.transpose(0, 1).reshape(first.shape[1], -1).var(1, unbiased=False).numpy()
+    error = np.max(np.abs(module.net[1].running_var.double().numpy() / reference - 1))
+    assert error < 1e-5, error
+
+
 def test_precise_bn_keeps_the_spread_of_batch_means_that_swa_drops(digits):
     """Lightning's StochasticWeightAveraging averages batch variances: the first BN layer (whose input
     does not depend on batching) shows the difference against an independent float64 reference."""
