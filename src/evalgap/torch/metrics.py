@@ -9,8 +9,9 @@ object whose ``reduction`` is ``'sum'``, such as ``nn.CrossEntropyLoss(reduction
 plain function's one number is taken as a mean), or one value per sample (``reduction='none'``)
 (:func:`evalgap.engine.tasks.batch_total`); the totals are summed on the device and moved to the
 host once, so every mode gives the per-sample mean over all batches. A torchmetrics object runs
-on a fresh copy per mode (``update`` per batch, ``compute`` at the end, its own
-synchronization across processes), so the user's object is left as it was; the direction it states
+on a fresh copy per mode (``update`` per batch, ``compute`` at the end, reduced by torchmetrics' own
+synchronization over exactly the processes of ``process_group``, as everything else is: :func:`fresh_copy`),
+so the user's object is left as it was (its process group and settings too); the direction it states
 (``higher_is_better``, when not None) is the report's for that name. Without
 ``loss_fn``/``metrics`` the defaults of :mod:`evalgap.engine.tasks` apply, with PyTorch's own
 functions, on the prediction in the output (:func:`prediction`), in its dtype where that is float32 or float64
@@ -182,9 +183,8 @@ class _State:
         self.spec = spec
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.objects = {name: copy.deepcopy(m) for name, m in (("loss", spec.loss_fn), *spec.metrics.items()) if is_torchmetric(m)}
-        for m in self.objects.values():
-            m.reset()
+        self.objects = {name: fresh_copy(m, spec.collective) for name, m in (("loss", spec.loss_fn), *spec.metrics.items())
+                        if is_torchmetric(m)}
 
     def update(self, batch: Batch, outputs: Any) -> None:
         if batch.weights is not None:
@@ -231,6 +231,38 @@ class _State:
         out = {k: v / values[-1] for k, v in zip(keys, values[:-1])}
         out.update({name: _one_number(name, m) for name, m in self.objects.items()})
         return {name: float(out[name]) for name in self.spec.names}
+
+
+def _metrics_in(obj: Any) -> list[Any]:
+    """``obj`` and the torchmetrics ``Metric`` objects inside it (a wrapper's, a collection's), by their sync attributes."""
+    found = obj.modules() if isinstance(obj, nn.Module) else [obj]
+    return [m for m in found if all(hasattr(m, a) for a in ("process_group", "sync_on_compute", "_to_sync", "sync"))]
+
+
+def _distributed() -> bool:
+    return True
+
+
+def fresh_copy(metric: Any, collective: Collective | None) -> Any:
+    """A reset deep copy of a torchmetrics object whose ``compute()`` reduces its states (with torchmetrics' own
+    ``sync``: each state's ``dist_reduce_fx``, the user's ``dist_sync_fn``) over exactly ``collective.group``, and
+    over no process at all without a collective (one process, a group of one).
+
+    No side effect on ``metric``: the copy shares its process groups (which cannot be copied) and nothing else;
+    ``process_group``, ``sync_on_compute``, ``dist_sync_on_step`` and ``distributed_available_fn`` are set on the
+    copy (and on the metrics inside it) only.
+    """
+    shared = {id(m.process_group): m.process_group for m in _metrics_in(metric) if m.process_group is not None}
+    copied = copy.deepcopy(metric, shared)
+    copied.reset()
+    for m in _metrics_in(copied):
+        m.process_group = None if collective is None else collective.group  # a collective's None: the default group
+        m.sync_on_compute = m._to_sync = collective is not None
+        m._should_unsync = True
+        m.dist_sync_on_step = False  # update() only, never forward(): nothing is synchronized per batch
+        if collective is not None:
+            m.distributed_available_fn = _distributed  # every process of the group reduces, whatever the object says
+    return copied
 
 
 def _one_number(name: str, metric: Any) -> float:
