@@ -73,7 +73,8 @@ class FlaxAdapter:
     def host_captures(self, captures):
         host = captures_to_host(captures, self.to_host)
         if host.count.size and host.count.min() < 0:  # a slot from inside a lifted transform (forward.SLOTS)
-            layer = self.target.norm_layers()[int(host.index[np.argmin(host.count)])].name if self.target is not None else "?"
+            tracked = [layer for layer in self.target.norm_layers() if layer.tracks_statistics] if self.target is not None else []
+            layer = tracked[int(host.index[np.argmin(host.count)])].name if tracked else "?"
             if host.count.min() == forward.UNEQUAL_COUNTS:
                 why = ("the layers a lifted transform stacks into it (nn.scan, nn.vmap) normalized different numbers of "
                        "values in one batch (different masks per stacked layer), which one capture per layer cannot hold")

@@ -8,12 +8,17 @@ the model's own training flag. The model never changes:
 - NNX: the compiled function gets ``nnx.split(model)``'s state and merges it into a private
   copy inside the trace; the copy's BatchNorm and Dropout objects get a subclass that applies
   the plan per call (the call argument wins over any the model passes; which layers the
-  model's own calls freeze is read beforehand by :func:`discover`). What the copy updates
-  (moving statistics, RNG counts) is dropped with it.
+  model's own calls freeze, or run on batch statistics in evaluation mode, is read beforehand
+  by :func:`discover`). What the copy updates (moving statistics, RNG counts) is dropped with it.
 - Linen: ``module.apply`` under :func:`flax.linen.intercept_methods`; each BatchNorm/Dropout
   call runs with the plan's attributes and the updated collections are dropped. The training
   flag is a call argument, or a field of the module (``Net(train=False)``), set by
   ``module.clone(train=...)``.
+
+Both intercept the base class's ``__call__`` (``nnx.BatchNorm``, ``nn.BatchNorm``, the Dropouts),
+not a user subclass's: the subclass's ``__call__`` runs as written, with its own signature, and
+the plan applies where it calls ``super().__call__``, to the tensor the base normalizes, once per
+normalization (NNX: :func:`_intercepted`; Linen: :func:`_base_call`).
 
 A BatchNorm called inside a lifted transform (Linen ``nn.remat``/``nn.scan``/``nn.vmap``, NNX
 ``nnx.remat``/``nnx.scan``/``nnx.vmap``; found by comparing JAX's trace state with the forward's
@@ -44,6 +49,7 @@ traces once, and so does a clone of the model.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -267,44 +273,61 @@ def _outside_transform(layer: str, transform_error: Exception) -> ModelError:
 
 
 # ---- NNX ---------------------------------------------------------------------------------
-_NNX_CLASSES: dict[type, type] = {}
+_NNX_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _intercepted(cls: type, base: type, role: str, call: Callable) -> type:
+    """``cls`` (``base`` or a subclass of it) with ``base.__call__`` replaced by ``call`` (cached per class and role).
+
+    ``call`` sits in a class between ``base`` and ``cls`` in the method resolution order (``cls``,
+    its own bases, the hook, ``base``): a subclass's own ``__call__`` runs as written, with its
+    own signature, and ``call`` runs where it calls ``super().__call__``, once per call of the
+    base, on what the base is given (a channels-first port's transposed input).
+    """
+    if (cls, role) not in _NNX_CLASSES:
+        if (base, role) not in _NNX_CLASSES:
+            _NNX_CLASSES[base, role] = type(f"Evalgap{role}{base.__name__}", (base,), {"__call__": call})
+        if cls is not base:
+            _NNX_CLASSES[cls, role] = type(f"Evalgap{role}{cls.__name__}", (cls, _NNX_CLASSES[base, role]), {})
+    return _NNX_CLASSES[cls, role]
+
+
+def _planned_batchnorm(self, x, use_running_average=None, *, mask=None):
+    """``nnx.BatchNorm.__call__`` under ``self._evalgap`` (the call's own ``use_running_average`` is overridden)."""
+    from flax import nnx
+
+    batch, index, sink, path = self.__dict__["_evalgap"]
+    if index is None:  # mode T (Flax's own batch statistics) or E/P (moving statistics), or a layer without them
+        return nnx.BatchNorm.__call__(self, x, use_running_average=not batch, mask=mask)
+    count, mean, var, exact = moments(x, self.axis, mask)
+    if sink.nested():  # inside a lifted transform: through the slot Variables the transform carries out
+        slot = [getattr(self, name) for name in SLOTS]
+        for variable, value in zip(slot, merge_slot(tuple(v.get_value() for v in slot), count, exact, var)):
+            variable.set_value(value)
+        sink.slot(index, path)
+    else:
+        sink.add(index, count, exact, var)
+    if batch:  # normalize by exactly these batch statistics (the private copy's moving ones are free)
+        self.mean[...] = mean.reshape(self.mean[...].shape).astype(self.mean[...].dtype)
+        self.var[...] = var.reshape(self.var[...].shape).astype(self.var[...].dtype)
+    return nnx.BatchNorm.__call__(self, x, use_running_average=True, mask=mask)
+
+
+def _planned_dropout(self, inputs, *, deterministic=None, rngs=None):
+    """``nnx.Dropout.__call__`` on (the plan's key) or off, whatever the call passes."""
+    from flax import nnx
+
+    on, key = self.__dict__["_evalgap"]
+    return nnx.Dropout.__call__(self, inputs, deterministic=not on, rngs=key if on else None)
 
 
 def _nnx_subclass(cls: type) -> type:
-    """``cls`` (a BatchNorm or Dropout class) whose calls follow ``self._evalgap`` (set on private copies only)."""
+    """``cls`` (a BatchNorm or Dropout class) whose base calls follow ``self._evalgap`` (set on private copies only)."""
     from flax import nnx
 
-    if cls not in _NNX_CLASSES:
-        if issubclass(cls, nnx.BatchNorm):
-
-            def __call__(self, x, use_running_average=None, *, mask=None):
-                batch, index, sink, path = self.__dict__["_evalgap"]
-                if index is None:  # mode T (Flax's own batch statistics) or E/P (moving statistics)
-                    return cls.__call__(self, x, use_running_average=not batch, mask=mask)
-                count, mean, var, exact = moments(x, self.axis, mask)
-                if sink.nested():  # inside a lifted transform: through the slot Variables the transform carries out
-                    slot = [getattr(self, name) for name in SLOTS]
-                    for variable, value in zip(slot, merge_slot(tuple(v.get_value() for v in slot), count, exact, var)):
-                        variable.set_value(value)
-                    sink.slot(index, path)
-                else:
-                    sink.add(index, count, exact, var)
-                if batch:  # normalize by exactly these batch statistics (the private copy's moving ones are free)
-                    self.mean[...] = mean.reshape(self.mean[...].shape).astype(self.mean[...].dtype)
-                    self.var[...] = var.reshape(self.var[...].shape).astype(self.var[...].dtype)
-                return cls.__call__(self, x, use_running_average=True, mask=mask)
-
-        else:
-
-            def __call__(self, inputs, *, deterministic=None, rngs=None):
-                on, key = self.__dict__["_evalgap"]
-                return cls.__call__(self, inputs, deterministic=not on, rngs=key if on else None)
-
-        _NNX_CLASSES[cls] = type(f"EvalgapPlanned{cls.__name__}", (cls,), {"__call__": __call__})
-    return _NNX_CLASSES[cls]
-
-
-_NNX_RECORDING: dict[type, type] = {}
+    if issubclass(cls, nnx.BatchNorm):
+        return _intercepted(cls, nnx.BatchNorm, "Planned", _planned_batchnorm)
+    return _intercepted(cls, nnx.Dropout, "Planned", _planned_dropout)
 
 
 def _given(value: Any) -> bool | None:
@@ -315,17 +338,13 @@ def _given(value: Any) -> bool | None:
         return None
 
 
-def _nnx_recording(cls: type) -> type:
-    """``cls`` (a BatchNorm class) recording the ``use_running_average`` each call passes, on its moving statistics."""
-    if cls not in _NNX_RECORDING:
+def _recording_batchnorm(self, x, use_running_average=None, *, mask=None):
+    """``nnx.BatchNorm.__call__`` on its moving statistics, recording the ``use_running_average`` the call passes."""
+    from flax import nnx
 
-        def __call__(self, x, use_running_average=None, *, mask=None):
-            path, seen = self.__dict__["_evalgap"]
-            seen.setdefault(path, _given(use_running_average))  # a shared layer: its first call, as for Linen
-            return cls.__call__(self, x, use_running_average=True, mask=mask)
-
-        _NNX_RECORDING[cls] = type(f"EvalgapRecording{cls.__name__}", (cls,), {"__call__": __call__})
-    return _NNX_RECORDING[cls]
+    path, seen = self.__dict__["_evalgap"]
+    seen.setdefault(path, _given(use_running_average))  # a shared layer: its first call, as for Linen
+    return nnx.BatchNorm.__call__(self, x, use_running_average=True, mask=mask)
 
 
 def _slot_class() -> type:
@@ -409,23 +428,26 @@ def _nnx_first(cls: type) -> type:
 
 
 def _nnx_discover(graphdef: Any, flag: Flag | None, seen: dict, first: list, state: Any, x: Any) -> Any:
-    """The training-mode call traced by :func:`discover` (``model.train()``, the flag True): BatchNorm calls recorded;
-    returns the input of the first Conv/Linear/Embed (None: none, or inside a lifted transform)."""
+    """The calls traced by :func:`discover`: the training-mode call (``model.train()``, the flag True), then the
+    evaluation-mode call (``model.eval()``, the flag False), each on a copy; ``seen[mode][path]`` gets the
+    ``use_running_average`` each BatchNorm's call passes (mode True: training). Returns the input of the first
+    Conv/Linear/Embed of the training-mode call (None: none, or inside a lifted transform)."""
     from flax import nnx
 
-    model = nnx.merge(graphdef, state)
-    model.set_attributes(deterministic=False, use_running_average=False, raise_if_not_found=False)  # model.train()
-    modules = dict(nnx.iter_modules(model))
     top, kinds = _trace_state(), _first_layers(nnx)
-    for path, m in modules.items():
-        if isinstance(m, nnx.BatchNorm):
-            object.__setattr__(m, "_evalgap", (path, seen))
-            object.__setattr__(m, "__class__", _nnx_recording(type(m)))
-        elif isinstance(m, kinds):
-            object.__setattr__(m, "_evalgap_first", (path, first, top))
-            object.__setattr__(m, "__class__", _nnx_first(type(m)))
-    _nnx_dropout(modules, False, jax.random.key(0))
-    model(x, **(flag.kwargs(True) if flag else {}))
+    for training in (True, False):
+        model = nnx.merge(graphdef, state)
+        model.set_attributes(deterministic=not training, use_running_average=not training, raise_if_not_found=False)
+        modules = dict(nnx.iter_modules(model))
+        for path, m in modules.items():
+            if isinstance(m, nnx.BatchNorm):
+                object.__setattr__(m, "_evalgap", (path, seen.setdefault(training, {})))
+                object.__setattr__(m, "__class__", _intercepted(type(m), nnx.BatchNorm, "Recording", _recording_batchnorm))
+            elif training and isinstance(m, kinds):
+                object.__setattr__(m, "_evalgap_first", (path, first, top))
+                object.__setattr__(m, "__class__", _nnx_first(type(m)))
+        _nnx_dropout(modules, False, jax.random.key(0))
+        model(x, **(flag.kwargs(training) if flag else {}))
     return first[0][2] if first else None
 
 
@@ -443,7 +465,8 @@ def _discover_nnx(target: NnxModel, x: Any) -> None:
         return seen, _input_transform(target.name, first, jaxpr, len(leaves), nnx.Embed)
 
     calls, transform = _cached(("nnx-discover", graphdef, target.flag, structure, shapes), trace)
-    target.calls = dict(calls)
+    target.calls = dict(calls.get(True, {}))
+    target.always_batch = tuple(path for path, given in calls.get(False, {}).items() if given is False)
     target.input_transform = confirm(*transform, (state, x), x)  # by this batch's values: not cached
 
 
@@ -599,6 +622,16 @@ def _call_with(module: Any, attributes: dict, call: Callable[[], Any]) -> Any:
             object.__setattr__(module, k, v)
 
 
+def _base_call(context: Any, base: type) -> bool:
+    """Whether an intercepted Linen call is ``base.__call__`` itself (inherited or reached through ``super().__call__``).
+
+    A subclass's own ``__call__`` is not: it runs as written, and its base call, on what the base
+    normalizes, is intercepted once per normalization.
+    """
+    fn = getattr(context.orig_method, "func", context.orig_method)  # Flax passes partial(method, module)
+    return context.method_name == "__call__" and isinstance(context.module, base) and inspect.unwrap(fn) is inspect.unwrap(base.__call__)
+
+
 def _linen_batchnorm(next_fun, args, kwargs, module, batch: bool, index, sink: _Sink):
     """One Linen BatchNorm call under the plan (as the NNX subclass: captured statistics normalize)."""
     args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k != "use_running_average"}
@@ -670,12 +703,10 @@ def _linen_forward(module: Any, plan: Plan, flag: Flag | None, mutable: tuple, c
 
     def interceptor(next_fun, args, kwargs, context):
         m = context.module
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        if isinstance(m, nn.BatchNorm):
+        if _base_call(context, nn.BatchNorm):
             batch, index = entries.get(tuple(m.path), (False, None))
             return _linen_batchnorm(next_fun, args, kwargs, m, batch, index, sink)
-        if isinstance(m, nn.Dropout):
+        if _base_call(context, nn.Dropout):
             return _linen_dropout(next_fun, args, kwargs, m, plan.dropout)
         return next_fun(*args, **kwargs)
 
@@ -700,12 +731,14 @@ class LinenProgram:
 
 
 def discover(target: NnxModel | LinenModel, x: Any) -> None:
-    """Trace the model once in training mode (shapes only, :func:`jax.make_jaxpr`) and record its layers.
+    """Trace the model in training mode, then in evaluation mode (shapes only, :func:`jax.make_jaxpr`) and record its layers.
 
     NNX: fills ``target.calls`` (per BatchNorm path, the ``use_running_average`` its call
     passes after ``model.train()``, None for none; BatchNorm on moving statistics and dropout
-    off in the trace). Linen: fills ``target.batchnorms`` (the BatchNorm layers called,
-    in call order, then those of ``batch_stats`` the call did not reach), ``target.others``
+    off in the trace) and ``target.always_batch`` (the paths whose call passes False after
+    ``model.eval()``). Linen: fills ``target.batchnorms`` (the BatchNorm layers called,
+    in call order, then those of ``batch_stats`` the call did not reach; ``tracks_statistics``
+    False where the evaluation-mode call, with a training flag, runs one on batch statistics), ``target.others``
     and ``target.rng_collections`` (every Dropout's, and every collection the model asks a key
     of with ``make_rng``: the trace is retried with a key for it). Both: ``target.input_transform``
     (:func:`_input_transform`, read from the trace's jaxpr, then confirmed on this batch's values by
@@ -773,39 +806,50 @@ def _discover_failure(model: LinenModel, exc: Exception) -> str:
 
 
 def _linen_discover(target: LinenModel, variables, x, seen: dict, others: dict, collections: set, first: list, keys: list):
-    """The training-mode call traced by :func:`discover`: records, changes no behaviour but dropout's; returns the
-    input of the first Conv/Dense/Embed (None: none, or inside a lifted transform)."""
+    """The calls traced by :func:`discover`: records, changes no behaviour but dropout's (off). The training-mode call
+    gives the layers; then, where the model has a training flag, the evaluation-mode call marks a BatchNorm whose first
+    call there runs on batch statistics (``use_running_average`` False, the call's or the attribute) as not tracking
+    statistics. Returns the input of the first Conv/Dense/Embed (None: none, or inside a lifted transform)."""
     import flax.linen as nn
 
     top, kinds = _trace_state(), _first_layers(nn)
+    training, evaluated = [True], set()
 
     def interceptor(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path, kind = tuple(m.path), type(m).__name__
-        if isinstance(m, kinds) and not first:
-            first.append((path, type(m), args[0] if args and _trace_state() == top else None))
         if isinstance(m, nn.BatchNorm):
+            if not _base_call(context, nn.BatchNorm):  # a subclass's own __call__: its base call is recorded
+                return next_fun(*args, **kwargs)
             given = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-            frozen = bool(m.use_running_average if given is None else given)
-            x_in = args[0]
-            channels = 1
-            for a in feature_axes(x_in.ndim, m.axis):
-                channels *= x_in.shape[a]
-            seen.setdefault(path, LinenLayer(path, kind, channels, float(m.epsilon), float(m.momentum), frozen))
+            uses = m.use_running_average if given is None else given
+            if training[0]:
+                x_in = args[0]
+                channels = 1
+                for a in feature_axes(x_in.ndim, m.axis):
+                    channels *= x_in.shape[a]
+                seen.setdefault(path, LinenLayer(path, kind, channels, float(m.epsilon), float(m.momentum), bool(uses)))
+            elif path in seen and path not in evaluated:
+                evaluated.add(path)
+                seen[path].tracks_statistics = _given(uses) is not False
             return _call_with(m, {"axis_name": None}, lambda: next_fun(*args, **kwargs))
-        if isinstance(m, nn.Dropout):
-            collections.add(m.rng_collection)
+        if training[0]:
+            if isinstance(m, kinds) and not first:
+                first.append((path, type(m), args[0] if args and _trace_state() == top else None))
             others.setdefault(path, LinenLayer(path, kind))
+        if _base_call(context, nn.Dropout):
+            collections.add(m.rng_collection)
             return _linen_dropout(next_fun, args, kwargs, m, False)
-        others.setdefault(path, LinenLayer(path, kind))
         return next_fun(*args, **kwargs)
 
-    module, kwargs = linen_call(target.module, target.flag, True)
     rngs = {c: jax.random.key(k) for k, c in enumerate(keys)} or None
-    with nn.intercept_methods(interceptor):
-        module.apply(variables, x, mutable=list(target.mutable), rngs=rngs, **kwargs)
+    for mode in (True, False) if target.flag is not None else (True,):
+        training[0] = mode
+        module, kwargs = linen_call(target.module, target.flag, mode)
+        with nn.intercept_methods(interceptor):
+            module.apply(variables, x, mutable=list(target.mutable), rngs=rngs, **kwargs)
     return first[0][2] if first else None
 
 

@@ -19,6 +19,17 @@ the training-mode trace (the call's argument, else the attribute); a module that
 as a field (``Net(train=False)``, ``use_running_average=not self.train``) is traced as
 ``module.clone(train=True)``, so a layer the mode alone puts on its averages is not frozen.
 
+Without moving statistics in use (``tracks_statistics=False``, status ``no-running-stats``, as
+PyTorch's ``track_running_stats=False``): a BatchNorm on batch statistics in the model's
+evaluation-mode call too (a second abstract trace, the flag False). NNX: the call passes
+``use_running_average=False`` after ``model.eval()``; Linen, where the model has a training flag:
+``use_running_average`` is False there (the call's argument, else the attribute:
+``nn.BatchNorm(use_running_average=False)``). It runs on batch statistics in every mode and is
+never written.
+
+A subclass of ``BatchNorm`` is seen where its base class's ``__call__`` runs (``super().__call__``):
+the call arguments, channels and statistics are those the base gets.
+
 Statistics are handed to the engine flat, one vector per layer: a layer normalizing over several
 feature axes (``BatchNorm(axis=(1, 2))``) or stacked by a lifted transform (``nn.scan``/``nn.vmap``,
 ``nnx.vmap``-created layers) has ``mean.size`` channels, in the variable's C order, and a write
@@ -152,6 +163,8 @@ class NnxModel:
     flag: Flag | None = None
     #: Per BatchNorm path, the ``use_running_average`` its training-mode call passes (None: none); None: not traced.
     calls: dict[Path, bool | None] | None = None
+    #: BatchNorm paths whose evaluation-mode call passes ``use_running_average=False``: no moving statistics in use.
+    always_batch: tuple[Path, ...] = ()
     #: How the model changes its input before its first Conv/Linear/Embed (None: passes it as it is, or not known).
     input_transform: str | None = None
 
@@ -168,6 +181,7 @@ class NnxModel:
                 kind=stacked_kind(type(bn).__name__, _size(bn.mean) // max(int(bn.num_features), 1)),
                 channels=_size(bn.mean), eps=float(bn.epsilon), momentum=float(bn.momentum),
                 frozen=bn.use_running_average is True and training if call is None else call,
+                tracks_statistics=path not in self.always_batch,
             )
             for (path, bn), call in zip(batchnorms, given)
         ]
@@ -192,6 +206,8 @@ class LinenLayer:
     eps: float = 1e-5
     momentum: float | None = None
     frozen: bool = False
+    #: False where the evaluation-mode call runs it on batch statistics too.
+    tracks_statistics: bool = True
 
 
 @dataclass
@@ -219,7 +235,7 @@ class LinenModel:
     def norm_layers(self) -> list[NormLayer]:
         return [
             NormLayer(name=path_name(b.path) or b.kind, handle=BNRef(b.path), kind=b.kind, channels=b.channels, eps=b.eps,
-                      momentum=b.momentum, frozen=b.frozen)
+                      momentum=b.momentum, frozen=b.frozen, tracks_statistics=b.tracks_statistics)
             for b in self.batchnorms
         ]
 

@@ -1,6 +1,7 @@
 """Outputs in a chosen mode through the compiled forward of :mod:`evalgap.flax.forward`: the model never changes.
 
-- E: every BatchNorm on its moving statistics, dropout off, the training flag False;
+- E: every BatchNorm on its moving statistics (one without them in use, ``tracks_statistics``
+  False, on batch statistics, as the model's evaluation mode runs it), dropout off, the training flag False;
 - P: as E, with the given statistics in place of the moving statistics of the given layers
   (NNX: written into the private copy inside the trace; Linen: a new variables tree);
 - T: training mode as the user's training step runs it: BatchNorm on batch statistics
@@ -26,7 +27,7 @@ from .layers import LinenModel, NnxModel
 def plan_for(target: NnxModel | LinenModel, mode: str) -> Plan:
     layers = target.norm_layers()
     if mode in ("E", "P"):
-        return Plan(tuple((layer.handle.path, False, None) for layer in layers))
+        return Plan(tuple((layer.handle.path, not layer.tracks_statistics, None) for layer in layers))
     if mode == "T":
         return Plan(tuple((layer.handle.path, not layer.frozen, None) for layer in layers), dropout=True, training=True)
     raise EvalgapError(f"unknown mode {mode!r}: E, P or T.")
