@@ -61,7 +61,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from ..engine import scale_changed
+from .input_scale import confirm, input_transform
 from ..errors import ModelError
 from .layers import Flag, LinenLayer, LinenModel, NnxModel, Path, like, linen_call, linen_stats, path_name, replace_stats, stacked_kind
 
@@ -462,119 +462,12 @@ def _discover_nnx(target: NnxModel, x: Any) -> None:
         seen: dict = {}
         first: list = []
         jaxpr = jax.make_jaxpr(_bound(_nnx_discover, graphdef, target.flag, seen, first))(state, x)
-        return seen, _input_transform(target.name, first, jaxpr, len(leaves), nnx.Embed)
+        return seen, input_transform(target.name, first, jaxpr, len(leaves), nnx.Embed)
 
     calls, transform = _cached(("nnx-discover", graphdef, target.flag, structure, shapes), trace)
     target.calls = dict(calls.get(True, {}))
     target.always_batch = tuple(path for path, given in calls.get(False, {}).items() if given is False)
     target.input_transform = confirm(*transform, (state, x), x)  # by this batch's values: not cached
-
-
-# ---- does the model change its input before its first layer? ----------------------------
-#: Primitives that pass values on as they are (layout, dtype, selection, order, repetition, padding): an output is the
-#: input's when every operand computed from the model's input is the input's (pad's padding value, gather's indices and
-#: concatenate's other pieces may be constants).
-PASS_THROUGH = frozenset({
-    "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "convert_element_type", "copy", "rev",
-    "slice", "dynamic_slice", "device_put", "sharding_constraint", "stop_gradient", "pad", "concatenate", "tile", "gather",
-})
-
-
-def _input_transform(model: str, first: list, jaxpr: Any, inputs: int, embed: type) -> tuple[str | None, Any]:
-    """Where the model may transform its input itself, and the jaxpr to confirm it by value (:func:`confirm`).
-
-    ``first``: ``(path, class, input)`` of the first Conv/Dense/Embed call (``input`` None inside
-    a lifted transform: not known), the traced function's first output. An Embed embeds its
-    input (sure: no jaxpr to confirm by); another layer's input is a candidate when it is
-    computed from the model's input (the last ``inputs`` arguments of ``jaxpr``) by anything but
-    :data:`PASS_THROUGH` (``x / 255``, ``(x - mean) / std``, but also a resize or a pooling,
-    which keep the input's range): then ``jaxpr`` comes back with it, else None.
-    """
-    if not first:
-        return None, None
-    path, cls, value = first[0]
-    layer = path_name(path) or cls.__name__
-    if issubclass(cls, embed):
-        return f"{layer} (an embedding)", None
-    if value is None or not jaxpr.out_avals:
-        return None, None
-    invars = jaxpr.jaxpr.invars
-    label = _labels(jaxpr.jaxpr, [None] * (len(invars) - inputs) + ["input"] * inputs)[0]
-    return (f"{model}.__call__, before {layer}", jaxpr) if label == "changed" else (None, None)
-
-
-def confirm(transform: str | None, jaxpr: Any, args: Any, x: Any) -> str | None:
-    """``transform`` where the first layer's input, computed from the first batch, changes the input's scale.
-
-    As PyTorch's check (:func:`evalgap.torch.layers.input_transforms`): the first layer's input
-    (the first output of ``jaxpr`` on ``args``, only the equations it depends on evaluated) against
-    the input ``x`` (one floating or uint8 array) by :func:`evalgap.engine.scale_changed` (a resize,
-    a pooling, a crop keep the scale). Where the values cannot be had (several inputs, a failure,
-    non-float or non-finite values), the jaxpr's verdict stands.
-    """
-    if transform is None or jaxpr is None:
-        return transform
-    leaves = jax.tree.leaves(x)
-    if len(leaves) != 1 or not hasattr(leaves[0], "dtype") or np.size(leaves[0]) == 0:
-        return transform
-    if not (jnp.issubdtype(leaves[0].dtype, jnp.floating) or leaves[0].dtype == jnp.uint8):
-        return transform
-    try:
-        got = _first_output(jaxpr, jax.tree.leaves(args))
-        if not jnp.issubdtype(got.dtype, jnp.floating) or got.size == 0:
-            return transform
-        wide = [jnp.asarray(v).astype(jnp.promote_types(jnp.asarray(v).dtype, jnp.float32)) for v in (leaves[0], got)]
-        stats = [f(v) for v in wide for f in (jnp.min, jnp.max, jnp.std)]
-        values = [float(v) for v in jax.device_get(stats)]  # six numbers move, not the batch
-    except Exception:  # the value is not needed to run the model: the jaxpr's verdict stands
-        return transform
-    if not np.all(np.isfinite(values)):
-        return transform
-    return transform if scale_changed(tuple(values[:3]), tuple(values[3:])) else None
-
-
-def _first_output(closed: Any, args: list) -> Any:
-    """The first output of the closed jaxpr ``closed`` on ``args``: only the equations it depends on, one op each."""
-    jaxpr, literal = closed.jaxpr, jax.extend.core.Literal
-    needed = {v for v in jaxpr.outvars[:1] if not isinstance(v, literal)}
-    kept = []
-    for eqn in reversed(jaxpr.eqns):
-        if any(not isinstance(v, literal) and v in needed for v in eqn.outvars):
-            kept.append(eqn)
-            needed.update(v for v in eqn.invars if not isinstance(v, literal))
-    env = dict(zip(jaxpr.constvars, closed.consts))
-    env.update(zip(jaxpr.invars, args))
-
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, literal) else env[v]
-
-    for eqn in reversed(kept):
-        bound = eqn.primitive.get_bind_params(eqn.params)
-        subfuns, params = bound if isinstance(bound, tuple) else ((), bound)  # older JAX: (subfuns, params)
-        out = eqn.primitive.bind(*subfuns, *[read(v) for v in eqn.invars], **params)
-        env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
-    return jnp.asarray(read(jaxpr.outvars[0]))
-
-
-def _labels(jaxpr: Any, given: list) -> list:
-    """Per output of ``jaxpr``: ``"input"`` (an input passed through), ``"changed"`` (computed from one) or None (neither)."""
-    labels = dict(zip(jaxpr.invars, given))
-
-    def of(v: Any) -> Any:
-        return None if isinstance(v, jax.extend.core.Literal) else labels.get(v)
-
-    for eqn in jaxpr.eqns:
-        ins = [of(v) for v in eqn.invars]
-        inner = [p for p in eqn.params.values() if hasattr(p, "eqns") or hasattr(getattr(p, "jaxpr", None), "eqns")]
-        inner = [getattr(p, "jaxpr", p) for p in inner]
-        if len(inner) == 1 and len(inner[0].invars) == len(ins) and len(inner[0].outvars) == len(eqn.outvars):
-            outs = _labels(inner[0], ins)  # a nested jit/call: followed inside
-        elif eqn.primitive.name in PASS_THROUGH and "input" in ins and all(a in (None, "input") for a in ins):
-            outs = ["input"] * len(eqn.outvars)
-        else:
-            outs = ["changed" if any(a is not None for a in ins) else None] * len(eqn.outvars)
-        labels.update(zip(eqn.outvars, outs))
-    return [of(v) for v in jaxpr.outvars]
 
 
 def _bound(fn: Callable, *static: Any) -> Callable:
@@ -741,8 +634,8 @@ def discover(target: NnxModel | LinenModel, x: Any) -> None:
     False where the evaluation-mode call, with a training flag, runs one on batch statistics), ``target.others``
     and ``target.rng_collections`` (every Dropout's, and every collection the model asks a key
     of with ``make_rng``: the trace is retried with a key for it). Both: ``target.input_transform``
-    (:func:`_input_transform`, read from the trace's jaxpr, then confirmed on this batch's values by
-    :func:`confirm`). Cached per model structure, flag and input shapes (PreciseBN traces once per
+    (:func:`evalgap.flax.input_scale.input_transform`, read from the trace's jaxpr, then confirmed on this batch's values by
+    :func:`~evalgap.flax.input_scale.confirm`). Cached per model structure, flag and input shapes (PreciseBN traces once per
     model); the values are compared on every call.
     """
     if isinstance(target, NnxModel):
@@ -788,7 +681,7 @@ def _discover(target: LinenModel, x: Any) -> tuple:
         if layer.channels and size != layer.channels:
             layer.kind, layer.channels = stacked_kind(layer.kind, size // layer.channels), size
     missing = [LinenLayer(p, "BatchNorm (not called on this data)", int(np.size(mv[0]))) for p, mv in stats.items() if p not in seen]
-    transform = _input_transform(target.name, first, jaxpr, len(jax.tree.leaves(x)), nn.Embed)
+    transform = input_transform(target.name, first, jaxpr, len(jax.tree.leaves(x)), nn.Embed)
     return tuple(seen.values()) + tuple(missing), tuple(others.values()), tuple(sorted(collections | set(keys))), transform
 
 
