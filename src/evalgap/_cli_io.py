@@ -69,7 +69,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"images are resized with padding to S x S (default: a Keras model's input height and width where its input "
                         f"shape fixes them, else {DEFAULT_IMAGE_SIZE})")
     p.add_argument("--batch-size", type=positive_int, default=32, help="the training batch size (default 32)")
-    p.add_argument("--max-samples", type=positive_int, default=None, help="use at most N samples: whole batches drawn at random from all of the data")
+    p.add_argument("--max-samples", type=positive_int, default=None, metavar="N",
+                   help="use N // --batch-size whole batches drawn at random from all of the data, and at least one: N "
+                        "below --batch-size still takes one whole batch (the report's notes then say how many samples)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the shuffled batches and of the model's random layers (dropout masks in training mode; default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="batch the images in the order they are read, instead of shuffled as fit does")
@@ -77,16 +79,17 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (counted) instead of failing")
 
 
-def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
-    """(x uint8/float NHWC, y int, description) from --data / --tfds / --npz."""
+def load_arrays(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str, int | None]:
+    """(x uint8/float NHWC, y int, description, number of classes) from --data / --tfds / --npz; the number of classes
+    is that of the class folders (tfds: class names), None for --npz (its labels say it: :func:`check_classes`)."""
     from .data import load_npz
 
     if getattr(args, "npz", None):
         _check_tfds_flags(args)
         x, y = load_npz(args.npz)
-        return x, y, args.npz
+        return x, y, args.npz, None
     s = load_image_set(args)
-    return s.images, s.labels, describe(s)
+    return s.images, s.labels, describe(s), len(s.class_names)
 
 
 def load_image_set(args: argparse.Namespace) -> Any:
@@ -209,6 +212,77 @@ def keras_image_size(model: Any, given: int | None) -> tuple[int, str | None]:
     return height, (None if given is not None else f"resized with padding to {height}x{width}, the model's input size")
 
 
+def _label_classes(y: Any, ignored: set[int]) -> int | None:
+    """The highest class index + 1 of labels that are class indices (integers or whole-number floats, shape (N,) or
+    (N, 1)), values in ``ignored`` (a loss's ``ignore_class``) left out; None for other labels (one-hot, soft)."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or not y.size or y.dtype.kind not in "biuf":
+        return None
+    if y.dtype.kind == "f" and not bool(np.all(np.isfinite(y) & (np.mod(y, 1) == 0))):
+        return None
+    if ignored:
+        y = y[~np.isin(y, list(ignored))]
+    return int(y.max()) + 1 if y.size else None
+
+
+def keras_output_classes(model: Any) -> tuple[int | None, set[int]]:
+    """The number of class scores of a Keras model with one output of shape (None, C), C > 1 (else None), and the
+    labels its loss ignores (``ignore_class``)."""
+    from ._keras_common import ignored_labels
+
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):  # a subclassed or unbuilt model: no output shape to read
+        return None, set()
+    if not outputs or len(outputs) != 1:
+        return None, set()
+    shape = tuple(outputs[0].shape)
+    classes = int(shape[1]) if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 1 else None
+    return classes, ignored_labels(getattr(model, "loss", None))
+
+
+def torch_output_classes(model: Any, x: Any) -> int | None:
+    """The number of class scores of a PyTorch model whose output for a batch is (N, C), C > 1: one forward of the
+    first two samples in evaluation mode, without gradients, torch's RNG and every module's mode put back. None where
+    the output is of another form or the forward fails (the passes then say why)."""
+    import torch
+
+    if len(x) == 0:
+        return None
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            out = float_input(model, (x[:2],))
+    except Exception:  # the model cannot take the data: diagnose names the batch and the reason
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] > 1 else None
+
+
+def check_classes(data_classes: int | None, y: Any, model_classes: int | None, ignored: set[int], source: str) -> None:
+    """Before any pass: data of more classes (class folders, or npz labels' highest index + 1) than the model has
+    outputs are a DataError naming both numbers (the passes would find one batch's labels out of range)."""
+    if model_classes is None:
+        return
+    if data_classes is not None:
+        said = f"{source} holds {data_classes} classes"
+    else:
+        data_classes = _label_classes(y, ignored)
+        if data_classes is None:
+            return
+        said = f"{source} has labels up to {data_classes - 1}, so {data_classes} classes"
+    if data_classes > model_classes:
+        missing = f"label {model_classes}" if data_classes == model_classes + 1 else f"labels {model_classes} to {data_classes - 1}"
+        raise DataError(f"{said}, but the model has {model_classes} outputs (class scores), so {missing} would have no "
+                        f"output to score them: pass the data of the model's {model_classes} classes, or the model trained "
+                        f"on these {data_classes}.")
+
+
 def load_torch_model(spec: str, weights: str | None):
     """``module:factory`` called with no argument, with the ``state_dict`` in ``weights`` loaded."""
     import torch
@@ -254,7 +328,10 @@ def torch_arrays(x: np.ndarray, y: np.ndarray, model: Any = None) -> tuple[Any, 
 
     4-D ``x`` is NHWC (image folders, tfds, most npz files) unless its axis 1, not its last, holds as
     many channels as the model's first convolution takes (an npz saved from PyTorch, NCHW); without a
-    convolution to ask, axis 1 of size 1, 3 or 4 with another last axis means NCHW.
+    convolution to ask, axis 1 of size 1, 3 or 4 with another last axis means NCHW. 3-D ``x`` (N, H, W)
+    for a model whose first convolution is 2-D holds grayscale images without their channel axis: it
+    gets one, (N, 1, H, W), where that convolution takes 1 channel; otherwise it is a DataError
+    naming the shape (a batch of them would be read as one image of batch-size channels).
     """
     import torch
 
@@ -268,19 +345,31 @@ def torch_arrays(x: np.ndarray, y: np.ndarray, model: Any = None) -> tuple[Any, 
     t = torch.from_numpy(x)
     if t.dim() == 4 and _layout(tuple(t.shape), _first_conv_channels(model)) == "NHWC":
         t = t.permute(0, 3, 1, 2)
+    conv = _first_conv(model)
+    if t.dim() == 3 and conv is not None and len(conv.kernel_size) == 2:
+        if conv.in_channels in (0, 1):  # 0: a lazy convolution, which takes what the first batch has
+            t = t.unsqueeze(1)
+        else:
+            raise DataError(
+                f"x has shape {tuple(x.shape)}: images without a channel axis (N, H, W), but the model's first convolution "
+                f"takes {conv.in_channels} channels: save x with its channels, (N, {conv.in_channels}, H, W) or "
+                f"(N, H, W, {conv.in_channels}) (grayscale as RGB: np.repeat(x[:, None], {conv.in_channels}, axis=1)).")
     whole = y.dtype.kind in "biu" or (y.dtype.kind == "f" and y.size and bool(np.all(np.isfinite(y) & (np.mod(y, 1) == 0))))
     return t, torch.from_numpy(y.astype(np.int64) if whole else y)
 
 
-def _first_conv_channels(model: Any) -> int | None:
+def _first_conv(model: Any) -> Any:
+    """The model's first convolution module (in ``modules()`` order), or None."""
     from torch import nn
 
     if model is None:
         return None
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return int(m.in_channels)
-    return None
+    return next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+
+
+def _first_conv_channels(model: Any) -> int | None:
+    conv = _first_conv(model)
+    return None if conv is None else int(conv.in_channels)
 
 
 def _layout(shape: tuple[int, ...], channels: int | None) -> str:

@@ -73,25 +73,47 @@ def _check_model_flags(args: argparse.Namespace) -> None:
         raise DataError("--weights goes with --torch-model.")
 
 
-def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, str, dict]:
-    """The model, the evalgap module for it (torch, keras, tf_keras), its data, the data's note and that module's extra options."""
-    from ._cli_io import float_input, keras_api, keras_image_size, load_arrays, load_keras_model, load_torch_model, torch_arrays
+def _data_flag(args: argparse.Namespace) -> str:
+    """The data flag and its value, as the user gave them (for messages)."""
+    return f"--npz {args.npz}" if args.npz else f"--tfds {args.tfds}" if args.tfds else f"--data {args.data}"
+
+
+def _model_and_data(args: argparse.Namespace, check_classes: bool = False) -> tuple[Any, Any, Any, str, dict]:
+    """The model, the evalgap module for it (torch, keras, tf_keras), its data, the data's note and that module's extra
+    options. ``check_classes``: data of more classes than the model has outputs are refused here, before any pass."""
+    from ._cli_io import (check_classes as refuse_more_classes, float_input, keras_api, keras_image_size, keras_output_classes,
+                          load_arrays, load_keras_model, load_torch_model, torch_arrays, torch_output_classes)
 
     if args.torch_model:
         import evalgap.torch as api
 
         import torch
 
-        x, y, note = load_arrays(args)
+        x, y, note, classes = load_arrays(args)
         torch.manual_seed(args.seed)  # dropout masks in training mode: the same in every run of the command
         model = load_torch_model(args.torch_model, args.weights)
-        return model, api, torch_arrays(x, y, model), note, {"forward": float_input}
+        data = torch_arrays(x, y, model)
+        if x.ndim == 3 and data[0].dim() == 4:
+            note += f", images of shape {x.shape} read as one channel, (N, 1, H, W), as the model's first convolution takes"
+        if check_classes:
+            refuse_more_classes(classes, y, torch_output_classes(model, data[0]), set(), _data_flag(args))
+        return model, api, data, note, {"forward": float_input}
     model = load_keras_model(args.model, seed=args.seed)
     size_note = None
     if not args.npz:  # --data and --tfds resize the images: to the model's input size where it is fixed
         args.image_size, size_note = keras_image_size(model, args.image_size)
-    x, y, note = load_arrays(args)
+    x, y, note, classes = load_arrays(args)
+    if check_classes:
+        refuse_more_classes(classes, y, *keras_output_classes(model), _data_flag(args))
     return model, keras_api(args.model), (x, y), f"{note}, {size_note}" if size_note else note, {}
+
+
+def _max_samples_note(args: argparse.Namespace, samples: int) -> str | None:
+    """The note for a --max-samples that the whole batches exceed (below one batch: one batch is taken)."""
+    if args.max_samples is None or samples <= args.max_samples:
+        return None
+    return (f"--max-samples {args.max_samples}: {samples} samples were used, more than {args.max_samples}, since the passes "
+            f"take whole batches of --batch-size {args.batch_size}, at least one.")
 
 
 def _check_reports(args: argparse.Namespace) -> None:
@@ -108,6 +130,9 @@ def _check_reports(args: argparse.Namespace) -> None:
                 raise DataError(f"{flag} {path} is {other_flag} ({other}), an input: writing the report would overwrite it. "
                                 f"Give {flag} a file of its own.")
         check_writable(path, flag)
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise DataError(f"the folder of {flag} {path} does not exist: create {folder} first, or choose another path.")
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -115,10 +140,10 @@ def _diagnose(args: argparse.Namespace) -> int:
 
     _check_model_flags(args)
     _check_reports(args)
-    model, eg, data, note, extra = _model_and_data(args)
+    model, eg, data, note, extra = _model_and_data(args, check_classes=True)
     options = dict(_batching(args), max_samples=args.max_samples, primary=args.primary, progress=not args.quiet)
     report = eg.diagnose(model, data, **options, **extra)
-    report.notes.insert(0, note)
+    report.notes[:0] = [n for n in (note, _max_samples_note(args, report.samples)) if n]
     Console(width=None if sys.stdout.isatty() else 120).print(report)
     if args.json:
         report.to_json(args.json)
@@ -176,6 +201,9 @@ def _recalibrate(args: argparse.Namespace) -> int:
     model, eg, data, note, extra = _model_and_data(args)
     options = dict(_batching(args), max_samples=args.max_samples, progress=not args.quiet)
     result = eg.recalibrate(model, data, **options, **extra)
+    said = _max_samples_note(args, result.samples)
+    if said:
+        result.notes.append(said)
     if args.torch_model:
         import torch
 
@@ -198,8 +226,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise DataError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}.")
-    _output_folder(args.out, "--out")  # before hours of training, not after
+    check_writable(args.out, "--out", folder=True)  # before hours of training, not after; created once the data are read
     s = load_image_set(args)
+    _output_folder(args.out, "--out")
     reproduce(s.images, s.labels, len(s.class_names), variants=variants, epochs=args.epochs, batch_size=args.batch_size,
               out=args.out, source=describe(s),
               console=demo_console(), precise_every=args.precise_every, keras_version=args.keras,

@@ -25,7 +25,10 @@ def accuracy_by_epoch(series: Mapping[str, Sequence[float]], title: str, ylabel:
     styles = {"accuracy": "-o", "val_accuracy": "-s", "precise_val_accuracy": "--^"}
     for name, values in series.items():
         ax.plot(range(1, len(values) + 1), values, styles.get(name.split(": ")[-1], "-o"), label=name, markersize=4)
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.5 on a 2-epoch run
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)

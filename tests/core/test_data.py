@@ -484,3 +484,93 @@ def test_tfds_grayscale_rgba_and_16_bit_images_come_as_rgb(monkeypatch):
         np.testing.assert_array_equal(s.images, np.stack(reference))
     _fake_tfds(monkeypatch, rgba[..., :3].copy())
     assert load_tfds("fake", image_size=8).converted == 0
+
+
+def test_a_train_val_folder_or_a_folder_a_level_too_high_names_the_folders_of_class_folders_below(tmp_path):
+    """data/train/<class>/..., data/val/<class>/... (or a folder two levels above the classes) was "class folder
+    data/train holds no image: remove it or add its images": it says the sub-folders hold folders, not images, and
+    names the folders below that hold class folders, as --data; in a zip too. A class folder among classes that holds
+    a folder, and an empty class folder, keep their own messages."""
+    rng = np.random.default_rng(9)
+    px = lambda: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # noqa: E731
+    _write_tree(tmp_path / "src", {f"two/{split}/{c}/{i}.png": px() for split in ("train", "val") for c in ("a", "b") for i in (0, 1)})
+    two = tmp_path / "src" / "two"
+    with pytest.raises(DataError) as err:
+        load_image_folder(two, 8, cache=False)
+    said = str(err.value)
+    assert f"{two}: its sub-folders (train, val) hold folders, not images, so they are not class folders" in said, said
+    assert f"--data {two / 'train'} (found 2: {two / 'train'}, {two / 'val'})" in said and "remove it" not in said, said
+    assert load_image_folder(two / "train", 8, cache=False).class_names == ["a", "b"]  # what it suggests reads
+    _zip_tree(tmp_path / "src", tmp_path / "two.zip")  # zip -r two.zip two/: the top folder is looked into, as unzipped
+    with pytest.raises(DataError, match=r"two/ in .*two\.zip: its sub-folders \(train, val\) hold folders, not images.* "
+                                        r"in two/train/, two/val/ of the zip: unzip it .*--data <unzipped>/two/train"):
+        load_image_folder(tmp_path / "two.zip", 8, cache=False)
+    # two levels too high, beside folders of other files: the folder of class folders is found below
+    (tmp_path / "src" / "notes").mkdir()
+    (tmp_path / "src" / "notes" / "readme.md").write_text("x")
+    with pytest.raises(DataError) as err:
+        load_image_folder(tmp_path / "src", 8, cache=False)
+    said = str(err.value)
+    assert "none of its sub-folders (notes, two) holds an image" in said and "(two holds folders)" in said, said
+    assert f"--data {two / 'train'}" in said, said
+    # nothing below to suggest
+    (tmp_path / "deep" / "x" / "y" / "z").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"hold folders, not images.*no folder up to 4 levels below it holds class folders"):
+        load_image_folder(tmp_path / "deep", 8, cache=False)
+    # a class among classes that holds a folder of images, and an empty class folder with a text file: their own words
+    _write_tree(tmp_path / "mixed", {"a/0.png": px(), "b/inner/0.png": px()})
+    with pytest.raises(DataError, match=r"class folder .*mixed/b holds folders \(inner\), not images .*move them there"):
+        load_image_folder(tmp_path / "mixed", 8, cache=False)
+    _write_tree(tmp_path / "empty", {"a/0.png": px()})
+    (tmp_path / "empty" / "b").mkdir()
+    (tmp_path / "empty" / "b" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match=r"class folder .*empty/b holds no image \(.*\); it holds readme.txt: remove it or add its images"):
+        load_image_folder(tmp_path / "empty", 8, cache=False)
+
+
+def test_bmp_gif_and_webp_images_are_read_and_other_files_are_counted_in_a_warning(tmp_path, caplog):
+    """keras.utils.image_dataset_from_directory reads .bmp and .gif (its first frame): they were dropped without a
+    word, so the counts were wrong. They are read (.webp too, where Pillow reads it), in a folder and its zip; other
+    files in a class folder are left out with a warning naming a few and the count."""
+    from PIL import features
+
+    rng = np.random.default_rng(10)
+    palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], np.uint8)  # a GIF keeps these exactly
+    px = {n: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for n in ("png", "bmp", "webp")}
+    px["gif"] = palette[rng.integers(0, 4, (8, 8))]
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    Image.fromarray(px["png"]).save(root / "a" / "0.png")
+    Image.fromarray(px["bmp"]).save(root / "a" / "1.bmp")
+    frames = [Image.fromarray(px["gif"]), Image.fromarray(palette[rng.integers(0, 4, (8, 8))])]
+    frames[0].save(root / "b" / "2.gif", save_all=True, append_images=frames[1:], duration=100)  # animated: the first frame
+    webp = features.check("webp")
+    if webp:
+        Image.fromarray(px["webp"]).save(root / "b" / "3.webp", lossless=True)
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "b" / "photo.heic").write_bytes(b"\0" * 16)
+    _zip_tree(root, tmp_path / "imgs.zip")
+    for src in (root, tmp_path / "imgs.zip"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="evalgap.data"):
+            s = load_image_folder(src, 8, cache=False)
+        names = ["png", "bmp", "gif"] + (["webp"] if webp else [])
+        assert len(s) == len(names) and s.labels.tolist() == [0, 0, 1] + ([1] if webp else []), (src, s.labels)
+        np.testing.assert_array_equal(s.images, np.stack([px[n] for n in names]))
+        assert "2 file(s) in the class folders are left out" in caplog.text and "a/notes.txt, b/photo.heic" in caplog.text, caplog.text
+
+
+def test_an_unknown_tfds_name_is_one_short_line_with_close_names(monkeypatch):
+    """tfds's DatasetNotFoundError pastes every data set's name (460 lines): one line, the name, close matches and how
+    to list them; a config the data set lacks is one line too. (tfds looks the names up offline.)"""
+    pytest.importorskip("tensorflow_datasets")
+    for name, close in (("nosuchds", None), ("uc_merce", "uc_merced")):
+        with pytest.raises(DataError) as err:
+            load_tfds(name, image_size=8)
+        said = str(err.value)
+        assert len(said.splitlines()) == 1 and len(said) < 400 and f"tfds has no data set named {name!r}" in said, said
+        assert "tfds.list_builders()" in said and ("Close names: uc_merced" in said if close else "Close names" not in said), said
+    with pytest.raises(DataError) as err:
+        load_tfds("mnist/no_such_config", image_size=8)
+    assert len(str(err.value).splitlines()) == 1 and "no_such_config" in str(err.value), str(err.value)

@@ -474,3 +474,78 @@ def test_every_api_refuses_counts_that_are_not_whole_numbers_of_at_least_1_befor
                                     (2.5, "got 2.5 of type float"), (True, "got True of type bool")]:
                     with pytest.raises(DataError, match=re.escape(says)):
                         fn(None, None, **{arg: value})  # refused before the model or the data are looked at
+
+
+# ---- classes the model cannot score, reports in missing folders, reproduce's --out, tfds names, folders too high ----
+
+
+def test_diagnose_refuses_data_of_more_classes_than_the_model_has_outputs_before_any_pass(tmp_path, monkeypatch, capsys):
+    """3 class folders (or npz labels 0-2) for a 2-class model said "labels must be class indices in [0, 2) ... but
+    they range over [1, 2]", one batch's range, from inside a pass: one line with both numbers and the fix, first."""
+    import evalgap.keras
+
+    monkeypatch.setenv("EVALGAP_CACHE", str(tmp_path / "cache"))
+    data = _image_folder(tmp_path / "imgs", 16, per_class=2)
+    _image_folder(tmp_path / "more", 16, per_class=2)
+    (data / "c").mkdir()
+    for f in (tmp_path / "more" / "a").iterdir():
+        f.rename(data / "c" / f.name)
+    _pooled_model((16, 16, 3)).save(tmp_path / "m.keras")
+    np.savez(tmp_path / "three.npz", x=np.zeros((6, 16, 16, 3), np.uint8), y=np.arange(6) % 3)
+    with monkeypatch.context() as m:
+        m.setattr(evalgap.keras, "diagnose", lambda *a, **k: pytest.fail("a pass ran before the classes were checked"))
+        for source, said in ((["--data", str(data)], f"--data {data} holds 3 classes"),
+                             (["--npz", str(tmp_path / "three.npz")], "has labels up to 2, so 3 classes")):
+            assert main(["diagnose", str(tmp_path / "m.keras"), *source, "--batch-size", "4", "-q"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and said in err and "the model has 2 outputs" in err and "so label 2 would" in err, err
+    # one sigmoid output scores 2 classes: not refused
+    from evalgap._cli_io import keras_output_classes
+
+    inp = keras.Input((4,))
+    assert keras_output_classes(keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(inp)))[0] is None
+
+
+def test_a_report_in_a_missing_folder_exits_2_before_loading_and_creates_nothing(saved, tmp_path, monkeypatch, capsys):
+    """--json /nonexist/a.json created the folder while recalibrate -o refused one: both refuse, naming it."""
+    _never_loaded(monkeypatch)
+    for flag in ("--json", "--html"):
+        target = tmp_path / "missing" / "deeper" / "r.out"
+        assert main(["diagnose", str(saved / "model.keras"), "--npz", str(saved / "data.npz"), flag, str(target), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"the folder of {flag} {target} does not exist: create {target.parent} first" in err, err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_reproduce_with_unreadable_data_leaves_no_output_folder(tmp_path, monkeypatch, capsys):
+    """reproduce --data /nonexistent --out X exited 2 and left an empty X/: the data are read before X is made (a
+    folder in the way of X is still refused before the data are read)."""
+    import evalgap.seed.reproduce as job
+
+    monkeypatch.setattr(job, "reproduce", lambda *a, **k: pytest.fail("trained on data that cannot be read"))
+    monkeypatch.setenv("EVALGAP_CACHE", str(tmp_path / "cache"))
+    _image_folder(tmp_path / "two" / "train", 8)
+    _image_folder(tmp_path / "two" / "val", 8)
+    for data, said in ((tmp_path / "nonexistent", "does not exist"), (tmp_path / "two", "hold folders, not images")):
+        out = tmp_path / "X" / "rep"
+        assert main(["reproduce", "--data", str(data), "--image-size", "32", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "X").exists()
+    assert main(["reproduce", "--data", str(tmp_path / "two" / "train"), "--image-size", "32", "--out", str(tmp_path / "two" / "train" / "a" / "0.png" / "o")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_train_val_folder_and_an_unknown_tfds_name_exit_2_with_one_line_naming_the_fix(saved, tmp_path, monkeypatch, capsys):
+    """--data data/two (train/ and val/ of class folders) said "class folder data/two/train holds no image ... remove
+    it"; --tfds nosuchds printed 460 lines (tfds's every name)."""
+    monkeypatch.setenv("EVALGAP_CACHE", str(tmp_path / "cache"))
+    _image_folder(tmp_path / "two" / "train", 16)
+    _image_folder(tmp_path / "two" / "val", 16)
+    assert main(["diagnose", str(saved / "model.keras"), "--data", str(tmp_path / "two"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hold folders, not images" in err and f"--data {tmp_path / 'two' / 'train'}" in err, err
+    pytest.importorskip("tensorflow_datasets")
+    assert main(["diagnose", str(saved / "model.keras"), "--tfds", "nosuchds", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tfds has no data set named 'nosuchds'" in err and "list_builders" in err, err

@@ -202,3 +202,91 @@ def test_fail_over_must_be_a_number_of_at_least_0(value, capsys):
     err = capsys.readouterr().err
     assert done.value.code == 2 and "argument --fail-over: expected a number >= 0" in err and "Traceback" not in err, err
     assert build_parser().parse_args(["diagnose", "m.keras", "--npz", "d.npz", "--fail-over", "0"]).fail_over == 0
+
+
+def make_gray_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def _never_diagnosed(monkeypatch):
+    import evalgap.torch as eg
+
+    monkeypatch.setattr(eg, "diagnose", lambda *a, **k: pytest.fail("a pass ran before the classes were checked"))
+
+
+def test_data_of_more_classes_than_the_model_has_outputs_exit_2_before_any_pass(tmp_path, monkeypatch, capsys):
+    """5 class folders and a 3-class model said one batch's range ("they range over [1, 3]"); an npz of labels 0-4
+    likewise. Both numbers and the fix, one line, before any pass; the model's modes and torch's RNG unchanged."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for c in "abcde":
+        (tmp_path / "five" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "five" / c / f"{i}.png")
+    np.savez(tmp_path / "five.npz", x=rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8), y=np.arange(10) % 5)
+    monkeypatch.setenv("EVALGAP_CACHE", str(tmp_path / "cache"))
+    with monkeypatch.context() as m:
+        _never_diagnosed(m)
+        for data, said in ((["--data", str(tmp_path / "five"), "--image-size", "8"], f"--data {tmp_path / 'five'} holds 5 classes"),
+                           (["--npz", str(tmp_path / "five.npz")], f"--npz {tmp_path / 'five.npz'} has labels up to 4, so 5 classes")):
+            assert main(["diagnose", "--torch-model", f"{__name__}:make_net", *data, "--batch-size", "4", "-q"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and said in err and "the model has 3 outputs" in err and "labels 3 to 4" in err, err
+            assert "range over" not in err, err
+    # the outputs are counted by one forward in evaluation mode that puts back every module's mode and torch's RNG
+    from evalgap._cli_io import torch_output_classes
+
+    net = nn.Sequential(make_net(), nn.Dropout(0.5))
+    net[0][1].eval()  # a frozen BN stays frozen
+    before = ({k: v.clone() for k, v in net.state_dict().items()}, torch.get_rng_state())
+    assert torch_output_classes(net, torch.zeros(10, 3, 8, 8, dtype=torch.uint8)) == 3
+    assert [m.training for m in net.modules()] == [True, True, True, False, True, True, True, True, True]
+    assert all(torch.equal(v, before[0][k]) for k, v in net.state_dict().items()) and torch.equal(torch.get_rng_state(), before[1])
+    assert torch_output_classes(net, torch.zeros(10, 5, 8, 8)) is None  # a forward that fails: the passes say why
+    # 3 classes of 5 outputs are fine: the passes run
+    np.savez(tmp_path / "three.npz", x=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8), y=np.arange(12) % 3)
+    assert main(["diagnose", "--torch-model", f"{__name__}:make_net", "--npz", str(tmp_path / "three.npz"), "--batch-size", "4", "-q"]) == 0
+
+
+def test_grayscale_npz_without_a_channel_axis_gets_one_for_a_one_channel_convolution(tmp_path, capsys):
+    """x of shape (N, H, W) reached Conv2d as one image of batch-size channels ("expected input[1, 5, 32, 32] to have
+    1 channels, but got 5 channels"). For a first convolution of 1 channel the axis is added (the same report as
+    (N, 1, H, W)), said in the notes; for one of 3 channels, exit 2 naming the shape and the fix."""
+    rng = np.random.default_rng(4)
+    y = np.arange(20) % 3
+    x = (rng.normal(0, 20, (20, 8, 8)) + 60 * y[:, None, None]).clip(0, 255).astype(np.uint8)
+    np.savez(tmp_path / "gray.npz", x=x, y=y)
+    np.savez(tmp_path / "gray_nchw.npz", x=x[:, None], y=y)
+    reports = {}
+    for name in ("gray", "gray_nchw"):
+        assert main(["diagnose", "--torch-model", f"{__name__}:make_gray_net", "--npz", str(tmp_path / f"{name}.npz"),
+                     "--batch-size", "5", "-q", "--json", str(tmp_path / f"{name}.json")]) == 0, capsys.readouterr().err
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert reports["gray"]["metrics"] == reports["gray_nchw"]["metrics"]
+    assert "images of shape (20, 8, 8) read as one channel, (N, 1, H, W)" in reports["gray"]["notes"][0], reports["gray"]["notes"]
+    capsys.readouterr()
+    assert main(["diagnose", "--torch-model", f"{__name__}:make_net", "--npz", str(tmp_path / "gray.npz"), "--batch-size", "5", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "x has shape (20, 8, 8): images without a channel axis" in err, err
+    assert "first convolution takes 3 channels" in err and "np.repeat(x[:, None], 3, axis=1)" in err and "got 5 channels" not in err, err
+
+
+def test_max_samples_below_one_batch_is_said_in_the_help_and_the_notes(tmp_path, capsys):
+    """--max-samples 3 --batch-size 4 used 4 samples while the help said "at most N": the help says whole batches, at
+    least one, and the report's notes (and recalibrate's) say how many samples were used."""
+    _trained_files(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--help"])
+    assert "at least one" in " ".join(capsys.readouterr().out.split())
+    common = ["--torch-model", f"{__name__}:make_net", "--weights", str(tmp_path / "w.pt"), "--npz", str(tmp_path / "d.npz"),
+              "--batch-size", "4", "-q"]
+    said = "--max-samples 3: 4 samples were used, more than 3, since the passes take whole batches of --batch-size 4, at least one."
+    assert main(["diagnose", *common, "--max-samples", "3", "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["samples"] == 4 and said in report["notes"], report["notes"]
+    capsys.readouterr()
+    assert main(["recalibrate", *common, "--max-samples", "3", "-o", str(tmp_path / "f.pt")]) == 0
+    assert said in " ".join(capsys.readouterr().out.split())
+    assert main(["diagnose", *common, "--max-samples", "8", "--json", str(tmp_path / "r8.json")]) == 0  # whole batches: no note
+    assert not any("--max-samples" in n for n in json.loads((tmp_path / "r8.json").read_text())["notes"])

@@ -1,9 +1,11 @@
 """Image folders in the layout of the official UC Merced archive: ``Images/<class>/<file>``.
 
 Labels are the class folders in sorted order (the order tensorflow_datasets uses). Files
-``.tif .tiff .jpg .jpeg .png`` are read with Pillow (tfds' ``ImageFolder`` cannot read
-``.tif``, the archive's format), converted to RGB (grayscale, RGBA and 16-bit images are
-converted, and counted), and brought to ``size x size`` with :func:`resize_with_pad` (the
+``.tif .tiff .jpg .jpeg .png .bmp .gif`` (and ``.webp`` where Pillow reads it) are read with
+Pillow (tfds' ``ImageFolder`` cannot read ``.tif``, the archive's format; a GIF gives its first
+frame, as ``keras.utils.image_dataset_from_directory`` reads it; other files in a class folder
+are left out, counted in a warning), converted to RGB (grayscale, RGBA, palette and 16-bit images
+are converted, and counted), and brought to ``size x size`` with :func:`resize_with_pad` (the
 seed's preprocessing), rounded to uint8. Images of more than 8 bits per sample (16-bit PNG
 and TIFF, 32-bit integer TIFF) keep their top 8 bits, as ``tf.io.decode_png(channels=3)``
 reads a 16-bit PNG (``value >> 8``); floating-point TIFFs are read as ``[0, 1]`` (or, where all
@@ -13,7 +15,8 @@ the sub-folders of ``Images``, ``UCMerced_LandUse/Images`` or the top level (a t
 holds nothing but one folder of folders is that folder, as ``zip -r data.zip data/`` stores
 it); a class is the folder just below them, and only the images directly in it are read
 (sub-folders of a class folder and images beside the class folders are not, with a warning); a
-class folder without an image is an error. Hidden entries (names starting with ``.``:
+class folder without an image is an error (where the would-be class folders hold folders, not
+images, the error says so and names the folders below that hold class folders). Hidden entries (names starting with ``.``:
 ``.ipynb_checkpoints/``, macOS ``._*`` files) and ``__MACOSX/`` are skipped, files and
 folders, as ``keras.utils.image_dataset_from_directory`` and tfds skip them.
 
@@ -43,7 +46,26 @@ from .resize import resize_with_pad
 
 logger = logging.getLogger("evalgap.data")
 
-EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
+
+
+def _extensions() -> tuple[str, ...]:
+    """The image files read: the archive's ``.tif``, what ``keras.utils.image_dataset_from_directory`` reads (``.jpg``,
+    ``.jpeg``, ``.png``, ``.bmp``, ``.gif``) and ``.webp`` where this Pillow reads it."""
+    found = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp", ".gif")
+    try:
+        from PIL import features
+
+        if features.check("webp"):
+            found += (".webp",)
+    except Exception:  # an old or partial Pillow: no WebP
+        pass
+    return found
+
+
+EXTENSIONS = _extensions()
+
+#: How many levels below a folder of folders of folders the loader looks for the class folders it could mean.
+_SEARCH_DEPTH = 4
 
 
 @dataclass
@@ -102,6 +124,18 @@ class _FolderTree:
             found.append((str(f), st.st_size, st.st_mtime))
         return found
 
+    def others(self, parts: tuple[str, ...]) -> list[str]:
+        """The names of the files directly in ``parts`` that are not images read here (not hidden), by name."""
+        return sorted(f.name for f in self._path(parts).iterdir()
+                      if f.suffix.lower() not in EXTENSIONS and not _hidden(f.name) and not f.is_dir())
+
+    def has_images(self, parts: tuple[str, ...]) -> bool:
+        """Whether an image file lies directly in ``parts`` (stops at the first)."""
+        try:
+            return any(f.suffix.lower() in EXTENSIONS and not _hidden(f.name) and not f.is_dir() for f in self._path(parts).iterdir())
+        except OSError:
+            return False
+
 
 class _ZipTree:
     """The folders and files a zip's entry names make (``/`` or ``\\`` separated; folders named only by
@@ -111,6 +145,7 @@ class _ZipTree:
         self.path = path
         self._folders: dict[tuple[str, ...], set[str]] = {(): set()}
         self._images: dict[tuple[str, ...], list[tuple[str, int, float]]] = {}
+        self._others: dict[tuple[str, ...], list[str]] = {}
         for info in zf.infolist():
             name = info.filename.replace("\\", "/")
             parts = tuple(p for p in name.split("/") if p not in ("", "."))
@@ -120,8 +155,12 @@ class _ZipTree:
             for i in range(len(folder)):
                 self._folders.setdefault(folder[:i], set()).add(folder[i])
                 self._folders.setdefault(folder[: i + 1], set())
-            if not name.endswith("/") and Path(parts[-1]).suffix.lower() in EXTENSIONS:
+            if name.endswith("/"):
+                continue
+            if Path(parts[-1]).suffix.lower() in EXTENSIONS:
                 self._images.setdefault(folder, []).append((info.filename, info.file_size, float(info.CRC)))
+            else:
+                self._others.setdefault(folder, []).append(parts[-1])
 
     def show(self, parts: tuple[str, ...]) -> str:
         return f"{'/'.join(parts)}/ in {self.path}" if parts else str(self.path)
@@ -134,6 +173,12 @@ class _ZipTree:
 
     def images(self, parts: tuple[str, ...]) -> list[tuple[str, int, float]]:
         return sorted(self._images.get(parts, []), key=lambda e: Path(e[0].replace("\\", "/")).name)
+
+    def others(self, parts: tuple[str, ...]) -> list[str]:
+        return sorted(self._others.get(parts, []))
+
+    def has_images(self, parts: tuple[str, ...]) -> bool:
+        return bool(self._images.get(parts))
 
 
 def _find_root(tree) -> tuple[str, ...]:
@@ -173,14 +218,20 @@ def _listing(path: Path) -> tuple[list[tuple[str, str, int, float]], list[str]]:
         tree = _FolderTree(path)
     root = _find_root(tree)
     classes = tree.folders(root)
+    files_of = {cls: tree.images(root + (cls,)) for cls in classes}
+    if not all(files_of.values()):
+        raise _no_image_error(tree, root, [cls for cls in classes if not files_of[cls]], len(classes))
     entries = []
     nested = []
+    left_out = []
     for cls in classes:
-        files = tree.images(root + (cls,))
-        if not files:
-            raise DataError(f"class folder {tree.show(root + (cls,))} holds no image ({', '.join(EXTENSIONS)}): remove it or add its images.")
-        entries += [(member, cls, size, stamp) for member, size, stamp in files]
+        entries += [(member, cls, size, stamp) for member, size, stamp in files_of[cls]]
         nested += [f"{cls}/{sub}" for sub in tree.folders(root + (cls,))]
+        left_out += [f"{cls}/{name}" for name in tree.others(root + (cls,))]
+    if left_out:
+        logger.warning("%s: %d file(s) in the class folders are left out, not being images of a kind read here (%s%s); "
+                       "the images read are %s", tree.show(root), len(left_out), ", ".join(left_out[:3]),
+                       ", ..." if len(left_out) > 3 else "", " ".join(EXTENSIONS))
     if nested:
         logger.warning("%s: the images in sub-folders of class folders are not read (%s%s): a class's images lie directly in "
                        "its folder", tree.show(root), ", ".join(nested[:3]), ", ..." if len(nested) > 3 else "")
@@ -190,6 +241,65 @@ def _listing(path: Path) -> tuple[list[tuple[str, str, int, float]], list[str]]:
                        "it lies in", tree.show(root), len(beside), ", ".join(Path(m.replace("\\", "/")).name for m, _, _ in beside[:3]),
                        ", ..." if len(beside) > 3 else "")
     return entries, classes
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def _class_roots(tree, start: tuple[str, ...], budget: int = 400) -> list[tuple[str, ...]]:
+    """The folders below ``start`` (breadth first, at most :data:`_SEARCH_DEPTH` levels, ``budget`` folders looked at)
+    every sub-folder of which holds images directly: folders of class folders, which the loader reads as given."""
+    found, level = [], [start]
+    for _ in range(_SEARCH_DEPTH):
+        below = []
+        for parent in level:
+            for name in tree.folders(parent):
+                place = parent + (name,)
+                budget -= 1
+                if budget < 0:
+                    return found
+                subs = tree.folders(place)
+                if subs and all(tree.has_images(place + (sub,)) for sub in subs):
+                    found.append(place)
+                else:
+                    below.append(place)
+        level = below
+    return found
+
+
+def _no_image_error(tree, root: tuple[str, ...], empty: list[str], count: int) -> DataError:
+    """The error for class folders without an image: where none of them holds an image and they hold folders (a
+    train/ and val/ folder, a folder given one level too high), that, with the folders of class folders found below."""
+    kinds = ", ".join(EXTENSIONS)
+    with_folders = [cls for cls in empty if tree.folders(root + (cls,))]
+    if len(empty) < count or not with_folders:  # a class among classes, or an empty folder: not a misplaced root
+        cls = with_folders[0] if with_folders else empty[0]
+        place = tree.show(root + (cls,))
+        if with_folders:
+            return DataError(f"class folder {place} holds folders ({_names(tree.folders(root + (cls,)))}), not images "
+                             f"({kinds}): a class's images lie directly in its folder; move them there, or remove the folder.")
+        others = tree.others(root + (cls,))
+        holds = f"; it holds {_names(others)}" if others else ""
+        return DataError(f"class folder {place} holds no image ({kinds}){holds}: remove it or add its images.")
+    if len(with_folders) == len(empty):
+        said = f"its sub-folders ({_names(empty)}) hold folders, not images, so they are not class folders"
+    else:
+        said = (f"none of its sub-folders ({_names(empty)}) holds an image ({kinds}), so none is a class folder "
+                f"({_names(with_folders)} hold{'s' if len(with_folders) == 1 else ''} folders)")
+    found = _class_roots(tree, root)
+    if not found:
+        return DataError(f"{tree.show(root)}: {said}, and no folder up to {_SEARCH_DEPTH} levels below it holds class folders "
+                         f"of images: pass the folder that holds one sub-folder of images per class.")
+    if isinstance(tree, _ZipTree):
+        inside = ["/".join(place) for place in found]
+        return DataError(f"{tree.show(root)}: {said}. The class folders are lower, in {_names([f'{i}/' for i in inside])} of "
+                         f"the zip: unzip it and pass the folder that holds them (--data <unzipped>/{inside[0]}), or zip that "
+                         "folder alone.")
+    shown = [tree.show(place) for place in found]
+    also = f" (found {len(shown)}: {_names(shown)})" if len(shown) > 1 else ""
+    return DataError(f"{tree.show(root)}: {said}. The class folders are lower: pass the folder that holds them, "
+                     f"--data {shown[0]}{also}.")
 
 
 def load_image_folder(

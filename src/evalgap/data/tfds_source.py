@@ -81,6 +81,37 @@ def _rgb(img: np.ndarray) -> tuple[np.ndarray, bool]:
     return img, converted
 
 
+#: How to list the data sets tfds knows.
+LIST_HINT = "python -c \"import tensorflow_datasets as tfds; print(tfds.list_builders())\""
+
+
+def _not_found(name: str, exc: Exception) -> DataError:
+    """A one-line DataError for a name ``tfds.builder`` refused: tfds's DatasetNotFoundError pastes every data set's
+    name (hundreds of lines); they become a few close matches (difflib) and how to list them all. Other refusals (a
+    config or version the data set lacks) keep tfds's words, on one line, cut at 400 characters."""
+    import difflib
+    import re
+
+    text = str(exc)
+    if any(t.__name__ == "DatasetNotFoundError" for t in type(exc).__mro__) or "Available datasets:" in text:
+        known = re.findall(r"^\s*- ([\w./:-]+)\s*$", text.split("Available datasets:", 1)[-1], flags=re.M)
+        if not known:
+            try:
+                import tensorflow_datasets as tfds
+
+                known = list(tfds.list_builders())
+            except Exception:  # no list to match against: the message without close matches
+                known = []
+        base = name.split(":")[0].split("/")[0].strip()
+        close = difflib.get_close_matches(base.lower(), known, n=5, cutoff=0.6)
+        near = f" Close names: {', '.join(close)}." if close else ""
+        return DataError(f"tfds has no data set named {base!r}.{near} List them with {LIST_HINT} (or see "
+                         "https://www.tensorflow.org/datasets/catalog/overview), or pass --data FOLDER.")
+    said = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+    said = said if len(said) <= 400 else said[:400] + " ..."
+    return DataError(f"tfds cannot make data set {name!r}: {said}")
+
+
 def load_tfds(
     name: str,
     *,
@@ -109,7 +140,7 @@ def load_tfds(
     try:
         builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
     except Exception as exc:  # tfds raises its own DatasetNotFoundError
-        raise DataError(f"tfds has no data set named {name!r} ({exc}).") from exc
+        raise _not_found(name, exc) from None
     prepared = builder.is_prepared()
     if not prepared:
         if download is False:

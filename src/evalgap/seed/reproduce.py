@@ -393,6 +393,8 @@ def _write_outputs(results: dict[str, list[dict[str, float]]], data: dict[str, A
 
     atomic_write(csv_path, write_csv, suffix=".csv")
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.4), sharey=True, squeeze=False)
     for ax, (n, logs) in zip(axes[0], results.items()):
         ep = [r["epoch"] for r in logs]
@@ -406,6 +408,7 @@ def _write_outputs(results: dict[str, list[dict[str, float]]], data: dict[str, A
             ax.plot(*zip(*train_mode), ":v", ms=3, color="0.4", label="training mode, same weights")
         ax.set_title(n, fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.2, 1.4, ... on short runs
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (same data)")
     axes[0][0].legend(fontsize=7)
