@@ -341,3 +341,26 @@ def test_batch_renormalization_gets_its_moving_stddev_and_a_failed_call_leaves_i
     assert_close_to_reference(bn, ref)
     stddev = np.asarray(keras.ops.convert_to_numpy(bn.moving_stddev), np.float64)
     np.testing.assert_allclose(stddev, np.sqrt(ref[1] + bn.epsilon), rtol=1e-6)
+
+
+def test_statistics_beyond_a_float16_layer_are_refused_and_nothing_is_written():
+    """A BatchNormalization in float16 (the 'float16' policy, or dtype='float16') cannot hold a variance above 65504:
+    written, it would be inf. Refused with the fix, the variables bitwise unchanged; float32 takes the same data."""
+    x = np.random.default_rng(0).normal(0, 400, (128, 4)).astype("float32")  # variance about 1.6e5 per feature
+    reference = np.var(x.astype(np.float64), axis=0)
+    assert reference.min() > 65504
+
+    def make(dtype):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((4,))
+        return keras.Model(inp, layers.Dense(2)(layers.BatchNormalization(dtype=dtype)(inp)))
+
+    model = make("float16")
+    before = [np.array(v) for v in model.get_weights()]
+    with pytest.raises(DataError, match="float16") as caught:
+        eg.recalibrate(model, x, batch_size=16, shuffle=False, progress=False)
+    assert "nothing was written" in str(caught.value)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    wide = make("float32")
+    eg.recalibrate(wide, x, batch_size=16, shuffle=False, progress=False)
+    np.testing.assert_allclose(np.asarray(wide.layers[1].moving_variance), reference, rtol=1e-5)

@@ -34,7 +34,7 @@ from ..errors import DataError, EvalgapError, RecalibrationError
 from ..report import Report
 from .batching import Cursor, ListBatches, materialize, peek, tree_leaves, without_singleton_batch
 from .protocol import Adapter, Batch, BatchSource, Metrics, NormLayer
-from .recalibrate import assemble, measure, set_up_together
+from .recalibrate import assemble, measure, set_up_together, unrepresentable
 
 
 @dataclass
@@ -239,7 +239,13 @@ def _batch_statistic_modes(run: _Run, collective, keep_first: bool = False):
         progress=run.progress, description="diagnosing: batch statistics",
     )
     run.by_mode["Td"] = state.result()
-    run.by_mode["P"] = run.score("P", *measured.population())
+    population = measured.population()
+    too_large = unrepresentable(*population)
+    if too_large:
+        run.notes.append(f"population statistics that the layers' dtype cannot hold ({', '.join(too_large[:3])}): P runs with "
+                         "them as that dtype stores them (inf), and recalibrate refuses to write them; keep BatchNorm in "
+                         "float32 (mixed precision does) or scale the inputs down.")
+    run.by_mode["P"] = run.score("P", *population)
     return measured
 
 

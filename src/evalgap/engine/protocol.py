@@ -89,6 +89,8 @@ class NormLayer:
     ``trainable=False``, a PyTorch module in eval mode while the model trains).
     ``tracks_statistics``: False for layers without moving statistics (PyTorch
     ``track_running_stats=False``): batch statistics in both modes, no gap.
+    ``dtype``: the moving statistics' dtype (a NumPy name, ``"float16"``), for the check that the population
+    statistics fit it (:func:`evalgap.engine.recalibrate.unrepresentable`); None: not checked.
     """
 
     name: str
@@ -99,6 +101,7 @@ class NormLayer:
     momentum: float | None
     frozen: bool = False
     tracks_statistics: bool = True
+    dtype: str | None = None
 
 
 @dataclass

@@ -257,11 +257,38 @@ def assemble(measured: Measured, *, written: bool) -> Recalibration:
     return result
 
 
+def unrepresentable(layers: Sequence[NormLayer], stats: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[str]:
+    """The layers whose population mean or variance exceeds the largest finite value of their moving statistics'
+    dtype (float16: 65504), each as ``"<name> (<value> > <largest> of float16)"``: written, they would be inf."""
+    found = []
+    for layer, (mean, var) in zip(layers, stats):
+        if layer.dtype is None:
+            continue
+        try:
+            largest = float(np.finfo(np.dtype(layer.dtype)).max)
+        except TypeError:  # a dtype NumPy does not know by name (bfloat16: range of float32)
+            continue
+        worst = max(float(np.max(np.abs(mean), initial=0.0)), float(np.max(var, initial=0.0)))
+        if worst > largest:
+            found.append(f"{layer.name} ({worst:.4g} > {largest:.6g} of {layer.dtype})")
+    return found
+
+
 def write(adapter: Adapter, measured: Measured) -> None:
-    """Write the population statistics of the recalibrated layers; on any failure, write the old ones back."""
+    """Write the population statistics of the recalibrated layers; on any failure, write the old ones back. Statistics
+    that the layers' dtype cannot hold (:func:`unrepresentable`) are a DataError, before anything is written."""
     layers, stats = measured.population()
     if not layers:
         return
+    too_large = unrepresentable(layers, stats)
+    if too_large:
+        raise DataError(
+            f"the population statistics of {len(too_large)} BatchNorm layer(s) exceed what their moving statistics' dtype "
+            f"holds: {', '.join(too_large[:3])}{' ...' if len(too_large) > 3 else ''}. Written, they would be inf and the "
+            "layers' outputs constant, so nothing was written. Keep BatchNorm in float32 (mixed precision does: "
+            "torch.autocast or Keras's 'mixed_float16' policy, instead of model.half() or the 'float16' policy), or give "
+            "the model inputs of a smaller scale."
+        )
     before = {id(layer): b for layer, b in zip(measured.layers, measured.before)}
     try:
         adapter.write(layers, stats)

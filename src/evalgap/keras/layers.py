@@ -55,7 +55,7 @@ def norm_layers(model) -> list[NormLayer]:
         NormLayer(
             name=name, handle=bn, kind=type(bn).__name__ + (" (synchronized)" if getattr(bn, "synchronized", False) else ""),
             channels=int(bn.moving_mean.shape[0]), eps=float(bn.epsilon), momentum=float(bn.momentum),
-            frozen=is_frozen(bn) or id(bn) in inference_only,
+            frozen=is_frozen(bn) or id(bn) in inference_only, dtype=str(bn.moving_variance.dtype),
         )
         for name, bn in find_batchnorms(model)
     ]

@@ -210,7 +210,7 @@ def norm_layers(model) -> list[NormLayer]:
     return [
         NormLayer(
             name=name, handle=bn, kind=kind(bn), channels=int(np.prod(bn.moving_mean.shape)), eps=float(bn.epsilon),
-            momentum=float(bn.momentum), frozen=is_frozen(bn) or id(bn) in inference_only,
+            momentum=float(bn.momentum), frozen=is_frozen(bn) or id(bn) in inference_only, dtype=bn.moving_variance.dtype.name,
         )
         for name, bn in find_batchnorms(model)
     ]

@@ -137,9 +137,17 @@ def norm_layers(model: nn.Module, *, left_in_eval: set[int] | None = None) -> li
             name=name, handle=bn, kind=type(bn).__name__, channels=int(bn.num_features), eps=float(bn.eps),
             momentum=bn.momentum, frozen=is_frozen(bn, model, left_in_eval=left_in_eval, model_trains=trains),
             tracks_statistics=bool(bn.track_running_stats and bn._buffers.get("running_mean") is not None),
+            dtype=_dtype_name(bn._buffers.get("running_var")),
         )
         for name, bn in find_batchnorms(model)
     ]
+
+
+def _dtype_name(buffer: torch.Tensor | None) -> str | None:
+    """A floating buffer's dtype as NumPy names it (``torch.float16`` -> ``"float16"``), else None."""
+    if buffer is None or not buffer.dtype.is_floating_point:
+        return None
+    return str(buffer.dtype).removeprefix("torch.")
 
 
 #: Packages whose functions are not followed: their training-mode behaviour is the modules' own (BatchNorm, Dropout).
