@@ -17,7 +17,7 @@ import numpy as np
 
 from .attribution import Decomposition, Finding, is_fraction
 from .recalibration import LARGE_DRIFT, Recalibration
-from .report import Report
+from .report import Report, non_finite_modes, not_finite_text
 from .stats import EMA, decay_from_momentum, momentum_for_memory
 
 
@@ -296,11 +296,19 @@ def _term_findings(primary: str | None, d: Decomposition | None, ctx: Context, e
 # ---------------------------------------------------------------------------------
 # evidence beside the terms
 # ---------------------------------------------------------------------------------
-def _drift(recal: Recalibration, ctx: Context, stale: Finding | None) -> list[Finding]:
+def _unmeasured(primary: str | None, d: Decomposition | None) -> str | None:
+    """Where the primary metric is NaN or infinite in some mode: a sentence saying which, in place of any claim about
+    the noise threshold (NaN terms are never above it, and say nothing about it); else None."""
+    odd = non_finite_modes(d) if d is not None and primary is not None else []
+    return f" Its effect on the metric cannot be measured: {primary} {not_finite_text(odd, why=False)}." if odd else None
+
+
+def _drift(recal: Recalibration, ctx: Context, stale: Finding | None, unmeasured: str | None = None) -> list[Finding]:
     """The first drifting layer and the largest drifts (recalibrated layers). As severe as the stale term: a cause
     or a warning where recalibrating helps, information where it would not (the stale term not significant, or the
     moving statistics scoring better: then no fix). Layers whose statistics are not finite (a negative variance)
-    are named apart: recalibrating writes valid ones."""
+    are named apart: recalibrating writes valid ones. ``unmeasured``: the sentence of :func:`_unmeasured`, said
+    instead of the noise threshold where the metric is not finite."""
     out = []
     broken = [lr for lr in recal.layers if lr.drift is not None and lr.status != "frozen" and not math.isfinite(lr.drift.worst)]
     if broken:
@@ -326,7 +334,8 @@ def _drift(recal: Recalibration, ctx: Context, stale: Finding | None) -> list[Fi
         return out + [Finding("drift", stale.severity, msg, ctx.remedies.recalibrate(), numbers)]
     if stale is not None:  # the moving statistics score better: no fix
         return out + [Finding("drift", "info", msg + " On this data the drift does not cost the metric.", None, numbers)]
-    return out + [Finding("drift", "info", msg + " Its effect on the metric is within the noise threshold.", ctx.remedies.recalibrate(), numbers)]
+    effect = unmeasured or " Its effect on the metric is within the noise threshold."
+    return out + [Finding("drift", "info", msg + effect, ctx.remedies.recalibrate(), numbers)]
 
 
 def _frozen(recal: Recalibration, ctx: Context, primary: str | None, d: Decomposition | None) -> list[Finding]:
@@ -340,7 +349,7 @@ def _frozen(recal: Recalibration, ctx: Context, primary: str | None, d: Decompos
         f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); largest drift from this data's statistics {worst:.3g}."
     )
     severity, remedy = "info", ctx.remedies.recalibrate(include_frozen=True)
-    if effect is not None and primary is not None:
+    if effect is not None and primary is not None and math.isfinite(effect):
         msg += f" Recalibrating them too would change {primary} by {_fmt(primary, effect, True)}."
         if d is not None and abs(effect) > d.threshold():
             if d.goodness(effect) > 0:
@@ -412,6 +421,7 @@ def build_report(decompositions: dict[str, Decomposition], recalibration: Recali
         primary = next((m for m in decompositions if is_fraction(m)), next(iter(decompositions)))
     d = decompositions.get(primary) if primary else None
     ema = _momentum_advice(ctx)
+    unmeasured = _unmeasured(primary, d)
     findings = _term_findings(primary, d, ctx, ema)
     stale = next((f for f in findings if f.kind == "stale_moving_statistics"), None)
     stale_hurts = stale is not None and stale.remedy is not None  # exact statistics would score better: the fix applies
@@ -420,13 +430,13 @@ def build_report(decompositions: dict[str, Decomposition], recalibration: Recali
         findings.append(Finding("no_batchnorm", "info", "The model has no BatchNorm layer with moving statistics" + (
             "." if ctx.running_instance_norm else ": the gap does not come from normalization statistics.")))
     else:
-        findings += _drift(recalibration, ctx, stale) + _frozen(recalibration, ctx, primary, d)
+        findings += _drift(recalibration, ctx, stale, unmeasured) + _frozen(recalibration, ctx, primary, d)
     findings += _input_scale(ctx, stale_is_cause)
     text, numbers = ema
     if text and not stale_hurts:  # where the stale term hurts, its finding carries the momentum advice
         if numbers.get("too_slow"):
-            text += (f" A memory of half an epoch would take momentum {numbers['advised_momentum']}; on this data the "
-                     "stale statistics do not cost the metric beyond the noise threshold.")
+            text += f" A memory of half an epoch would take momentum {numbers['advised_momentum']}" + (
+                f".{unmeasured}" if unmeasured else "; on this data the stale statistics do not cost the metric beyond the noise threshold.")
         findings.append(Finding("ema", "info", text, None, numbers))
     findings += _model_facts(ctx)
     rank = {"cause": 0, "warning": 1, "info": 2}

@@ -113,10 +113,9 @@ class Report:
             return "No metric was measured."
         top, bottom = main.top, ("E_val" if "E_val" in main.values else "E")
         gap = main.values[top] - main.values[bottom]
-        if not math.isfinite(gap):
-            odd = [m for m in (top, bottom) if not math.isfinite(main.values[m])]
-            return (f"{self.primary} is not finite in {' and '.join(f'{m} ({MODE_NAMES[m]})' for m in odd)}: the two "
-                    "numbers cannot be compared (a diverged model, or inputs that overflow).")
+        odd = non_finite_modes(main)
+        if odd:
+            return f"{self.primary} {not_finite_text(odd)}: the modes cannot be compared and no cause can be ranked."
         worse = main.goodness(gap) > 0
         size = f"{abs(100 * gap):.1f} points" if self.gap_points is not None else f"{abs(gap):.4g}"
         direction = ("below" if worse else "above") if main.higher_is_better else ("above" if worse else "below")
@@ -219,7 +218,10 @@ class Report:
             parts.append(terms)
         causes = [f for f in self.findings if f.severity == "cause"]
         others = [f for f in self.findings if f.severity != "cause"]
-        if main is not None and not self.causes:
+        if main is not None and non_finite_modes(main):
+            parts.append(Text(f"No cause can be ranked: {self.primary} {not_finite_text(non_finite_modes(main), why=False)}.",
+                              style="bold red"))
+        elif main is not None and not self.causes:
             within = "no term explains the gap" if main.significant() else f"every term is within {self._amount(main.threshold(), signed=False)}"
             parts.append(Text(f"No significant cause: {within}.", style="bold green"))
         for title, items in (("Causes", causes), ("Also found", others)):
@@ -269,6 +271,19 @@ class Report:
         from .report_html import render
 
         return render(self)
+
+
+def non_finite_modes(d: Decomposition) -> list[str]:
+    """The modes in which a metric's value is NaN or infinite (in the report's mode order)."""
+    return [m for m in ("F", "T", "Td", "P", "E", "E_val") if m in d.values and not math.isfinite(d.values[m])]
+
+
+def not_finite_text(modes: list[str], why: bool = True) -> str:
+    """'is not finite in T, Td, P and E (the likely causes)': what a report says instead of ranking NaN terms."""
+    where = modes[0] if len(modes) == 1 else ", ".join(modes[:-1]) + " and " + modes[-1]
+    causes = (" (a diverged model, inputs that overflow, or targets holding NaN or Inf that the loss does not leave out)"
+              if why else "")
+    return f"is not finite in {'mode' if len(modes) == 1 else 'modes'} {where}{causes}"
 
 
 def _finite(value: Any) -> Any:

@@ -15,11 +15,17 @@ task               output / targets                             loss, metrics
 ``regression``     any / floats of the output's shape, not 0-1,   MSE only
                    not rows of class probabilities
 =================  ===========================================  ============================
+
+No default is chosen for targets holding NaN or Inf, a 'no label' marker no default masks
+(:func:`completed`); labels outside the classes that are all one such marker (255, -100, -1) get
+an error naming the loss that leaves them out (:func:`ignore_like`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import DataError
 
 TASKS = ("classification", "segmentation", "binary", "regression")
 
@@ -99,8 +105,6 @@ def batch_total(name: str, shape: Sequence[int], samples: int, summed: bool = Fa
     Dividing the totals over all batches by the number of samples gives the per-sample mean,
     as an evaluation loop that averages per sample does. Any other shape: a :class:`DataError`.
     """
-    from ..errors import DataError
-
     size = 1
     for d in shape:
         size *= int(d)
@@ -114,18 +118,58 @@ def batch_total(name: str, shape: Sequence[int], samples: int, summed: bool = Fa
     )
 
 
+#: Label values that mark pixels or tokens without a label (VOC/Cityscapes masks, PyTorch's ``ignore_index`` default, -1).
+IGNORE_LIKE = (255, -100, -1)
+
+
+def ignore_like(labels: Any, classes: int) -> int | None:
+    """The one value that integer ``labels`` hold outside ``[0, classes)`` when it is a usual 'no label' marker
+    (:data:`IGNORE_LIKE`: 255, -100, -1), else None (no such value, several, or another: a wrong encoding)."""
+    import numpy as np
+
+    y = np.asarray(labels)
+    if y.dtype.kind == "f" and y.size and np.all(np.mod(y, 1) == 0):
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iu":
+        return None
+    outside = np.unique(y[(y < 0) | (y >= classes)])
+    return int(outside[0]) if len(outside) == 1 and int(outside[0]) in IGNORE_LIKE else None
+
+
+def non_finite_error(bad: int, size: int, example: str) -> DataError:
+    """The error for targets holding NaN or Inf (``bad`` of ``size`` values in the first batch), which no default loss
+    or metric takes: every mode would be NaN. ``example``: a masking loss in the adapter's framework."""
+    return DataError(
+        f"the targets hold non-finite values (NaN or Inf: {bad} of {size} in the first batch), often a 'no label' marker "
+        "(invalid depth, missing values), which no default loss or metric masks: every mode would be NaN. Pass a loss_fn "
+        f"that leaves them out (e.g. {example}), and metrics= that do too (metrics={{}} for none)."
+    )
+
+
 def completed(
     loss_fn: Any, metrics: Mapping[str, Any] | None, task: Callable[[], str], table: Mapping[str, tuple[Any, Mapping[str, Any]]],
+    non_finite: Callable[[], tuple[int, int]] | None = None, masked_example: str = "",
 ) -> tuple[Any, dict[str, Any], frozenset[str], list[str]]:
     """The user's loss and metrics, completed with the adapter's defaults for the task the shapes imply.
 
     ``task()`` is asked only when something is missing; ``table[task]`` is the adapter's
     ``(loss, {name: metric})``. Returns ``(loss_fn, metrics, names computed by defaults, notes)``.
+    ``non_finite()``: how many of the first batch's target values are NaN or Inf, and of how many; where any are,
+    no default is chosen (:func:`non_finite_error`, naming ``masked_example``): neither the default loss nor a default
+    metric (a user's loss with the task's metrics is kept where the task has none, as regression).
     """
     if loss_fn is not None and metrics is not None:
         return loss_fn, dict(metrics), frozenset(), []
-    kind = task()
+    bad, size = non_finite() if non_finite is not None else (0, 0)
+    try:
+        kind = task()
+    except DataError:
+        if bad:  # the shapes may be fine: the values are what no default takes
+            raise non_finite_error(bad, size, masked_example) from None
+        raise
     default_loss, default_metrics = table[kind]
+    if bad and (loss_fn is None or (metrics is None and default_metrics)):
+        raise non_finite_error(bad, size, masked_example)
     which = "loss and metrics" if loss_fn is None and metrics is None else "loss" if loss_fn is None else "metrics"
     defaults = ({"loss"} if loss_fn is None else set()) | (set(default_metrics) if metrics is None else set())
     return (loss_fn if loss_fn is not None else default_loss, dict(metrics if metrics is not None else default_metrics), frozenset(defaults),

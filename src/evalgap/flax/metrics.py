@@ -34,7 +34,7 @@ import numpy as np
 
 from .._checks import check_labels
 from ..engine import Batch, Collective
-from ..engine.tasks import batch_total, completed, default_task
+from ..engine.tasks import batch_total, completed, default_task, ignore_like
 from ..errors import DataError, ModelError
 
 Metric = Callable[[Any, Any], Any]
@@ -98,6 +98,38 @@ DEFAULTS: dict[str, tuple[Metric, dict[str, Metric]]] = {
 }
 
 
+def _check_labels(labels: np.ndarray, classes: int) -> None:
+    """:func:`check_labels`; where the labels outside ``[0, classes)`` are all one 'no label' marker (255, -100, -1:
+    :func:`evalgap.engine.tasks.ignore_like`), the error names a loss and a metric that leave it out."""
+    try:
+        check_labels(labels, classes)
+    except DataError as exc:
+        v = ignore_like(labels, classes)
+        if v is None:
+            raise
+        raise DataError(
+            f"{exc} The labels outside [0, {classes}) are all {v}, a 'no label' marker the default loss and accuracy do not "
+            f"leave out: pass a loss and metrics that mask them, e.g. loss_fn=lambda o, t: (optax."
+            f"softmax_cross_entropy_with_integer_labels(o, jnp.where(t == {v}, 0, t)) * (t != {v})).sum() / (t != {v}).sum() "
+            f"and metrics={{'accuracy': lambda o, t: ((o.argmax(-1) == t) & (t != {v})).sum() / (t != {v}).sum()}}."
+        ) from None
+
+
+#: A loss that leaves non-finite targets out, for the error that asks for one (:func:`evalgap.engine.tasks.non_finite_error`).
+MASKED_EXAMPLE = ("loss_fn=lambda o, t: jnp.where(jnp.isfinite(t), (o - jnp.nan_to_num(t)) ** 2, 0).sum() / "
+                  "jnp.isfinite(t).sum()")
+
+
+def _non_finite(target: Any) -> tuple[int, int]:
+    """How many values of floating-point targets are NaN or Inf, and of how many (0, 0 for anything else)."""
+    if target is None or not hasattr(target, "shape") or not hasattr(target, "dtype"):
+        return 0, 0
+    t = np.asarray(jax.device_get(target))
+    if t.dtype.kind not in "fc":
+        return 0, 0
+    return int((~np.isfinite(t)).sum()), int(t.size)
+
+
 def _task(output: Any, target: Any) -> str:
     """The default task for a channels-last output (the engine's table is written channels-first)."""
     if target is None or not hasattr(target, "shape"):
@@ -121,7 +153,7 @@ def _task(output: Any, target: Any) -> str:
             f"and metrics={{'name': (output, target) -> scalar}}.{why}"
         )
     if task in ("classification", "segmentation"):
-        check_labels(t, int(shape[-1]))
+        _check_labels(t, int(shape[-1]))
         p = np.asarray(jax.device_get(output), dtype=np.float64)
         if (p >= 0).all() and np.allclose(p.sum(-1), 1.0, atol=1e-4):
             raise DataError("the outputs look like probabilities (non-negative, summing to 1), and cross-entropy expects "
@@ -149,7 +181,8 @@ class FlaxMetrics:
         if metrics is not None and not isinstance(metrics, Mapping):
             raise DataError("metrics must be a dict {'name': (output, target) -> scalar}.")
         given = list(metrics) if metrics else []
-        loss_fn, metrics, defaults, notes = completed(loss_fn, metrics, lambda: _task(prediction(outputs), batch.targets), DEFAULTS)
+        loss_fn, metrics, defaults, notes = completed(loss_fn, metrics, lambda: _task(prediction(outputs), batch.targets), DEFAULTS,
+                                                      lambda: _non_finite(batch.targets), MASKED_EXAMPLE)
         if batch.weights is not None:
             notes.append("weighted by the sample weights as Keras's evaluate weights them: the loss sum(w * loss) / N over "
                          "all N samples, every metric sum(w * value) / sum(w) (Keras's weighted_metrics).")

@@ -100,21 +100,68 @@ def _samples(t: torch.Tensor | PackedSequence) -> int:
     return int(t.shape[0])
 
 
+def _is_sequence(v: Any) -> bool:
+    """A list or tuple of items (not a ``PackedSequence``, a NamedTuple of one input's parts)."""
+    return isinstance(v, (list, tuple)) and not isinstance(v, PackedSequence)
+
+
+def _leading(v: Any) -> int | None:
+    """A tensor's (or ``PackedSequence``'s) number of rows; None for anything else, a 0-dim tensor included."""
+    if isinstance(v, PackedSequence) or (isinstance(v, torch.Tensor) and v.dim() > 0):
+        return _samples(v)
+    return None
+
+
+def _target_rows(y: Any) -> int | None:
+    """The batch dimension the targets hold: a tensor's leading dimension, a dict's first tensor's, or the leading
+    dimension that every tensor of a list/tuple shares (one target per output, ``(y1, y2)``); None otherwise (per-sample
+    targets: dicts, or tensors of different lengths, one per image)."""
+    if _is_sequence(y):
+        dims = {_leading(v) for v in y} - {None}
+        return dims.pop() if len(dims) == 1 else None
+    x = _first_tensor(y) if y is not None else None
+    return None if x is None else _samples(x)
+
+
+def _one_target_per_item(y: Any, items: int, batch_dims: tuple[int | None, ...]) -> bool:
+    """Whether the targets hold one entry per item of an input list of ``items`` elements, not one per row of its first
+    tensor: a tensor (or dict) of ``items`` rows; or a list/tuple of ``items`` dicts, or of tensors whose leading dimensions
+    do not all equal one batch dimension of the input (``batch_dims``: its first tensor's first, or second where
+    sequence-first), as per-image boxes of detection do."""
+    if not _is_sequence(y):
+        return _target_rows(y) == items
+    if len(y) != items or not y:
+        return False
+    if all(isinstance(v, Mapping) for v in y):
+        return True
+    rows = _target_rows(y)
+    return all(_leading(v) is not None for v in y) and (rows is None or rows not in batch_dims)
+
+
 def batch_size_of(batch: Any) -> int | None:
     """The number of samples in a batch: the leading dimension of its input (the first tensor found), or None;
     for a ``PackedSequence`` input, the number of sequences it packs.
 
-    A sequence-first input, ``(T, N, ...)`` as ``batch_first=False`` RNNs and Transformers take it, is
-    told by its targets: when their leading dimension is not the input's first but its second, the
-    batch holds that many samples (N)."""
-    x = _first_tensor(model_input(batch))
+    - An input that is a list/tuple of per-sample tensors (torchvision's detection models take a list of images) counts
+      its items where the targets hold one entry per item (:func:`_one_target_per_item`: a list of that many dicts or of
+      per-image box tensors, or a tensor of that many rows); otherwise (several batched inputs, ``((x1, x2), y)``,
+      ``((x1, x2), (y1, y2))``, or no targets) it counts the rows of its first tensor.
+    - A sequence-first input, ``(T, N, ...)`` as ``batch_first=False`` RNNs and Transformers take it, is told by
+      its targets' batch dimension (:func:`_target_rows`: a tensor's rows, or the rows that a tuple of targets
+      shares): when that is not the input's first dimension but its second, the batch holds that many samples (N).
+      Per-sample targets, a list with one entry per row of the input, never make an input sequence-first."""
+    inputs, y = model_input(batch), targets_of(batch)
+    x = _first_tensor(inputs)
     if x is None:
         return None
-    y = _first_tensor(targets_of(batch))
-    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() >= 2 and x.shape[0] != y.shape[0] \
-            and x.shape[1] == y.shape[0]:
-        return int(y.shape[0])
-    return _samples(x)
+    n = _samples(x)
+    second = int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+    if _is_sequence(inputs) and len(inputs) != n and _one_target_per_item(y, len(inputs), (n, second)):
+        return len(inputs)
+    rows = _target_rows(y)
+    if rows is not None and rows != n and rows == second and not (_is_sequence(y) and len(y) == n):
+        return rows
+    return n
 
 
 def call_model(model: nn.Module, batch: Any, forward: Forward | None) -> Any:

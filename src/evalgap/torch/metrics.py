@@ -30,7 +30,7 @@ from torch import nn
 
 from .._checks import check_labels
 from ..engine import Batch, Collective
-from ..engine.tasks import batch_total, completed, default_task, two_class_axes
+from ..engine.tasks import batch_total, completed, default_task, ignore_like, two_class_axes
 from ..errors import DataError, ModelError
 from .data import to_device
 
@@ -121,7 +121,7 @@ def _task(output: torch.Tensor, target: Any) -> str:
             f"(callables or torchmetrics objects).{why}"
         )
     if task in ("classification", "segmentation"):
-        check_labels(t.cpu().numpy(), int(output.shape[1]))
+        _check_labels(t.cpu().numpy(), int(output.shape[1]))
         p = output.detach().float()
         if bool((p >= 0).all()) and bool(torch.allclose(p.sum(1), torch.ones_like(p.sum(1)), atol=1e-4)):
             raise DataError(
@@ -129,6 +129,33 @@ def _task(output: torch.Tensor, target: Any) -> str:
                 "return logits, or pass loss_fn= (e.g. lambda p, t: torch.nn.functional.nll_loss(p.log(), t))."
             )
     return task
+
+
+def _check_labels(labels: np.ndarray, classes: int) -> None:
+    """:func:`check_labels`; where the labels outside ``[0, classes)`` are all one 'no label' marker (255, -100, -1:
+    :func:`evalgap.engine.tasks.ignore_like`), the error names the loss and metric that leave it out."""
+    try:
+        check_labels(labels, classes)
+    except DataError as exc:
+        v = ignore_like(labels, classes)
+        if v is None:
+            raise
+        raise DataError(
+            f"{exc} The labels outside [0, {classes}) are all {v}, a 'no label' marker the default loss and accuracy do not "
+            f"leave out: pass loss_fn=torch.nn.CrossEntropyLoss(ignore_index={v}) and metrics={{'accuracy': "
+            f"torchmetrics.classification.MulticlassAccuracy({classes}, ignore_index={v}, average='micro')}}."
+        ) from None
+
+
+#: A loss that leaves non-finite targets out, for the error that asks for one (:func:`evalgap.engine.tasks.non_finite_error`).
+MASKED_EXAMPLE = "loss_fn=lambda o, t: torch.nn.functional.mse_loss(o[t.isfinite()], t[t.isfinite()])"
+
+
+def _non_finite(target: Any) -> tuple[int, int]:
+    """How many values of a floating-point target tensor are NaN or Inf, and of how many (0, 0 for anything else)."""
+    if not isinstance(target, torch.Tensor) or not torch.is_floating_point(target):
+        return 0, 0
+    return int((~torch.isfinite(target.detach())).sum()), int(target.numel())
 
 
 def _probability_rows(t: torch.Tensor) -> bool:
@@ -161,7 +188,8 @@ class TorchMetrics:
         if metrics is not None and not isinstance(metrics, Mapping):
             raise DataError("metrics must be a dict {'name': callable or torchmetrics.Metric}.")
         given = list(metrics) if metrics else []
-        loss_fn, metrics, defaults, notes = completed(loss_fn, metrics, lambda: _task(prediction(outputs), batch.targets), DEFAULTS)
+        loss_fn, metrics, defaults, notes = completed(loss_fn, metrics, lambda: _task(prediction(outputs), batch.targets), DEFAULTS,
+                                                      lambda: _non_finite(batch.targets), MASKED_EXAMPLE)
         if getattr(loss_fn, "reduction", None) == "sum":
             notes.append("loss: loss_fn sums over each batch (reduction='sum'); the loss reported is its total over the data "
                          "divided by the number of samples.")
