@@ -14,6 +14,7 @@ from typing import Any
 
 from .attribution import MODE_NAMES, TERMS
 from .plots import _pyplot
+from .report import non_finite_modes
 from .report_figures import figures, number
 
 #: The class of the element that wraps every page and fragment; every style rule is scoped to it, so a
@@ -214,6 +215,15 @@ def fragment(report) -> str:
     return f"<div class='{WRAPPER}'><style>{_CSS}</style>{_content(report)}</div>"
 
 
+def _headline_class(report) -> str:
+    """' healthy' (green) only where no cause was found and the primary metric is finite in every mode: a metric that is
+    NaN somewhere ranks no cause, and that is not health."""
+    main = report.decompositions.get(report.primary) if report.primary else None
+    if report.causes or (main is not None and non_finite_modes(main)):
+        return ""
+    return " healthy"
+
+
 def _content(report) -> str:
     figs = figures(report)
     top = next((f for f in report.findings if f.severity == "cause" and f.remedy), None)
@@ -225,7 +235,7 @@ def _content(report) -> str:
         "<main>",
         "<h1>Training vs evaluation: the gap explained</h1>",
         f"<p class='meta'>{meta}</p>",
-        f"<p class='headline{'' if report.causes else ' healthy'}'>{html.escape(report.headline())}</p>",
+        f"<p class='headline{_headline_class(report)}'>{html.escape(report.headline())}</p>",
         fix, _modes_section(report, figs), _terms_section(report, figs), _findings_section(report), _layers_section(report, figs),
         f"<section><h2>Moving statistics and momentum</h2>{ema}</section>" if ema else "",
         "<section><h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul></section>" if report.notes else "",

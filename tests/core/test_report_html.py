@@ -108,6 +108,15 @@ def test_healthy_page_says_so(tmp_path):
     assert "nothing to fix" in report.headline() and "headline healthy" in page and "The fix" not in page
 
 
+def test_a_metric_that_is_not_finite_is_not_shown_healthy(tmp_path):
+    """No cause can be ranked when the loss is NaN in some mode: the headline says so, and is not styled healthy."""
+    d = decompose("loss", {"T": float("nan"), "Td": float("nan"), "P": 0.5, "E": 0.6})
+    ctx = Context(framework="torch", remedies=KerasRemedies(), samples=10, batch_size=5)
+    report = build_report({"loss": d}, None, ctx)
+    page = open(report.to_html(tmp_path / "n.html")).read()
+    assert "not finite" in report.headline() and "headline healthy" not in page and "class='headline'" in page
+
+
 # --- layout: figures agree with the table, fit their width, keep legends off the bars; styles stay scoped ---
 
 _SVG_NS = "{http://www.w3.org/2000/svg}"
