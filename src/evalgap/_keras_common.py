@@ -9,8 +9,10 @@ classes). Framework-free: nothing here imports Keras.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import sys
+import types
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -366,6 +368,69 @@ def ignored_labels(*specs: Any) -> set[int]:
         if value is not None:
             out.add(int(value))
     return out
+
+
+#: Keras's own losses and metrics that read their targets as class indices, by the name of their class or function
+#: (or the function a wrapper calls), lower case without underscores; Keras 2's sparse accuracies wrap ``*_matches``.
+CLASS_INDEX_READERS = frozenset({"sparsecategoricalcrossentropy", "sparsecategoricalaccuracy", "sparsetopkcategoricalaccuracy",
+                                 "sparsecategoricalmatches", "sparsetopkcategoricalmatches"})
+
+
+def _plain(name: str) -> str:
+    return name.lower().replace("_", "")
+
+
+def _keras_own(obj: Any) -> bool:
+    return (getattr(obj, "__module__", None) or "").split(".")[0] in ("keras", "tf_keras", "tensorflow")
+
+
+def reads_class_indices(obj: Any) -> bool:
+    """Whether one compiled loss or metric, in any form ``compile`` takes (a name, a function, an object), is one of
+    Keras's own that read the targets as class indices: the sparse categorical cross-entropy, sparse (top-k)
+    categorical accuracy, a Keras wrapper around one of their functions (``fn``, ``_fn``), and IoU metrics with
+    ``sparse_y_true``. A user's loss or metric (a subclass of Keras's too) may read integer targets as anything (counts,
+    a void label its own code skips), and Keras's generic ``"accuracy"`` takes the targets in the form they come: no."""
+    if isinstance(obj, str):
+        return _plain(obj) in CLASS_INDEX_READERS
+    if isinstance(obj, functools.partial):
+        return reads_class_indices(obj.func)
+    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType)):
+        return _keras_own(obj) and _plain(obj.__name__) in CLASS_INDEX_READERS
+    if isinstance(obj, type) or not _keras_own(type(obj)):
+        return False
+    return (_plain(type(obj).__name__) in CLASS_INDEX_READERS or getattr(obj, "sparse_y_true", None) is True
+            or any(reads_class_indices(getattr(obj, attr, None)) for attr in ("fn", "_fn")))
+
+
+def label_classes(pred: Any, *specs: Any) -> int | None:
+    """The number of classes a single output's integer targets are checked against (:func:`check_class_indices`):
+    its last axis (> 1) where a loss or metric in ``specs`` (nested as compiled) reads its targets as class indices
+    (:func:`reads_class_indices`); None otherwise: a user's loss and metrics get the targets as they are, as
+    ``evaluate`` gives them, and a model of several outputs is not checked."""
+    shape = getattr(pred, "shape", None)
+    if shape is None or len(shape) < 2 or not shape[-1] or shape[-1] <= 1:
+        return None
+    return int(shape[-1]) if any(reads_class_indices(obj) for obj in tree_leaves(list(specs))) else None
+
+
+def check_class_indices(y: Any, pred: Any, classes: int | None, ignored: set[int], to_numpy: Callable[[Any], np.ndarray]) -> None:
+    """:func:`evalgap._checks.check_labels` on one batch's targets, given the classes of :func:`label_classes`:
+    where they are one array of class indices as Keras's sparse losses take them, shaped like the output without its
+    class axis or with an axis of 1 there. A tensor (a batch given as tensors) is read with ``to_numpy``, so the check
+    is the same for every kind of data. Out-of-range labels are a DataError, not NaN or an op error in the loss."""
+    from ._checks import check_labels
+
+    if not classes or isinstance(y, (dict, list, tuple)) or getattr(y, "shape", None) is None:
+        return
+    shape, out = tuple(y.shape), tuple(pred.shape)
+    if not (len(shape) == len(out) - 1 or (len(shape) == len(out) and shape and shape[-1] == 1)) or None in shape:
+        return  # one-hot or soft targets; a ragged tensor
+    if not isinstance(y, np.ndarray):
+        try:
+            y = to_numpy(y)
+        except Exception:  # not one dense array (a tf.SparseTensor): the loss reads it as it is
+            return
+    check_labels(y, classes, ignored)
 
 
 def metric_copies(spec: Any, metric_class: type, borrowed: list) -> Any:

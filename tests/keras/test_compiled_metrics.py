@@ -599,3 +599,102 @@ def test_a_model_without_any_loss_still_needs_targets(regularized):
     model.compile(optimizer="adam")
     with pytest.raises(DataError, match="needs targets"):
         eg.diagnose(model, (x,), batch_size=BATCH, progress=False)
+
+
+# ---------------------------------------------------------------------------------
+# integer targets: class indices only for Keras's sparse losses and metrics
+# ---------------------------------------------------------------------------------
+def _masked_sparse_ce(y_true, y_pred):
+    """The user's own segmentation loss: sparse cross-entropy from logits that skips the void label 255 (no
+    ``ignore_class`` attribute anywhere)."""
+    y_true = ops.cast(y_true, "int32")
+    keep = ops.cast(y_true != 255, "float32")
+    loss = keras.losses.sparse_categorical_crossentropy(ops.where(y_true == 255, 0, y_true), y_pred, from_logits=True)
+    return ops.sum(loss * keep) / ops.maximum(ops.sum(keep), 1.0)
+
+
+def _gaussian_nll(y_true, y_pred):
+    """The user's own heteroscedastic regression loss: outputs (mean, log-variance), integer count targets (n,)."""
+    y_true = ops.reshape(ops.cast(y_true, "float32"), (-1,))
+    return ops.mean(0.5 * (y_pred[:, 1] + (y_true - y_pred[:, 0]) ** 2 / ops.exp(y_pred[:, 1])))
+
+
+def _segmentation_with_void(classes=4):
+    rng = _rng(3)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, classes, (64, 8, 8))
+    y[:, :2] = 255
+    inp = keras.Input((8, 8, 3))
+    h = layers.BatchNormalization(momentum=0.9)(layers.Conv2D(8, 3, padding="same")(inp))
+    model = keras.Model(inp, layers.Conv2D(classes, 1)(h))
+    model.compile(optimizer="sgd", loss=_masked_sparse_ce)
+    return model, (x, y)
+
+
+def _counts_with_mean_and_log_variance():
+    rng = _rng(4)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    y = rng.integers(0, 20, 64)
+    inp = keras.Input((5,))
+    model = keras.Model(inp, layers.Dense(2)(layers.BatchNormalization(momentum=0.9)(layers.Dense(8)(inp))))
+    model.compile(optimizer="sgd", loss=_gaussian_nll)
+    return model, (x, y)
+
+
+@pytest.mark.parametrize("build", [_segmentation_with_void, _counts_with_mean_and_log_variance], ids=["void-255", "counts"])
+def test_integer_targets_a_users_loss_reads_are_measured_as_evaluate_measures_them(build):
+    """A compiled loss of the user's own whose integer targets are not class indices (segmentation labels with a void
+    255 its code skips; counts for a (mean, log-variance) output): evaluate measures it, so E equals evaluate, key by
+    key (diagnose refused them: "labels must be class indices in [0, 4)"), for arrays and a list of batches alike."""
+    model, (x, y) = build()
+    want = {k: float(v) for k, v in model.evaluate(x, y, batch_size=BATCH, return_dict=True, verbose=0).items()}
+    assert all(np.isfinite(v) for v in want.values()), want
+    _assert_close(_mode(eg.diagnose(model, (x, y), batch_size=BATCH, progress=False), "E"), want, "E")
+    batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(x), BATCH)]
+    _assert_close(_mode(eg.diagnose(model, batches, progress=False), "E"), want, "E (a list of batches)")
+
+
+def _logit_penalty(y_true, y_pred):
+    """A user's loss that does not read its targets."""
+    return ops.mean(ops.square(y_pred), axis=-1)
+
+
+SPARSE_COMPILES = {
+    "loss-name": dict(loss="sparse_categorical_crossentropy"),
+    "loss-object": dict(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+    "loss-function": dict(loss=keras.losses.sparse_categorical_crossentropy),
+    "loss-list": dict(loss=["sparse_categorical_crossentropy"]),
+    "metric-name": dict(loss=_logit_penalty, metrics=["sparse_categorical_accuracy"]),
+    "metric-object": dict(loss=_logit_penalty, metrics=[keras.metrics.SparseCategoricalAccuracy()]),
+    "metric-top-k": dict(loss=_logit_penalty, metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=2)]),
+    "metric-mean-iou": dict(loss=_logit_penalty, metrics=[keras.metrics.MeanIoU(3, sparse_y_pred=False)]),
+    "weighted-metric": dict(loss=_logit_penalty, weighted_metrics=["sparse_categorical_accuracy"]),
+}
+
+
+@pytest.mark.parametrize("spec", list(SPARSE_COMPILES.values()), ids=list(SPARSE_COMPILES))
+def test_labels_out_of_range_are_refused_where_a_keras_sparse_loss_or_metric_reads_them(spec):
+    """Keras's sparse cross-entropy (by name, object, function) or a sparse metric (accuracy, top-k, IoU) reads the
+    targets as class indices: labels 3 and 4 for 3 classes are a DataError naming the range, for arrays, (n, 1)
+    labels and batches given as tensors alike (these went to the loss unchecked: NaN, garbage or an op error)."""
+    x = _features(64)
+    y = _classes(x, 3) + 2
+    model = _functional(layers.Dense(3), **spec)
+    tensors = [(ops.convert_to_tensor(x[i:i + BATCH]), ops.convert_to_tensor(y[i:i + BATCH])) for i in range(0, 64, BATCH)]
+    for data, size in [((x, y), BATCH), ((x, y[:, None]), BATCH), (tensors, None)]:
+        with pytest.raises(DataError, match=r"labels must be class indices in \[0, 3\).*\[2, 4\]"):
+            eg.diagnose(model, data, batch_size=size, progress=False)
+
+
+def test_labels_out_of_range_for_the_uncompiled_default_are_refused_and_accuracy_alone_checks_nothing():
+    """The uncompiled model's default (evalgap's sparse cross-entropy) checks the labels; a user's loss with Keras's
+    generic ``"accuracy"`` (which takes the targets in whatever form they come) checks nothing: E equals evaluate."""
+    x = _features(64)
+    y = _classes(x, 3) + 2
+    inp = keras.Input((6,))
+    uncompiled = keras.Model(inp, layers.Dense(3)(_trunk(inp)))
+    with pytest.raises(DataError, match=r"labels must be class indices in \[0, 3\)"):
+        eg.diagnose(uncompiled, (x, y), batch_size=BATCH, progress=False)
+    model = _functional(layers.Dense(3, activation="softmax"), loss=_logit_penalty, metrics=["accuracy"])
+    want = {k: float(v) for k, v in model.evaluate(x, y, batch_size=BATCH, return_dict=True, verbose=0).items()}
+    _assert_close(_mode(eg.diagnose(model, (x, y), batch_size=BATCH, progress=False), "E"), want, "E")

@@ -27,8 +27,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .._checks import check_labels
-from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results, overrides, sum_over_workers, test_step_note, unique
+from .._keras_common import check_class_indices, classifier_defaults, ignored_labels, label_classes, metric_copies, one_number_results, overrides, sum_over_workers, test_step_note, unique
 from ..engine import Batch, Collective, tree_map
 from ..errors import ModelError
 
@@ -60,16 +59,11 @@ class KerasMetrics:
             self.notes.append(test_step_note(model))
         self.borrowed: list = []
         self._saved = None
-        self.classes = self._classes(outputs[0])
+        self.classes = label_classes(outputs[0], self.loss, self.metrics)  # None: the targets are not checked
         self.ignored = ignored_labels(self.loss, self.metrics)
         self.names: list[str] = []
         self.left_out: dict[str, str] = {}  # metrics that are not one number: why, and the fix
         self.higher_is_better: dict[str, bool] = {}  # keys whose metric states its direction
-
-    @staticmethod
-    def _classes(pred: Any) -> int | None:
-        shape = getattr(pred, "shape", None)
-        return int(shape[-1]) if shape is not None and len(shape) >= 2 and shape[-1] and shape[-1] > 1 else None
 
     def new(self) -> "_State":
         borrowed: list = []
@@ -123,8 +117,7 @@ class _State:
     def update(self, batch: Batch, outputs: Any) -> None:
         y_pred, losses = outputs
         y, w = batch.targets, batch.weights
-        if self.spec.classes and isinstance(y, np.ndarray) and y.ndim == len(y_pred.shape) - 1:
-            check_labels(y, self.spec.classes, self.spec.ignored)
+        check_class_indices(y, y_pred, self.spec.classes, self.spec.ignored, ops.convert_to_numpy)
         y, w = _tensors(y), _tensors(w)
         parts = []
         if self.loss is not None:

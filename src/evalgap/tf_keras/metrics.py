@@ -26,11 +26,14 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from .._checks import check_labels
-from .._keras_common import classifier_defaults, ignored_labels, metric_copies, one_number_results, overrides, sum_over_workers, test_step_note, unique
+from .._keras_common import check_class_indices, classifier_defaults, ignored_labels, label_classes, metric_copies, one_number_results, overrides, sum_over_workers, test_step_note, unique
 from ..engine import Batch, Collective, tree_map
 from ..errors import ModelError
 from .layers import keras, walk
+
+
+def _numpy(t: Any) -> np.ndarray:
+    return t.numpy() if hasattr(t, "numpy") else np.asarray(t)
 
 
 def _tensors(tree: Any) -> Any:
@@ -66,15 +69,10 @@ class TfKerasMetrics:
         self.borrowed: list = []
         self._saved = None
         self._borrowed_as: dict[int, tuple[Any, str, Any]] = {}  # id -> (metric, its name, its own update_state)
-        self.classes = self._classes(outputs[0])
+        self.classes = label_classes(outputs[0], self.loss, self.metrics[:2] if self.metrics else None)  # None: the targets are not checked
         self.ignored = ignored_labels(self.loss, self.metrics[:2] if self.metrics else None)
         self.names: list[str] = []
         self.left_out: dict[str, str] = {}  # metrics that are not one number: why, and the fix
-
-    @staticmethod
-    def _classes(pred: Any) -> int | None:
-        shape = getattr(pred, "shape", None)
-        return int(shape[-1]) if shape is not None and len(shape) >= 2 and shape[-1] and shape[-1] > 1 else None
 
     def new(self) -> "_State":
         from_compile = _compile_utils()
@@ -141,8 +139,7 @@ class _State:
     def update(self, batch: Batch, outputs: Any) -> None:
         y_pred, losses = outputs
         y, w = batch.targets, batch.weights
-        if self.spec.classes and isinstance(y, np.ndarray) and y.ndim == len(y_pred.shape) - 1:
-            check_labels(y, self.spec.classes, self.spec.ignored)
+        check_class_indices(y, y_pred, self.spec.classes, self.spec.ignored, _numpy)
         y, w = _tensors(y), _tensors(w)
         self.loss(y, y_pred, w, regularization_losses=losses)
         if self.metrics is not None:
