@@ -57,7 +57,13 @@ SCRIPT = textwrap.dedent(
     eg.recalibrate(plain, x, batch_size=16, shuffle=False, progress=False)  # the same batches, in order
     dds_xy = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
     e_d = eg.diagnose(mirrored, dds_xy, progress=False).decompositions["loss"].values["E"]
+    try:  # inside the scope Keras scales every loss by 1 / replicas: the loss read half of evaluate's
+        with strategy.scope():
+            inside = eg.diagnose(mirrored, (x, y), batch_size=16, progress=False).decompositions["loss"].values["E"]
+    except Exception as exc:
+        inside = f"{type(exc).__name__}: {exc}"
     print(json.dumps({
+        "inside_scope": inside,
         "distributed_dataset": {
             "samples": r_d.samples, "e": e_d, "evaluate": mirrored.evaluate(dds_xy, verbose=0),
             "max_rel_var": max(float(np.max(np.abs(a.moving_variance.numpy() / b.moving_variance.numpy() - 1))) for a, b in zip(bn_m, bn_p)),
@@ -88,6 +94,7 @@ def test_same_statistics_with_and_without_mirrored_strategy():
     # strategy.experimental_distribute_dataset: its PerReplica batches are the global batches they split
     dd = result["distributed_dataset"]
     assert dd["samples"] == 64 and dd["max_rel_var"] < 1e-6
+    assert str(result["inside_scope"]).startswith("DataError") and "outside the scope" in result["inside_scope"]
     assert abs(dd["e"] - dd["evaluate"]) < 1e-5 * max(1.0, abs(dd["evaluate"]))
 
 

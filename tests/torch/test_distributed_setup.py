@@ -1,4 +1,5 @@
-"""A process that stops before the pass (its shard yields no batch) stops every process at once, with nothing changed."""
+"""A process that stops before the pass (its shard or its val_data yield no batch) stops every process at once, with
+nothing changed."""
 
 from __future__ import annotations
 
@@ -30,12 +31,17 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         g = torch.Generator().manual_seed(rank)
-        n = 40 if rank == 0 else 5  # rank 1: 5 samples, drop_last=True with batches of 8: no batch at all
-        ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
-        loader = torch.utils.data.DataLoader(ds, batch_size=8, drop_last=True)
+
+        def loader(n):
+            ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+            return torch.utils.data.DataLoader(ds, batch_size=8, drop_last=True)
+
+        full = loader(40)
+        shard = loader(40 if rank == 0 else 5)  # rank 1: 5 samples, drop_last=True with batches of 8: no batch at all
         errors = {}
-        for name, call in (("recalibrate", lambda m: eg.recalibrate(m, loader, progress=False)),
-                           ("diagnose", lambda m: eg.diagnose(m, loader, progress=False))):
+        for name, call in (("recalibrate", lambda m: eg.recalibrate(m, shard, progress=False)),
+                           ("diagnose", lambda m: eg.diagnose(m, shard, progress=False)),
+                           ("val_data", lambda m: eg.diagnose(m, full, val_data=shard, progress=False))):
             model = _model()
             before = {k: v.clone() for k, v in model.state_dict().items()}
             try:
@@ -56,6 +62,6 @@ def test_a_rank_without_a_batch_stops_every_rank_before_the_pass(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for name in ("recalibrate", "diagnose"):
+    for name in ("recalibrate", "diagnose", "val_data"):
         assert r1[name][0] == "DataError" and "yielded no batch" in r1[name][1], r1[name]
         assert r0[name][0] == "DistributedError" and "process 1 of 2" in r0[name][1], r0[name]

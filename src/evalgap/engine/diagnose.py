@@ -208,6 +208,14 @@ def _measure_and_explain(run: "_Run", collective, probe, first: Batch, training:
     frozen_effect = _frozen_effect(run, measured, collective)
     if val_source is not None:
         val = val_source.take(max_samples) if max_samples is not None else val_source
+
+        def val_set_up() -> BatchSource:  # agreed, as the probe's: a process whose val_data are empty stops them all
+            first_val, batches = peek(val)
+            if first_val is None:
+                raise DataError("val_data yielded no batch: pass the validation data with targets, e.g. (x_val, y_val).")
+            return batches
+
+        val, _ = set_up_together(adapter, model, val_set_up)
         run.by_mode["E_val"] = run.score("E", batches=val, data="val_data")
     decompositions = _decompositions(run, training.fit, primary)
     recal = None if measured is None else assemble(measured, written=False)

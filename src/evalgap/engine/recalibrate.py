@@ -318,8 +318,8 @@ def recalibrate(
     weights, over every batch of the pass (ragged ones too), in ``result.training_metrics``.
     That is the training-mode side of the gap at fixed weights (diagnose's Td; T for a model
     without dropout), at no extra pass. Needs targets in the data. Across processes the
-    moments are combined; the metrics are reduced over the processes where the adapter's
-    metrics are (PyTorch, Flax), else they are this process's batches only (Keras).
+    moments are combined and the metrics reduced over the processes (the adapter's metrics
+    reduce them: PyTorch, Flax, Keras's workers).
     """
     start = time.perf_counter()
     max_batches = check_size("max_batches", max_batches)
@@ -327,9 +327,9 @@ def recalibrate(
         raise DataError(f"{', '.join(sorted(metric_options))} score the pass's outputs: pass training_metrics=True as well.")
     if max_batches is None and getattr(source, "infinite", False):
         raise DataError("the data repeat forever (e.g. a tf.data.Dataset with .repeat()): pass max_batches= (max_samples= for a callback).")
-    first, source = peek(source)
 
-    def set_up() -> tuple[Any, list[NormLayer]]:
+    def set_up() -> tuple[Any, list[NormLayer], BatchSource]:
+        first, batches = peek(source)
         if first is None:
             raise DataError("the data yielded no batch: give at least one batch of the training batch size.")
         if training_metrics and first.targets is None:
@@ -338,9 +338,9 @@ def recalibrate(
         found = adapter.layers(prepared)
         if not any(layer.tracks_statistics for layer in found):
             raise _no_layer_error(adapter, prepared, found)
-        return prepared, found
+        return prepared, found, batches
 
-    (model, layers), collective = set_up_together(adapter, model, set_up)
+    (model, layers, source), collective = set_up_together(adapter, model, set_up)
     score = _Score(adapter, model, metric_options or {}) if training_metrics else None
     try:
         measured = measure(

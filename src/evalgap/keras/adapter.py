@@ -110,7 +110,8 @@ class KerasAdapter:
         return predict.predictor(model, mode, norm_layers, stats)
 
     def metrics(self, model, batch: Batch, outputs: Any) -> KerasMetrics:
-        return KerasMetrics(model, batch, outputs, distributed.outside_scope(distributed.collective(model), "evalgap.keras"))
+        distributed.refuse_inside_scope()
+        return KerasMetrics(model, batch, outputs, distributed.collective(model))
 
     def facts(self, model, first: Batch | None = None):
         return layers.facts(model, None if first is None else first.inputs)

@@ -9,6 +9,10 @@ strategy (``MirroredStrategy``) the pass already sees whole global batches: noth
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from typing import Iterator
+
 import numpy as np
 
 
@@ -64,17 +68,46 @@ def collective(model) -> WorkerCollective | None:
     return None if strategy is None else WorkerCollective(strategy)
 
 
-def outside_scope(found: WorkerCollective | None, api: str) -> WorkerCollective | None:
-    """``found``, the collective that sums a diagnosis's metric states over the workers, checked to be used outside
-    ``strategy.scope()``: metric objects created there hold variables that TensorFlow reduces across the workers at
-    every update, which workers with different numbers of batches cannot do (a collective shape mismatch)."""
-    if found is not None:
-        import tensorflow as tf
+@contextlib.contextmanager
+def local_variables(collective: WorkerCollective | None) -> Iterator[None]:
+    """With a collective (several workers), variables created inside are plain, local ones, even inside
+    ``strategy.scope()`` (Keras 2's ``fit`` runs its callbacks there): a diagnosis's fresh metric objects then count
+    this worker's batches alone, and :func:`evalgap._keras_common.sum_over_workers` combines them once. Created under
+    the strategy, they were cross-worker variables that TensorFlow reduces at every update and read, which workers with
+    different numbers of batches cannot do (a collective shape mismatch, or a wait until the timeout). Without a
+    collective: nothing changes."""
+    if collective is None:
+        yield
+        return
+    import tensorflow as tf
+    from tensorflow.python.ops.resource_variable_ops import ResourceVariable
 
-        if tf.distribute.has_strategy():
-            from ..errors import DataError
+    accepted = set(inspect.signature(ResourceVariable.__init__).parameters) - {"self", "distribute_strategy"}
 
-            raise DataError(f"{api}.diagnose runs inside strategy.scope() under MultiWorkerMirroredStrategy: call it outside "
-                            "the `with strategy.scope():` block (as fit runs callbacks); every worker's metrics are summed "
-                            "after the passes.")
-    return found
+    def local(next_creator, **kwargs):  # noqa: ARG001 - the strategy's creator is skipped on purpose
+        return ResourceVariable(**{k: v for k, v in kwargs.items() if k in accepted})
+
+    with tf.variable_creator_scope(local):
+        yield
+
+
+def refuse_inside_scope() -> None:
+    """Keras 3 on TensorFlow: the compiled losses are refused inside ``strategy.scope()`` of several replicas, where
+    Keras scales every loss by 1 / replicas (``scale_loss_for_distribution`` reads the strategy in scope, for
+    gradients summed over the replicas): the loss would read half of ``evaluate``'s on two replicas. Keras 3's ``fit``
+    runs its callbacks outside the scope; Keras 2's losses do not scale there."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        from ..errors import DataError
+
+        raise DataError(
+            "evalgap.keras measures the compiled loss inside `with strategy.scope():`, where Keras scales every loss by "
+            "1 / replicas: call diagnose (and recalibrate with training_metrics=True) outside the scope, as fit calls "
+            "callbacks; the model built in the scope is used as it is."
+        )
+

@@ -30,6 +30,7 @@ from keras import ops
 from .._keras_common import check_class_indices, classifier_defaults, ignored_labels, label_classes, metric_copies, one_number_results, overrides, sum_over_workers, test_step_note, unique
 from ..engine import Batch, Collective, tree_map
 from ..errors import ModelError
+from .distributed import local_variables
 
 
 class KerasMetrics:
@@ -66,6 +67,10 @@ class KerasMetrics:
         self.higher_is_better: dict[str, bool] = {}  # keys whose metric states its direction
 
     def new(self) -> "_State":
+        with local_variables(self.collective):  # a worker's own metric state, summed once in result()
+            return self._new()
+
+    def _new(self) -> "_State":
         borrowed: list = []
         loss = None
         if self.loss is not None:
@@ -115,6 +120,10 @@ class _State:
         self._combined = False
 
     def update(self, batch: Batch, outputs: Any) -> None:
+        with local_variables(self.spec.collective):  # the containers build their metrics at the first update
+            self._update(batch, outputs)
+
+    def _update(self, batch: Batch, outputs: Any) -> None:
         y_pred, losses = outputs
         y, w = batch.targets, batch.weights
         check_class_indices(y, y_pred, self.spec.classes, self.spec.ignored, ops.convert_to_numpy)

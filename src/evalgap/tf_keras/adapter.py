@@ -119,7 +119,7 @@ class TfKerasAdapter:
         return predict.predictor(model, mode, norm_layers, stats)
 
     def metrics(self, model, batch: Batch, outputs: Any) -> TfKerasMetrics:
-        return TfKerasMetrics(model, batch, outputs, distributed.outside_scope(distributed.collective(model), "evalgap.tf_keras"))
+        return TfKerasMetrics(model, batch, outputs, distributed.collective(model))
 
     def facts(self, model, first: Batch | None = None):
         return layers.facts(model, None if first is None else first.inputs)

@@ -10,7 +10,7 @@ statistic (a ``SyncOnReadVariable``) sets it on every replica.
 
 from __future__ import annotations
 
-from ..keras.distributed import WorkerCollective, outside_scope
+from ..keras.distributed import WorkerCollective, local_variables
 
 
 def multi_worker_strategy(model):
@@ -29,4 +29,4 @@ def collective(model) -> WorkerCollective | None:
     return None if strategy is None else WorkerCollective(strategy)
 
 
-__all__ = ["WorkerCollective", "collective", "outside_scope", "multi_worker_strategy"]
+__all__ = ["WorkerCollective", "collective", "local_variables", "multi_worker_strategy"]

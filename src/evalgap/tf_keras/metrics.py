@@ -29,6 +29,7 @@ import tensorflow as tf
 from .._keras_common import check_class_indices, classifier_defaults, ignored_labels, label_classes, metric_copies, one_number_results, overrides, sum_over_workers, test_step_note, unique
 from ..engine import Batch, Collective, tree_map
 from ..errors import ModelError
+from .distributed import local_variables
 from .layers import keras, walk
 
 
@@ -75,6 +76,10 @@ class TfKerasMetrics:
         self.left_out: dict[str, str] = {}  # metrics that are not one number: why, and the fix
 
     def new(self) -> "_State":
+        with local_variables(self.collective):  # a worker's own metric state, summed once in result()
+            return self._new()
+
+    def _new(self) -> "_State":
         from_compile = _compile_utils()
         borrowed: list = []
         loss = from_compile.LossesContainer(self.loss[0], self.loss[1], output_names=self.output_names)
@@ -137,6 +142,10 @@ class _State:
         self._combined = False
 
     def update(self, batch: Batch, outputs: Any) -> None:
+        with local_variables(self.spec.collective):  # the containers build their metrics at the first update
+            self._update(batch, outputs)
+
+    def _update(self, batch: Batch, outputs: Any) -> None:
         y_pred, losses = outputs
         y, w = batch.targets, batch.weights
         check_class_indices(y, y_pred, self.spec.classes, self.spec.ignored, _numpy)
