@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .engine.tasks import whole_number_floats
 from .errors import DataError, ModelError
 
 #: The size images are resized to when neither --image-size nor the model fixes it (the seed's).
@@ -220,7 +221,7 @@ def _label_classes(y: Any, ignored: set[int]) -> int | None:
         y = y[:, 0]
     if y.ndim != 1 or not y.size or y.dtype.kind not in "biuf":
         return None
-    if y.dtype.kind == "f" and not bool(np.all(np.isfinite(y) & (np.mod(y, 1) == 0))):
+    if y.dtype.kind == "f" and not whole_number_floats(y):
         return None
     if ignored:
         y = y[~np.isin(y, list(ignored))]
@@ -245,22 +246,22 @@ def keras_output_classes(model: Any) -> tuple[int | None, set[int]]:
 
 def torch_output_classes(model: Any, x: Any) -> int | None:
     """The number of class scores of a PyTorch model whose output for a batch is (N, C), C > 1: one forward of the
-    first two samples in evaluation mode, without gradients, torch's RNG and every module's mode put back. None where
-    the output is of another form or the forward fails (the passes then say why)."""
+    first two samples in mode E as the passes run it (:func:`evalgap.torch.predict.predictor`: without gradients,
+    modes set by flag, no ``train()``/``eval()`` of the user's called, put back), torch's RNG put back. None where the
+    output is of another form or the forward fails (the passes then say why)."""
     import torch
+
+    from .engine import Batch
+    from .torch.data import model_device
+    from .torch.predict import predictor
 
     if len(x) == 0:
         return None
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            model.eval()
-            out = float_input(model, (x[:2],))
+        with torch.random.fork_rng(devices=[]), predictor(model, "E", (), (), forward=float_input, device=model_device(model)) as run:
+            out = run(Batch(x[:2], raw=(x[:2],)))
     except Exception:  # the model cannot take the data: diagnose names the batch and the reason
         return None
-    finally:
-        for m, training in modes:
-            m.training = training
     return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] > 1 else None
 
 
@@ -354,7 +355,7 @@ def torch_arrays(x: np.ndarray, y: np.ndarray, model: Any = None) -> tuple[Any, 
                 f"x has shape {tuple(x.shape)}: images without a channel axis (N, H, W), but the model's first convolution "
                 f"takes {conv.in_channels} channels: save x with its channels, (N, {conv.in_channels}, H, W) or "
                 f"(N, H, W, {conv.in_channels}) (grayscale as RGB: np.repeat(x[:, None], {conv.in_channels}, axis=1)).")
-    whole = y.dtype.kind in "biu" or (y.dtype.kind == "f" and y.size and bool(np.all(np.isfinite(y) & (np.mod(y, 1) == 0))))
+    whole = y.dtype.kind in "biu" or whole_number_floats(y)
     return t, torch.from_numpy(y.astype(np.int64) if whole else y)
 
 

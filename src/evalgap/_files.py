@@ -94,11 +94,12 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def check_writable(path: str | os.PathLike, what: str, *, folder: bool = False) -> None:
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool = False, folder_exists: bool = False) -> None:
     """Raise :class:`OutputError` now, naming ``what`` (a flag: ``--json``), where ``path`` cannot be written: a file
     target that is an existing folder, a folder target that is a file, a file in the way of its folders, or a folder
     in which no file can be created (tried: a temporary file is created and removed, so permissions, read-only file
-    systems and ``/proc`` answer as the real write would). Missing folders are not created."""
+    systems and ``/proc`` answer as the real write would). Missing folders are not created; with ``folder_exists``
+    a file target's folder must exist already (the command's reports and ``-o``: a mistyped folder is not made)."""
     path = os.fspath(path)
     if not folder and os.path.isdir(path):
         example = os.path.join(path, "name" + os.path.splitext(path.rstrip("/" + os.sep))[1])
@@ -110,6 +111,8 @@ def check_writable(path: str | os.PathLike, what: str, *, folder: bool = False) 
     if not os.path.isdir(existing):
         raise OutputError(f"{what} {path}: {existing} is a file, not a folder, so nothing can be written below it; "
                           "choose another path.")
+    if folder_exists and not folder and not os.path.isdir(start):
+        raise OutputError(f"the folder of {what} {path} does not exist: create {start} first, or choose another path.")
     try:
         os.unlink(_new_temporary(existing, ".probe"))
     except OSError as exc:

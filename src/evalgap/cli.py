@@ -129,10 +129,7 @@ def _check_reports(args: argparse.Namespace) -> None:
                                     "its own file.")
                 raise DataError(f"{flag} {path} is {other_flag} ({other}), an input: writing the report would overwrite it. "
                                 f"Give {flag} a file of its own.")
-        check_writable(path, flag)
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise DataError(f"the folder of {flag} {path} does not exist: create {folder} first, or choose another path.")
+        check_writable(path, flag, folder_exists=True)
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -168,13 +165,10 @@ def _check_output(args: argparse.Namespace, source: str, suffixes: tuple[str, ..
         raise DataError(f"-o {args.output} is the input ({source}); pass --overwrite (or --in-place) to replace it, or choose another file.")
     if not args.output.endswith(suffixes):
         raise DataError(f"-o must end in {' or '.join(suffixes)}, got {args.output}.")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise DataError(f"the folder of -o {args.output} does not exist: create {folder} first, or choose another path.")
     for flag, other in (("--data", args.data), ("--npz", args.npz)):
         if other and _same_file(args.output, other):
             raise DataError(f"-o {args.output} is {flag} ({other}): writing the model would overwrite it. Choose another file.")
-    check_writable(args.output, "-o")
+    check_writable(args.output, "-o", folder_exists=True)
 
 
 def _recalibrate(args: argparse.Namespace) -> int:

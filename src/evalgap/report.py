@@ -274,8 +274,8 @@ class Report:
 
 
 def non_finite_modes(d: Decomposition) -> list[str]:
-    """The modes in which a metric's value is NaN or infinite (in the report's mode order)."""
-    return [m for m in ("F", "T", "Td", "P", "E", "E_val") if m in d.values and not math.isfinite(d.values[m])]
+    """The modes in which a metric's value is NaN or infinite (in the report's mode order, :data:`MODE_NAMES`'s)."""
+    return [m for m in MODE_NAMES if m in d.values and not math.isfinite(d.values[m])]
 
 
 def not_finite_text(modes: list[str], why: bool = True) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -141,3 +142,18 @@ def test_check_writable_names_what_is_in_the_way_and_leaves_nothing(tmp_path):
     check_writable(tmp_path / "afile", "-o")  # an existing file is replaced
     check_writable(tmp_path / "adir", "--out", folder=True)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir", "afile"]  # no probe left, no folder created
+
+
+def test_check_writable_can_require_the_folder_of_a_file(tmp_path):
+    """The command's reports and -o: a missing folder is refused (the one output check, exit 2), not made later."""
+    from evalgap._files import OutputError, check_writable
+
+    target = tmp_path / "new" / "deeper" / "r.json"
+    with pytest.raises(OutputError, match=rf"^the folder of --json {re.escape(str(target))} does not exist: create "
+                                          rf"{re.escape(str(target.parent))} first, or choose another path\.$"):
+        check_writable(target, "--json", folder_exists=True)
+    check_writable(tmp_path / "r.json", "--json", folder_exists=True)  # an existing folder
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=r"-o .*afile is a file, not a folder"):  # what is in the way is named first
+        check_writable(tmp_path / "afile" / "x" / "f.keras", "-o", folder_exists=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["afile"]

@@ -244,6 +244,15 @@ def test_data_of_more_classes_than_the_model_has_outputs_exit_2_before_any_pass(
     assert [m.training for m in net.modules()] == [True, True, True, False, True, True, True, True, True]
     assert all(torch.equal(v, before[0][k]) for k, v in net.state_dict().items()) and torch.equal(torch.get_rng_state(), before[1])
     assert torch_output_classes(net, torch.zeros(10, 5, 8, 8)) is None  # a forward that fails: the passes say why
+    # modes are set by flag as the passes set them: a train() the model overrides (a hook, a freezing rule) is not called
+
+    class Hooked(nn.Sequential):
+        def train(self, mode=True):
+            raise AssertionError("the model's train() was called")
+
+    hooked = Hooked(*make_net())
+    assert torch_output_classes(hooked, torch.zeros(10, 3, 8, 8, dtype=torch.uint8)) == 3
+    assert all(m.training for m in hooked.modules())
     # 3 classes of 5 outputs are fine: the passes run
     np.savez(tmp_path / "three.npz", x=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8), y=np.arange(12) % 3)
     assert main(["diagnose", "--torch-model", f"{__name__}:make_net", "--npz", str(tmp_path / "three.npz"), "--batch-size", "4", "-q"]) == 0

@@ -127,6 +127,17 @@ def test_batch_size_of_every_batch_form():
         assert batch_size_of(batch) == want, batch if not isinstance(batch, tuple) else [type(b).__name__ for b in batch]
 
 
+def test_batch_size_of_a_list_of_images_whose_targets_shapes_also_read_as_batched_inputs():
+    """2 images (3, 32, 32) with masks (32, 32), or with 3 boxes each, have the shapes of ((x1, x2), (y1, y2)) of 32
+    (sequence-first) or 3 rows: counted so, as the docstring says; stacked images count 2 whatever the targets."""
+    images = [torch.zeros(3, 32, 32) for _ in range(2)]
+    masks, boxes = [torch.zeros(32, 32, dtype=torch.int64)] * 2, [torch.rand(3, 4)] * 2
+    assert batch_size_of((images, masks)) == 32 and batch_size_of((images, boxes)) == 3  # shapes alone cannot tell
+    assert batch_size_of((images, [{"boxes": b} for b in boxes])) == 2
+    assert batch_size_of((torch.stack(images), masks)) == 2 and batch_size_of((torch.stack(images), boxes)) == 2
+    assert batch_size_of((torch.zeros(4, 3, 32, 48), [torch.zeros(32, 48)] * 4)) == 4
+
+
 # --- targets no default takes ------------------------------------------------------------------------------------
 class Depth(nn.Module):
     def __init__(self):

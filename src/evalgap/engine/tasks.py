@@ -122,18 +122,45 @@ def batch_total(name: str, shape: Sequence[int], samples: int, summed: bool = Fa
 IGNORE_LIKE = (255, -100, -1)
 
 
+def whole_number_floats(values: Any) -> bool:
+    """Whether ``values`` are floats, at least one, each finite and whole: class indices as pandas or a float array
+    stores them (read as integers)."""
+    import numpy as np
+
+    y = np.asarray(values)
+    return y.dtype.kind == "f" and y.size > 0 and bool(np.all(np.isfinite(y) & (np.mod(y, 1) == 0)))
+
+
 def ignore_like(labels: Any, classes: int) -> int | None:
     """The one value that integer ``labels`` hold outside ``[0, classes)`` when it is a usual 'no label' marker
     (:data:`IGNORE_LIKE`: 255, -100, -1), else None (no such value, several, or another: a wrong encoding)."""
     import numpy as np
 
     y = np.asarray(labels)
-    if y.dtype.kind == "f" and y.size and np.all(np.mod(y, 1) == 0):
+    if whole_number_floats(y):
         y = y.astype(np.int64)
     if y.dtype.kind not in "iu":
         return None
     outside = np.unique(y[(y < 0) | (y >= classes)])
     return int(outside[0]) if len(outside) == 1 and int(outside[0]) in IGNORE_LIKE else None
+
+
+def check_class_labels(labels: Any, classes: int, fix: Callable[[int, int], str]) -> None:
+    """:func:`evalgap._checks.check_labels`; where the labels outside ``[0, classes)`` are all one 'no label' marker
+    (:func:`ignore_like`), the error names what leaves it out: ``fix(marker, classes)``, a loss and metrics in the adapter's
+    framework (as :func:`non_finite_error` takes its ``example``)."""
+    from .._checks import check_labels
+
+    try:
+        check_labels(labels, classes)
+    except DataError as exc:
+        v = ignore_like(labels, classes)
+        if v is None:
+            raise
+        raise DataError(
+            f"{exc} The labels outside [0, {classes}) are all {v}, a 'no label' marker the default loss and accuracy do not "
+            f"leave out: pass {fix(v, classes)}."
+        ) from None
 
 
 def non_finite_error(bad: int, size: int, example: str) -> DataError:

@@ -34,7 +34,7 @@ import numpy as np
 
 from .._checks import check_labels
 from ..engine import Batch, Collective
-from ..engine.tasks import batch_total, completed, default_task, ignore_like
+from ..engine.tasks import batch_total, check_class_labels, completed, default_task
 from ..errors import DataError, ModelError
 
 Metric = Callable[[Any, Any], Any]
@@ -98,21 +98,11 @@ DEFAULTS: dict[str, tuple[Metric, dict[str, Metric]]] = {
 }
 
 
-def _check_labels(labels: np.ndarray, classes: int) -> None:
-    """:func:`check_labels`; where the labels outside ``[0, classes)`` are all one 'no label' marker (255, -100, -1:
-    :func:`evalgap.engine.tasks.ignore_like`), the error names a loss and a metric that leave it out."""
-    try:
-        check_labels(labels, classes)
-    except DataError as exc:
-        v = ignore_like(labels, classes)
-        if v is None:
-            raise
-        raise DataError(
-            f"{exc} The labels outside [0, {classes}) are all {v}, a 'no label' marker the default loss and accuracy do not "
-            f"leave out: pass a loss and metrics that mask them, e.g. loss_fn=lambda o, t: (optax."
-            f"softmax_cross_entropy_with_integer_labels(o, jnp.where(t == {v}, 0, t)) * (t != {v})).sum() / (t != {v}).sum() "
-            f"and metrics={{'accuracy': lambda o, t: ((o.argmax(-1) == t) & (t != {v})).sum() / (t != {v}).sum()}}."
-        ) from None
+def _ignore_fix(v: int, classes: int) -> str:
+    """A loss and metrics that leave the 'no label' marker ``v`` out (:func:`evalgap.engine.tasks.check_class_labels`)."""
+    return (f"a loss and metrics that mask them, e.g. loss_fn=lambda o, t: (optax.softmax_cross_entropy_with_integer_labels("
+            f"o, jnp.where(t == {v}, 0, t)) * (t != {v})).sum() / (t != {v}).sum() and metrics={{'accuracy': lambda o, t: "
+            f"((o.argmax(-1) == t) & (t != {v})).sum() / (t != {v}).sum()}}")
 
 
 #: A loss that leaves non-finite targets out, for the error that asks for one (:func:`evalgap.engine.tasks.non_finite_error`).
@@ -153,7 +143,7 @@ def _task(output: Any, target: Any) -> str:
             f"and metrics={{'name': (output, target) -> scalar}}.{why}"
         )
     if task in ("classification", "segmentation"):
-        _check_labels(t, int(shape[-1]))
+        check_class_labels(t, int(shape[-1]), _ignore_fix)
         p = np.asarray(jax.device_get(output), dtype=np.float64)
         if (p >= 0).all() and np.allclose(p.sum(-1), 1.0, atol=1e-4):
             raise DataError("the outputs look like probabilities (non-negative, summing to 1), and cross-entropy expects "

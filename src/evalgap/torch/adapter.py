@@ -157,7 +157,7 @@ class TorchAdapter:
         return found
 
     def collective(self, model: Any):
-        if self._collective is None:  # single process, or asked before prepare (diagnose's set-up failed)
+        if self._collective is None:  # asked anew on every call: one process (None again), or before prepare ran
             return collective(self.process_group)
         return self._collective
 

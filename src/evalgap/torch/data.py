@@ -149,7 +149,14 @@ def batch_size_of(batch: Any) -> int | None:
     - A sequence-first input, ``(T, N, ...)`` as ``batch_first=False`` RNNs and Transformers take it, is told by
       its targets' batch dimension (:func:`_target_rows`: a tensor's rows, or the rows that a tuple of targets
       shares): when that is not the input's first dimension but its second, the batch holds that many samples (N).
-      Per-sample targets, a list with one entry per row of the input, never make an input sequence-first."""
+      Per-sample targets, a list with one entry per row of the input, never make an input sequence-first.
+    - Ambiguous by shapes: a list of images with a list of per-image target tensors that all have the same number of
+      rows ``r``, where ``r`` is the first image's first dimension (its channels: 3 boxes per image) or its second (its
+      height: ``(H, W)`` masks), is also batched inputs and targets ``((x1, x2), (y1, y2))`` of ``r`` samples
+      (sequence-first for the height), and is counted so: ``r``, not its images. A list of images without targets
+      counts its first image's first dimension. Stacked images (one ``(N, C, H, W)`` tensor) with a list of per-image
+      targets count ``N`` whatever the targets' shapes: batch them so, with ``forward=lambda model, batch:
+      model(list(batch[0]))`` where the model takes a list."""
     inputs, y = model_input(batch), targets_of(batch)
     x = _first_tensor(inputs)
     if x is None:

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_labels
 from ..engine import Batch, Collective
-from ..engine.tasks import batch_total, completed, default_task, ignore_like, two_class_axes
+from ..engine.tasks import batch_total, check_class_labels, completed, default_task, two_class_axes
 from ..errors import DataError, ModelError
 from .data import to_device
 
@@ -121,7 +120,7 @@ def _task(output: torch.Tensor, target: Any) -> str:
             f"(callables or torchmetrics objects).{why}"
         )
     if task in ("classification", "segmentation"):
-        _check_labels(t.cpu().numpy(), int(output.shape[1]))
+        check_class_labels(t.cpu().numpy(), int(output.shape[1]), _ignore_fix)
         p = output.detach().float()
         if bool((p >= 0).all()) and bool(torch.allclose(p.sum(1), torch.ones_like(p.sum(1)), atol=1e-4)):
             raise DataError(
@@ -131,20 +130,10 @@ def _task(output: torch.Tensor, target: Any) -> str:
     return task
 
 
-def _check_labels(labels: np.ndarray, classes: int) -> None:
-    """:func:`check_labels`; where the labels outside ``[0, classes)`` are all one 'no label' marker (255, -100, -1:
-    :func:`evalgap.engine.tasks.ignore_like`), the error names the loss and metric that leave it out."""
-    try:
-        check_labels(labels, classes)
-    except DataError as exc:
-        v = ignore_like(labels, classes)
-        if v is None:
-            raise
-        raise DataError(
-            f"{exc} The labels outside [0, {classes}) are all {v}, a 'no label' marker the default loss and accuracy do not "
-            f"leave out: pass loss_fn=torch.nn.CrossEntropyLoss(ignore_index={v}) and metrics={{'accuracy': "
-            f"torchmetrics.classification.MulticlassAccuracy({classes}, ignore_index={v}, average='micro')}}."
-        ) from None
+def _ignore_fix(marker: int, classes: int) -> str:
+    """The loss and metric that leave a 'no label' ``marker`` out (:func:`evalgap.engine.tasks.check_class_labels`)."""
+    return (f"loss_fn=torch.nn.CrossEntropyLoss(ignore_index={marker}) and metrics={{'accuracy': "
+            f"torchmetrics.classification.MulticlassAccuracy({classes}, ignore_index={marker}, average='micro')}}")
 
 
 #: A loss that leaves non-finite targets out, for the error that asks for one (:func:`evalgap.engine.tasks.non_finite_error`).
