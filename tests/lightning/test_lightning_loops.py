@@ -107,9 +107,9 @@ def test_precise_bn_recalibrates_at_every_validation_inside_a_gradient_accumulat
 
 
 @pytest.mark.parametrize("schedule", [dict(max_epochs=3, check_val_every_n_epoch=2), dict(max_steps=5)], ids=["last-epoch-unvalidated", "max-steps"])
-def test_validate_after_fit_recalibrates_on_the_training_data_fit_read(ds, schedule):
-    # fit does not end with a validation, so the statistics are stale when trainer.validate runs;
-    # trainer.train_dataloader is None there: PreciseBN reads the loader fit read.
+def test_validate_after_fit_sees_the_exact_statistics_of_the_training_data_fit_read(ds, schedule):
+    # fit does not end with a validation: PreciseBN recalibrates when fit ends (on the loader fit read), so
+    # trainer.validate runs on exact statistics, with no pass of its own.
     train = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     val = torch.utils.data.DataLoader(ds, batch_size=32)
     torch.manual_seed(0)
