@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -69,17 +70,17 @@ def collective(model) -> WorkerCollective | None:
 
 
 @contextlib.contextmanager
-def local_variables(collective: WorkerCollective | None) -> Iterator[None]:
-    """With a collective (several workers), variables created inside are plain, local ones, even inside
-    ``strategy.scope()`` (Keras 2's ``fit`` runs its callbacks there): a diagnosis's fresh metric objects then count
-    this worker's batches alone, and :func:`evalgap._keras_common.sum_over_workers` combines them once. Created under
-    the strategy, they were cross-worker variables that TensorFlow reduces at every update and read, which workers with
-    different numbers of batches cannot do (a collective shape mismatch, or a wait until the timeout). Without a
-    collective: nothing changes."""
-    if collective is None:
+def local_variables() -> Iterator[None]:
+    """Variables created inside are plain, local ones, even inside a ``tf.distribute`` strategy's scope (Keras 2's
+    ``fit`` runs its callbacks there): a diagnosis's fresh metric objects then count this process's batches, updated
+    outside any replica, and :func:`evalgap._keras_common.sum_over_workers` combines the workers' once. Created under
+    the strategy they were replicated variables: a ``MirroredStrategy``'s refuse ``assign_add`` outside a replica, and
+    a ``MultiWorkerMirroredStrategy``'s are reduced across the workers at every update and read, which workers with
+    different numbers of batches cannot do. Outside a strategy scope (or without TensorFlow loaded): nothing changes."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not tf.distribute.has_strategy():
         yield
         return
-    import tensorflow as tf
     from tensorflow.python.ops.resource_variable_ops import ResourceVariable
 
     accepted = set(inspect.signature(ResourceVariable.__init__).parameters) - {"self", "distribute_strategy"}
@@ -111,3 +112,14 @@ def refuse_inside_scope() -> None:
             "callbacks; the model built in the scope is used as it is."
         )
 
+
+
+def global_batch(leaf):
+    """A ``tf.distribute`` PerReplica value (a batch of ``strategy.experimental_distribute_dataset``) as the global
+    batch it splits, replicas in order; anything else as it is. The statistics pass runs on global batches, in
+    cross-replica context. TensorFlow code, shared with the Keras 2 adapter."""
+    if type(leaf).__name__ == "PerReplica" and hasattr(leaf, "values"):
+        import tensorflow as tf
+
+        return tf.concat(list(leaf.values), axis=0)
+    return leaf

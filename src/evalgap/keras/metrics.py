@@ -67,7 +67,7 @@ class KerasMetrics:
         self.higher_is_better: dict[str, bool] = {}  # keys whose metric states its direction
 
     def new(self) -> "_State":
-        with local_variables(self.collective):  # a worker's own metric state, summed once in result()
+        with local_variables():  # this process's own metric state (summed over workers in result())
             return self._new()
 
     def _new(self) -> "_State":
@@ -120,7 +120,7 @@ class _State:
         self._combined = False
 
     def update(self, batch: Batch, outputs: Any) -> None:
-        with local_variables(self.spec.collective):  # the containers build their metrics at the first update
+        with local_variables():  # the containers build their metrics at the first update
             self._update(batch, outputs)
 
     def _update(self, batch: Batch, outputs: Any) -> None:
