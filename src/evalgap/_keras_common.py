@@ -325,11 +325,28 @@ def replica_shares(size: int, replicas: int) -> list[slice]:
     return [slice(min(r * each, size), min((r + 1) * each, size)) for r in range(replicas)]
 
 
+def training_shares(model: Any, bns: list) -> int:
+    """Into how many shares ``fit`` splits each of this process's batches for training mode: the local replicas of the
+    model's ``tf.distribute`` strategy (a MirroredStrategy's devices, a worker's under MultiWorkerMirroredStrategy),
+    each normalizing its ``ceil(b / replicas)`` samples (:func:`replica_shares`) by their own batch statistics; 1
+    without a strategy, or where every BatchNorm layer is synchronized (normalizing the whole batch)."""
+    if replicas(model) < 2:
+        return 1
+    try:
+        local = len(model.distribute_strategy.extended.worker_devices)
+    except (AttributeError, RuntimeError):  # the default strategy has no worker devices to list
+        return 1
+    if local <= 1 or (bns and all(getattr(bn, "synchronized", False) for bn in bns)):
+        return 1
+    return local
+
+
 def per_replica(step: Callable[[Any, Any], tuple], inputs: Any, size: int, copies: list[Any]) -> tuple:
     """``step(inputs, values) -> (y_pred, losses, marks)`` on each replica's share of a batch (:func:`replica_shares`)
     with that replica's ``copies[r]`` of the variables, as ``evaluate`` runs it under a MirroredStrategy: the outputs
     and their marks (:func:`output_marks`) concatenated in sample order, each model loss (``add_loss``) the shares'
-    mean weighted by their size, as ``evaluate`` weights each replica's total loss. TensorFlow only (the strategy's
+    mean weighted by their size, as ``evaluate`` weights each replica's total loss. The training-mode passes run the
+    same split with one set of values per share (:func:`training_shares`). TensorFlow only (the strategy's
     framework)."""
     import tensorflow as tf
 

@@ -29,7 +29,7 @@ from keras import ops
 
 from keras.src.backend import get_keras_mask, set_keras_mask
 
-from .._keras_common import mark_outputs, output_marks, traced_alone
+from .._keras_common import mark_outputs, output_marks, per_replica, replicas, traced_alone, training_shares
 from ..engine.protocol import HostCaptures
 from ..errors import ModelError
 
@@ -62,6 +62,15 @@ class MomentsPass:
     model's output in this mode (BN on batch statistics, dropout off) and its losses
     (regularization, ``add_loss``). Two arrays per batch instead of three per BN call: on a
     GPU each is a device-to-host copy (:meth:`PackedMoments.to_host_captures`).
+
+    Under a ``tf.distribute`` strategy whose replicas normalize their shares of a batch separately
+    (:func:`evalgap._keras_common.training_shares` > 1: BatchNorm not synchronized), each batch runs
+    as ``fit`` runs it in training mode: one call of the compiled step per replica's share
+    (:func:`evalgap._keras_common.replica_shares`), BN on that share's own batch statistics. The
+    outputs are joined in sample order and each model loss is the shares' mean weighted by their
+    size (:func:`evalgap._keras_common.per_replica`); each BN call's moments are those of all the
+    shares, pooled in float64 on the host (:meth:`PackedMoments.to_host_captures`), so a layer is
+    still one call per batch.
     """
 
     def __init__(self, model, layers: list, batch_statistics: list[bool]):
@@ -74,9 +83,11 @@ class MomentsPass:
         self._saved: list[tuple[Any, dict]] = []
         self._step = None
         self._state: tuple[list, list] | None = None  # the variables' values, read once per pass
+        self._shares = 1  # the replicas' shares each batch runs as (training_shares), set on entering
 
     # ---- patching -----------------------------------------------------------------
     def __enter__(self):
+        self._shares = replica_shares_of(self._model())
         try:
             for index, layer in enumerate(self.layers):
                 saved = {k: layer.__dict__[k] for k in ("call", "_moments") if k in layer.__dict__}
@@ -192,27 +203,60 @@ class MomentsPass:
 
             with torch.no_grad():
                 (counts, values), y_pred, losses, marks = self._compiled()(trainable, non_trainable, x)
+        elif self._shares > 1:  # as fit's replicas: each share normalized by its own batch statistics
+            step, parts = self._compiled(), []
+
+            def share_step(share, _):
+                moments, share_pred, share_losses, share_marks = step(trainable, non_trainable, share)
+                parts.append(moments)
+                return share_pred, share_losses, share_marks
+
+            y_pred, losses, marks = per_replica(share_step, x, batch.size, [None] * self._shares)
+            for share_counts, share_values in parts:
+                self._check_layout(share_counts, share_values)
+            counts, values = parts[0]
+            if values is not None and len(parts) > 1:
+                counts, values = ops.stack([c for c, _ in parts]), ops.stack([v for _, v in parts])
         else:
             (counts, values), y_pred, losses, marks = self._compiled()(trainable, non_trainable, x)
         if backend != "torch":  # eager on torch: the outputs keep their marks
             mark_outputs(keras.tree.flatten(y_pred), marks, set_mask=set_keras_mask)
         if values is None:
             return [], (y_pred, losses)
-        # order and channels were recorded when the step was traced: a compiled step reused for this
-        # shape must have the same layout (it does unless the model's BN calls depend on the input shape)
+        if len(values.shape) == 1:
+            self._check_layout(counts, values)
+        packed = PackedMoments(counts, values, tuple(self.channels))
+        return [(index, packed, k, None) for k, index in enumerate(self.order)], (y_pred, losses)
+
+    def _check_layout(self, counts, values) -> None:
+        """Order and channels were recorded when the step was traced: a compiled step reused for this
+        shape must have the same layout (it does unless the model's BN calls depend on the input shape)."""
+        if values is None:
+            return
         if int(values.shape[0]) != 2 * sum(self.channels) or int(counts.shape[0]) != len(self.order):
             raise ModelError(
                 f"the model's BatchNormalization calls differ between input shapes (this batch: {int(counts.shape[0])} calls, "
                 f"{int(values.shape[0]) // 2} channels; an earlier one: {len(self.order)} calls, {sum(self.channels)} channels): "
                 "pass batches of one shape (drop_ragged=True and whole batches) to recalibrate this model."
             )
-        packed = PackedMoments(counts, values, tuple(self.channels))
-        return [(index, packed, k, None) for k, index in enumerate(self.order)], (y_pred, losses)
+
+
+def replica_shares_of(model) -> int:
+    """Into how many shares ``fit`` splits a batch in training mode (:func:`evalgap._keras_common.training_shares`):
+    1 off TensorFlow and without a strategy of several replicas (TensorFlow's default strategy has no
+    ``worker_devices``)."""
+    if keras.backend.backend() != "tensorflow" or replicas(model) < 2:
+        return 1
+    from .layers import find_batchnorms
+
+    return training_shares(model, [bn for _, bn in find_batchnorms(model)])
 
 
 class PackedMoments:
     """One batch's moments as the pass returns them: ``counts`` (one per BN call) and ``values``:
-    every call's per-channel means in call order, then every call's biased variances."""
+    every call's per-channel means in call order, then every call's biased variances. A batch run
+    as the replicas' shares (:class:`MomentsPass`) holds one row of each per share, ``(shares, calls)``
+    and ``(shares, 2 * channels)``, pooled per call on the host (:func:`_pooled_shares`)."""
 
     __slots__ = ("counts", "values", "channels")
 
@@ -226,7 +270,7 @@ class PackedMoments:
         are laid side by side without a per-call object; any other selection is cut call by call."""
         batches = list({id(c[1]): c[1] for c in captures}.values())
         host = to_host([v for p in batches for v in (p.counts, p.values)])
-        fetched = {id(p): (np.asarray(host[2 * i]).reshape(-1), np.asarray(host[2 * i + 1]).reshape(-1)) for i, p in enumerate(batches)}
+        fetched = {id(p): _pooled_shares(np.asarray(host[2 * i]), np.asarray(host[2 * i + 1]), p.channels) for i, p in enumerate(batches)}
         if _whole_batches(captures):
             split = [len(fetched[id(p)][1]) // 2 for p in batches]
             return HostCaptures(
@@ -242,6 +286,24 @@ class PackedMoments:
             start, size, half = sum(p.channels[:k]), p.channels[k], len(values) // 2
             rows.append((index, counts[k], values[start:start + size], values[half + start:half + start + size]))
         return HostCaptures.from_list(rows)
+
+
+def _pooled_shares(counts: np.ndarray, values: np.ndarray, channels: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One batch's ``(counts, values)`` as flat arrays; a batch run as shares (rows) pooled per call, in float64:
+    the count summed, the mean the count-weighted mean, the biased variance the count-weighted mean of each
+    share's variance plus its squared deviation from the pooled mean (the moments of all the shares' values)."""
+    if counts.ndim < 2:
+        return counts.reshape(-1), values.reshape(-1)
+    n = counts.astype(np.float64)  # (shares, calls)
+    total = n.sum(axis=0)
+    per_channel = np.repeat(n, channels, axis=1)  # (shares, channels)
+    weight = np.divide(per_channel, np.repeat(total, channels), out=np.zeros_like(per_channel), where=per_channel > 0)
+    half = values.shape[1] // 2
+    means, variances = values[:, :half].astype(np.float64), values[:, half:].astype(np.float64)
+    used = weight > 0  # a share with no values in a call (all masked) has no moments there
+    mean = np.sum(np.where(used, weight * means, 0.0), axis=0)
+    var = np.sum(np.where(used, weight * (variances + (means - mean) ** 2), 0.0), axis=0)
+    return total, np.concatenate([mean, var])
 
 
 def _whole_batches(captures: list) -> bool:

@@ -5,7 +5,8 @@ hold different copies of the moving statistics, each replica's share of a batch 
 as ``evaluate`` runs it); P in inference mode with the given
 statistics substituted for the moving statistics of the given layers; T in training mode
 (BN on batch statistics except frozen layers, which Keras runs in inference mode; dropout
-on; the updated state is thrown away). The step is compiled once per model (``jax.jit`` /
+on; the updated state is thrown away; under a strategy whose replicas normalize their shares
+separately, each replica's share of a batch on its own batch statistics, as ``fit`` runs it). The step is compiled once per model (``jax.jit`` /
 ``tf.function``; eager under ``torch.no_grad()`` on the torch backend) and cached, so a
 GapMonitor does not trace again every epoch. Each call returns ``(y_pred, losses)``.
 """
@@ -25,6 +26,7 @@ from .._keras_common import copies_differ, distributed_copies, mark_outputs, out
 from .._random import random_states_kept
 from ..engine import Batch, NormLayer
 from .layers import find_batchnorms
+from .moments import replica_shares_of
 
 _PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
 
@@ -69,9 +71,12 @@ class _Predictor:
             self._fns[key] = tf.function(traced_alone(self._plain, f"{_MODES[key]}_step"), reduce_retracing=True)
         return self._fns[key]
 
-    def __call__(self, x, trainable, non_trainable, training: bool, substituted: bool = False, copies=None, size=None):
+    def __call__(self, x, trainable, non_trainable, training: bool, substituted: bool = False, copies=None, size=None,
+                 shares: int = 1):
         """``(y_pred, losses, new_non_trainable)``; with ``copies`` (each replica's non-trainable values, TensorFlow
-        under a MirroredStrategy), each replica's share of the ``size`` samples runs with its own copy."""
+        under a MirroredStrategy), each replica's share of the ``size`` samples runs with its own copy; with
+        ``shares`` > 1 (TensorFlow), each of that many shares runs as a call of its own (BN in training mode on the
+        share's batch statistics), the state each call returns feeding the next."""
         tv = trainable
         fn = self._compiled(training, substituted)
         backend = keras.backend.backend()
@@ -83,6 +88,15 @@ class _Predictor:
         if copies is not None:
             y_pred, losses, marks = per_replica(lambda share, values: _without_state(fn(tv, values, share, training)), x, size, copies)
             new_ntv = non_trainable
+        elif shares > 1:
+            state = [non_trainable]
+
+            def share_step(share, _):
+                share_pred, share_losses, state[0], share_marks = fn(tv, state[0], share, training)
+                return share_pred, share_losses, share_marks
+
+            y_pred, losses, marks = per_replica(share_step, x, size, [None] * shares)
+            new_ntv = state[0]
         else:
             y_pred, losses, new_ntv, marks = fn(tv, non_trainable, x, training)
         mark_outputs(keras.tree.flatten(y_pred), marks, set_mask=set_keras_mask)
@@ -136,10 +150,12 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
     training = mode == "T"
     state = {"values": values}
     copies = _replica_copies(model) if mode == "E" else None
+    # T as fit runs it under a strategy: each replica's share of a batch on its own batch statistics
+    shares = replica_shares_of(model) if training else 1
 
     def run(batch: Batch):
         y_pred, losses, new_values = predict(batch.inputs, trainable, state["values"], training, substituted=mode == "P",
-                                             copies=copies, size=batch.size)
+                                             copies=copies, size=batch.size, shares=shares)
         if training:
             state["values"] = list(new_values)
         return y_pred, losses
