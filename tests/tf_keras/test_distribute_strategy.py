@@ -48,8 +48,9 @@ def test_mirrored_strategy_gives_the_statistics_of_one_device_on_every_replica()
     bn_m = [bn for _, bn in eg.find_batchnorms(mirrored)]
     bn_p = [bn for _, bn in eg.find_batchnorms(plain)]
     assert not np.array_equal(*(v.numpy() for v in bn_m[0].moving_variance.values))  # the replicas' copies differ
-    r_m = eg.recalibrate(mirrored, x, batch_size=16, progress=False)
-    r_p = eg.recalibrate(plain, x, batch_size=16, progress=False)
+    # each replica normalizes its half of a batch of 16, as fit does: one device over the same halves, batches of 8
+    r_m = eg.recalibrate(mirrored, x, batch_size=16, shuffle=False, progress=False)
+    r_p = eg.recalibrate(plain, x, batch_size=8, shuffle=False, progress=False)
     assert strategy.num_replicas_in_sync == 2 and r_m.samples == r_p.samples == 64
     for a, b in zip(bn_m, bn_p):
         np.testing.assert_allclose(a.moving_variance.numpy(), b.moving_variance.numpy(), rtol=1e-6)
@@ -60,6 +61,42 @@ def test_mirrored_strategy_gives_the_statistics_of_one_device_on_every_replica()
     assert replicas is not None and replicas.numbers == {"replicas": 2, "per_replica_batch": 8, "synchronized": False}
     evaluated = [m.evaluate(x, y, batch_size=16, verbose=0)[0] for m in (mirrored, plain)]
     assert abs(evaluated[0] - evaluated[1]) < 1e-4  # evaluation (per replica) agrees with the plain model
+
+
+def test_distributed_dataset_batches_are_the_global_batches_they_split():
+    """``strategy.experimental_distribute_dataset(ds)``, as Keras 2's ``fit`` takes it: each PerReplica batch is joined
+    into the global batch it splits, replicas in order (as evalgap.keras does)."""
+    import tensorflow as tf
+
+    import evalgap.tf_keras as eg
+
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs 2 logical CPU devices, configured by conftest before TensorFlow starts (run tests/tf_keras alone)")
+    rng = np.random.default_rng(1)
+    x = rng.normal(100, 30, (64, 8, 8, 3)).astype("float32")
+    y = np.arange(64) % 3
+    strategy, mirrored, plain = _mirrored_pair()
+    mirrored.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    plain.set_weights(mirrored.get_weights())
+    ds_xy = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    dds_xy = strategy.experimental_distribute_dataset(ds_xy)
+    e = eg.diagnose(mirrored, dds_xy, progress=False).decompositions["loss"].values["E"]
+    evaluated = mirrored.evaluate(dds_xy, steps=4, verbose=0, return_dict=True)["loss"]  # Keras 2 needs steps here
+    assert e == pytest.approx(evaluated, rel=1e-5, abs=1e-6)
+    bns = [bn for _, bn in eg.find_batchnorms(mirrored)]
+    r_ds = eg.recalibrate(mirrored, ds_xy, progress=False)  # the dataset it distributes: the same global batches
+    from_ds = [(bn.moving_mean.numpy(), bn.moving_variance.numpy()) for bn in bns]
+    r_d = eg.recalibrate(mirrored, dds_xy, progress=False)
+    r_p = eg.recalibrate(plain, ds_xy, progress=False)  # one process over the same global batches, in order
+    assert r_d.samples == r_ds.samples == r_p.samples == 64 and r_d.batches == r_ds.batches == r_p.batches == 4
+    for bn, (mean, var) in zip(bns, from_ds):
+        np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-6)
+        np.testing.assert_allclose(bn.moving_mean.numpy(), mean, atol=1e-5 * np.sqrt(var.max()))
+        for v in (bn.moving_mean, bn.moving_variance):  # every replica's copy
+            np.testing.assert_array_equal(*(part.numpy() for part in v.values))
+    first, one = bns[0], eg.find_batchnorms(plain)[0][1]  # its inputs depend on no BatchNorm: one process's statistics
+    np.testing.assert_allclose(first.moving_variance.numpy(), one.moving_variance.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(first.moving_mean.numpy(), one.moving_mean.numpy(), atol=1e-5 * np.sqrt(one.moving_variance.numpy().max()))
 
 
 WORKER = textwrap.dedent(

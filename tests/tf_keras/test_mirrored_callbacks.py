@@ -19,7 +19,8 @@ def test_gap_monitor_and_training_metrics_in_a_mirrored_fit_equal_a_diagnosis_ou
     rng = np.random.default_rng(0)
     x = rng.normal(50, 20, (64, 6)).astype("float32")
     y = (x[:, 0] > 50).astype("int64")
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # reductions through one device: collective all-reduces of several strategies in one process share instance keys
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
     with strategy.scope():
         keras.utils.set_random_seed(0)
         inp = keras.Input((6,))

@@ -21,6 +21,7 @@ from .._keras_common import check_no_number_lists, check_not_arrays_in_a_list, r
 from .._random import is_torch_loader, iterate_keeping_random_states
 from ..engine import ArrayBatches, Batch, StreamBatches, tree_leaves
 from ..errors import DataError
+from .distributed import global_batch
 
 logger = logging.getLogger("evalgap.keras")
 
@@ -94,18 +95,8 @@ def _unpacked(raw: Any) -> Batch:
 
     from ..engine import tree_map
 
-    x, y, w = unpack_x_y_sample_weight(tree_map(_global, raw))
+    x, y, w = unpack_x_y_sample_weight(tree_map(global_batch, raw))
     return _batch(x, y, w)
-
-
-def _global(leaf: Any) -> Any:
-    """A ``tf.distribute`` PerReplica value (a batch of ``strategy.experimental_distribute_dataset``) as the global
-    batch it splits, replicas in order: the statistics pass runs on global batches, in cross-replica context."""
-    if type(leaf).__name__ == "PerReplica" and hasattr(leaf, "values"):
-        import tensorflow as tf
-
-        return tf.concat(list(leaf.values), axis=0)
-    return leaf
 
 
 def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, seed: int = 0, targets: bool = False):
@@ -145,5 +136,5 @@ def batches(data: Any, *, batch_size: int | None = None, shuffle: bool = True, s
 
 def _distributed(data: Any) -> bool:
     """A ``strategy.experimental_distribute_dataset(...)``: its batches are PerReplica values, made global ones
-    (:func:`_global`); Keras's NumPy iterator would turn each into an object array."""
+    (:func:`evalgap.keras.distributed.global_batch`); Keras's NumPy iterator would turn each into an object array."""
     return any(cls.__name__ == "DistributedDataset" and cls.__module__.startswith("tensorflow") for cls in type(data).__mro__)

@@ -29,9 +29,10 @@ from keras import ops
 
 from keras.src.backend import get_keras_mask, set_keras_mask
 
-from .._keras_common import mark_outputs, output_marks, per_replica, replicas, traced_alone, training_shares
+from .._keras_common import mark_outputs, output_marks, per_replica, traced_alone, training_shares
 from ..engine.protocol import HostCaptures
 from ..errors import ModelError
+from ..stats import pool_rows
 
 #: Compiled passes, per model and per choice of layers: a later recalibration of the same
 #: model (PreciseBN after every epoch) reuses the compiled step instead of tracing again.
@@ -242,11 +243,7 @@ class MomentsPass:
 
 
 def replica_shares_of(model) -> int:
-    """Into how many shares ``fit`` splits a batch in training mode (:func:`evalgap._keras_common.training_shares`):
-    1 off TensorFlow and without a strategy of several replicas (TensorFlow's default strategy has no
-    ``worker_devices``)."""
-    if keras.backend.backend() != "tensorflow" or replicas(model) < 2:
-        return 1
+    """Into how many shares ``fit`` splits a batch in training mode (:func:`evalgap._keras_common.training_shares`)."""
     from .layers import find_batchnorms
 
     return training_shares(model, [bn for _, bn in find_batchnorms(model)])
@@ -289,21 +286,17 @@ class PackedMoments:
 
 
 def _pooled_shares(counts: np.ndarray, values: np.ndarray, channels: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """One batch's ``(counts, values)`` as flat arrays; a batch run as shares (rows) pooled per call, in float64:
-    the count summed, the mean the count-weighted mean, the biased variance the count-weighted mean of each
-    share's variance plus its squared deviation from the pooled mean (the moments of all the shares' values)."""
+    """One batch's ``(counts, values)`` as flat arrays; a batch run as shares (rows) pooled per call in float64 by
+    :func:`evalgap.stats.pool_rows` (the moments of all the shares' values); a call whose shares were all masked
+    keeps zeros."""
     if counts.ndim < 2:
         return counts.reshape(-1), values.reshape(-1)
-    n = counts.astype(np.float64)  # (shares, calls)
-    total = n.sum(axis=0)
-    per_channel = np.repeat(n, channels, axis=1)  # (shares, channels)
-    weight = np.divide(per_channel, np.repeat(total, channels), out=np.zeros_like(per_channel), where=per_channel > 0)
+    n = np.repeat(counts.astype(np.float64), channels, axis=1)  # (shares, channels)
     half = values.shape[1] // 2
-    means, variances = values[:, :half].astype(np.float64), values[:, half:].astype(np.float64)
-    used = weight > 0  # a share with no values in a call (all masked) has no moments there
-    mean = np.sum(np.where(used, weight * means, 0.0), axis=0)
-    var = np.sum(np.where(used, weight * (variances + (means - mean) ** 2), 0.0), axis=0)
-    return total, np.concatenate([mean, var])
+    total, mean, m2 = pool_rows(n, values[:, :half].astype(np.float64), values[:, half:].astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean, var = np.where(total > 0, mean, 0.0), np.where(total > 0, m2 / total, 0.0)
+    return counts.astype(np.float64).sum(axis=0), np.concatenate([mean, var])
 
 
 def _whole_batches(captures: list) -> bool:

@@ -6,7 +6,9 @@ outputs) are cut into batches as ``fit(shuffle=True)`` cuts them
 order; default batch size 32, Keras's), and each batch's float arrays are cast to
 ``floatx`` as Keras 2's array adapter casts them (integer and ``uint8`` arrays are kept).
 A ``tf.data.Dataset``, a ``keras.utils.Sequence``, a generator or a list of batches keep
-their batches and their order (the order training saw).
+their batches and their order (the order training saw); so does
+``strategy.experimental_distribute_dataset(ds)``, each PerReplica batch joined into the global
+batch it splits, replicas in order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .._checks import check_label_dtype
 from .._keras_common import check_no_number_lists, check_not_arrays_in_a_list
 from ..engine import ArrayBatches, Batch, StreamBatches, tree_leaves, tree_map
 from ..errors import DataError
+from ..keras.distributed import global_batch
 from .layers import keras
 
 logger = logging.getLogger("evalgap.tf_keras")
@@ -76,7 +79,8 @@ def unpack(raw: Any) -> tuple[Any, Any, Any]:
 
 
 def _unpacked(raw: Any) -> Batch:
-    return _batch(*unpack(raw))
+    # a batch of ``strategy.experimental_distribute_dataset``: PerReplica values, as the global batch they split
+    return _batch(*unpack(tree_map(global_batch, raw)))
 
 
 def _arrays(data: Any) -> tuple[Any, Any, Any]:

@@ -36,7 +36,8 @@ import numpy as np
 import tensorflow as tf
 
 from .distributed import multi_worker_strategy
-from .._keras_common import mark_outputs, output_marks, traced_alone
+from .._keras_common import mark_outputs, output_marks, per_replica, traced_alone, training_shares
+from ..stats import pool_rows
 from .layers import Patches, autograph_off, channel_axes, find_batchnorms, is_fused, stateless_patches, statistics, substituted
 
 #: Compiled passes, per model and per choice of layers: a later recalibration of the same
@@ -108,10 +109,12 @@ class MomentsPass:
         self._step = None
         self._all = [bn for _, bn in find_batchnorms(model)]
         self._stats: list = []
+        self._shares = 1
 
     def __enter__(self):
         model = self._model()
         self._stats = statistics(self._all, local=multi_worker_strategy(model) is not None)
+        self._shares = training_shares(model, self._all)
         patches = stateless_patches(model)
         for index, layer in enumerate(self.layers):
             self._patch(patches, index, layer)
@@ -165,11 +168,24 @@ class MomentsPass:
         return packed, y_pred, losses, output_marks(tf.nest.flatten(y_pred))  # for the losses of Td (see mark_outputs)
 
     def run(self, batch) -> tuple[list[tuple[int, Any, Any, Any]], Any]:
-        """One batch: its captures (slices of one packed float64 vector, moved to the host in one copy) and outputs."""
+        """One batch: its captures (slices of one packed float64 vector, moved to the host in one copy) and outputs.
+        Under a strategy whose replicas each normalize their share of a batch (:func:`training_shares`), each share
+        runs as one call, as ``fit`` runs it, and every share's captures come back (pooled as repeated calls)."""
         if self._step is None:
             self._step = tf.function(autograph_off(traced_alone(self._raw_step, "moments_step")), reduce_retracing=True)
-        packed, y_pred, losses, marks = self._step(batch.inputs, self._stats)
+        packs: list = []
+
+        def step(x, stats):
+            packed, *out = self._step(x, stats)
+            packs.append(packed)
+            return tuple(out)
+
+        if self._shares == 1:
+            y_pred, losses, marks = step(batch.inputs, self._stats)
+        else:
+            y_pred, losses, marks = per_replica(step, batch.inputs, batch.size, [self._stats] * self._shares)
         mark_outputs(tf.nest.flatten(y_pred), marks)
+        packed = packs[0] if len(packs) == 1 else SharePacks(packs, self.layout)
         captures, offset = [], 0
         for index, channels in self.layout:
             count, mean, var = (Packed(packed, a, b) for a, b in ((offset, offset + 1), (offset + 1, offset + 1 + channels),
@@ -177,6 +193,28 @@ class MomentsPass:
             captures.append((index, count, mean, var))
             offset += 1 + 2 * channels
         return captures, (y_pred, losses)
+
+
+class SharePacks:
+    """A batch run as the replicas' shares: each share's packed vector (same layout), pooled per call on the host
+    into one vector of that layout (:func:`evalgap.stats.pool_rows`: the moments of all the shares' values), so the
+    engine sees one call per layer, as the replicas' training step makes it."""
+
+    def __init__(self, packs: list, layout: list[tuple[int, int]]):
+        self.packs, self.layout = packs, list(layout)
+
+    def numpy(self) -> np.ndarray:
+        rows = np.stack([np.asarray(p.numpy(), dtype=np.float64) for p in self.packs])
+        out, offset = rows[0].copy(), 0
+        for _, channels in self.layout:
+            n = rows[:, offset]
+            means, variances = rows[:, offset + 1 : offset + 1 + channels], rows[:, offset + 1 + channels : offset + 1 + 2 * channels]
+            total, mean, m2 = pool_rows(np.repeat(n[:, None], channels, axis=1), means, variances)
+            with np.errstate(invalid="ignore", divide="ignore"):  # a call whose shares were all masked: no values
+                out[offset], out[offset + 1 : offset + 1 + channels] = n.sum(), np.where(total > 0, mean, 0.0)
+                out[offset + 1 + channels : offset + 1 + 2 * channels] = np.where(total > 0, m2 / total, 0.0)
+            offset += 1 + 2 * channels
+        return out
 
 
 class Packed:

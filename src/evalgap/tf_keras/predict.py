@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from ..engine import Batch, NormLayer
 from .distributed import multi_worker_strategy
-from .._keras_common import copies_differ, distributed_copies, mark_outputs, output_marks, per_replica, traced_alone
+from .._keras_common import copies_differ, distributed_copies, mark_outputs, output_marks, per_replica, traced_alone, training_shares
 from .layers import autograph_off, find_batchnorms, stat_attrs, stateless_patches, statistics, substituted, walk
 
 _PREDICTORS: "weakref.WeakKeyDictionary[Any, _Predictor]" = weakref.WeakKeyDictionary()
@@ -111,6 +111,8 @@ def predictor(model, mode: str, layers: Sequence[NormLayer] = (), stats: Sequenc
     fn = predict.function(mode == "T")
     values = _values(model, predict.bns, list(layers) if mode == "P" else [], stats)
     copies = _replica_copies(model, predict.bns) if mode == "E" else None
+    if mode == "T" and training_shares(model, predict.bns) > 1:  # each replica normalizes its own share, as fit does
+        copies = [values] * training_shares(model, predict.bns)
 
     def run(batch: Batch):
         if copies is not None:
