@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,8 @@ from torch import nn  # noqa: E402
 
 import evalgap  # noqa: E402
 import evalgap.torch as eg  # noqa: E402
+
+from ._reference import free_port  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -75,14 +76,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_process_over_the_union(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     single = make_model()
     eg.recalibrate(single, rank_batches(0) + rank_batches(1), progress=False)
@@ -200,7 +195,7 @@ def _mismatched_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_models_that_differ_across_processes_are_refused_on_every_process(tmp_path):
-    mp.spawn(_mismatched_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_mismatched_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank, layers in ((0, "(1 4, 3 6)"), (1, "(1 6, 3 4)")):
         outcome = torch.load(tmp_path / f"rank{rank}.pt")
         assert outcome["unchanged"], rank
@@ -228,7 +223,7 @@ def _small_shard_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_whole_batches_are_those_of_the_largest_batch_size_over_the_processes(tmp_path):
     """Rank 1's shard is one batch of 7, rank 0's batches 16, 16, 7: both 7s are short batches, left out alike;
     the statistics are those of the two batches of 16 (a float64 NumPy reference)."""
-    mp.spawn(_small_shard_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_small_shard_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     conv = nn.Conv2d(3, 4, 3).double()
     conv.load_state_dict({k: v.double() for k, v in got[0]["conv"].items()})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import pytest
@@ -22,6 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC  # n
 
 import evalgap  # noqa: E402
 import evalgap.torch as eg  # noqa: E402
+
+from ._reference import free_port  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -120,12 +121,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, args, nprocs: int, limit: float) -> None:
     """``mp.spawn`` with a deadline: processes still running after ``limit`` seconds are killed and the test fails."""
     ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
@@ -154,7 +149,7 @@ def compare(got, ref: dict, what: str, problems: list) -> None:
 
 
 def test_torchmetrics_are_reduced_over_exactly_the_process_group(tmp_path):
-    _spawn(_worker, (_free_port(), str(tmp_path)), WORLD, limit=150)
+    _spawn(_worker, (free_port(), str(tmp_path)), WORLD, limit=150)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     union = [b for r in range(WORLD) for b in rank_batches(r)]
     ref_all = single(union)

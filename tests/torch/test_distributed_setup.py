@@ -4,7 +4,6 @@ nothing changed."""
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -16,6 +15,8 @@ from torch import nn  # noqa: E402
 
 import evalgap  # noqa: E402
 import evalgap.torch as eg  # noqa: E402
+
+from ._reference import free_port  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -57,10 +58,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_a_rank_without_a_batch_stops_every_rank_before_the_pass(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name in ("recalibrate", "diagnose", "val_data"):
         assert r1[name][0] == "DataError" and "yielded no batch" in r1[name][1], r1[name]
