@@ -20,6 +20,7 @@ Framework-free: numbers in, numbers out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -102,6 +103,10 @@ class Decomposition:
         """``top - E`` (or ``top - E_val`` with validation data): the gap the user sees."""
         bottom = "E_val" if "E_val" in self.values else "E"
         return self.values[self.top] - self.values[bottom]
+
+    def non_finite_modes(self) -> list[str]:
+        """The modes in which the metric's value is NaN or infinite (in :data:`MODE_NAMES`'s order)."""
+        return [m for m in MODE_NAMES if m in self.values and not math.isfinite(self.values[m])]
 
     def goodness(self, value: float) -> float:
         """A difference oriented so that positive means the first mode looks better."""

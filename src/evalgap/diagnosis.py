@@ -17,7 +17,7 @@ import numpy as np
 
 from .attribution import Decomposition, Finding, is_fraction
 from .recalibration import LARGE_DRIFT, Recalibration
-from .report import Report, non_finite_modes, not_finite_text
+from .report import Report, not_finite_text
 from .stats import EMA, decay_from_momentum, momentum_for_memory
 
 
@@ -299,7 +299,7 @@ def _term_findings(primary: str | None, d: Decomposition | None, ctx: Context, e
 def _unmeasured(primary: str | None, d: Decomposition | None) -> str | None:
     """Where the primary metric is NaN or infinite in some mode: a sentence saying which, in place of any claim about
     the noise threshold (NaN terms are never above it, and say nothing about it); else None."""
-    odd = non_finite_modes(d) if d is not None and primary is not None else []
+    odd = d.non_finite_modes() if d is not None and primary is not None else []
     return f" Its effect on the metric cannot be measured: {primary} {not_finite_text(odd, why=False)}." if odd else None
 
 

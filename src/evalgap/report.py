@@ -113,7 +113,7 @@ class Report:
             return "No metric was measured."
         top, bottom = main.top, ("E_val" if "E_val" in main.values else "E")
         gap = main.values[top] - main.values[bottom]
-        odd = non_finite_modes(main)
+        odd = main.non_finite_modes()
         if odd:
             return f"{self.primary} {not_finite_text(odd)}: the modes cannot be compared and no cause can be ranked."
         worse = main.goodness(gap) > 0
@@ -218,8 +218,8 @@ class Report:
             parts.append(terms)
         causes = [f for f in self.findings if f.severity == "cause"]
         others = [f for f in self.findings if f.severity != "cause"]
-        if main is not None and non_finite_modes(main):
-            parts.append(Text(f"No cause can be ranked: {self.primary} {not_finite_text(non_finite_modes(main), why=False)}.",
+        if main is not None and main.non_finite_modes():
+            parts.append(Text(f"No cause can be ranked: {self.primary} {not_finite_text(main.non_finite_modes(), why=False)}.",
                               style="bold red"))
         elif main is not None and not self.causes:
             within = "no term explains the gap" if main.significant() else f"every term is within {self._amount(main.threshold(), signed=False)}"
@@ -271,11 +271,6 @@ class Report:
         from .report_html import render
 
         return render(self)
-
-
-def non_finite_modes(d: Decomposition) -> list[str]:
-    """The modes in which a metric's value is NaN or infinite (in the report's mode order, :data:`MODE_NAMES`'s)."""
-    return [m for m in MODE_NAMES if m in d.values and not math.isfinite(d.values[m])]
 
 
 def not_finite_text(modes: list[str], why: bool = True) -> str:

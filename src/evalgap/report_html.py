@@ -14,7 +14,6 @@ from typing import Any
 
 from .attribution import MODE_NAMES, TERMS
 from .plots import _pyplot
-from .report import non_finite_modes
 from .report_figures import figures, number
 
 #: The class of the element that wraps every page and fragment; every style rule is scoped to it, so a
@@ -219,7 +218,7 @@ def _headline_class(report) -> str:
     """' healthy' (green) only where no cause was found and the primary metric is finite in every mode: a metric that is
     NaN somewhere ranks no cause, and that is not health."""
     main = report.decompositions.get(report.primary) if report.primary else None
-    if report.causes or (main is not None and non_finite_modes(main)):
+    if report.causes or (main is not None and main.non_finite_modes()):
         return ""
     return " healthy"
 
