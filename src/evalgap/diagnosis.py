@@ -160,7 +160,8 @@ def _momentum_advice(ctx: Context) -> tuple[str | None, dict[str, Any]]:
         numbers.update(updates=updates, initial_weight=w, mean_age_updates=age, mean_age_epochs=age / ctx.steps_per_epoch)
         share = "" if ema.cumulative else f"{100 * w:.0f}% of them is still the initial value and "
         text += f"; after {updates} updates {share}they are on average {age:.0f} updates ({age / ctx.steps_per_epoch:.1f} epochs) old"
-    advised_decay = decay_from_momentum(advice, ctx.convention)  # type: ignore[arg-type]
+    # judged against the advice as printed (4 digits): a model rebuilt with the pasted 0.7143 is not 'too slow'
+    advised_decay = decay_from_momentum(numbers["advised_momentum"], ctx.convention)  # type: ignore[arg-type]
     numbers["too_slow"] = bool(ema.decay is None or ema.decay > advised_decay + 1e-12)  # a cumulative average never forgets
     return text + ".", numbers
 

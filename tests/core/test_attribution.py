@@ -319,3 +319,20 @@ def test_processes_with_different_layers_are_told_apart_by_the_fingerprint():
     same = []
     _check_same_layers(type("Zero", (), {"broadcast": lambda s, v: same.append(v.copy()) or v, "sum": lambda s, v: v * 0})(), names, [64] * 4)
     _check_same_layers(Other(same[0]), names, [64] * 4)  # the same layers: no error
+
+
+@pytest.mark.parametrize("convention, pasted", [("keras", 0.7143), ("torch", 0.2857)])
+def test_the_advised_momentum_as_printed_is_not_too_slow(convention, pasted):
+    """7 steps per epoch: a memory of half an epoch is 3.5 updates, momentum 1 - 1/3.5 = 0.714285..., printed 0.7143
+    (PyTorch: 0.2857). A model rebuilt with the printed value gets no 'too slow' advice (it did, by 1e-5)."""
+    d = decompose("accuracy", {"T": 0.9, "Td": 0.9, "P": 0.88, "E": 0.87})
+    remedies = KerasRemedies() if convention == "keras" else TorchRemedies()
+    ctx = Context(framework=convention, remedies=remedies, samples=336, batch_size=48, momenta=[pasted] * 3,
+                  convention=convention, steps_per_epoch=7, epochs=4)
+    numbers = next(f.numbers for f in build_report({"accuracy": d}, None, ctx).findings if f.numbers and "too_slow" in f.numbers)
+    assert numbers["advised_momentum"] == pasted and not numbers["too_slow"]
+    slower = Context(framework=convention, remedies=remedies, samples=336, batch_size=48,
+                     momenta=[0.99 if convention == "keras" else 0.01] * 3, convention=convention, steps_per_epoch=7, epochs=4)
+    numbers = next(f.numbers for f in build_report({"accuracy": d}, None, slower).findings if f.numbers and "too_slow" in f.numbers)
+    assert numbers["too_slow"]
+
